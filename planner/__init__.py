@@ -1,0 +1,1 @@
+"""IVM planner (installed as krypton_db.planner)."""

@@ -1,0 +1,1 @@
+"""SQL views, delta views and the query language (installed as krypton_db.sql)."""
