@@ -1,0 +1,118 @@
+"""IVM rewrite: an occlusion query over a model graph -> a delta plan.
+
+Invariant: every step of the CPU plan (fused conv+activation counts as one step) gets the
+rule that maintains it, its output-patch size (identical for every query in a batch: the
+published position-independent sizes, a patch near a border is shifted back inside) or
+``None`` when its whole output changes, its read-in context size, and its multiply-adds in
+full and incremental form. The theoretical speedup is FLOPs(full) / FLOPs(incremental)
+over conv and fully connected layers for a patch (FC counted fully in both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from krypton_db.exec.cpu import CpuPlan
+from krypton_db.graph import Graph, Node, Op
+
+from .ivm import rule_for
+from .ivm.registry import DeltaRule, Size
+
+
+@dataclass
+class DeltaStep:
+    node: Node
+    fused: Node | None
+    rule: DeltaRule
+    in_sizes: list[Size | None]
+    out_size: Size | None
+    read_in: Size | None
+    macs_full: int
+    macs_inc: int
+
+    @property
+    def out_name(self) -> str:
+        return self.fused.name if self.fused is not None else self.node.name
+
+    @property
+    def kind(self) -> str:
+        return self.rule.kind if self.out_size is not None or self.rule.kind == "global" else "global"
+
+
+@dataclass
+class DeltaPlan:
+    graph: Graph
+    cpu_plan: CpuPlan
+    patch: Size
+    steps: list[DeltaStep] = field(default_factory=list)
+
+    @property
+    def macs_full(self) -> int:
+        return sum(s.macs_full for s in self.steps)
+
+    @property
+    def macs_inc(self) -> int:
+        return sum(s.macs_inc for s in self.steps)
+
+    @property
+    def theoretical_speedup(self) -> float:
+        return self.macs_full / max(self.macs_inc, 1)
+
+    def sizes(self) -> dict[str, Size | None]:
+        out = {self.graph.input.name: self.patch}
+        for s in self.steps:
+            out[s.out_name] = s.out_size
+        return out
+
+    def explain(self) -> str:
+        """Deterministic text: per step rule, patch and read-in sizes, MACs full vs incremental."""
+        ph, pw = self.patch
+        lines = [
+            f"DeltaPlan {self.graph.name}: patch {ph}x{pw}, {len(self.steps)} steps",
+            f"{'step':<34} {'op':<16} {'rule':<10} {'out patch':>10} {'read-in':>9} "
+            f"{'MACs full':>12} {'MACs incr':>12}",
+        ]
+        for s in self.steps:
+            op = s.node.op.name + ("+" + s.fused.op.name if s.fused is not None else "")
+            outp = f"{s.out_size[0]}x{s.out_size[1]}" if s.out_size else "full"
+            rin = f"{s.read_in[0]}x{s.read_in[1]}" if s.read_in else "-"
+            lines.append(f"{s.node.name[-34:]:<34} {op:<16} {s.kind:<10} {outp:>10} {rin:>9} "
+                         f"{s.macs_full:>12,} {s.macs_inc:>12,}")
+        lines.append(f"total MACs full {self.macs_full:,}  incremental {self.macs_inc:,}  "
+                     f"theoretical speedup {self.theoretical_speedup:.2f}x")
+        return "\n".join(lines)
+
+
+def _macs_for(node: Node, out: Size | None) -> int:
+    if node.op is Op.CONV:
+        if out is None:
+            return node.macs
+        return node.macs // (node.shape[1] * node.shape[2]) * out[0] * out[1]
+    return node.macs
+
+
+def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None) -> DeltaPlan:
+    """Propagate the patch size through the graph with each layer's delta rule."""
+    cpu_plan = cpu_plan or CpuPlan.lower(graph)
+    sizes: dict[str, Size | None] = {graph.input.name: tuple(patch)}
+    plan = DeltaPlan(graph, cpu_plan, tuple(patch))
+    for st in cpu_plan.steps:
+        node = st.node
+        rule = rule_for(node.op)
+        in_sizes = [sizes[i] for i in node.inputs]
+        in_shapes = [graph[i].shape for i in node.inputs]
+        out = rule.out_size(node, in_sizes, in_shapes)
+        if out is not None and tuple(out) == tuple(node.shape[1:]) and rule.kind == "merge":
+            out = tuple(out)
+        read_in = None
+        if rule.kind == "window" and out is not None:
+            kh, kw = node.params["kernel"]
+            sh, sw = node.params["stride"]
+            dh, dw = node.params.get("dilation", (1, 1))
+            read_in = (dh * (kh - 1) + 1 + (out[0] - 1) * sh, dw * (kw - 1) + 1 + (out[1] - 1) * sw)
+        sizes[node.name] = out
+        if st.fused is not None:
+            sizes[st.fused.name] = out
+        macs_inc = _macs_for(node, out)
+        plan.steps.append(DeltaStep(node, st.fused, rule, in_sizes, out, read_in, node.macs, macs_inc))
+    return plan

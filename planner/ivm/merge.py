@@ -1,0 +1,28 @@
+"""delta merge(X1..Xn) = merge over the bounding box of the input patches; each branch's cells
+outside its own patch are read from its materialized view (add: linear; mul: bilinear,
+recomputed in the box; concat: per-branch copy). A branch that changed everywhere (global,
+e.g. a squeeze-excitation gate) makes the merge global."""
+
+from krypton_db.graph import Op
+
+from .registry import DeltaRule, register
+
+
+class MergeRule(DeltaRule):
+    """merge: bounding box of the input patches"""
+
+    kind = "merge"
+
+    def out_size(self, node, in_sizes, in_shapes):
+        spatial = [s for s, shp in zip(in_sizes, in_shapes) if len(shp) == 3 and shp[1:] != (1, 1)]
+        if any(s is None for s in spatial) or len(node.shape) != 3:
+            return None
+        h = max(s[0] for s in spatial if s)
+        w = max(s[1] for s in spatial if s)
+        # the boxes of branches can be offset from each other; the executor places the union box
+        # per query and the planner budgets its size as the union of centred boxes (<= full)
+        return (min(h, node.shape[1]), min(w, node.shape[2]))
+
+
+for _op in (Op.ADD, Op.MUL, Op.CONCAT):
+    register(_op)(type(f"{_op.name.title()}Rule", (MergeRule,), {"__doc__": MergeRule.__doc__}))
