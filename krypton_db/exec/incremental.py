@@ -1,0 +1,191 @@
+"""Batched incremental inference (IVM with multi-query optimization) on the CPU.
+
+Given the materialized views (every step's output for the original image) and a batch of
+queries (patch positions), each step maintains, per query, either a *patch* (its location
+[B, 2] and values [C, B, h, w], same size for all queries) or the *full* tensor (after a
+global-context layer). Per step the delta plan's rule kind decides the physical operator:
+
+- window:    gather every query's read-in context (patch applied) in ONE kernel launch, run
+             the layer once on the whole batch with padding 0 (conv: one GEMM for all queries)
+- pointwise: run on the patch values
+- merge:     per query the union box of the input patches; each input gathered over it
+- global:    stitch the patch into the materialized view and run the layer fully
+
+Locations use the published border rule: the output patch keeps its size and is shifted
+back inside the tensor, so every query in a batch has the same patch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph import Op
+from . import kernels_ivm_cpu as KI
+from .cpu import CpuExecutor, _to_external, act_spec, conv_cnhw, pointwise_any
+
+
+@dataclass
+class Patch:
+    loc: np.ndarray  # [B, 2] int64 top-left (y, x)
+    val: np.ndarray  # [C, B, h, w] float32
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.val.shape[2], self.val.shape[3]
+
+
+def _axis_loc(x_in, w_in, k, s, p, d, w_out, size_out):
+    keff = d * (k - 1) + 1
+    x_o = np.maximum(-((-(p + x_in - keff + 1)) // s), 0)
+    return np.minimum(x_o, w_out - size_out)
+
+
+def _window_out(node, pin: Patch, size_out):
+    p = node.params
+    kh, kw = p["kernel"]
+    sh, sw = p["stride"]
+    dh, dw = p.get("dilation", (1, 1))
+    t, l, _, _ = p["pads"]
+    ho, wo = size_out
+    yo = _axis_loc(pin.loc[:, 0], pin.size[0], kh, sh, t, dh, node.shape[1], ho)
+    xo = _axis_loc(pin.loc[:, 1], pin.size[1], kw, sw, l, dw, node.shape[2], wo)
+    oloc = np.stack([yo, xo], axis=1).astype(np.int64)
+    rloc = np.stack([yo * sh - t, xo * sw - l], axis=1).astype(np.int64)
+    rsize = (dh * (kh - 1) + 1 + (ho - 1) * sh, dw * (kw - 1) + 1 + (wo - 1) * sw)
+    return oloc, rloc, rsize
+
+
+class IncrementalExecutor:
+    """Runs a delta plan for batches of patch positions against materialized views."""
+
+    def __init__(self, delta_plan, executor: CpuExecutor | None = None):
+        self.plan = delta_plan
+        self.graph = delta_plan.graph
+        self.ex = executor or CpuExecutor(self.graph)
+        self.views: dict[str, np.ndarray] = {}
+
+    def materialize(self, x_nchw: np.ndarray) -> np.ndarray:
+        """Run the original image once and keep every step's output (internal layout)."""
+        names = [self.graph.input.name] + [s.out_name for s in self.plan.steps]
+        outs = self.ex.run(x_nchw[None] if x_nchw.ndim == 3 else x_nchw, outputs=names)
+        self.views = {}
+        for k, v in outs.items():
+            self.views[k] = np.ascontiguousarray(v[0]) if v.ndim == 4 else v
+        return outs[self.graph.output]
+
+    def _full(self, name: str, st, b: int) -> np.ndarray:
+        view = self.views[name]
+        if isinstance(st, Patch):
+            out = np.empty((view.shape[0], b) + view.shape[1:], np.float32)
+            KI.stitch_cpu(view, st.val, st.loc, out)
+            return out
+        if st is None:  # unchanged: the view broadcast over the batch
+            if view.ndim == 3:
+                return np.ascontiguousarray(np.broadcast_to(view[:, None], (view.shape[0], b) + view.shape[1:]))
+            return np.ascontiguousarray(np.broadcast_to(view, (b,) + view.shape[1:]))
+        return st
+
+    def run_batch(self, positions: np.ndarray, patch_values: np.ndarray) -> np.ndarray:
+        """positions [B, 2] top-left corners; patch_values [C, ph, pw] (the occluded input
+        patch, model-input units). Returns the graph output [B, classes]."""
+        b = positions.shape[0]
+        g = self.graph
+        c0 = patch_values.shape[0]
+        val = np.ascontiguousarray(np.broadcast_to(patch_values[:, None], (c0, b) + patch_values.shape[1:]))
+        state: dict[str, object] = {g.input.name: Patch(positions.astype(np.int64), val)}
+        for ds in self.plan.steps:
+            node = ds.node
+            ins = [state[i] for i in node.inputs]
+            state[ds.out_name] = self._step(ds, ins, b)
+        out = state[g.output] if g.output in state else state[self.plan.steps[-1].out_name]
+        return _to_external(out) if isinstance(out, np.ndarray) else out
+
+    def _step(self, ds, ins, b):
+        node = ds.node
+        kind = ds.rule.kind
+        patches = all(isinstance(s, Patch) for s in ins)
+        if kind == "window" and patches:
+            pin = ins[0]
+            size = ds.rule.out_size(node, [pin.size], [self.graph[node.inputs[0]].shape])
+            oloc, rloc, rsize = _window_out(node, pin, size)
+            view = self.views[node.inputs[0]]
+            fill = -np.inf if node.op is Op.MAXPOOL else 0.0
+            buf = np.empty((view.shape[0], b) + rsize, np.float32)
+            KI.gather_cpu(view, pin.val, pin.loc, rloc, np.float32(fill), buf)
+            if node.op is Op.CONV:
+                y = conv_cnhw(buf, node, self.ex_step(ds).prep, act_spec(ds.fused), pads=(0, 0, 0, 0))
+            elif node.op is Op.MAXPOOL:
+                from .cpu import pool_cnhw
+
+                y = pool_cnhw(buf, node, pads=(0, 0, 0, 0), out_hw=size)
+            else:
+                p = node.params
+                y = np.empty((buf.shape[0], b) + tuple(size), np.float32)
+                t, l, bo, r = p["pads"]
+                KI.avgpool_patch_cpu(buf, rloc, self.graph[node.inputs[0]].shape[1],
+                                     self.graph[node.inputs[0]].shape[2], *p["kernel"], *p["stride"],
+                                     t, l, bo, r, bool(p.get("count_include_pad", False)), y)
+            if ds.fused is not None and node.op is not Op.CONV:
+                y = pointwise_any(y, ds.fused)
+            return Patch(oloc, y)
+        if kind == "pointwise" and patches:
+            y = pointwise_any(ins[0].val, node)
+            if ds.fused is not None:
+                y = pointwise_any(y, ds.fused)
+            return Patch(ins[0].loc, y)
+        if kind == "merge" and patches and len(node.shape) == 3:
+            return self._merge(ds, ins, b)
+        full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
+        return self.ex._exec(self.ex_step(ds), full)
+
+    def _merge(self, ds, ins: list[Patch], b: int) -> Patch:
+        node = ds.node
+        h, w = node.shape[1], node.shape[2]
+        y0 = np.min([p.loc[:, 0] for p in ins], axis=0)
+        x0 = np.min([p.loc[:, 1] for p in ins], axis=0)
+        y1 = np.max([p.loc[:, 0] + p.size[0] for p in ins], axis=0)
+        x1 = np.max([p.loc[:, 1] + p.size[1] for p in ins], axis=0)
+        bh = min(int((y1 - y0).max()), h)
+        bw = min(int((x1 - x0).max()), w)
+        loc = np.stack([np.minimum(y0, h - bh), np.minimum(x0, w - bw)], axis=1).astype(np.int64)
+        bufs = []
+        for name, p in zip(node.inputs, ins):
+            view = self.views[name]
+            buf = np.empty((view.shape[0], b, bh, bw), np.float32)
+            KI.gather_cpu(view, p.val, p.loc, loc, np.float32(0.0), buf)
+            bufs.append(buf)
+        step = self.ex_step(ds)
+        y = self.ex._exec(step, bufs)
+        return Patch(loc, y)
+
+    def ex_step(self, ds):
+        return self._steps[ds.node.name]
+
+    @property
+    def _steps(self):
+        if not hasattr(self, "_steps_cache"):
+            self._steps_cache = {s.node.name: s for s in self.ex.plan.steps}
+        return self._steps_cache
+
+    def bytes_per_query(self) -> int:
+        """Upper bound of the buffers one query needs at its largest step (float32)."""
+        worst = 0
+        g = self.graph
+        for ds in self.plan.steps:
+            out = ds.out_size
+            shp = ds.node.shape
+            if out is None:
+                n_out = math.prod(shp)
+                n_in = sum(math.prod(g[i].shape) for i in ds.node.inputs)
+            else:
+                n_out = shp[0] * out[0] * out[1]
+                rin = ds.read_in or out
+                n_in = sum(g[i].shape[0] for i in ds.node.inputs) * rin[0] * rin[1]
+                if ds.node.op is Op.CONV:
+                    kh, kw = ds.node.params["kernel"]
+                    n_in += g[ds.node.inputs[0]].shape[0] // ds.node.params["groups"] * kh * kw * out[0] * out[1]
+            worst = max(worst, 4 * (n_in + 2 * n_out))
+        return worst
