@@ -47,6 +47,7 @@ class HeatMap:
     mode: str
     stats: dict = field(default_factory=dict)
     all_probs: np.ndarray | None = None  # [..., classes] when requested
+    input_hw: tuple[int, int] = (0, 0)  # model input size the positions refer to
 
     @property
     def drop(self) -> np.ndarray:
@@ -138,7 +139,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     return HeatMap(
         probs=probs_all[:, tgt].reshape(shape), positions=grid, target=tgt,
         label=model.labels[tgt], base_prob=float(base[tgt]), patch=(ph, pw), stride=(sy, sx),
-        mode=mode, stats=stats,
+        mode=mode, stats=stats, input_hw=(h, w),
         all_probs=probs_all.reshape(shape + (probs_all.shape[-1],)) if all_classes else None,
     )
 

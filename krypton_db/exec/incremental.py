@@ -131,11 +131,8 @@ class IncrementalExecutor:
             if ds.fused is not None and node.op is not Op.CONV:
                 y = pointwise_any(y, ds.fused)
             return Patch(oloc, y)
-        if kind == "pointwise" and patches:
-            y = pointwise_any(ins[0].val, node)
-            if ds.fused is not None:
-                y = pointwise_any(y, ds.fused)
-            return Patch(ins[0].loc, y)
+        if kind == "pointwise" and patches:  # the same physical op, on the patch values only
+            return Patch(ins[0].loc, self.ex._exec(self.ex_step(ds), [ins[0].val]))
         if kind == "merge" and patches and len(node.shape) == 3:
             return self._merge(ds, ins, b)
         full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
