@@ -48,11 +48,42 @@ class HeatMap:
     stats: dict = field(default_factory=dict)
     all_probs: np.ndarray | None = None  # [..., classes] when requested
     input_hw: tuple[int, int] = (0, 0)  # model input size the positions refer to
+    score: str = "prob"  # what ``probs`` holds: softmax probability or raw logit of the target
+    _ctx: tuple | None = field(default=None, repr=False)
 
     @property
     def drop(self) -> np.ndarray:
         """Probability drop f(original) - f(occluded) per position."""
         return self.base_prob - self.probs
+
+
+    def attribution(self, output: str = "prob") -> np.ndarray:
+        """Per-pixel [H, W] attribution exactly as Captum's ``Occlusion`` computes it: windows
+        of the patch size start at multiples of the stride, ceil((H - ph) / sy) + 1 per axis,
+        the last one truncated at the border; each pixel gets the mean over the windows that
+        cover it of f(original) - f(occluded), f = softmax probability (``"prob"``) or raw
+        model output (``"logit"``) of the target. Windows the heat map lacks are computed."""
+        if output not in ("prob", "logit"):
+            raise InputError(f"output must be 'prob' or 'logit', got {output!r}")
+        model, image, color = self._ctx
+        h, w = self.input_hw
+        ph, pw = self.patch
+        sy, sx = self.stride
+        ys = np.arange(0, sy * (-(-(h - ph) // sy)) + 1, sy)
+        xs = np.arange(0, sx * (-(-(w - pw) // sx)) + 1, sx)
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for y in ys:
+            for x in xs:
+                groups.setdefault((min(ph, h - y), min(pw, w - x)), []).append((int(y), int(x)))
+        total = np.zeros((h, w))
+        count = np.zeros((h, w))
+        for (wh, ww), pos in groups.items():
+            hm = occlude(model, image, patch=(wh, ww), positions=pos, color=color, target=self.target,
+                         mode=self.mode, score=output)
+            for (y, x), v in zip(pos, hm.probs.reshape(-1)):
+                total[y : y + wh, x : x + ww] += hm.base_prob - v
+                count[y : y + wh, x : x + ww] += 1
+        return total / np.maximum(count, 1)
 
 
 def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarray, tuple]:
@@ -78,10 +109,20 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
 
 def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
-            memory_budget: int = 1 << 30) -> HeatMap:
-    """Occlusion heat map of ``model``'s target-class probability over ``image``."""
+            memory_budget: int = 1 << 30, score: str = "prob") -> HeatMap:
+    """Occlusion heat map of ``model``'s target-class probability over ``image``.
+
+    ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
+    ``batch_size`` defaults to the largest batch whose buffers fit ``memory_budget`` bytes.
+    """
     if mode not in ("exact", "naive"):
         raise InputError(f"mode must be 'exact' or 'naive', got {mode!r}")
+    if score not in ("prob", "logit"):
+        raise InputError(f"score must be 'prob' or 'logit', got {score!r}")
+    if memory_budget <= 0:
+        raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    if score == "logit":
+        model = _logit_model(model)
     ph, pw = _pair(patch, "patch")
     sy, sx = _pair(stride, "stride")
     x = model.preprocess(image)
@@ -136,13 +177,31 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     stats.update(batch_size=bs, bytes_per_query=per_q, prepare_s=t2 - t1, run_s=t3 - t2,
                  total_s=t3 - t0, queries_per_s=flat.shape[0] / max(t3 - t2, 1e-12))
     shape = grid.shape[:-1]
-    return HeatMap(
+    hm = HeatMap(
         probs=probs_all[:, tgt].reshape(shape), positions=grid, target=tgt,
         label=model.labels[tgt], base_prob=float(base[tgt]), patch=(ph, pw), stride=(sy, sx),
-        mode=mode, stats=stats, input_hw=(h, w),
+        mode=mode, stats=stats, input_hw=(h, w), score=score,
         all_probs=probs_all.reshape(shape + (probs_all.shape[-1],)) if all_classes else None,
     )
+    hm._ctx = (model, image, color)
+    return hm
 
 
 def _probs(model: Model, y: np.ndarray) -> np.ndarray:
-    return y if model.ends_in_softmax else softmax(y)
+    return y if model.ends_in_softmax or getattr(model, "_raw_scores", False) else softmax(y)
+
+
+_LOGIT_MODELS: dict[int, Model] = {}
+
+
+def _logit_model(model: Model) -> Model:
+    """The same model truncated at its pre-softmax node (cached per model object)."""
+    key = id(model)
+    if key not in _LOGIT_MODELS:
+        from dataclasses import replace
+
+        g = model.graph.truncated(model.graph.logits_node())
+        lm = replace(model, graph=g, _executor=None)
+        lm._raw_scores = True
+        _LOGIT_MODELS[key] = lm
+    return _LOGIT_MODELS[key]
