@@ -2,6 +2,8 @@
 
 Public API (stable names later work builds on):
 - :func:`load_model` -> :class:`Model` with ``predict``, ``preprocess``, ``graph``, ``source``
+- :func:`occlude` -> heat map (exact IVM or naive), :func:`theoretical_speedup`, :func:`plan`
+- :func:`connect` -> session over the DuckDB catalog (``.sql(text)``)
 - :func:`sample_image` for real images that ship inside installed packages
 """
 
@@ -9,9 +11,11 @@ from .errors import InputError, KryptonError, ModelError
 from .graph import Graph, Node, Op, Preprocess
 from .images import sample_image
 from .model import Model, load_model
+from .api import occlude, plan, theoretical_speedup
+from .session import connect
 
 __all__ = [
     "Graph", "InputError", "KryptonError", "Model", "ModelError", "Node", "Op", "Preprocess",
-    "load_model", "sample_image",
+    "connect", "load_model", "occlude", "plan", "sample_image", "theoretical_speedup",
 ]
 __version__ = "0.1.0"
