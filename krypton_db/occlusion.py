@@ -109,14 +109,18 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
 
 def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
-            memory_budget: int = 1 << 30, score: str = "prob") -> HeatMap:
+            memory_budget: int = 1 << 30, score: str = "prob", tau: float = 1.0) -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
     ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
     ``batch_size`` defaults to the largest batch whose buffers fit ``memory_budget`` bytes.
     """
-    if mode not in ("exact", "naive"):
-        raise InputError(f"mode must be 'exact' or 'naive', got {mode!r}")
+    if mode not in ("exact", "naive", "approximate"):
+        raise InputError(f"mode must be 'exact', 'naive' or 'approximate', got {mode!r}")
+    if not isinstance(tau, (int, float)) or not (0.0 < tau <= 1.0):
+        raise InputError(f"tau must lie in (0, 1], got {tau!r}")
+    if mode != "approximate":
+        tau = 1.0
     if score not in ("prob", "logit"):
         raise InputError(f"score must be 'prob' or 'logit', got {score!r}")
     if memory_budget <= 0:
@@ -142,15 +146,15 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     colour = color_to_input(color, model.spec)
     patch_vals = np.ascontiguousarray(np.broadcast_to(colour[:, None, None], (c, ph, pw)), np.float32)
 
-    stats: dict = {"positions": int(flat.shape[0]), "mode": mode}
+    stats: dict = {"positions": int(flat.shape[0]), "mode": mode, "tau": tau}
     t0 = time.perf_counter()
     stats["jit_s"] = model.executor.warmup() if model.executor.jit_seconds is None else 0.0
     t1 = time.perf_counter()
-    if mode == "exact":
+    if mode in ("exact", "approximate"):
         from .planner.delta_plan import plan_occlusion
         from .exec.incremental import IncrementalExecutor
 
-        plan = plan_occlusion(model.graph, (ph, pw), model.executor.plan)
+        plan = plan_occlusion(model.graph, (ph, pw), model.executor.plan, tau=tau)
         inc = IncrementalExecutor(plan, model.executor)
         base = _probs(model, inc.materialize(xn))[0]
         per_q = inc.bytes_per_query()

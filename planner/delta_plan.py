@@ -10,8 +10,10 @@ over conv and fully connected layers for a patch (FC counted fully in both).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from krypton_db.errors import InputError
 from krypton_db.exec.cpu import CpuPlan
 from krypton_db.graph import Graph, Node, Op
 
@@ -29,6 +31,8 @@ class DeltaStep:
     read_in: Size | None
     macs_full: int
     macs_inc: int
+    cap: Size | None = None  # projective-field threshold round(tau * output size), if it binds
+    crop: Size | None = None  # centre-cropped input patch the capped output needs
 
     @property
     def out_name(self) -> str:
@@ -45,6 +49,7 @@ class DeltaPlan:
     cpu_plan: CpuPlan
     patch: Size
     steps: list[DeltaStep] = field(default_factory=list)
+    tau: float = 1.0
 
     @property
     def macs_full(self) -> int:
@@ -58,6 +63,14 @@ class DeltaPlan:
     def theoretical_speedup(self) -> float:
         return self.macs_full / max(self.macs_inc, 1)
 
+    def window_size(self, ds: DeltaStep, in_size: Size) -> tuple[Size, Size | None]:
+        """Runtime sizing of a windowed step for an actual input patch size: (output patch,
+        centre-crop of the input patch or None). Same rule + tau cap as planning."""
+        graph_in = self.graph[ds.node.inputs[0]].shape
+        out = ds.rule.out_size(ds.node, [in_size], [graph_in])
+        out, _, crop = tau_cap(ds.node, out, in_size, self.tau)
+        return out, crop
+
     def sizes(self) -> dict[str, Size | None]:
         out = {self.graph.input.name: self.patch}
         for s in self.steps:
@@ -68,7 +81,7 @@ class DeltaPlan:
         """Deterministic text: per step rule, patch and read-in sizes, MACs full vs incremental."""
         ph, pw = self.patch
         lines = [
-            f"DeltaPlan {self.graph.name}: patch {ph}x{pw}, {len(self.steps)} steps",
+            f"DeltaPlan {self.graph.name}: patch {ph}x{pw}, tau {self.tau:g}, {len(self.steps)} steps",
             f"{'step':<34} {'op':<16} {'rule':<10} {'out patch':>10} {'read-in':>9} "
             f"{'MACs full':>12} {'MACs incr':>12}",
         ]
@@ -76,8 +89,9 @@ class DeltaPlan:
             op = s.node.op.name + ("+" + s.fused.op.name if s.fused is not None else "")
             outp = f"{s.out_size[0]}x{s.out_size[1]}" if s.out_size else "full"
             rin = f"{s.read_in[0]}x{s.read_in[1]}" if s.read_in else "-"
+            cap = f"  tau-cap {s.cap[0]}x{s.cap[1]}, input crop {s.crop[0]}x{s.crop[1]}" if s.cap else ""
             lines.append(f"{s.node.name[-34:]:<34} {op:<16} {s.kind:<10} {outp:>10} {rin:>9} "
-                         f"{s.macs_full:>12,} {s.macs_inc:>12,}")
+                         f"{s.macs_full:>12,} {s.macs_inc:>12,}{cap}")
         lines.append(f"total MACs full {self.macs_full:,}  incremental {self.macs_inc:,}  "
                      f"theoretical speedup {self.theoretical_speedup:.2f}x")
         return "\n".join(lines)
@@ -91,11 +105,42 @@ def _macs_for(node: Node, out: Size | None) -> int:
     return node.macs
 
 
-def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None) -> DeltaPlan:
-    """Propagate the patch size through the graph with each layer's delta rule."""
+def round_half_away(x: float) -> int:
+    """Round half away from zero (the published tau rule), for x >= 0.
+
+    >>> round_half_away(2.5), round_half_away(11.2)
+    (3, 11)
+    """
+    return int(math.floor(x + 0.5))
+
+
+def tau_cap(node: Node, out: Size, in_size: Size, tau: float) -> tuple[Size, Size | None, Size | None]:
+    """Projective-field thresholding of one windowed layer: cap each axis of the output patch
+    at round(tau * output size); the input patch is centre-cropped to the w_O * s - k + 1 cells
+    the capped output needs. Returns (output size, cap or None, crop or None)."""
+    if tau >= 1.0:
+        return out, None, None
+    kh, kw = node.params["kernel"]
+    sh, sw = node.params["stride"]
+    dh, dw = node.params.get("dilation", (1, 1))
+    cap = (max(1, round_half_away(tau * node.shape[1])), max(1, round_half_away(tau * node.shape[2])))
+    if out[0] <= cap[0] and out[1] <= cap[1]:
+        return out, None, None
+    new = (min(out[0], cap[0]), min(out[1], cap[1]))
+    crop = (max(1, min(in_size[0], new[0] * sh - (dh * (kh - 1) + 1) + 1)),
+            max(1, min(in_size[1], new[1] * sw - (dw * (kw - 1) + 1) + 1)))
+    return new, cap, crop
+
+
+def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None,
+                   tau: float = 1.0) -> DeltaPlan:
+    """Propagate the patch size through the graph with each layer's delta rule; with tau < 1
+    every windowed layer's output patch is capped (projective-field thresholding)."""
+    if not (0.0 < tau <= 1.0):
+        raise InputError(f"tau must lie in (0, 1], got {tau}")
     cpu_plan = cpu_plan or CpuPlan.lower(graph)
     sizes: dict[str, Size | None] = {graph.input.name: tuple(patch)}
-    plan = DeltaPlan(graph, cpu_plan, tuple(patch))
+    plan = DeltaPlan(graph, cpu_plan, tuple(patch), tau=float(tau))
     for st in cpu_plan.steps:
         node = st.node
         rule = rule_for(node.op)
@@ -104,8 +149,9 @@ def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None) -
         out = rule.out_size(node, in_sizes, in_shapes)
         if out is not None and tuple(out) == tuple(node.shape[1:]) and rule.kind == "merge":
             out = tuple(out)
-        read_in = None
+        read_in = cap = crop = None
         if rule.kind == "window" and out is not None:
+            out, cap, crop = tau_cap(node, out, in_sizes[0], tau)
             kh, kw = node.params["kernel"]
             sh, sw = node.params["stride"]
             dh, dw = node.params.get("dilation", (1, 1))
@@ -114,5 +160,6 @@ def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None) -
         if st.fused is not None:
             sizes[st.fused.name] = out
         macs_inc = _macs_for(node, out)
-        plan.steps.append(DeltaStep(node, st.fused, rule, in_sizes, out, read_in, node.macs, macs_inc))
+        plan.steps.append(DeltaStep(node, st.fused, rule, in_sizes, out, read_in, node.macs,
+                                    macs_inc, cap, crop))
     return plan

@@ -157,3 +157,39 @@ def test_bad_settings(small):
         occlude(m, img, target="zebra")
     with pytest.raises(InputError, match=r"\[0, 1\]"):
         occlude(m, img, color=2.0)
+
+
+TAU_PUBLISHED = {"vgg16": {0.8: 7.22, 0.5: 9.20, 0.4: 11.39}, "resnet18": {0.8: 2.80, 0.5: 5.36, 0.4: 7.73}}
+
+
+@pytest.mark.parametrize("name", list(TAU_PUBLISHED))
+def test_theoretical_speedup_with_tau_matches_published(name):
+    g = kdb.load_model(f"zoo:{name}").graph
+    for tau, want in TAU_PUBLISHED[name].items():
+        assert plan_occlusion(g, (16, 16), tau=tau).theoretical_speedup == pytest.approx(want, rel=0.02)
+
+
+def test_tau_one_is_exact_bit_for_bit(small):
+    m, img = small
+    a = occlude(m, img, patch=4, stride=3, mode="exact", all_classes=True)
+    b = occlude(m, img, patch=4, stride=3, mode="approximate", tau=1.0, all_classes=True)
+    assert np.array_equal(a.all_probs, b.all_probs)
+
+
+def test_tau_caps_every_windowed_layer():
+    g = kdb.load_model("zoo:resnet18").graph
+    p = plan_occlusion(g, (16, 16), tau=0.5)
+    for s in p.steps:
+        if s.kind == "window":
+            assert s.out_size[0] <= max(1, int(np.floor(0.5 * s.node.shape[1] + 0.5)))
+    assert "tau-cap" in p.explain()
+    a = occlude(kdb.load_model("zoo:resnet18"), kdb.sample_image("coffee"), patch=16, stride=69,
+                mode="approximate", tau=0.5)
+    assert np.isfinite(a.probs).all() and a.stats["theoretical_speedup"] == pytest.approx(p.theoretical_speedup)
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.1, 1.5])
+def test_bad_tau(small, tau):
+    m, img = small
+    with pytest.raises(InputError, match=r"tau must lie in \(0, 1\]"):
+        occlude(m, img, mode="approximate", tau=tau)

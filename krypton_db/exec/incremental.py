@@ -18,6 +18,7 @@ back inside the tensor, so every query in a batch has the same patch size.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,8 @@ class IncrementalExecutor:
         self.graph = delta_plan.graph
         self.ex = executor or CpuExecutor(self.graph)
         self.views: dict[str, np.ndarray] = {}
+        self.step_secs: dict[str, float] = {}  # accumulated per step (EXPLAIN ANALYZE)
+        self.profile = False
 
     def materialize(self, x_nchw: np.ndarray) -> np.ndarray:
         """Run the original image once and keep every step's output (internal layout)."""
@@ -99,7 +102,10 @@ class IncrementalExecutor:
         for ds in self.plan.steps:
             node = ds.node
             ins = [state[i] for i in node.inputs]
+            t0 = time.perf_counter()
             state[ds.out_name] = self._step(ds, ins, b)
+            if self.profile:
+                self.step_secs[node.name] = self.step_secs.get(node.name, 0.0) + time.perf_counter() - t0
         out = state[g.output] if g.output in state else state[self.plan.steps[-1].out_name]
         return _to_external(out) if isinstance(out, np.ndarray) else out
 
@@ -109,7 +115,11 @@ class IncrementalExecutor:
         patches = all(isinstance(s, Patch) for s in ins)
         if kind == "window" and patches:
             pin = ins[0]
-            size = ds.rule.out_size(node, [pin.size], [self.graph[node.inputs[0]].shape])
+            size, crop = self.plan.window_size(ds, pin.size)
+            if crop is not None:  # projective-field threshold: keep the centre of the patch
+                oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
+                pin = Patch(pin.loc + np.array([oy, ox]),
+                            np.ascontiguousarray(pin.val[:, :, oy : oy + crop[0], ox : ox + crop[1]]))
             oloc, rloc, rsize = _window_out(node, pin, size)
             view = self.views[node.inputs[0]]
             fill = -np.inf if node.op is Op.MAXPOOL else 0.0
