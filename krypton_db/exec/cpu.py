@@ -12,9 +12,12 @@ the model's own NCHW/[N, K] batches.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from ..graph import Graph, Node, Op
@@ -25,8 +28,15 @@ _ACT = {
     Op.SIGMOID: K.ACT_SIGMOID, Op.HARD_SIGMOID: K.ACT_HSIGMOID, Op.HARD_SWISH: K.ACT_HSWISH,
 }
 
-# im2col block: at most this many float32 values (16 MiB) per chunk of columns
-COLS_BUDGET = 4 * 1024 * 1024
+# Per-thread working-set targets (float32 values) for the conv column chunks. Measured on the
+# 2-core Zen target: 1-thread sgemm reaches its plateau from ~512 columns on; larger blocks only
+# push the im2col block and the output block out of L2 before the GEMM / epilogue reread them.
+IM2COL_BUDGET = 384 * 1024
+SHIFT_BUDGET = 512 * 1024
+MIN_COLS, MAX_COLS = 256, 4096
+# shifted-window (implicit GEMM) lowering only when the padded grid wastes at most this share
+SHIFT_MAX_WASTE = 0.60
+SHIFT_MIN_CHANNELS = 32
 
 
 def act_spec(node: Node | None) -> tuple[int, np.float32, np.float32]:
@@ -39,6 +49,103 @@ def act_spec(node: Node | None) -> tuple[int, np.float32, np.float32]:
     return _ACT[node.op], np.float32(a0.get(node.op) or 0.0), np.float32(a1.get(node.op) or 0.0)
 
 
+# -- threads ---------------------------------------------------------------------------------------
+
+
+class _Pool:
+    """Persistent worker threads; ``run(fn, t)`` calls fn(0) here and fn(1..t-1) on workers.
+
+    One pool serves every kernel (see ``kernels_cpu``: BLAS runs single-threaded inside it), so
+    no second thread pool ever spins against it. A call made while the pool is busy (another
+    caller thread, or nested use) runs its parts serially on the calling thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queues: list[queue.SimpleQueue] = []
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def _worker(self, q: queue.SimpleQueue) -> None:
+        while True:
+            fn, tid = q.get()
+            try:
+                fn(tid)
+                self._done.put(None)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the caller
+                self._done.put(e)
+
+    def run(self, fn, nthreads: int) -> None:
+        if nthreads <= 1 or not self._lock.acquire(blocking=False):
+            for t in range(max(nthreads, 1)):
+                fn(t)
+            return
+        try:
+            while len(self._queues) < nthreads - 1:
+                q: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=self._worker, args=(q,), daemon=True,
+                                 name=f"krypton-cpu-{len(self._queues) + 1}").start()
+                self._queues.append(q)
+            for t in range(1, nthreads):
+                self._queues[t - 1].put((fn, t))
+            err = None
+            try:
+                fn(0)
+            except BaseException as e:  # noqa: BLE001
+                err = e
+            for _ in range(1, nthreads):
+                r = self._done.get()
+                if err is None and r is not None:
+                    err = r
+            if err is not None:
+                raise err
+        finally:
+            self._lock.release()
+
+
+_POOL = _Pool()
+_TLS = threading.local()
+
+
+def num_threads() -> int:
+    return max(1, numba.get_num_threads())
+
+
+def parallel_chunks(nchunks: int, fn) -> None:
+    """fn(i) for i in range(nchunks), spread dynamically over the pool's threads."""
+    it = iter(range(nchunks))  # next() on a range iterator is atomic under the GIL
+
+    def work(_tid):
+        for i in it:
+            fn(i)
+
+    _POOL.run(work, min(num_threads(), nchunks))
+
+
+def parallel_ranges(n: int, fn, min_size: int = 1) -> None:
+    """fn(lo, hi) over an even split of range(n) into one contiguous part per thread."""
+    t = max(1, min(num_threads(), n // max(min_size, 1)))
+    if t <= 1:
+        if n > 0:
+            fn(0, n)
+        return
+    bounds = [n * i // t for i in range(t + 1)]
+    _POOL.run(lambda i: fn(bounds[i], bounds[i + 1]), t)
+
+
+def _scratch(key: str, size: int) -> np.ndarray:
+    """A per-thread float32 work buffer of at least ``size`` values (kept between calls, so
+    the pages are faulted in once)."""
+    d = getattr(_TLS, "bufs", None)
+    if d is None:
+        d = _TLS.bufs = {}
+    b = d.get(key)
+    if b is None or b.size < size:
+        b = d[key] = np.empty(max(size, 1), np.float32)
+    return b[:size]
+
+
+# -- convolution ---------------------------------------------------------------------------------
+
+
 @dataclass
 class ConvWeights:
     """Per-group GEMM matrices of a conv, prepared once."""
@@ -46,21 +153,51 @@ class ConvWeights:
     mats: list[np.ndarray]
     bias: np.ndarray
     w4: np.ndarray
+    taps: list[np.ndarray] | None = None  # per group [kh*kw, O/g, C/g] (shifted-window GEMMs)
 
     @classmethod
     def of(cls, node: Node) -> "ConvWeights":
-        w = node.weights["W"]
+        w = np.asarray(node.weights["W"], np.float32)
         g = node.params["groups"]
         og = w.shape[0] // g
         mats = [np.ascontiguousarray(w[i * og : (i + 1) * og].reshape(og, -1)) for i in range(g)]
         return cls(mats, np.ascontiguousarray(node.weights["B"], np.float32), np.ascontiguousarray(w))
 
+    def tap_mats(self) -> list[np.ndarray]:
+        if self.taps is None:
+            o, cg, kh, kw = self.w4.shape
+            g = len(self.mats)
+            og = o // g
+            self.taps = [np.ascontiguousarray(self.w4[i * og : (i + 1) * og].transpose(2, 3, 0, 1)
+                                              .reshape(kh * kw, og, cg)) for i in range(g)]
+        return self.taps
+
+
+def _cols_chunk(ncols: int, per_col: int, budget: int) -> int:
+    """Columns per chunk: about ``budget`` floats of working set (within [MIN_COLS,
+    MAX_COLS]), and a chunk count that is a multiple of the thread count so small layers do
+    not leave a core idle for a partial last chunk. A multiple of 16."""
+    t = num_threads()
+    qc = min(max(budget // max(per_col, 1), MIN_COLS), MAX_COLS)
+    nch = -(-ncols // qc)
+    nch = -(-nch // t) * t
+    qc = -(-ncols // nch)
+    qc = (qc + 15) // 16 * 16
+    return max(16, min(qc, max(ncols, 1)))
+
 
 def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0), np.float32(0)),
               pads=None, out: np.ndarray | None = None) -> np.ndarray:
     """Convolution of a CNHW batch; ``pads`` overrides the node's padding (incremental plans
-    run on read-in contexts with padding 0)."""
+    run on read-in contexts with padding 0).
+
+    Lowerings (all with the bias + activation fused into the per-chunk epilogue):
+    depthwise -> direct kernel; 1x1 stride 1 -> GEMM on the input itself; stride-1 convs on
+    maps large enough that the padded grid adds little -> shifted-window implicit GEMM (kh*kw
+    GEMMs with K = C over column offsets of a zero-padded copy of the chunk, no im2col);
+    everything else -> chunked im2col + GEMM."""
     p = node.params
+    x = np.ascontiguousarray(x, np.float32)
     c, n, h, w = x.shape
     kh, kw = p["kernel"]
     sh, sw = p["stride"]
@@ -74,60 +211,138 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
         out = np.empty((o, n, ho, wo), np.float32)
     code, a0, a1 = act
     if g == c == o and cw.w4.shape[1] == 1 and g > 1:
-        K.depthwise_conv_cpu(x, cw.w4, cw.bias, sh, sw, dh, dw, t, l, code, a0, a1, out)
+        parallel_ranges(c * n, lambda lo, hi: K.depthwise_conv_cpu(
+            x, cw.w4, cw.bias, sh, sw, dh, dw, t, l, code, a0, a1, lo, hi, out), 4)
         return out
     cg = c // g
     og = o // g
     ncols = n * ho * wo
     out2 = out.reshape(o, ncols)
-    if kh == kw == 1 and sh == sw == 1 and t == l == b == r == 0:
-        x2 = x.reshape(c, ncols)
-        for gi in range(g):
-            ys = out2[gi * og : (gi + 1) * og]
-            np.matmul(cw.mats[gi], x2[gi * cg : (gi + 1) * cg], out=ys)
-            K.bias_act_cpu(ys, cw.bias[gi * og : (gi + 1) * og], code, a0, a1)
-        return out
-    rows = cg * kh * kw
-    chunk = max(wo, min(ncols, COLS_BUDGET // rows))
-    cols = np.empty((rows, chunk), np.float32)
-    for gi in range(g):
-        for j0 in range(0, ncols, chunk):
-            j1 = min(j0 + chunk, ncols)
-            cb = cols[:, : j1 - j0]
-            K.im2col_cnhw_cpu(x, gi * cg, cg, kh, kw, sh, sw, dh, dw, t, l, ho, wo, j0, j1, cb)
-            ys = out2[gi * og : (gi + 1) * og, j0:j1]
-            np.matmul(cw.mats[gi], cb, out=ys)
-            K.bias_act_cpu(ys, cw.bias[gi * og : (gi + 1) * og], code, a0, a1)
+    bias = cw.bias
+    with K.single_threaded_blas():
+        if kh == kw == 1 and sh == sw == 1 and t == l == b == r == 0:
+            x2 = x.reshape(c, ncols)
+            qc = _cols_chunk(ncols, cg + og, IM2COL_BUDGET)
+
+            def one(ci):
+                j0 = ci * qc
+                j1 = min(j0 + qc, ncols)
+                for gi in range(g):
+                    ys = out2[gi * og : (gi + 1) * og, j0:j1]
+                    K.gemm(cw.mats[gi], x2[gi * cg : (gi + 1) * cg, j0:j1], ys)
+                    K.bias_act_rows_cpu(ys, bias[gi * og : (gi + 1) * og], code, a0, a1)
+
+            parallel_chunks(-(-ncols // qc), one)
+            return out
+        hs, wp = h + max(t, b), w + max(l, r)
+        if (sh == sw == 1 and kh * kw > 1 and K.HAVE_BLAS and cg >= SHIFT_MIN_CHANNELS
+                and ho <= hs and wo <= wp and n * hs * wp <= (1 + SHIFT_MAX_WASTE) * ncols):
+            _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out)
+            return out
+        rows = cg * kh * kw
+        qc = _cols_chunk(ncols, rows + og, IM2COL_BUDGET)
+
+        def one(ci):
+            j0 = ci * qc
+            j1 = min(j0 + qc, ncols)
+            cols = _scratch("cols", rows * qc).reshape(rows, qc)
+            for gi in range(g):
+                K.im2col_chunk_cpu(x, gi * cg, cg, kh, kw, sh, sw, dh, dw, t, l, ho, wo, j0, j1, cols)
+                ys = out2[gi * og : (gi + 1) * og, j0:j1]
+                K.gemm(cw.mats[gi], cols[:, : j1 - j0], ys)
+                K.bias_act_rows_cpu(ys, bias[gi * og : (gi + 1) * og], code, a0, a1)
+
+        parallel_chunks(-(-ncols // qc), one)
     return out
 
 
-def pool_cnhw(x: np.ndarray, node: Node, pads=None, out_hw=None) -> np.ndarray:
+def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out):
+    """Stride-1 conv as kh*kw accumulated GEMMs over shifted column windows.
+
+    The input is laid out (chunk by chunk, per thread) on a zero-padded grid [N, hs, wp] whose
+    rows / images share their padding (hs = H + max(t, b), wp = W + max(l, r)): then the input
+    of tap (i, j) for output grid position q is grid position q + i*dh*wp + j*dw, so tap (i, j)
+    contributes W[:, :, i, j] @ grid[:, q0 + off : q1 + off] -- one plain GEMM on a column
+    window, no 9x im2col copy. Grid positions outside [0, Ho) x [0, Wo) are computed and
+    dropped by the epilogue (the ``SHIFT_MAX_WASTE`` bound)."""
+    code, a0, a1 = act
+    n = x.shape[1]
+    grid = n * hs * wp
+    maxoff = (kh - 1) * dh * wp + (kw - 1) * dw
+    qc = _cols_chunk(grid, cg + og, SHIFT_BUDGET)
+    ld = qc + maxoff
+    taps = cw.tap_mats()
+    offs = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+    bias = cw.bias
+
+    def one(ci):
+        q0 = ci * qc
+        q1 = min(q0 + qc, grid)
+        m = q1 - q0
+        buf = _scratch("grid", cg * ld).reshape(cg, ld)
+        s = _scratch("acc", og * qc).reshape(og, qc)[:, :m]
+        for gi in range(g):
+            K.padgrid_chunk_cpu(x, gi * cg, cg, t, l, hs, wp, q0, q1 + maxoff, buf)
+            tm = taps[gi]
+            for k, off in enumerate(offs):
+                K.gemm(tm[k], buf[:, off : off + m], s, 0.0 if k == 0 else 1.0)
+            K.shift_epilogue_cpu(s, gi * og, q0, q1, hs, wp, ho, wo, bias, code, a0, a1, out)
+
+    parallel_chunks(-(-grid // qc), one)
+
+
+def pool_cnhw(x: np.ndarray, node: Node, pads=None, out_hw=None, out: np.ndarray | None = None) -> np.ndarray:
     p = node.params
+    x = np.ascontiguousarray(x, np.float32)
     c, n, _, _ = x.shape
     ho, wo = out_hw if out_hw is not None else node.shape[1:]
     t, l, b, r = pads if pads is not None else p["pads"]
-    out = np.empty((c, n, ho, wo), np.float32)
+    if out is None:
+        out = np.empty((c, n, ho, wo), np.float32)
     kh, kw = p["kernel"]
     sh, sw = p["stride"]
-    K.pool_cnhw_cpu(x, kh, kw, sh, sw, t, l, b, r, node.op is Op.MAXPOOL,
-                    bool(p.get("count_include_pad", False)), out)
+    is_max = node.op is Op.MAXPOOL
+    inc = bool(p.get("count_include_pad", False))
+    parallel_ranges(c * n, lambda lo, hi: K.pool_cnhw_cpu(x, kh, kw, sh, sw, t, l, b, r, is_max, inc,
+                                                           lo, hi, out), 4)
     return out
 
 
-def pointwise_any(x: np.ndarray, node: Node) -> np.ndarray:
+def pointwise_any(x: np.ndarray, node: Node, out: np.ndarray | None = None) -> np.ndarray:
     """A pointwise node on a CNHW feature map or an [N, K] vector batch."""
-    out = np.empty_like(x)
+    x = np.ascontiguousarray(x, np.float32)
+    if out is None:
+        out = np.empty_like(x)
     if node.op is Op.AFFINE:
-        s = node.weights["scale"].astype(np.float32)
-        sh = node.weights["shift"].astype(np.float32)
+        s = np.ascontiguousarray(node.weights["scale"], np.float32)
+        sh = np.ascontiguousarray(node.weights["shift"], np.float32)
         if x.ndim == 4:
-            K.affine_cnhw_cpu(x.reshape(x.shape[0], -1), s, sh, out.reshape(x.shape[0], -1))
+            x2 = x.reshape(x.shape[0], -1)
+            o2 = out.reshape(x.shape[0], -1)
+            parallel_ranges(x.shape[0], lambda lo, hi: K.affine_rows_cpu(x2, s, sh, o2, lo, hi),
+                            max(1, 65536 // max(x2.shape[1], 1)))
         else:
             np.add(x * s, sh, out=out)
         return out
     code, a0, a1 = act_spec(node)
-    K.act_cpu(x.reshape(-1), out.reshape(-1), code, a0, a1)
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    parallel_ranges(xf.size, lambda lo, hi: K.act_range_cpu(xf, of, code, a0, a1, lo, hi), 65536)
     return out
+
+
+def dense(x: np.ndarray, wt: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """[N, K_in] @ W.T[K_in, K_out] + B, output columns split over the threads."""
+    x = np.ascontiguousarray(x, np.float32)
+    n = x.shape[0]
+    ko = wt.shape[1]
+    y = np.empty((n, ko), np.float32)
+    y[:] = bias
+    step = max(64, -(-ko // num_threads()))
+    with K.single_threaded_blas():
+        parallel_chunks(-(-ko // step), lambda i: K.gemm(x, wt[:, i * step : (i + 1) * step],
+                                                         y[:, i * step : (i + 1) * step], 1.0))
+    return y
 
 
 @dataclass
@@ -166,7 +381,7 @@ class CpuPlan:
                 absorbed.add(fused.name)
             prep = ConvWeights.of(node) if node.op is Op.CONV else None
             if node.op is Op.GEMM:
-                prep = np.ascontiguousarray(node.weights["W"].T)
+                prep = np.ascontiguousarray(node.weights["W"].T, np.float32)
             steps.append(Step(node, fused, prep))
         return cls(graph, steps)
 
@@ -179,7 +394,31 @@ def _to_internal(x: np.ndarray) -> np.ndarray:
 
 
 def _to_external(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.transpose(1, 0, 2, 3)) if x.ndim == 4 else x
+    """Batch-first copy (always a new array: internal buffers are reused between runs)."""
+    if x.ndim == 4:
+        out = np.empty((x.shape[1], x.shape[0]) + x.shape[2:], x.dtype)
+        out[...] = x.transpose(1, 0, 2, 3)
+        return out
+    return x
+
+
+class _Arena:
+    """Feature-map buffers reused across steps and runs, keyed by shape: a fresh 100+ MB
+    ``np.empty`` per layer costs a page-fault + kernel zeroing pass over all of it on first
+    touch (and an munmap after), which at batch 16 is a sizeable share of a VGG layer."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[np.ndarray]] = {}
+
+    def get(self, shape) -> np.ndarray:
+        lst = self.free.get(tuple(shape))
+        return lst.pop() if lst else np.empty(shape, np.float32)
+
+    def put(self, a: np.ndarray) -> None:
+        self.free.setdefault(a.shape, []).append(a)
+
+    def clear(self) -> None:
+        self.free.clear()
 
 
 class CpuExecutor:
@@ -189,38 +428,55 @@ class CpuExecutor:
         self.graph = graph
         self.plan = CpuPlan.lower(graph, fuse)
         self.jit_seconds: float | None = None
+        self._arena = _Arena()
+        self._run_lock = threading.Lock()
 
     def warmup(self) -> float:
         """Compile (or load from the numba cache) every kernel this plan uses; returns seconds."""
         t = time.perf_counter()
         x = np.zeros((1,) + self.graph.input_shape, np.float32)
         self.run(x)
+        self._arena.clear()
         self.jit_seconds = time.perf_counter() - t
         return self.jit_seconds
 
     def run(self, batch: np.ndarray, outputs: list[str] | None = None, profile: bool = False) -> dict:
         """Run on an NCHW float32 batch; returns {node name: batch-first output}."""
+        with self._run_lock, K.single_threaded_blas():
+            return self._run(batch, outputs, profile)
+
+    def _run(self, batch, outputs, profile) -> dict:
         want = set(outputs or [self.graph.output])
         g = self.graph
         vals: dict[str, np.ndarray] = {g.input.name: _to_internal(np.asarray(batch, np.float32))}
+        owned: dict[str, np.ndarray] = {}  # values living in arena buffers
         result = {}
         if g.input.name in want:
             result[g.input.name] = np.asarray(batch, np.float32)
         last_use = self._last_use()
+        arena = self._arena
         for idx, step in enumerate(self.plan.steps):
             t0 = time.perf_counter() if profile else 0.0
-            y = self._exec(step, [vals[i] for i in step.node.inputs])
+            name = self.plan.out_name(step)
+            y = self._exec(step, [vals[i] for i in step.node.inputs], alloc=arena.get)
             if profile:
                 step.secs += time.perf_counter() - t0
-            vals[self.plan.out_name(step)] = y
+            vals[name] = y
+            if step.node.op in (Op.CONV, Op.MAXPOOL, Op.AVGPOOL) and y.ndim == 4:
+                owned[name] = y
             if step.fused is not None and step.node.name in want:
                 raise ValueError(f"{step.node.name} is fused away; lower with fuse=False to read it")
-            name = self.plan.out_name(step)
             if name in want:
                 result[name] = _to_external(y)
             for i in step.node.inputs:
                 if last_use.get(i) == idx and i not in want:
-                    vals.pop(i, None)
+                    v = vals.pop(i, None)
+                    buf = owned.pop(i, None)
+                    if buf is not None and not any(np.may_share_memory(buf, u) for u in vals.values()):
+                        arena.put(buf)
+        for buf in owned.values():
+            if not any(np.may_share_memory(buf, u) for u in result.values()):
+                arena.put(buf)
         return result
 
     def _last_use(self) -> dict[str, int]:
@@ -233,15 +489,19 @@ class CpuExecutor:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)[self.graph.output]
 
-    def _exec(self, step: Step, ins: list[np.ndarray]) -> np.ndarray:
+    def _exec(self, step: Step, ins: list[np.ndarray], alloc=None) -> np.ndarray:
+        """One step on internal-layout inputs. ``alloc(shape)`` provides conv / pool output
+        buffers (the run's arena); by default they are fresh arrays."""
         node = step.node
         op = node.op
         x = ins[0]
         act = act_spec(step.fused)
         if op is Op.CONV:
-            return conv_cnhw(x, node, step.prep, act)
+            out = alloc((node.weights["W"].shape[0], x.shape[1]) + _conv_hw(x, node)) if alloc else None
+            return conv_cnhw(x, node, step.prep, act, out=out)
         if op in (Op.MAXPOOL, Op.AVGPOOL):
-            return pool_cnhw(x, node)
+            out = alloc((x.shape[0], x.shape[1]) + tuple(node.shape[1:])) if alloc else None
+            return pool_cnhw(x, node, out=out)
         if op is Op.GLOBAL_AVGPOOL:
             m = x.mean(axis=(2, 3), dtype=np.float32)  # [C, N]
             return np.ascontiguousarray(m[:, :, None, None]) if node.params.get("keepdims", True) \
@@ -250,8 +510,11 @@ class CpuExecutor:
             return pointwise_any(x, node)
         if op is Op.ADD:
             if len(ins) == 2 and ins[0].shape == ins[1].shape:
-                out = np.empty_like(ins[0])
-                K.add_act_cpu(ins[0].reshape(-1), ins[1].reshape(-1), out.reshape(-1), *act)
+                a = np.ascontiguousarray(ins[0], np.float32).reshape(-1)
+                b = np.ascontiguousarray(ins[1], np.float32).reshape(-1)
+                out = np.empty(ins[0].shape, np.float32)
+                of = out.reshape(-1)
+                parallel_ranges(a.size, lambda lo, hi: K.add_act_range_cpu(a, b, of, *act, lo, hi), 65536)
                 return out
             out = ins[0]
             for v in ins[1:]:
@@ -267,7 +530,7 @@ class CpuExecutor:
         if op is Op.LRN:
             out = np.empty_like(x)
             p = node.params
-            K.lrn_cnhw_cpu(x, p["size"], np.float32(p["alpha"]), np.float32(p["beta"]),
+            K.lrn_cnhw_cpu(np.ascontiguousarray(x), p["size"], np.float32(p["alpha"]), np.float32(p["beta"]),
                            np.float32(p["bias"]), out)
             return out
         if op is Op.PAD:
@@ -282,17 +545,26 @@ class CpuExecutor:
             y = np.transpose(ext, (0,) + tuple(a + 1 for a in node.params["perm"]))
             return _to_internal(np.ascontiguousarray(y))
         if op is Op.GEMM:
-            y = x @ step.prep
-            y += node.weights["B"]
-            return y
+            return dense(x, step.prep, np.asarray(node.weights["B"], np.float32))
         if op is Op.SOFTMAX:
             e = np.exp(x - x.max(axis=-1, keepdims=True))
             return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
         raise NotImplementedError(f"CPU executor has no lowering for {op}")
 
     def layer_report(self) -> list[tuple[str, str, float, float]]:
-        """(node, op, seconds, GFLOP/s) per step from the last profiled runs (2 FLOPs/MAC)."""
+        """(node, op, seconds, GFLOP/s) per step from the last profiled runs (2 FLOPs/MAC),
+        the rate assuming the profiled runs together processed ``batch_seen`` samples."""
         rows = []
         for s in self.plan.steps:
             rows.append((s.node.name, s.node.op.name, s.secs, 0.0))
         return rows
+
+
+def _conv_hw(x: np.ndarray, node: Node) -> tuple[int, int]:
+    p = node.params
+    _, _, h, w = x.shape
+    kh, kw = p["kernel"]
+    sh, sw = p["stride"]
+    dh, dw = p["dilation"]
+    t, l, b, r = p["pads"]
+    return (h + t + b - dh * (kh - 1) - 1) // sh + 1, (w + l + r - dw * (kw - 1) - 1) // sw + 1

@@ -1,21 +1,133 @@
-"""numba CPU kernels (``<op>_<variant>_cpu``). All compiled with ``cache=True``.
+"""numba CPU kernels (``<op>_<variant>_cpu``) and the BLAS binding they work with.
 
 Layout: feature maps are ``[C, N, H, W]`` ("CNHW"): channels outermost, so a convolution over
 a whole batch is ONE matrix product ``W[O, C*kh*kw] @ cols[C*kh*kw, N*Ho*Wo]`` whose result is
 already the next layer's ``[O, N, Ho, Wo]`` tensor (no transposes between layers), concat along
 channels is contiguous, and per-(c, n) planes are contiguous for pooling.
 Batches of small tensors (the incremental read-in contexts) therefore form one large GEMM.
+
+Threading design (why the kernels here are serial ``nogil`` functions over a *range*):
+the executor runs its own small pool of Python threads (one per core) and calls single-threaded
+OpenBLAS ``sgemm`` and these kernels from each of them on disjoint column chunks / planes.
+Measured on the 2-core target, the alternative (OpenBLAS' own threads for the GEMM, numba's
+OpenMP pool for im2col and the epilogue) lost most of its time to the two pools fighting over
+the cores: OpenBLAS workers busy-wait after every call, so an OpenMP bias pass run right after a
+GEMM chunk took 5 ms instead of 12 us. With one pool there is no hand-over at all, and each
+thread's im2col block, GEMM output block and epilogue stay in its own core's cache.
+
+``sgemm`` is called through ctypes on numpy's own OpenBLAS (found in the process maps), not
+through ``np.matmul``, because the convolution needs what matmul cannot express: ``beta = 1``
+accumulation and arbitrary leading dimensions (column offsets into a padded input, output
+blocks written straight into the strided ``[O, N*Ho*Wo]`` result). Without an OpenBLAS in the
+process, ``gemm`` falls back to ``np.matmul`` on the same views (slower, still correct).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import threading
 
 import numpy as np
 from numba import njit, prange
 
 # activation codes shared by the fused epilogue and the standalone pointwise kernel
 ACT_NONE, ACT_RELU, ACT_CLIP, ACT_LEAKY, ACT_SIGMOID, ACT_HSIGMOID, ACT_HSWISH = range(7)
+
+
+# -- BLAS binding --------------------------------------------------------------------------------
+
+
+def _find_openblas():
+    """(sgemm, set_threads, get_threads) of the OpenBLAS numpy loaded, or None."""
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                p = line.split()[-1]
+                if "openblas" in p.lower() and p not in paths:
+                    paths.append(p)
+    except OSError:
+        return None
+    for p in paths:
+        try:
+            lib = ctypes.CDLL(p)
+        except OSError:
+            continue
+        for prefix, suffix, i64 in (("scipy_", "64_", True), ("", "64_", True), ("scipy_", "", False), ("", "", False)):
+            name = f"{prefix}cblas_sgemm{suffix}"
+            if not hasattr(lib, name):
+                continue
+            it = ctypes.c_int64 if i64 else ctypes.c_int
+            fn = getattr(lib, name)
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, it, it, it, ctypes.c_float,
+                           ctypes.c_void_p, it, ctypes.c_void_p, it, ctypes.c_float, ctypes.c_void_p, it]
+            setn = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            getn = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            if setn is not None:
+                setn.argtypes = [ctypes.c_int]
+                setn.restype = None
+            if getn is not None:
+                getn.argtypes = []
+                getn.restype = ctypes.c_int
+            return fn, setn, getn
+    return None
+
+
+_BLAS = _find_openblas()
+HAVE_BLAS = _BLAS is not None
+_blas_lock = threading.Lock()
+_blas_depth = 0
+_blas_saved = 1
+
+
+class single_threaded_blas:
+    """Context: OpenBLAS runs each call on the calling thread only (the executor's own threads
+    provide the parallelism). Nestable and thread safe; restores the previous count."""
+
+    def __enter__(self):
+        global _blas_depth, _blas_saved
+        if _BLAS is None or _BLAS[1] is None or _BLAS[2] is None:
+            return self
+        with _blas_lock:
+            if _blas_depth == 0:
+                _blas_saved = _BLAS[2]()
+                if _blas_saved != 1:
+                    _BLAS[1](1)
+            _blas_depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        global _blas_depth
+        if _BLAS is None or _BLAS[1] is None or _BLAS[2] is None:
+            return False
+        with _blas_lock:
+            _blas_depth -= 1
+            if _blas_depth == 0 and _blas_saved != 1:
+                _BLAS[1](_blas_saved)
+        return False
+
+
+def gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 0.0) -> None:
+    """``c = a @ b + beta * c`` on float32 2-D views whose rows are unit-stride (any row
+    stride): a [M, K], b [K, N], c [M, N]."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0:
+        return
+    if _BLAS is not None and a.strides[1] == b.strides[1] == c.strides[1] == 4 and k > 0:
+        _BLAS[0](101, 111, 111, m, n, k, 1.0, a.ctypes.data, max(a.strides[0] // 4, k, 1),
+                 b.ctypes.data, max(b.strides[0] // 4, n, 1), float(beta), c.ctypes.data,
+                 max(c.strides[0] // 4, n, 1))
+        return
+    if beta == 0.0:
+        np.matmul(a, b, out=c)
+    else:
+        c += a @ b
+
+
+# -- activations ----------------------------------------------------------------------------------
 
 
 @njit(inline="always")
@@ -35,46 +147,366 @@ def _act(v, code, a0, a1):
     return v
 
 
-@njit(parallel=True, cache=True)
-def im2col_cnhw_cpu(x, c0, cg, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, j0, j1, cols):
+@njit(inline="always")
+def _bias_act_at(dst, doff, src, soff, n, bo, code, a0, a1):
+    """dst[doff:doff+n] = act(src[soff:soff+n] + bo) on 1-D arrays; one branch-free loop per
+    common code, unsigned indices (no negative-index wraparound), so the loops vectorize."""
+    ud = np.uint64(doff)
+    us = np.uint64(soff)
+    un = np.uint64(n)
+    if code == 0:
+        for q in range(un):
+            dst[ud + q] = src[us + q] + bo
+    elif code == 1:
+        for q in range(un):
+            v = src[us + q] + bo
+            dst[ud + q] = v if v > 0.0 else np.float32(0.0)
+    elif code == 2:
+        for q in range(un):
+            dst[ud + q] = min(max(src[us + q] + bo, a0), a1)
+    elif code == 6:
+        for q in range(un):
+            v = src[us + q] + bo
+            dst[ud + q] = v * min(max(v * np.float32(1.0 / 6.0) + np.float32(0.5), np.float32(0.0)), np.float32(1.0))
+    else:
+        for q in range(un):
+            dst[ud + q] = _act(src[us + q] + bo, code, a0, a1)
+
+
+@njit(inline="always")
+def _bias_act_row(dst, src, bo, code, a0, a1):
+    _bias_act_at(dst, 0, src, 0, dst.shape[0], bo, code, a0, a1)
+
+
+# -- convolution helpers ---------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _segments(q0, q1, hs, ws, width):
+    """Split flat positions [q0, q1) of a grid [*, hs, ws] into row segments: rows of
+    (image, row, first column, offset from q0, length); only the first ``width`` columns of
+    each grid row are kept (segments entirely past it are dropped)."""
+    nmax = (q1 - q0) // ws + 2
+    seg = np.empty((nmax, 5), np.int64)
+    img = hs * ws
+    n = q0 // img
+    rem = q0 - n * img
+    yy = rem // ws
+    xx = rem - yy * ws
+    q = q0
+    k = 0
+    while q < q1:
+        cnt = min(ws - xx, q1 - q)
+        keep = min(cnt, width - xx)
+        if keep > 0:
+            seg[k, 0] = n
+            seg[k, 1] = yy
+            seg[k, 2] = xx
+            seg[k, 3] = q - q0
+            seg[k, 4] = keep
+            k += 1
+        q += cnt
+        xx = 0
+        yy += 1
+        if yy == hs:
+            yy = 0
+            n += 1
+    return seg[:k]
+
+
+@njit(inline="always")
+def _valid_cols(off, stride, width, count):
+    """[a, b): the output columns ox < count whose input column ox*stride + off is in
+    [0, width)."""
+    a = 0 if off >= 0 else min(count, (-off + stride - 1) // stride)
+    b = 0 if width - off <= 0 else min(count, (width - off + stride - 1) // stride)
+    return a, max(a, b)
+
+
+@njit(inline="always")
+def _zero_at(d, off, n):
+    u = np.uint64(off)
+    for q in range(np.uint64(n)):
+        d[u + q] = 0.0
+
+
+@njit(inline="always")
+def _copy_at(d, doff, s, soff, n):
+    ud = np.uint64(doff)
+    us = np.uint64(soff)
+    for q in range(np.uint64(n)):
+        d[ud + q] = s[us + q]
+
+
+@njit(inline="always")
+def _copy_strided_at(d, doff, s, soff, n, step):
+    ud = np.uint64(doff)
+    us = np.uint64(soff)
+    ust = np.uint64(step)
+    for q in range(np.uint64(n)):
+        d[ud + q] = s[us + q * ust]
+
+
+@njit(nogil=True, cache=True)
+def im2col_chunk_cpu(x, c0, cg, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, j0, j1, cols):
     """cols[(c,i,j), q] = x[c0+c, n, oy*sh+i*dh-pt, ox*sw+j*dw-pl] for column j0+q = (n,oy,ox);
-    zero outside the input (convolution padding)."""
-    _, _, h, w = x.shape
-    rows = cg * kh * kw
-    plane = ho * wo
-    for r in prange(rows):
+    zero outside the input (convolution padding). Serial: one thread fills its own chunk.
+    The chunk's row segments are computed once and reused for every (c, i, j) row; inner
+    loops use flat unsigned offsets (numba then drops the negative-index wraparound selects
+    and vectorizes the copies). x must be C-contiguous, cols a C-contiguous [rows, >= j1-j0]."""
+    n_, h, w = x.shape[1], x.shape[2], x.shape[3]
+    xf = x.reshape(-1)
+    cf = cols.reshape(-1)
+    ldc = cols.shape[1]
+    seg = _segments(j0, j1, ho, wo, wo)
+    for r in range(cg * kh * kw):
         c = r // (kh * kw)
         i = (r // kw) % kh
         j = r % kw
-        jj = j0
-        while jj < j1:
-            n = jj // plane
-            rem = jj - n * plane
-            oy = rem // wo
-            ox0 = rem - oy * wo
-            cnt = min(wo - ox0, j1 - jj)
+        off = j * dw - pl
+        oxa, oxb = _valid_cols(off, sw, w, wo)
+        rbase = r * ldc
+        cbase = (c0 + c) * n_
+        for k in range(seg.shape[0]):
+            n, oy, ox0, base, cnt = seg[k, 0], seg[k, 1], seg[k, 2], seg[k, 3], seg[k, 4]
+            d0 = rbase + base
             iy = oy * sh + i * dh - pt
-            base = jj - j0
             if iy < 0 or iy >= h:
-                for q in range(cnt):
-                    cols[r, base + q] = 0.0
-            else:
-                for q in range(cnt):
-                    ix = (ox0 + q) * sw + j * dw - pl
-                    if 0 <= ix < w:
-                        cols[r, base + q] = x[c0 + c, n, iy, ix]
-                    else:
-                        cols[r, base + q] = 0.0
-            jj += cnt
+                _zero_at(cf, d0, cnt)
+                continue
+            ox1 = ox0 + cnt
+            a = min(max(ox0, oxa), ox1)
+            b = max(min(ox1, oxb), a)
+            _zero_at(cf, d0, a - ox0)
+            src = ((cbase + n) * h + iy) * w
+            if sw == 1:
+                _copy_at(cf, d0 + a - ox0, xf, src + a + off, b - a)
+            elif b > a:
+                _copy_strided_at(cf, d0 + a - ox0, xf, src + a * sw + off, b - a, sw)
+            _zero_at(cf, d0 + b - ox0, ox1 - b)
+
+
+@njit(nogil=True, cache=True)
+def padgrid_chunk_cpu(x, c0, cg, pt, pl, hs, wp, p0, p1, buf):
+    """buf[c, p - p0] = x[c0+c, n, yy-pt, xx-pl] for flat positions p in [p0, p1) of the padded
+    grid [N, hs, wp] (p = (n, yy, xx)); zero in the padding and past the last image.
+    x C-contiguous, buf a C-contiguous [>= cg, >= p1-p0]."""
+    n_, h, w = x.shape[1], x.shape[2], x.shape[3]
+    xf = x.reshape(-1)
+    bf = buf.reshape(-1)
+    ldb = buf.shape[1]
+    seg = _segments(p0, p1, hs, wp, wp)
+    for c in range(cg):
+        cbase = (c0 + c) * n_
+        for k in range(seg.shape[0]):
+            n, yy, xx0, base, cnt = seg[k, 0], seg[k, 1], seg[k, 2], seg[k, 3], seg[k, 4]
+            d0 = c * ldb + base
+            y = yy - pt
+            if n >= n_ or y < 0 or y >= h:
+                _zero_at(bf, d0, cnt)
+                continue
+            xx1 = xx0 + cnt
+            a = min(max(xx0, pl), xx1)
+            b = max(min(xx1, pl + w), a)
+            _zero_at(bf, d0, a - xx0)
+            _copy_at(bf, d0 + a - xx0, xf, ((cbase + n) * h + y) * w + a - pl, b - a)
+            _zero_at(bf, d0 + b - xx0, xx1 - b)
+
+
+@njit(nogil=True, cache=True)
+def shift_epilogue_cpu(s, o0, q0, q1, hs, wp, ho, wo, b, code, a0, a1, out):
+    """out[o0+o, n, y, x] = act(s[o, q - q0] + b[o0+o]) for the padded-grid positions
+    q = (n, y, x) in [q0, q1) that are real outputs (y < ho, x < wo). s: a row-major [og, >=m]
+    block (row stride s.strides[0]), out C-contiguous."""
+    n_ = out.shape[1]
+    of = out.reshape(-1)
+    seg = _segments(q0, q1, hs, wp, wo)
+    for o in range(s.shape[0]):
+        bo = b[o0 + o]
+        srow = s[o]
+        obase = (o0 + o) * n_
+        for k in range(seg.shape[0]):
+            n, yy, xx0, base, cnt = seg[k, 0], seg[k, 1], seg[k, 2], seg[k, 3], seg[k, 4]
+            if yy < ho:
+                _bias_act_at(of, ((obase + n) * ho + yy) * wo + xx0, srow, base, cnt, bo, code, a0, a1)
+
+
+@njit(nogil=True, cache=True)
+def bias_act_rows_cpu(y, b, code, a0, a1):
+    """In place: y[o, :] = act(y[o, :] + b[o]) on a (row-strided) 2-D view."""
+    for o in range(y.shape[0]):
+        _bias_act_row(y[o], y[o], b[o], code, a0, a1)
 
 
 @njit(parallel=True, cache=True)
 def bias_act_cpu(y, b, code, a0, a1):
     """In place: y[o, :] = act(y[o, :] + b[o]) on a (possibly strided) 2-D view."""
     for o in prange(y.shape[0]):
-        bo = b[o]
-        for q in range(y.shape[1]):
-            y[o, q] = _act(y[o, q] + bo, code, a0, a1)
+        _bias_act_row(y[o], y[o], b[o], code, a0, a1)
+
+
+@njit(nogil=True, cache=True)
+def depthwise_conv_cpu(x, w, b, sh, sw, dh, dw, pt, pl, code, a0, a1, lo, hi, out):
+    """Direct depthwise convolution (groups == C == O, multiplier 1) with fused epilogue over
+    the (c, n) planes lo..hi-1 (x, out C-contiguous).
+
+    Hand-written rather than BLAS: each output needs only kh*kw MACs of one plane, so a GEMM
+    would be [1, kh*kw] @ [kh*kw, Ho*Wo] per channel (an im2col copy per 9 FLOPs). Planes are
+    small (7..112 wide), so per-row loops would be all loop overhead; instead each plane is
+    copied once into a zero-padded buffer of row width ``wp`` (a multiple of the column
+    stride); with stride 1 every tap is then ONE long loop over the flat output grid [Ho, wp]:
+    ``acc[g] += w[i, j] * pad[g + i*dh*wp + j*dw]`` (shifted-window trick inside a plane; grid
+    columns >= Wo are dropped by the epilogue); strided convs loop per output row over
+    [Ho, wp/sw]."""
+    n_, h, wd = x.shape[1], x.shape[2], x.shape[3]
+    ho, wo = out.shape[2], out.shape[3]
+    kh, kw = w.shape[2], w.shape[3]
+    wp = max(pl + wd, (wo - 1) * sw + (kw - 1) * dw + 1)
+    wp = (wp + sw - 1) // sw * sw
+    gw = wp // sw
+    hp = max(pt + h, (ho - 1) * sh + (kh - 1) * dh + 1) + 2
+    # column-phase split padded plane: pad[ph, y, u] = padded[y, u*sw + ph] (stride 1: one
+    # phase), so every tap reads a contiguous run whatever the column stride
+    plen = hp * gw + kw * dw + gw
+    pad = np.zeros(sw * plen, np.float32)
+    acc = np.empty(ho * gw, np.float32)
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    ug = np.uint64(ho * gw)
+    ugw = np.uint64(gw)
+    for cn in range(lo, hi):
+        c = cn // n_
+        if sw == 1:
+            for y in range(h):
+                _copy_at(pad, (pt + y) * wp + pl, xf, (cn * h + y) * wd, wd)
+        else:
+            for ph in range(sw):
+                # u*sw + ph - pl in [0, wd)
+                ua = max(0, (pl - ph + sw - 1) // sw)
+                ub = max(ua, (wd + pl - ph + sw - 1) // sw)
+                for y in range(h):
+                    _copy_strided_at(pad, ph * plen + (pt + y) * gw + ua, xf,
+                                     (cn * h + y) * wd + ua * sw + ph - pl, ub - ua, sw)
+        for q in range(ug):
+            acc[q] = 0.0
+        for i in range(kh):
+            for j in range(kw):
+                wij = w[c, 0, i, j]
+                if sh == 1 and sw == 1:
+                    uo = np.uint64(i * dh * wp + j * dw)
+                    for g in range(ug):
+                        acc[g] += wij * pad[uo + g]
+                else:  # one contiguous loop per output row (input row oy*sh + i*dh)
+                    cj = j * dw
+                    uo = np.uint64((cj % sw) * plen + i * dh * gw + cj // sw)
+                    ush = np.uint64(sh * gw)
+                    for oy in range(np.uint64(ho)):
+                        base = uo + oy * ush
+                        row = oy * ugw
+                        for ox in range(ugw):
+                            acc[row + ox] += wij * pad[base + ox]
+        bc = b[c]
+        for oy in range(ho):
+            _bias_act_at(of, (cn * ho + oy) * wo, acc, oy * gw, wo, bc, code, a0, a1)
+
+
+@njit(nogil=True, cache=True)
+def pool_cnhw_cpu(x, kh, kw, sh, sw, pt, pl, pb, pr, is_max, include_pad, lo, hi, out):
+    """Max / average pooling over the [H, W] planes lo..hi-1 (flat c*N + n) of x[C, N, H, W].
+
+    Max: cells outside the input are -inf (never chosen). Average: divisor counts cells inside
+    the input, plus, with include_pad, cells inside the declared padding (never those beyond,
+    which only ceil mode reaches). Rows are reduced tap by tap into a row accumulator over
+    the output columns where the tap is inside the input (branch-free inner loops)."""
+    n_, h, w = x.shape[1], x.shape[2], x.shape[3]
+    ho, wo = out.shape[2], out.shape[3]
+    acc = np.empty(wo, np.float32)
+    xa = np.empty(kw, np.int64)
+    xb = np.empty(kw, np.int64)
+    cx = np.empty(wo, np.float32)
+    for j in range(kw):
+        off = j - pl
+        xa[j] = 0 if off >= 0 else min(wo, (-off + sw - 1) // sw)
+        xb[j] = max(xa[j], 0 if w - off <= 0 else min(wo, (w - off + sw - 1) // sw))
+    for ox in range(wo):
+        x0 = ox * sw - pl
+        if include_pad:
+            cx[ox] = min(x0 + kw, w + pr) - max(x0, -pl)
+        else:
+            cx[ox] = min(x0 + kw, w) - max(x0, 0)
+    for cn in range(lo, hi):
+        c = cn // n_
+        n = cn - c * n_
+        for oy in range(ho):
+            y0 = oy * sh - pt
+            ya = max(y0, 0)
+            yb = min(y0 + kh, h)
+            if is_max:
+                acc[:] = -np.inf
+                for iy in range(ya, yb):
+                    xr = x[c, n, iy]
+                    for j in range(kw):
+                        off = j - pl
+                        if sw == 1:
+                            for ox in range(xa[j], xb[j]):
+                                acc[ox] = max(acc[ox], xr[ox + off])
+                        else:
+                            for ox in range(xa[j], xb[j]):
+                                acc[ox] = max(acc[ox], xr[ox * sw + off])
+                orow = out[c, n, oy]
+                for ox in range(wo):
+                    orow[ox] = acc[ox]
+            else:
+                acc[:] = 0.0
+                for iy in range(ya, yb):
+                    xr = x[c, n, iy]
+                    for j in range(kw):
+                        off = j - pl
+                        for ox in range(xa[j], xb[j]):
+                            acc[ox] += xr[ox * sw + off]
+                if include_pad:
+                    cy = np.float32(min(y0 + kh, h + pb) - max(y0, -pt))
+                else:
+                    cy = np.float32(yb - ya)
+                orow = out[c, n, oy]
+                for ox in range(wo):
+                    orow[ox] = acc[ox] / (cy * cx[ox])
+
+
+# -- pointwise (flat ranges, called per thread) ------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def act_range_cpu(x, out, code, a0, a1, lo, hi):
+    """out[lo:hi] = act(x[lo:hi]), both flat contiguous."""
+    _bias_act_row(out[lo:hi], x[lo:hi], np.float32(0.0), code, a0, a1)
+
+
+@njit(nogil=True, cache=True)
+def add_act_range_cpu(a, b, out, code, a0, a1, lo, hi):
+    """out = act(a + b) on [lo, hi) of flat contiguous arrays of equal size (residual add)."""
+    if code == 1:
+        for i in range(lo, hi):
+            v = a[i] + b[i]
+            out[i] = v if v > 0.0 else np.float32(0.0)
+    elif code == 0:
+        for i in range(lo, hi):
+            out[i] = a[i] + b[i]
+    else:
+        for i in range(lo, hi):
+            out[i] = _act(a[i] + b[i], code, a0, a1)
+
+
+@njit(nogil=True, cache=True)
+def affine_rows_cpu(x, scale, shift, out, lo, hi):
+    """Per-channel scale/shift of rows lo..hi-1 of a [C, M] view (M = N*H*W)."""
+    for c in range(lo, hi):
+        s = scale[c]
+        t = shift[c]
+        xr = x[c]
+        orow = out[c]
+        for q in range(x.shape[1]):
+            orow[q] = xr[q] * s + t
 
 
 @njit(parallel=True, cache=True)
@@ -92,69 +524,6 @@ def affine_cnhw_cpu(x, scale, shift, out):
         t = shift[c]
         for q in range(x.shape[1]):
             out[c, q] = x[c, q] * s + t
-
-
-@njit(parallel=True, cache=True)
-def depthwise_conv_cpu(x, w, b, sh, sw, dh, dw, pt, pl, code, a0, a1, out):
-    """Direct depthwise convolution (groups == C == O, multiplier 1) with fused epilogue."""
-    c_, n_, h, wd = x.shape
-    _, ho, wo = out.shape[1], out.shape[2], out.shape[3]
-    kh, kw = w.shape[2], w.shape[3]
-    for cn in prange(c_ * n_):
-        c = cn // n_
-        n = cn - c * n_
-        for oy in range(ho):
-            for ox in range(wo):
-                acc = np.float32(0.0)
-                for i in range(kh):
-                    iy = oy * sh + i * dh - pt
-                    if iy < 0 or iy >= h:
-                        continue
-                    for j in range(kw):
-                        ix = ox * sw + j * dw - pl
-                        if 0 <= ix < wd:
-                            acc += x[c, n, iy, ix] * w[c, 0, i, j]
-                out[c, n, oy, ox] = _act(acc + b[c], code, a0, a1)
-
-
-@njit(parallel=True, cache=True)
-def pool_cnhw_cpu(x, kh, kw, sh, sw, pt, pl, pb, pr, is_max, include_pad, out):
-    """Max / average pooling over each [H, W] plane of x[C, N, H, W].
-
-    Max: cells outside the input are -inf (never chosen). Average: divisor counts cells inside
-    the input, plus, with include_pad, cells inside the declared padding (never those beyond,
-    which only ceil mode reaches)."""
-    c_, n_, h, w = x.shape
-    ho, wo = out.shape[2], out.shape[3]
-    for cn in prange(c_ * n_):
-        c = cn // n_
-        n = cn - c * n_
-        for oy in range(ho):
-            y0 = oy * sh - pt
-            ya = max(y0, 0)
-            yb = min(y0 + kh, h)
-            for ox in range(wo):
-                x0 = ox * sw - pl
-                xa = max(x0, 0)
-                xb = min(x0 + kw, w)
-                if is_max:
-                    m = -np.inf
-                    for iy in range(ya, yb):
-                        for ix in range(xa, xb):
-                            v = x[c, n, iy, ix]
-                            if v > m:
-                                m = v
-                    out[c, n, oy, ox] = m
-                else:
-                    s = np.float32(0.0)
-                    for iy in range(ya, yb):
-                        for ix in range(xa, xb):
-                            s += x[c, n, iy, ix]
-                    if include_pad:
-                        cnt = (min(y0 + kh, h + pb) - max(y0, -pt)) * (min(x0 + kw, w + pr) - max(x0, -pl))
-                    else:
-                        cnt = (yb - ya) * (xb - xa)
-                    out[c, n, oy, ox] = s / np.float32(cnt)
 
 
 @njit(parallel=True, cache=True)
