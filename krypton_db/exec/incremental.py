@@ -2,11 +2,12 @@
 
 Given the materialized views (every step's output for the original image) and a batch of
 queries (patch positions), each step maintains, per query, either a *patch* (its location
-[B, 2] and values [C, B, h, w], same size for all queries) or the *full* tensor (after a
-global-context layer). Per step the delta plan's rule kind decides the physical operator:
+[B, 2] and values [C, h, w, B] in the CHWB layout of ``patch_cpu``, the same size for every
+query) or the *full* tensor (CNHW, after a global-context layer). Per step the delta plan's
+rule kind decides the physical operator:
 
 - window:    gather every query's read-in context (patch applied) in ONE kernel launch, run
-             the layer once on the whole batch with padding 0 (conv: one GEMM for all queries)
+             the layer once on the whole batch with padding 0 (conv: GEMMs over all queries)
 - pointwise: run on the patch values
 - merge:     per query the union box of the input patches; each input gathered over it
 - global:    stitch the patch into the materialized view and run the layer fully
@@ -24,18 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph import Op
-from . import kernels_ivm_cpu as KI
-from .cpu import CpuExecutor, _to_external, act_spec, conv_cnhw, pointwise_any
+from . import patch_cpu as P
+from .cpu import CpuExecutor, _to_external, act_spec
 
 
 @dataclass
 class Patch:
     loc: np.ndarray  # [B, 2] int64 top-left (y, x)
-    val: np.ndarray  # [C, B, h, w] float32
+    val: np.ndarray  # [C, h, w, B] float32
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.val.shape[2], self.val.shape[3]
+        return self.val.shape[1], self.val.shape[2]
 
 
 def _axis_loc(x_in, w_in, k, s, p, d, w_out, size_out):
@@ -45,6 +46,7 @@ def _axis_loc(x_in, w_in, k, s, p, d, w_out, size_out):
 
 
 def _window_out(node, pin: Patch, size_out):
+    """(output locations, read-in origins, read-in size) of a windowed step for a batch."""
     p = node.params
     kh, kw = p["kernel"]
     sh, sw = p["stride"]
@@ -69,6 +71,7 @@ class IncrementalExecutor:
         self.views: dict[str, np.ndarray] = {}
         self.step_secs: dict[str, float] = {}  # accumulated per step (EXPLAIN ANALYZE)
         self.profile = False
+        self._steps = {s.node.name: s for s in self.ex.plan.steps}
 
     def materialize(self, x_nchw: np.ndarray) -> np.ndarray:
         """Run the original image once and keep every step's output (internal layout)."""
@@ -80,15 +83,8 @@ class IncrementalExecutor:
         return outs[self.graph.output]
 
     def _full(self, name: str, st, b: int) -> np.ndarray:
-        view = self.views[name]
         if isinstance(st, Patch):
-            out = np.empty((view.shape[0], b) + view.shape[1:], np.float32)
-            KI.stitch_cpu(view, st.val, st.loc, out)
-            return out
-        if st is None:  # unchanged: the view broadcast over the batch
-            if view.ndim == 3:
-                return np.ascontiguousarray(np.broadcast_to(view[:, None], (view.shape[0], b) + view.shape[1:]))
-            return np.ascontiguousarray(np.broadcast_to(view, (b,) + view.shape[1:]))
+            return P.stitch(self.views[name], st.val, st.loc)
         return st
 
     def run_batch(self, positions: np.ndarray, patch_values: np.ndarray) -> np.ndarray:
@@ -96,59 +92,54 @@ class IncrementalExecutor:
         patch, model-input units). Returns the graph output [B, classes]."""
         b = positions.shape[0]
         g = self.graph
-        c0 = patch_values.shape[0]
-        val = np.ascontiguousarray(np.broadcast_to(patch_values[:, None], (c0, b) + patch_values.shape[1:]))
+        val = np.ascontiguousarray(np.broadcast_to(patch_values[..., None], patch_values.shape + (b,)),
+                                   np.float32)
         state: dict[str, object] = {g.input.name: Patch(positions.astype(np.int64), val)}
         for ds in self.plan.steps:
-            node = ds.node
-            ins = [state[i] for i in node.inputs]
+            ins = [state[i] for i in ds.node.inputs]
             t0 = time.perf_counter()
             state[ds.out_name] = self._step(ds, ins, b)
             if self.profile:
-                self.step_secs[node.name] = self.step_secs.get(node.name, 0.0) + time.perf_counter() - t0
-        out = state[g.output] if g.output in state else state[self.plan.steps[-1].out_name]
+                name = ds.node.name
+                self.step_secs[name] = self.step_secs.get(name, 0.0) + time.perf_counter() - t0
+        out = state[self.plan.steps[-1].out_name]
         return _to_external(out) if isinstance(out, np.ndarray) else out
 
     def _step(self, ds, ins, b):
         node = ds.node
         kind = ds.rule.kind
         patches = all(isinstance(s, Patch) for s in ins)
+        step = self._steps[node.name]
         if kind == "window" and patches:
-            pin = ins[0]
-            size, crop = self.plan.window_size(ds, pin.size)
-            if crop is not None:  # projective-field threshold: keep the centre of the patch
-                oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
-                pin = Patch(pin.loc + np.array([oy, ox]),
-                            np.ascontiguousarray(pin.val[:, :, oy : oy + crop[0], ox : ox + crop[1]]))
-            oloc, rloc, rsize = _window_out(node, pin, size)
-            view = self.views[node.inputs[0]]
-            fill = -np.inf if node.op is Op.MAXPOOL else 0.0
-            buf = np.empty((view.shape[0], b) + rsize, np.float32)
-            KI.gather_cpu(view, pin.val, pin.loc, rloc, np.float32(fill), buf)
-            if node.op is Op.CONV:
-                y = conv_cnhw(buf, node, self.ex_step(ds).prep, act_spec(ds.fused), pads=(0, 0, 0, 0))
-            elif node.op is Op.MAXPOOL:
-                from .cpu import pool_cnhw
-
-                y = pool_cnhw(buf, node, pads=(0, 0, 0, 0), out_hw=size)
-            else:
-                p = node.params
-                y = np.empty((buf.shape[0], b) + tuple(size), np.float32)
-                t, l, bo, r = p["pads"]
-                KI.avgpool_patch_cpu(buf, rloc, self.graph[node.inputs[0]].shape[1],
-                                     self.graph[node.inputs[0]].shape[2], *p["kernel"], *p["stride"],
-                                     t, l, bo, r, bool(p.get("count_include_pad", False)), y)
-            if ds.fused is not None and node.op is not Op.CONV:
-                y = pointwise_any(y, ds.fused)
-            return Patch(oloc, y)
+            return self._window(ds, step, ins[0])
         if kind == "pointwise" and patches:  # the same physical op, on the patch values only
-            return Patch(ins[0].loc, self.ex._exec(self.ex_step(ds), [ins[0].val]))
+            return Patch(ins[0].loc, self.ex._exec(step, [ins[0].val]))
         if kind == "merge" and patches and len(node.shape) == 3:
-            return self._merge(ds, ins, b)
+            return self._merge(ds, step, ins, b)
         full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
-        return self.ex._exec(self.ex_step(ds), full)
+        return self.ex._exec(step, full)
 
-    def _merge(self, ds, ins: list[Patch], b: int) -> Patch:
+    def _window(self, ds, step, pin: Patch) -> Patch:
+        node = ds.node
+        size, crop = self.plan.window_size(ds, pin.size)
+        if crop is not None:  # projective-field threshold: keep the centre of the patch
+            oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
+            pin = Patch(pin.loc + np.array([oy, ox]),
+                        np.ascontiguousarray(pin.val[:, oy : oy + crop[0], ox : ox + crop[1]]))
+        oloc, rloc, rsize = _window_out(node, pin, size)
+        src = node.inputs[0]
+        fill = -np.inf if node.op is Op.MAXPOOL else 0.0
+        buf = P.gather(self.views[src], pin.val, pin.loc, rloc, rsize, fill,
+                       P.window_tail(node, pin.loc.shape[0]))
+        if node.op is Op.CONV:
+            y = P.conv_chwb(buf, node, step.prep, act_spec(ds.fused), size)
+        elif node.op is Op.MAXPOOL:
+            y = P.maxpool_chwb(buf, node, size)
+        else:
+            y = P.avgpool_chwb(buf, node, rloc, self.graph[src].shape[1:], size)
+        return Patch(oloc, y)
+
+    def _merge(self, ds, step, ins: list[Patch], b: int) -> Patch:
         node = ds.node
         h, w = node.shape[1], node.shape[2]
         y0 = np.min([p.loc[:, 0] for p in ins], axis=0)
@@ -158,24 +149,9 @@ class IncrementalExecutor:
         bh = min(int((y1 - y0).max()), h)
         bw = min(int((x1 - x0).max()), w)
         loc = np.stack([np.minimum(y0, h - bh), np.minimum(x0, w - bw)], axis=1).astype(np.int64)
-        bufs = []
-        for name, p in zip(node.inputs, ins):
-            view = self.views[name]
-            buf = np.empty((view.shape[0], b, bh, bw), np.float32)
-            KI.gather_cpu(view, p.val, p.loc, loc, np.float32(0.0), buf)
-            bufs.append(buf)
-        step = self.ex_step(ds)
-        y = self.ex._exec(step, bufs)
-        return Patch(loc, y)
-
-    def ex_step(self, ds):
-        return self._steps[ds.node.name]
-
-    @property
-    def _steps(self):
-        if not hasattr(self, "_steps_cache"):
-            self._steps_cache = {s.node.name: s for s in self.ex.plan.steps}
-        return self._steps_cache
+        bufs = [P.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0)
+                for name, p in zip(node.inputs, ins)]
+        return Patch(loc, self.ex._exec(step, bufs))
 
     def bytes_per_query(self) -> int:
         """Upper bound of the buffers one query needs at its largest step (float32)."""
@@ -191,8 +167,5 @@ class IncrementalExecutor:
                 n_out = shp[0] * out[0] * out[1]
                 rin = ds.read_in or out
                 n_in = sum(g[i].shape[0] for i in ds.node.inputs) * rin[0] * rin[1]
-                if ds.node.op is Op.CONV:
-                    kh, kw = ds.node.params["kernel"]
-                    n_in += g[ds.node.inputs[0]].shape[0] // ds.node.params["groups"] * kh * kw * out[0] * out[1]
             worst = max(worst, 4 * (n_in + 2 * n_out))
         return worst

@@ -1,0 +1,288 @@
+"""Batched patch operators of the incremental executor, in the CHWB layout.
+
+Why a second layout: the incremental plan runs every layer on a batch of B *small* tensors
+(read-in contexts of a few cells per side). In CNHW every im2col copy would be a row of a few
+floats; in CHWB (``[C, h, w, B]``, queries innermost) every copy moves B contiguous floats and
+a stride-1 convolution needs no im2col at all: flattening each channel as (y, x, b), tap
+(i, j) of output column (oy, x, b) reads input column (oy, x, b) + (i*dh*wR + j*dw)*B, so the
+layer is kh*kw accumulated GEMMs ``W_tap[O, C] @ buf[C, off : off + ho*wR*B]`` over shifted
+windows of the gathered buffer. Columns with x >= wo are computed and dropped (waste wR / wo,
+e.g. 16/14 for VGG16's late layers); strided convolutions use an im2col of B-long copies.
+
+Kernels are serial ``nogil`` numba functions over a range, run on the CPU executor's thread
+pool with single-threaded BLAS (see ``kernels_cpu`` for why one pool).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ..graph import Node, Op
+from . import kernels_cpu as K
+from .cpu import ConvWeights, _scratch, parallel_chunks, parallel_ranges
+
+_NJ = dict(cache=True, nogil=True, fastmath=False)
+
+
+@njit(**_NJ)
+def gather_chwb_cpu(view, patch, ploc, rloc, fill, out, lo, hi):
+    """out[c, r, s, q] = cell (rloc[q] + (r, s)) of view[c] with query q's patch (patch[c, :, :,
+    q] at ploc[q]) applied; ``fill`` outside the tensor. Channels lo..hi."""
+    _, h, w = view.shape
+    hr, wr, nq = out.shape[1], out.shape[2], out.shape[3]
+    ph, pw = patch.shape[1], patch.shape[2]
+    for c in range(lo, hi):
+        for q in range(nq):
+            y0 = rloc[q, 0]
+            x0 = rloc[q, 1]
+            py = ploc[q, 0]
+            px = ploc[q, 1]
+            for r in range(hr):
+                y = y0 + r
+                for s in range(wr):
+                    x = x0 + s
+                    if y < 0 or y >= h or x < 0 or x >= w:
+                        out[c, r, s, q] = fill
+                    elif py <= y < py + ph and px <= x < px + pw:
+                        out[c, r, s, q] = patch[c, y - py, x - px, q]
+                    else:
+                        out[c, r, s, q] = view[c, y, x]
+
+
+@njit(**_NJ)
+def stitch_chwb_cpu(view, patch, ploc, out, lo, hi):
+    """out[c, q] (CNHW full tensor per query) = view[c] with patch[c, :, :, q] at ploc[q]."""
+    nq = out.shape[1]
+    ph, pw = patch.shape[1], patch.shape[2]
+    for c in range(lo, hi):
+        for q in range(nq):
+            out[c, q] = view[c]
+            py = ploc[q, 0]
+            px = ploc[q, 1]
+            for r in range(ph):
+                for s in range(pw):
+                    out[c, q, py + r, px + s] = patch[c, r, s, q]
+
+
+@njit(**_NJ)
+def shift_epilogue_chwb_cpu(acc, o0, q0, q1, wr, wo, nb, b, code, a0, a1, out):
+    """Write the valid columns (x < wo) of an accumulated block acc[O', q1-q0] (columns
+    (oy, x, b) over a wr-wide grid) with bias + activation into out[o0 + o, oy, x, b]."""
+    for o in range(acc.shape[0]):
+        bo = b[o0 + o]
+        for q in range(q0, q1):
+            t = q // nb
+            x = t % wr
+            if x < wo:
+                oy = t // wr
+                out[o0 + o, oy, x, q % nb] = K._act(acc[o, q - q0] + bo, code, a0, a1)
+
+
+@njit(**_NJ)
+def im2col_chwb_cpu(buf, c0, cg, kh, kw, sh, sw, dh, dw, ho, wo, p0, p1, cols):
+    """cols[(c,i,j), (p - p0) * B + b] = buf[c0 + c, oy*sh + i*dh, ox*sw + j*dw, b] for output
+    pixels p = oy * wo + ox in [p0, p1)."""
+    nb = buf.shape[3]
+    for c in range(cg):
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for p in range(p0, p1):
+                    oy = p // wo
+                    ox = p - oy * wo
+                    base = (p - p0) * nb
+                    src = buf[c0 + c, oy * sh + i * dh, ox * sw + j * dw]
+                    for q in range(nb):
+                        cols[row, base + q] = src[q]
+
+
+@njit(**_NJ)
+def bias_act_rows_cpu(y, b, code, a0, a1):
+    for o in range(y.shape[0]):
+        bo = b[o]
+        for q in range(y.shape[1]):
+            y[o, q] = K._act(y[o, q] + bo, code, a0, a1)
+
+
+@njit(**_NJ)
+def depthwise_chwb_cpu(buf, w, b, sh, sw, dh, dw, code, a0, a1, out, lo, hi):
+    ho, wo, nb = out.shape[1], out.shape[2], out.shape[3]
+    kh, kw = w.shape[2], w.shape[3]
+    acc = np.empty(nb, np.float32)
+    for c in range(lo, hi):
+        for oy in range(ho):
+            for ox in range(wo):
+                acc[:] = 0.0
+                for i in range(kh):
+                    for j in range(kw):
+                        wv = w[c, 0, i, j]
+                        src = buf[c, oy * sh + i * dh, ox * sw + j * dw]
+                        for q in range(nb):
+                            acc[q] += wv * src[q]
+                for q in range(nb):
+                    out[c, oy, ox, q] = K._act(acc[q] + b[c], code, a0, a1)
+
+
+@njit(**_NJ)
+def maxpool_chwb_cpu(buf, kh, kw, sh, sw, out, lo, hi):
+    ho, wo, nb = out.shape[1], out.shape[2], out.shape[3]
+    for c in range(lo, hi):
+        for oy in range(ho):
+            for ox in range(wo):
+                dst = out[c, oy, ox]
+                dst[:] = -np.inf
+                for i in range(kh):
+                    for j in range(kw):
+                        src = buf[c, oy * sh + i, ox * sw + j]
+                        for q in range(nb):
+                            if src[q] > dst[q]:
+                                dst[q] = src[q]
+
+
+@njit(**_NJ)
+def avgpool_chwb_cpu(buf, rloc, h, w, kh, kw, sh, sw, pt, pl, pb, pr, include_pad, out, lo, hi):
+    """Average pool over zero-filled read-in contexts; the divisor of each query's window uses
+    absolute coordinates (origin rloc[q]) exactly as the full kernel does."""
+    ho, wo, nb = out.shape[1], out.shape[2], out.shape[3]
+    for c in range(lo, hi):
+        for oy in range(ho):
+            for ox in range(wo):
+                dst = out[c, oy, ox]
+                dst[:] = 0.0
+                for i in range(kh):
+                    for j in range(kw):
+                        src = buf[c, oy * sh + i, ox * sw + j]
+                        for q in range(nb):
+                            dst[q] += src[q]
+                for q in range(nb):
+                    ys = rloc[q, 0] + oy * sh
+                    xs = rloc[q, 1] + ox * sw
+                    if include_pad:
+                        cnt = (min(ys + kh, h + pb) - max(ys, -pt)) * (min(xs + kw, w + pr) - max(xs, -pl))
+                    else:
+                        cnt = (min(ys + kh, h) - max(ys, 0)) * (min(xs + kw, w) - max(xs, 0))
+                    dst[q] = dst[q] / np.float32(cnt)
+
+
+# -- drivers -------------------------------------------------------------------------------------
+
+
+def gather(view, patch, ploc, rloc, size, fill, tail: int = 0) -> np.ndarray:
+    """Read-in contexts [C, hR, wR, B] (plus ``tail`` spare floats after the last channel, for
+    the shifted-window GEMM's overhang)."""
+    c = view.shape[0]
+    nb = ploc.shape[0]
+    n = c * size[0] * size[1] * nb
+    flat = np.empty(n + tail, np.float32)
+    out = flat[:n].reshape(c, size[0], size[1], nb)
+    parallel_ranges(c, lambda lo, hi: gather_chwb_cpu(view, patch, ploc, rloc, np.float32(fill), out, lo, hi))
+    return out
+
+
+def stitch(view, patch, ploc) -> np.ndarray:
+    c = view.shape[0]
+    out = np.empty((c, ploc.shape[0]) + view.shape[1:], np.float32)
+    parallel_ranges(c, lambda lo, hi: stitch_chwb_cpu(view, patch, ploc, out, lo, hi))
+    return out
+
+
+SHIFT_MAX_WASTE = 0.6
+
+
+def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size) -> np.ndarray:
+    """Convolution (padding 0) of gathered read-in contexts buf [C, hR, wR, B] -> [O, ho, wo, B]."""
+    p = node.params
+    c, hr, wr, nb = buf.shape
+    kh, kw = p["kernel"]
+    sh, sw = p["stride"]
+    dh, dw = p["dilation"]
+    ho, wo = size
+    g = p["groups"]
+    o = cw.w4.shape[0]
+    code, a0, a1 = act
+    out = np.empty((o, ho, wo, nb), np.float32)
+    if g == c == o and cw.w4.shape[1] == 1 and g > 1:
+        parallel_ranges(c, lambda lo, hi: depthwise_chwb_cpu(buf, cw.w4, cw.bias, sh, sw, dh, dw,
+                                                             code, a0, a1, out, lo, hi))
+        return out
+    cg, og = c // g, o // g
+    with K.single_threaded_blas():
+        if g == 1 and sh == sw == 1 and (kh * kw == 1 or wr <= (1 + SHIFT_MAX_WASTE) * wo):
+            _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out)
+            return out
+        rows = cg * kh * kw
+        npix = ho * wo
+        per = max(1, min(npix, (384 * 1024) // max(rows * nb, 1)))
+        nchunks = -(-npix // per)
+        out2 = out.reshape(o, npix * nb)
+
+        def one(ci):
+            p0 = ci * per
+            p1 = min(p0 + per, npix)
+            cols = _scratch("pcols", rows * per * nb).reshape(rows, per * nb)[:, : (p1 - p0) * nb]
+            for gi in range(g):
+                im2col_chwb_cpu(buf, gi * cg, cg, kh, kw, sh, sw, dh, dw, ho, wo, p0, p1, cols)
+                ys = out2[gi * og : (gi + 1) * og, p0 * nb : p1 * nb]
+                K.gemm(cw.mats[gi], cols, ys)
+                bias_act_rows_cpu(ys, cw.bias[gi * og : (gi + 1) * og], code, a0, a1)
+
+        parallel_chunks(nchunks, one)
+    return out
+
+
+def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
+    code, a0, a1 = act
+    c = buf.shape[0]
+    o = out.shape[0]
+    chan = hr * wr * nb
+    # the gathered buffer owns a tail of spare floats after its last channel (see gather), so
+    # the overhanging reads of dropped columns stay inside the allocation
+    tail = (kw - 1) * dw * nb
+    flat = buf.base
+    if flat is None or flat.size < c * chan + tail or not buf.flags.c_contiguous:
+        flat = np.zeros(c * chan + tail, np.float32)
+        flat[: c * chan] = buf.reshape(-1)
+    b2 = np.lib.stride_tricks.as_strided(flat, (c, chan + tail), (chan * 4, 4))
+    taps = cw.tap_mats()[0]
+    offs = [(i * dh * wr + j * dw) * nb for i in range(kh) for j in range(kw)]
+    ncols = ho * wr * nb
+    qc = max(nb, min(ncols, (512 * 1024) // max(c + o, 1)))
+    nchunks = -(-ncols // qc)
+
+    def one(ci):
+        q0 = ci * qc
+        q1 = min(q0 + qc, ncols)
+        acc = _scratch("pacc", o * qc).reshape(o, qc)[:, : q1 - q0]
+        for k, off in enumerate(offs):
+            K.gemm(taps[k], b2[:, q0 + off : q1 + off], acc, 0.0 if k == 0 else 1.0)
+        shift_epilogue_chwb_cpu(acc, 0, q0, q1, wr, wo, nb, cw.bias, code, a0, a1, out)
+
+    parallel_chunks(nchunks, one)
+
+
+def maxpool_chwb(buf, node: Node, size) -> np.ndarray:
+    kh, kw = node.params["kernel"]
+    sh, sw = node.params["stride"]
+    out = np.empty((buf.shape[0],) + tuple(size) + (buf.shape[3],), np.float32)
+    parallel_ranges(buf.shape[0], lambda lo, hi: maxpool_chwb_cpu(buf, kh, kw, sh, sw, out, lo, hi))
+    return out
+
+
+def avgpool_chwb(buf, node: Node, rloc, in_hw, size) -> np.ndarray:
+    p = node.params
+    t, l, b, r = p["pads"]
+    out = np.empty((buf.shape[0],) + tuple(size) + (buf.shape[3],), np.float32)
+    parallel_ranges(buf.shape[0], lambda lo, hi: avgpool_chwb_cpu(
+        buf, rloc, in_hw[0], in_hw[1], *p["kernel"], *p["stride"], t, l, b, r,
+        bool(p.get("count_include_pad", False)), out, lo, hi))
+    return out
+
+
+def window_tail(node: Node, nb: int) -> int:
+    """Spare floats the shifted-window conv may read past the last channel."""
+    if node.op is not Op.CONV:
+        return 0
+    kw = node.params["kernel"][1]
+    dw = node.params["dilation"][1]
+    return (kw - 1) * dw * nb
