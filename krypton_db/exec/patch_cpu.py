@@ -28,26 +28,28 @@ _NJ = dict(cache=True, nogil=True, fastmath=False)
 @njit(**_NJ)
 def gather_chwb_cpu(view, patch, ploc, rloc, fill, out, lo, hi):
     """out[c, r, s, q] = cell (rloc[q] + (r, s)) of view[c] with query q's patch (patch[c, :, :,
-    q] at ploc[q]) applied; ``fill`` outside the tensor. Channels lo..hi."""
+    q] at ploc[q]) applied; ``fill`` outside the tensor. Channels lo..hi. Queries are walked
+    in blocks of 16 so each (r, s) writes 64 contiguous bytes while reading 16 view rows."""
     _, h, w = view.shape
     hr, wr, nq = out.shape[1], out.shape[2], out.shape[3]
     ph, pw = patch.shape[1], patch.shape[2]
     for c in range(lo, hi):
-        for q in range(nq):
-            y0 = rloc[q, 0]
-            x0 = rloc[q, 1]
-            py = ploc[q, 0]
-            px = ploc[q, 1]
+        for q0 in range(0, nq, 16):
+            q1 = min(q0 + 16, nq)
             for r in range(hr):
-                y = y0 + r
                 for s in range(wr):
-                    x = x0 + s
-                    if y < 0 or y >= h or x < 0 or x >= w:
-                        out[c, r, s, q] = fill
-                    elif py <= y < py + ph and px <= x < px + pw:
-                        out[c, r, s, q] = patch[c, y - py, x - px, q]
-                    else:
-                        out[c, r, s, q] = view[c, y, x]
+                    for q in range(q0, q1):
+                        y = rloc[q, 0] + r
+                        x = rloc[q, 1] + s
+                        if y < 0 or y >= h or x < 0 or x >= w:
+                            out[c, r, s, q] = fill
+                        else:
+                            dy = y - ploc[q, 0]
+                            dx = x - ploc[q, 1]
+                            if 0 <= dy < ph and 0 <= dx < pw:
+                                out[c, r, s, q] = patch[c, dy, dx, q]
+                            else:
+                                out[c, r, s, q] = view[c, y, x]
 
 
 @njit(**_NJ)
@@ -208,7 +210,8 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size) -> np.nda
         return out
     cg, og = c // g, o // g
     with K.single_threaded_blas():
-        if g == 1 and sh == sw == 1 and (kh * kw == 1 or wr <= (1 + SHIFT_MAX_WASTE) * wo):
+        # shifted-window GEMMs need K = C large enough for BLAS to be efficient
+        if g == 1 and sh == sw == 1 and c >= 16 and (kh * kw == 1 or wr <= (1 + SHIFT_MAX_WASTE) * wo):
             _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out)
             return out
         rows = cg * kh * kw
