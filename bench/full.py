@@ -34,10 +34,19 @@ def bench_model(src: str, batch_n: int, repeat: int, layers: bool) -> dict:
     t_ours = median_time(lambda: m.predict(x), repeat)
     want = sess.run(None, {iname: x})[0]
     err = float(np.abs(m.predict(x) - want).max())
+    try:
+        from torch_eager import torch_forward
+
+        xn = m.to_nchw(x)
+        torch_forward(m.graph, xn)
+        t_torch = median_time(lambda: torch_forward(m.graph, xn), repeat)
+        torch_err = float(np.abs(torch_forward(m.graph, xn) - want).max())
+    except ImportError:
+        t_torch, torch_err = None, None
     flops = 2.0 * m.graph.macs * batch_n
     row = dict(model=src, batch=batch_n, ours_s=t_ours, ort_s=t_ort, ratio=t_ort / t_ours,
                ours_gflops=flops / t_ours / 1e9, ort_gflops=flops / t_ort / 1e9, jit_s=jit,
-               max_abs_err=err)
+               max_abs_err=err, torch_s=t_torch, torch_err=torch_err)
     if layers:
         ex = m.executor
         for s in ex.plan.steps:
@@ -65,11 +74,13 @@ def main() -> None:
         t = time.perf_counter()
         rows.append(bench_model(src, args.batch, args.repeat, args.layers))
         print(f"# {src} done in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-    print(f"\n| model | batch | ours (s) | ORT (s) | ours/ORT throughput | ours GFLOP/s | ORT GFLOP/s | JIT warm-up (s) | max abs err |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | batch | ours (s) | ORT (s) | ours/ORT throughput | ours GFLOP/s | ORT GFLOP/s |"
+          " PyTorch eager (s) | ours/PyTorch | JIT warm-up (s) | max abs err vs ORT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        tt = f"{r['torch_s']:.3f} | {r['torch_s'] / r['ours_s']:.2f}x" if r["torch_s"] else "- | -"
         print(f"| {r['model']} | {r['batch']} | {r['ours_s']:.3f} | {r['ort_s']:.3f} | "
-              f"{r['ratio']:.2f}x | {r['ours_gflops']:.0f} | {r['ort_gflops']:.0f} | {r['jit_s']:.2f} | "
+              f"{r['ratio']:.2f}x | {r['ours_gflops']:.0f} | {r['ort_gflops']:.0f} | {tt} | {r['jit_s']:.2f} | "
               f"{r['max_abs_err']:.1e} |")
     if args.layers:
         for r in rows:

