@@ -18,6 +18,7 @@ give the same probabilities (<= 1e-5).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ import numpy as np
 from .errors import InputError
 from .images import color_to_input
 from .model import Model, softmax
+from .planner.batching import choose_batch
 
 
 def _pair(v, what: str) -> tuple[int, int]:
@@ -109,7 +111,7 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
 
 def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
-            memory_budget: int = 1 << 30, score: str = "prob", tau: float = 1.0) -> HeatMap:
+            memory_budget: int = 512 << 20, score: str = "prob", tau: float = 1.0) -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
     ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
@@ -158,14 +160,14 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
         inc = IncrementalExecutor(plan, model.executor)
         base = _probs(model, inc.materialize(xn))[0]
         per_q = inc.bytes_per_query()
-        bs = batch_size or int(max(1, min(flat.shape[0], memory_budget // max(per_q, 1), 256)))
+        bs = batch_size or choose_batch(per_q, flat.shape[0], memory_budget)
         stats.update(theoretical_speedup=plan.theoretical_speedup, macs_full=plan.macs_full,
                      macs_incremental=plan.macs_inc)
         run = lambda pos: _probs(model, inc.run_batch(pos, patch_vals))  # noqa: E731
     else:
         base = _probs(model, model.executor.predict(xn[None]))[0]
-        per_q = 4 * c * h * w * 4
-        bs = batch_size or int(max(1, min(flat.shape[0], memory_budget // (16 * c * h * w * 4), 16)))
+        per_q = 4 * max(math.prod(n.shape) for n in model.graph.nodes)  # largest activation
+        bs = batch_size or choose_batch(3 * per_q, flat.shape[0], memory_budget, max_batch=16)
 
         def run(pos):
             batch = np.repeat(xn[None], pos.shape[0], axis=0)
