@@ -70,15 +70,19 @@ def stitch_chwb_cpu(view, patch, ploc, out, lo, hi):
 @njit(**_NJ)
 def shift_epilogue_chwb_cpu(acc, o0, q0, q1, wr, wo, nb, b, code, a0, a1, out):
     """Write the valid columns (x < wo) of an accumulated block acc[O', q1-q0] (columns
-    (oy, x, b) over a wr-wide grid) with bias + activation into out[o0 + o, oy, x, b]."""
+    (oy, x, b) over a wr-wide grid; q0, q1 multiples of nb) with bias + activation into
+    out[o0 + o, oy, x, :]."""
+    t0 = q0 // nb
+    t1 = q1 // nb
     for o in range(acc.shape[0]):
         bo = b[o0 + o]
-        for q in range(q0, q1):
-            t = q // nb
+        for t in range(t0, t1):
             x = t % wr
             if x < wo:
                 oy = t // wr
-                out[o0 + o, oy, x, q % nb] = K._act(acc[o, q - q0] + bo, code, a0, a1)
+                base = (t - t0) * nb
+                for q in range(nb):
+                    out[o0 + o, oy, x, q] = K._act(acc[o, base + q] + bo, code, a0, a1)
 
 
 @njit(**_NJ)
@@ -111,19 +115,21 @@ def bias_act_rows_cpu(y, b, code, a0, a1):
 def depthwise_chwb_cpu(buf, w, b, sh, sw, dh, dw, code, a0, a1, out, lo, hi):
     ho, wo, nb = out.shape[1], out.shape[2], out.shape[3]
     kh, kw = w.shape[2], w.shape[3]
-    acc = np.empty(nb, np.float32)
     for c in range(lo, hi):
+        bc = b[c]
         for oy in range(ho):
             for ox in range(wo):
-                acc[:] = 0.0
+                for q in range(nb):
+                    out[c, oy, ox, q] = 0.0
                 for i in range(kh):
+                    y = oy * sh + i * dh
                     for j in range(kw):
                         wv = w[c, 0, i, j]
-                        src = buf[c, oy * sh + i * dh, ox * sw + j * dw]
+                        x = ox * sw + j * dw
                         for q in range(nb):
-                            acc[q] += wv * src[q]
+                            out[c, oy, ox, q] += wv * buf[c, y, x, q]
                 for q in range(nb):
-                    out[c, oy, ox, q] = K._act(acc[q] + b[c], code, a0, a1)
+                    out[c, oy, ox, q] = K._act(out[c, oy, ox, q] + bc, code, a0, a1)
 
 
 @njit(**_NJ)
@@ -132,14 +138,14 @@ def maxpool_chwb_cpu(buf, kh, kw, sh, sw, out, lo, hi):
     for c in range(lo, hi):
         for oy in range(ho):
             for ox in range(wo):
-                dst = out[c, oy, ox]
-                dst[:] = -np.inf
+                for q in range(nb):
+                    out[c, oy, ox, q] = -np.inf
                 for i in range(kh):
                     for j in range(kw):
-                        src = buf[c, oy * sh + i, ox * sw + j]
                         for q in range(nb):
-                            if src[q] > dst[q]:
-                                dst[q] = src[q]
+                            v = buf[c, oy * sh + i, ox * sw + j, q]
+                            if v > out[c, oy, ox, q]:
+                                out[c, oy, ox, q] = v
 
 
 @njit(**_NJ)
@@ -150,13 +156,12 @@ def avgpool_chwb_cpu(buf, rloc, h, w, kh, kw, sh, sw, pt, pl, pb, pr, include_pa
     for c in range(lo, hi):
         for oy in range(ho):
             for ox in range(wo):
-                dst = out[c, oy, ox]
-                dst[:] = 0.0
+                for q in range(nb):
+                    out[c, oy, ox, q] = 0.0
                 for i in range(kh):
                     for j in range(kw):
-                        src = buf[c, oy * sh + i, ox * sw + j]
                         for q in range(nb):
-                            dst[q] += src[q]
+                            out[c, oy, ox, q] += buf[c, oy * sh + i, ox * sw + j, q]
                 for q in range(nb):
                     ys = rloc[q, 0] + oy * sh
                     xs = rloc[q, 1] + ox * sw
@@ -164,7 +169,7 @@ def avgpool_chwb_cpu(buf, rloc, h, w, kh, kw, sh, sw, pt, pl, pb, pr, include_pa
                         cnt = (min(ys + kh, h + pb) - max(ys, -pt)) * (min(xs + kw, w + pr) - max(xs, -pl))
                     else:
                         cnt = (min(ys + kh, h) - max(ys, 0)) * (min(xs + kw, w) - max(xs, 0))
-                    dst[q] = dst[q] / np.float32(cnt)
+                    out[c, oy, ox, q] = out[c, oy, ox, q] / np.float32(cnt)
 
 
 # -- drivers -------------------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     taps = cw.tap_mats()[0]
     offs = [(i * dh * wr + j * dw) * nb for i in range(kh) for j in range(kw)]
     ncols = ho * wr * nb
-    qc = max(nb, min(ncols, (512 * 1024) // max(c + o, 1)))
+    qc = max(nb, min(ncols, (512 * 1024) // max(c + o, 1))) // nb * nb  # whole (oy, x) columns
     nchunks = -(-ncols // qc)
 
     def one(ci):
