@@ -33,7 +33,24 @@ import pyarrow as pa
 
 from .errors import InputError, KryptonError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 added the ``tuned_tau`` table (additive): a version-1 file opened read-write is
+# migrated in place (table created, version bumped, one transaction); opened read-only it is
+# read as is and simply has no tuned tau values.
+MIGRATIONS = {
+    1: """
+CREATE TABLE IF NOT EXISTS tuned_tau (
+    model_name VARCHAR NOT NULL,
+    domain VARCHAR NOT NULL,
+    tau FLOAT NOT NULL,
+    target_ssim FLOAT NOT NULL,
+    coeffs VARCHAR NOT NULL,
+    details VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    UNIQUE (model_name, domain)
+);
+""",
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -94,9 +111,10 @@ CREATE TABLE IF NOT EXISTS heatmap_probs (
     run_id BIGINT NOT NULL, y INTEGER NOT NULL, x INTEGER NOT NULL, class INTEGER NOT NULL,
     prob FLOAT NOT NULL
 );
-"""
+""" + MIGRATIONS[1]
 
-TABLES = ("meta", "models", "model_layers", "images", "runs", "heatmaps", "heatmap_probs")
+TABLES = ("meta", "models", "model_layers", "images", "runs", "heatmaps", "heatmap_probs",
+          "tuned_tau")
 
 
 class CatalogError(KryptonError, ValueError):
@@ -178,6 +196,17 @@ class Catalog:
             return
         row = self.con.sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
         version = int(row[0][0]) if row else None
+        if version in MIGRATIONS and not self.read_only:
+            with self._transaction():
+                for v in range(version, SCHEMA_VERSION):
+                    for stmt in MIGRATIONS[v].split(";"):
+                        if stmt.strip():
+                            self.con.execute(stmt)
+                self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                                 [str(SCHEMA_VERSION)])
+            return
+        if version in MIGRATIONS and self.read_only:
+            return  # an older, compatible layout: readable as is
         if version != SCHEMA_VERSION:
             raise CatalogError(f"catalog {self.path!r} has schema version {version}; this "
                                f"krypton_db reads version {SCHEMA_VERSION}")
@@ -401,6 +430,50 @@ class Catalog:
         d = dict(zip(cols, row))
         d["settings"], d["timings"] = json.loads(d["settings"]), json.loads(d["timings"])
         return d
+
+    # -- tuned tau (approximate mode) -------------------------------------------------------
+    def save_tuned_tau(self, model_name: str, domain: str, tau: float, target_ssim: float,
+                       coeffs, details: dict | None = None) -> None:
+        """Store (insert or replace) the tuned tau of ``(model_name, domain)`` in one
+        transaction; ``coeffs`` are the SSIM(tau) polynomial coefficients (highest degree
+        first, as ``np.polyfit``), ``details`` any JSON-able tuning summary."""
+        for what, v in (("model_name", model_name), ("domain", domain)):
+            if not isinstance(v, str) or not v:
+                raise InputError(f"{what} must be a non-empty string, got {v!r}")
+        if not (0.0 < float(tau) <= 1.0):
+            raise InputError(f"tau must lie in (0, 1], got {tau!r}")
+        values = [float(tau), float(target_ssim), to_json([float(c) for c in coeffs]),
+                  to_json(details or {})]
+        with self._transaction():
+            self.con.execute(
+                "INSERT INTO tuned_tau (model_name, domain, tau, target_ssim, coeffs, details) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model_name, domain) DO UPDATE SET "
+                "tau = excluded.tau, target_ssim = excluded.target_ssim, "
+                "coeffs = excluded.coeffs, details = excluded.details, "
+                "created_at = now()", [model_name, domain] + values)
+
+    def tuned_tau(self, model_name: str, domain: str = "default") -> dict | None:
+        """``{tau, target_ssim, coeffs, details, created_at}`` stored for ``(model_name,
+        domain)``, or None. FLOAT columns are rounded back to 6 decimals (0.7 stays 0.7)."""
+        if not self._has_table("tuned_tau"):
+            return None
+        row = self._one("SELECT tau, target_ssim, coeffs, details, created_at FROM tuned_tau "
+                        "WHERE model_name = ? AND domain = ?", [model_name, domain])
+        if row is None:
+            return None
+        return dict(tau=round(float(row[0]), 6), target_ssim=round(float(row[1]), 6),
+                    coeffs=json.loads(row[2]), details=json.loads(row[3]), created_at=row[4])
+
+    def tuned_taus(self) -> list[tuple[str, str, float]]:
+        """All stored ``(model_name, domain, tau)``, sorted."""
+        if not self._has_table("tuned_tau"):
+            return []
+        return [(m, d, round(float(t), 6)) for m, d, t in self.con.sql(
+            "SELECT model_name, domain, tau FROM tuned_tau ORDER BY model_name, domain").fetchall()]
+
+    def _has_table(self, name: str) -> bool:
+        return bool(self._one("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' "
+                              "AND table_name = ?", [name])[0])
 
 
 def _class_index(target, labels: list[str]) -> int | None:

@@ -28,28 +28,50 @@ _NJ = dict(cache=True, nogil=True, fastmath=False)
 @njit(**_NJ)
 def gather_chwb_cpu(view, patch, ploc, rloc, fill, out, lo, hi):
     """out[c, r, s, q] = cell (rloc[q] + (r, s)) of view[c] with query q's patch (patch[c, :, :,
-    q] at ploc[q]) applied; ``fill`` outside the tensor. Channels lo..hi. Queries are walked
-    in blocks of 16 so each (r, s) writes 64 contiguous bytes while reading 16 view rows."""
+    q] at ploc[q]) applied; ``fill`` outside the tensor. Channels lo..hi.
+
+    Two phases per channel, both at memory speed: (1) per query, row segments of the view are
+    copied into an L2-resident [B, hR*wR] block (contiguous copies) and the patch is written
+    over them; (2) the block is transposed into out[c] ([hR*wR, B]) in 16 x 16 tiles."""
     _, h, w = view.shape
     hr, wr, nq = out.shape[1], out.shape[2], out.shape[3]
     ph, pw = patch.shape[1], patch.shape[2]
+    npix = hr * wr
+    tmp = np.empty((nq, npix), np.float32)
     for c in range(lo, hi):
-        for q0 in range(0, nq, 16):
-            q1 = min(q0 + 16, nq)
+        for q in range(nq):
+            y0 = rloc[q, 0]
+            x0 = rloc[q, 1]
+            xa = min(max(-x0, 0), wr)
+            xb = max(min(w - x0, wr), xa)
             for r in range(hr):
-                for s in range(wr):
+                y = y0 + r
+                base = r * wr
+                if y < 0 or y >= h:
+                    for s in range(wr):
+                        tmp[q, base + s] = fill
+                    continue
+                for s in range(xa):
+                    tmp[q, base + s] = fill
+                for s in range(xa, xb):
+                    tmp[q, base + s] = view[c, y, x0 + s]
+                for s in range(xb, wr):
+                    tmp[q, base + s] = fill
+            # the query's patch over its read-in context
+            py = ploc[q, 0] - y0
+            px = ploc[q, 1] - x0
+            for i in range(max(py, 0), min(py + ph, hr)):
+                for j in range(max(px, 0), min(px + pw, wr)):
+                    tmp[q, i * wr + j] = patch[c, i - py, j - px, q]
+        for p0 in range(0, npix, 16):
+            p1 = min(p0 + 16, npix)
+            for q0 in range(0, nq, 16):
+                q1 = min(q0 + 16, nq)
+                for p in range(p0, p1):
+                    r = p // wr
+                    s = p - r * wr
                     for q in range(q0, q1):
-                        y = rloc[q, 0] + r
-                        x = rloc[q, 1] + s
-                        if y < 0 or y >= h or x < 0 or x >= w:
-                            out[c, r, s, q] = fill
-                        else:
-                            dy = y - ploc[q, 0]
-                            dx = x - ploc[q, 1]
-                            if 0 <= dy < ph and 0 <= dx < pw:
-                                out[c, r, s, q] = patch[c, dy, dx, q]
-                            else:
-                                out[c, r, s, q] = view[c, y, x]
+                        out[c, r, s, q] = tmp[q, p]
 
 
 @njit(**_NJ)
@@ -149,7 +171,7 @@ def maxpool_chwb_cpu(buf, kh, kw, sh, sw, out, lo, hi):
 
 
 @njit(**_NJ)
-def avgpool_chwb_cpu(buf, rloc, h, w, kh, kw, sh, sw, pt, pl, pb, pr, include_pad, out, lo, hi):
+def avgpool_chwb_cpu(buf, inv_y, inv_x, kh, kw, sh, sw, out, lo, hi):
     """Average pool over zero-filled read-in contexts; the divisor of each query's window uses
     absolute coordinates (origin rloc[q]) exactly as the full kernel does."""
     ho, wo, nb = out.shape[1], out.shape[2], out.shape[3]
@@ -163,13 +185,23 @@ def avgpool_chwb_cpu(buf, rloc, h, w, kh, kw, sh, sw, pt, pl, pb, pr, include_pa
                         for q in range(nb):
                             out[c, oy, ox, q] += buf[c, oy * sh + i, ox * sw + j, q]
                 for q in range(nb):
-                    ys = rloc[q, 0] + oy * sh
-                    xs = rloc[q, 1] + ox * sw
-                    if include_pad:
-                        cnt = (min(ys + kh, h + pb) - max(ys, -pt)) * (min(xs + kw, w + pr) - max(xs, -pl))
-                    else:
-                        cnt = (min(ys + kh, h) - max(ys, 0)) * (min(xs + kw, w) - max(xs, 0))
-                    out[c, oy, ox, q] = out[c, oy, ox, q] / np.float32(cnt)
+                    out[c, oy, ox, q] = out[c, oy, ox, q] * inv_y[oy, q] * inv_x[ox, q]
+
+
+@njit(**_NJ)
+def avg_divisors_cpu(rloc, axis, n_out, stride, k, size, p0, p1, include_pad):
+    """1 / (cells counted along one axis) per (output index, query): the avg-pool divisor is
+    separable into a row part and a column part."""
+    inv = np.empty((n_out, rloc.shape[0]), np.float32)
+    for o in range(n_out):
+        for q in range(rloc.shape[0]):
+            st = rloc[q, axis] + o * stride
+            if include_pad:
+                cnt = min(st + k, size + p1) - max(st, -p0)
+            else:
+                cnt = min(st + k, size) - max(st, 0)
+            inv[o, q] = np.float32(1.0) / np.float32(cnt)
+    return inv
 
 
 # -- drivers -------------------------------------------------------------------------------------
@@ -281,9 +313,12 @@ def avgpool_chwb(buf, node: Node, rloc, in_hw, size) -> np.ndarray:
     p = node.params
     t, l, b, r = p["pads"]
     out = np.empty((buf.shape[0],) + tuple(size) + (buf.shape[3],), np.float32)
+    (kh, kw), (sh, sw) = p["kernel"], p["stride"]
+    inc = bool(p.get("count_include_pad", False))
+    inv_y = avg_divisors_cpu(rloc, 0, size[0], sh, kh, in_hw[0], t, b, inc)
+    inv_x = avg_divisors_cpu(rloc, 1, size[1], sw, kw, in_hw[1], l, r, inc)
     parallel_ranges(buf.shape[0], lambda lo, hi: avgpool_chwb_cpu(
-        buf, rloc, in_hw[0], in_hw[1], *p["kernel"], *p["stride"], t, l, b, r,
-        bool(p.get("count_include_pad", False)), out, lo, hi))
+        buf, inv_y, inv_x, kh, kw, sh, sw, out, lo, hi))
     return out
 
 

