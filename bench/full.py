@@ -21,6 +21,25 @@ from common import machine_line, median_time, ort_session  # noqa: E402
 import krypton_db as kdb  # noqa: E402
 
 
+def gemm_ceiling(node, batch_n: int) -> float:
+    """GFLOP/s of numpy's BLAS (2 threads) on the bare GEMM of this layer: W[O, C*k*k] @
+    X[C*k*k, N*Ho*Wo] (no im2col, no epilogue) -- the ceiling of any im2col/shifted-GEMM
+    lowering on this BLAS."""
+    w = node.weights["W"]
+    if node.op.name == "GEMM":
+        m, k, n = w.shape[0], w.shape[1], batch_n
+    else:
+        g = node.params["groups"]
+        m, k, n = w.shape[0] // g, w.shape[1] * w.shape[2] * w.shape[3], batch_n * node.shape[1] * node.shape[2]
+        if g > 1:
+            return float("nan")
+    a = np.random.rand(m, k).astype(np.float32)
+    b = np.random.rand(k, n).astype(np.float32)
+    a @ b
+    t = median_time(lambda: a @ b, 3)
+    return 2.0 * m * k * n / t / 1e9
+
+
 def bench_model(src: str, batch_n: int, repeat: int, layers: bool) -> dict:
     m = kdb.load_model(src)
     rng = np.random.default_rng(0)
@@ -54,7 +73,8 @@ def bench_model(src: str, batch_n: int, repeat: int, layers: bool) -> dict:
         ex.run(m.to_nchw(x), profile=True)
         row["layers"] = [
             dict(node=s.node.name, op=s.node.op.name, secs=s.secs,
-                 gflops=2.0 * s.node.macs * batch_n / max(s.secs, 1e-12) / 1e9)
+                 gflops=2.0 * s.node.macs * batch_n / max(s.secs, 1e-12) / 1e9,
+                 gemm_ceiling=gemm_ceiling(s.node, batch_n) if s.node.macs else None)
             for s in ex.plan.steps
         ]
     return row
@@ -85,10 +105,11 @@ def main() -> None:
     if args.layers:
         for r in rows:
             print(f"\n{r['model']} per layer (batch {r['batch']}):\n")
-            print("| node | op | ms | GFLOP/s |\n|---|---|---|---|")
+            print("| node | op | ms | GFLOP/s | bare-GEMM ceiling GFLOP/s |\n|---|---|---|---|---|")
             for lr in r["layers"]:
                 if lr["secs"] >= 0.002:
-                    print(f"| {lr['node']} | {lr['op']} | {lr['secs'] * 1e3:.1f} | {lr['gflops']:.0f} |")
+                    ceil = f"{lr['gemm_ceiling']:.0f}" if lr["gemm_ceiling"] else "-"
+                    print(f"| {lr['node']} | {lr['op']} | {lr['secs'] * 1e3:.1f} | {lr['gflops']:.0f} | {ceil} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
