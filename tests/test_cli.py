@@ -1,0 +1,114 @@
+"""The ``krypton`` command: ``sql -c``, ``sql FILE``, errors with carets and exit codes, and
+``krypton shell`` driven through a real pseudo-terminal (pexpect): a multi-line statement,
+its result, ``.help``, ``.tables``, ``.quit``, history written to $KRYPTON_HISTORY."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from test_dsl import small_net
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    onnx.save(small_net(), d / "small.onnx")
+    Image.fromarray((np.random.default_rng(1).random((20, 24, 3)) * 255).astype(np.uint8)).save(
+        d / "scan_01.png")
+    e = dict(os.environ, KRYPTON_HISTORY=str(d / "history"), KRYPTON_DB=str(d / "default.duckdb"),
+             KRYPTON_COST_MODEL=str(d / "cost.json"))
+    return d, e
+
+
+def krypton(args, env, stdin=None):
+    return subprocess.run([sys.executable, "-m", "krypton_db", *args], capture_output=True,
+                          text=True, env=env, input=stdin, timeout=120)
+
+
+def test_sql_command_file_and_stdin(env):
+    d, e = env
+    cat = str(d / "cat.duckdb")
+    r = krypton(["sql", "--catalog", cat, "-c",
+                 f"CREATE MODEL tiny FROM '{d / 'small.onnx'}'; "
+                 f"CREATE IMAGE scan_01 FROM '{d / 'scan_01.png'}'"], e)
+    assert r.returncode == 0, r.stderr
+    assert "tiny" in r.stdout and "scan_01" in r.stdout
+    script = d / "q.sql"
+    script.write_text("-- a script\nSET patch = 10;\nSET stride = 10;\n"
+                      "SELECT y, x, round(prob, 4) AS p FROM occlusion('tiny', 'scan_01')\n"
+                      "ORDER BY y, x;\n")
+    r = krypton(["sql", "--catalog", cat, str(script)], e)
+    assert r.returncode == 0, r.stderr
+    assert "(4 rows)" in r.stdout and r.stdout.splitlines()[0].split() == ["y", "|", "x", "|", "p"]
+    r = krypton(["sql", "--catalog", cat], e, stdin="SELECT count(*) AS n FROM runs;")
+    assert r.returncode == 0 and "1" in r.stdout.splitlines()[2]
+    r = krypton(["sql", "--catalog", cat, "-c",
+                 "EXPLAIN occlusion('tiny', 'scan_01', patch => 4)"], e)
+    assert "== delta_plan ==" in r.stdout and "== physical_plan ==" in r.stdout
+
+
+def test_sql_errors_exit_nonzero_with_caret(env):
+    d, e = env
+    r = krypton(["sql", "--catalog", str(d / "err.duckdb"), "-c",
+                 "SELECT *\nFROM occlusion(model => 'm' image => 'i');"], e)
+    assert r.returncode == 1
+    assert "line 2, column 29" in r.stderr and r.stderr.rstrip().endswith("^")
+    r = krypton(["sql", "--catalog", str(d / "err.duckdb"), str(d / "missing.sql")], e)
+    assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_default_catalog_and_old_subcommands(env):
+    d, e = env
+    r = krypton(["sql", "-c", "SELECT count(*) FROM models"], e)
+    assert r.returncode == 0 and (d / "default.duckdb").is_file()
+    for sub in ("demo", "classify"):
+        r = krypton([sub, "--help"], e)
+        assert r.returncode == 0 and "usage: krypton " + sub in r.stdout
+
+
+def test_shell_in_a_terminal(env):
+    pexpect = pytest.importorskip("pexpect")
+    d, e = env
+    cat = str(d / "shell.duckdb")
+    child = pexpect.spawn(sys.executable, ["-m", "krypton_db", "shell", "--catalog", cat],
+                          env=e, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    try:
+        child.expect_exact("krypton> ")
+        child.sendline(f"CREATE MODEL tiny FROM '{d / 'small.onnx'}';")
+        child.expect_exact("(1 row)")
+        child.expect_exact("krypton> ")
+        child.sendline(f"CREATE IMAGE scan_01 FROM '{d / 'scan_01.png'}';")
+        child.expect_exact("krypton> ")
+        # a multi-line statement: continuation prompts until the ';'
+        child.sendline("SELECT y, x, prob")
+        child.expect_exact("...> ")
+        child.sendline("FROM occlusion(model => 'tiny', image => 'scan_01',")
+        child.expect_exact("...> ")
+        child.sendline("              patch => 10, stride => 10)")
+        child.expect_exact("...> ")
+        child.sendline("ORDER BY prob LIMIT 2;")
+        child.expect_exact("(2 rows)")
+        child.expect_exact("krypton> ")
+        child.sendline("SELECT * FROM occlusion('tiny', 'nope');")
+        child.expect_exact("unknown image 'nope'")
+        child.expect_exact("krypton> ")
+        child.sendline(".help")
+        child.expect_exact("Dot commands")
+        child.expect_exact("krypton> ")
+        child.sendline(".tables")
+        child.expect_exact("heatmaps")
+        child.expect_exact("krypton> ")
+        child.sendline(".quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    hist = (d / "history").read_text()
+    assert "ORDER BY prob LIMIT 2;" in hist and ".help" in hist
