@@ -111,12 +111,17 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
 
 def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
-            memory_budget: int = 512 << 20, score: str = "prob", tau: float = 1.0) -> HeatMap:
+            memory_budget: int = 512 << 20, score: str = "prob", tau: float = 1.0,
+            device: str = "cpu") -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
     ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
     ``batch_size`` defaults to the largest batch whose buffers fit ``memory_budget`` bytes.
+    ``device="gpu"`` runs the same plans with the numba.cuda executor (clear error without a
+    CUDA GPU / numba-cuda).
     """
+    if device not in ("cpu", "gpu"):
+        raise InputError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if mode not in ("exact", "naive", "approximate"):
         raise InputError(f"mode must be 'exact', 'naive' or 'approximate', got {mode!r}")
     if not isinstance(tau, (int, float)) or not (0.0 < tau <= 1.0):
@@ -150,14 +155,19 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
 
     stats: dict = {"positions": int(flat.shape[0]), "mode": mode, "tau": tau}
     t0 = time.perf_counter()
-    stats["jit_s"] = model.executor.warmup() if model.executor.jit_seconds is None else 0.0
+    ex = _executor(model, device)
+    stats["device"] = device
+    stats["jit_s"] = ex.warmup() if getattr(ex, "jit_seconds", None) is None else 0.0
     t1 = time.perf_counter()
     if mode in ("exact", "approximate"):
         from .planner.delta_plan import plan_occlusion
-        from .exec.incremental import IncrementalExecutor
+        if device == "gpu":
+            from .exec.gpu import GpuIncrementalExecutor as IncrementalExecutor
+        else:
+            from .exec.incremental import IncrementalExecutor
 
-        plan = plan_occlusion(model.graph, (ph, pw), model.executor.plan, tau=tau)
-        inc = IncrementalExecutor(plan, model.executor)
+        plan = plan_occlusion(model.graph, (ph, pw), ex.plan, tau=tau)
+        inc = IncrementalExecutor(plan, ex)
         base = _probs(model, inc.materialize(xn))[0]
         per_q = inc.bytes_per_query()
         bs = batch_size or choose_batch(per_q, flat.shape[0], memory_budget)
@@ -165,7 +175,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
                      macs_incremental=plan.macs_inc)
         run = lambda pos: _probs(model, inc.run_batch(pos, patch_vals))  # noqa: E731
     else:
-        base = _probs(model, model.executor.predict(xn[None]))[0]
+        base = _probs(model, ex.predict(xn[None]))[0]
         per_q = 4 * max(math.prod(n.shape) for n in model.graph.nodes)  # largest activation
         bs = batch_size or choose_batch(3 * per_q, flat.shape[0], memory_budget, max_batch=16)
 
@@ -173,7 +183,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             batch = np.repeat(xn[None], pos.shape[0], axis=0)
             for i, (yy, xx) in enumerate(pos):
                 batch[i, :, yy : yy + ph, xx : xx + pw] = patch_vals
-            return _probs(model, model.executor.predict(batch))
+            return _probs(model, ex.predict(batch))
 
     tgt = int(np.argmax(base)) if target is None else model.class_index(target)
     t2 = time.perf_counter()
@@ -191,6 +201,19 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     )
     hm._ctx = (model, image, color)
     return hm
+
+
+def _executor(model: Model, device: str):
+    """The model's full-inference executor on ``device`` (built once per model)."""
+    if device == "cpu":
+        return model.executor
+    from .exec.gpu import GpuExecutor, require_gpu
+
+    require_gpu()
+    gex = getattr(model, "_gpu_executor", None)
+    if gex is None:
+        gex = model._gpu_executor = GpuExecutor(model.graph)
+    return gex
 
 
 def _probs(model: Model, y: np.ndarray) -> np.ndarray:

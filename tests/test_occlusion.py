@@ -193,3 +193,18 @@ def test_bad_tau(small, tau):
     m, img = small
     with pytest.raises(InputError, match=r"tau must lie in \(0, 1\]"):
         occlude(m, img, mode="approximate", tau=tau)
+
+
+def test_device_gpu_without_gpu_is_a_clear_error(small, monkeypatch):
+    """Without a CUDA GPU (and outside the simulator) device='gpu' names what is missing;
+    nothing else breaks (the CPU path still runs afterwards)."""
+    from krypton_db.exec import gpu
+
+    m, img = small
+    monkeypatch.setattr(gpu, "_K", None)
+    monkeypatch.setattr(gpu, "gpu_status", lambda: (False, "numba.cuda.is_available() is false"))
+    with pytest.raises(gpu.GpuUnavailableError, match="needs a CUDA GPU and the numba-cuda package"):
+        occlude(m, img, patch=4, stride=3, device="gpu")
+    with pytest.raises(InputError, match="device must be"):
+        occlude(m, img, device="tpu")
+    assert occlude(m, img, patch=4, stride=3).probs.size > 0

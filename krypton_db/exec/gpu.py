@@ -1,0 +1,704 @@
+"""GPU executors on numba.cuda: full batched inference and batched incremental (IVM) inference.
+
+Design
+------
+*One kernel launch per layer for the whole batch.* The GPU mirrors the CPU executors step by
+step (it lowers the graph with the same ``CpuPlan``: conv / add + activation fused, so a
+delta plan made for the CPU runs here unchanged). Each step is one launch (a few for merges
+with more than two inputs) over *all* queries of the batch: the read-in contexts of every
+query are gathered, with each query's patch applied, by ONE ``gather_patch_gpu`` launch, and
+the layer then runs once on the [C, B, h, w] batch of contexts. The published GPU
+prototype's bottleneck was a per-query copy loop issued from the host; here no per-query
+work is issued at all. Everything stays on the device between layers: the materialized
+views, the patch states, the weights; the host only computes the small [B, 2] patch
+locations (pure index math of the plan, done in one pass before the launches and uploaded
+as one array) and copies the final [B, classes] back.
+
+*Why CNHW.* Feature maps are ``[C, N, H, W]`` as on the CPU: a convolution over a batch is
+one GEMM ``W[O, C*kh*kw] @ cols[C*kh*kw, N*Ho*Wo]`` whose result is already the next layer's
+``[O, N, Ho, Wo]`` tensor (no transposes between layers; ``conv_gemm_gpu`` is this GEMM with
+the im2col tile computed in shared memory, ``matmul_tiled_gpu`` the plain GEMM of 1x1 convs
+and fully connected layers), concatenation along channels is a contiguous copy, and the
+per-(c, n) planes are contiguous for pooling. The same layout on both sides means the CPU and
+GPU executors share their plans and the tests compare them step for step.
+
+Dense products use cuBLAS through CuPy when CuPy is importable (``cupy_available()``), else
+the numba tiled kernel. Without a GPU, ``NUMBA_ENABLE_CUDASIM=1`` runs everything on the
+numba CUDA simulator (the CI tests do, on tiny shapes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import KryptonError
+from ..graph import Graph, Node, Op
+from .cpu import CpuPlan, Step, act_spec
+
+_ACTS = frozenset({Op.RELU, Op.CLIP, Op.LEAKY_RELU, Op.SIGMOID, Op.HARD_SIGMOID, Op.HARD_SWISH})
+
+
+class GpuUnavailableError(KryptonError):
+    """device='gpu' was asked for but there is no CUDA GPU (or no numba-cuda)."""
+
+
+_K = None  # kernels_gpu, imported on first use
+
+
+def gpu_status() -> tuple[bool, str]:
+    """(usable, reason): a CUDA GPU or the numba CUDA simulator is usable through numba-cuda."""
+    try:
+        from numba import cuda
+    except Exception as e:  # noqa: BLE001 - numba-cuda missing or broken
+        return False, f"numba.cuda cannot be imported ({type(e).__name__}: {e})"
+    try:
+        if cuda.is_available():
+            return True, "simulator" if "simulator" in cuda.to_device.__module__ else "gpu"
+    except Exception as e:  # noqa: BLE001
+        return False, f"numba.cuda.is_available() failed ({type(e).__name__}: {e})"
+    return False, "numba.cuda.is_available() is false (no CUDA driver or device)"
+
+
+def gpu_available() -> bool:
+    return gpu_status()[0]
+
+
+def require_gpu():
+    """The kernels module; raises GpuUnavailableError when neither a GPU nor the simulator is
+    present."""
+    global _K
+    if _K is None:
+        ok, why = gpu_status()
+        if not ok:
+            raise GpuUnavailableError(
+                f"device='gpu' needs a CUDA GPU and the numba-cuda package; none found: {why}")
+        from . import kernels_gpu
+
+        _K = kernels_gpu
+    return _K
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees a device (then dense products use cuBLAS)."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - not installed, no driver, ...
+        return False
+
+
+# -- device helpers ---------------------------------------------------------------------------------
+
+
+def _cuda():
+    from numba import cuda
+
+    return cuda
+
+
+def _empty(shape) -> object:
+    return _cuda().device_array(tuple(int(s) for s in shape), np.float32)
+
+
+def _contig(a):
+    """A C-contiguous device array with a's values (a itself when it already is one; strided
+    4-D views, e.g. centre-cropped patches, are copied by a kernel)."""
+    if a.is_c_contiguous():
+        return a
+    if a.ndim != 4:
+        raise NotImplementedError(f"strided {a.ndim}-D device arrays are not supported")
+    out = _empty(a.shape)
+    _launch(require_gpu().copy_offset4_gpu, a.size, a, out, 0, 0)
+    return out
+
+
+def _launch(kernel, n, *args):
+    K = require_gpu()
+    blocks, threads = K.launch1(n)
+    kernel[blocks, threads](*args)
+
+
+def _to4(a):
+    """4-D view of a contiguous device array: CNHW as is, [N, K] vectors as [1, N, 1, K]."""
+    if a.ndim == 4:
+        return a
+    if a.ndim == 2:
+        return a.reshape(1, a.shape[0], 1, a.shape[1])
+    return a.reshape(*((1,) * (4 - a.ndim) + tuple(a.shape)))
+
+
+def to_internal_host(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return np.ascontiguousarray(x.transpose(1, 0, 2, 3)) if x.ndim == 4 else np.ascontiguousarray(x)
+
+
+def to_external_host(x) -> np.ndarray:
+    """Batch-first host copy of an internal-layout device (or host) array."""
+    h = x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+    return np.ascontiguousarray(h.transpose(1, 0, 2, 3)) if h.ndim == 4 else h
+
+
+# -- full inference --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prep:
+    """Device-resident weights of one step."""
+
+    w4: object = None  # conv W [O, C/g, kh, kw]
+    w2: object = None  # conv W as [O, C/g*kh*kw] (GEMM A)
+    wt: object = None  # fully connected W.T [K_in, K_out]
+    b: object = None
+    scale: object = None
+    shift: object = None
+
+
+class GpuExecutor:
+    """Full batched inference on the GPU: device-resident weights and activations.
+
+    ``run(batch_nchw, outputs)`` returns host arrays like ``CpuExecutor.run``; ``run_device``
+    keeps the requested outputs on the device (internal layout); ``predict`` -> [N, classes].
+    """
+
+    def __init__(self, graph: Graph, fuse: bool = True, use_cupy: bool | None = None,
+                 conv_algo: str = "auto"):
+        self.K = require_gpu()
+        if conv_algo not in ("auto", "gemm", "direct"):
+            raise ValueError(f"conv_algo must be 'auto', 'gemm' or 'direct', got {conv_algo!r}")
+        # auto: the tiled (implicit) GEMM on a GPU; the direct kernel on the simulator, whose
+        # syncthreads costs ~1 ms of polling per barrier (both are tested against the oracle)
+        self.conv_algo = conv_algo if conv_algo != "auto" else ("direct" if self.K.SIM else "gemm")
+        self.graph = graph
+        self.plan = CpuPlan.lower(graph, fuse)
+        self.use_cupy = cupy_available() if use_cupy is None else bool(use_cupy)
+        self.jit_seconds: float | None = None
+        cuda = _cuda()
+        self.prep: dict[str, _Prep] = {}
+        for st in self.plan.steps:
+            n = st.node
+            p = _Prep()
+            if n.op is Op.CONV:
+                w = np.ascontiguousarray(n.weights["W"], np.float32)
+                p.w4 = cuda.to_device(w)
+                p.w2 = p.w4.reshape(w.shape[0], -1)
+                p.b = cuda.to_device(np.ascontiguousarray(n.weights["B"], np.float32))
+            elif n.op is Op.GEMM:
+                p.wt = cuda.to_device(np.ascontiguousarray(np.asarray(n.weights["W"], np.float32).T))
+                p.b = cuda.to_device(np.ascontiguousarray(n.weights["B"], np.float32))
+            elif n.op is Op.AFFINE:
+                p.scale = cuda.to_device(np.ascontiguousarray(n.weights["scale"], np.float32).reshape(-1))
+                p.shift = cuda.to_device(np.ascontiguousarray(n.weights["shift"], np.float32).reshape(-1))
+            self.prep[n.name] = p
+        self._last_use = {}
+        for idx, st in enumerate(self.plan.steps):
+            for i in st.node.inputs:
+                self._last_use[i] = idx
+        self._fused_acts = {}
+        for st in self.plan.steps:
+            if st.fused is not None:
+                self._fused_acts[st.fused.name] = _fused_prep(st.fused)
+
+    # -- public ------------------------------------------------------------------------------
+    def warmup(self) -> float:
+        """Compile every kernel this plan uses (one run on a zero sample); returns seconds."""
+        t = time.perf_counter()
+        self.predict(np.zeros((1,) + tuple(self.graph.input_shape), np.float32))
+        self.jit_seconds = time.perf_counter() - t
+        return self.jit_seconds
+
+    def run(self, batch: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run on an NCHW float32 host batch; returns {node name: batch-first host array}."""
+        outs = self.run_device(self.upload(batch), outputs)
+        return {k: to_external_host(v) for k, v in outs.items()}
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[self.graph.output]
+
+    def upload(self, batch: np.ndarray):
+        return _cuda().to_device(to_internal_host(batch))
+
+    def run_device(self, x, outputs: list[str] | None = None) -> dict:
+        """Run on an internal-layout device batch; returns {name: device array (internal)}."""
+        g = self.graph
+        want = set(outputs or [g.output])
+        vals = {g.input.name: x}
+        result = {g.input.name: x} if g.input.name in want else {}
+        for idx, st in enumerate(self.plan.steps):
+            if st.fused is not None and st.node.name in want:
+                raise ValueError(f"{st.node.name} is fused away; lower with fuse=False to read it")
+            y = self._exec(st, [vals[i] for i in st.node.inputs])
+            name = self.plan.out_name(st)
+            vals[name] = y
+            if name in want:
+                result[name] = y
+            for i in st.node.inputs:
+                if self._last_use.get(i) == idx and i not in want:
+                    vals.pop(i, None)
+        return result
+
+    # -- one step ------------------------------------------------------------------------------
+    def _exec(self, step: Step, ins: list, pads=None, out_hw=None):
+        """One step on internal-layout device inputs (pads / out_hw override a windowed
+        node's padding and output size: incremental plans run on read-in contexts)."""
+        K = self.K
+        node = step.node
+        op = node.op
+        x = ins[0] if ins else None
+        act = act_spec(step.fused)
+        if op is Op.CONV:
+            return self.conv(x, node, act, pads)
+        if op in (Op.MAXPOOL, Op.AVGPOOL):
+            y = self.pool(x, node, pads, out_hw)
+            return self.pointwise(y, step.fused) if step.fused is not None else y
+        if op is Op.GLOBAL_AVGPOOL:
+            x = _contig(x)
+            c, n = x.shape[0], x.shape[1]
+            keep = node.params.get("keepdims", True)
+            out = _empty((c, n) if keep else (n, c))
+            _launch(K.global_avgpool_gpu, c * n, x, out, not keep)
+            return out.reshape(c, n, 1, 1) if keep else out
+        if op in _ACTS or op is Op.AFFINE:
+            return self.pointwise(x, node)
+        if op in (Op.ADD, Op.MUL):
+            return self.binary(ins, op is Op.MUL, act)
+        if op is Op.CONCAT:
+            return self.concat(ins)
+        if op is Op.LRN:
+            p = node.params
+            x = _contig(x)
+            out = _empty(x.shape)
+            _launch(K.lrn_cnhw_gpu, x.size, x, int(p["size"]), np.float32(p["alpha"]),
+                    np.float32(p["beta"]), np.float32(p["bias"]), out)
+            return out
+        if op is Op.PAD:
+            t, l, b, r = node.params["pads"]
+            c, n, h, w = x.shape
+            out = _empty((c, n, h + t + b, w + l + r))
+            _launch(K.pad_cnhw_gpu, out.size, x, int(t), int(l), np.float32(node.params["value"]), out)
+            return out
+        if op is Op.RESHAPE:
+            ext = self._external(x)
+            return self._internal(ext.reshape(*((ext.shape[0],) + tuple(node.shape))))
+        if op is Op.TRANSPOSE:
+            ext = self._external(x)
+            perm = (0,) + tuple(a + 1 for a in node.params["perm"])
+            return self._internal(self._permute(ext, perm))
+        if op is Op.GEMM:
+            p = self.prep[node.name]
+            return self.dense(_contig(x), p.wt, p.b, False, act)
+        if op is Op.SOFTMAX:
+            x = _contig(x)
+            x2 = x.reshape(-1, x.shape[x.ndim - 1])
+            out = _empty(x2.shape)
+            _launch(K.softmax_rows_gpu, x2.shape[0], x2, out)
+            return out.reshape(*x.shape)
+        raise NotImplementedError(f"GPU executor has no lowering for {op}")
+
+    def conv(self, x, node: Node, act, pads=None):
+        """Convolution of a CNHW batch with fused bias + activation; ``pads`` overrides the
+        node's padding. Depthwise -> direct kernel; 1x1 stride 1 unpadded -> GEMM on the input
+        itself (cuBLAS or the tiled kernel); else implicit GEMM (``conv_gemm_gpu``)."""
+        K = self.K
+        p = node.params
+        pr = self.prep[node.name]
+        c, n, h, w = x.shape
+        kh, kw = p["kernel"]
+        sh, sw = p["stride"]
+        dh, dw = p["dilation"]
+        t, l, b, r = pads if pads is not None else p["pads"]
+        ho = (h + t + b - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + l + r - dw * (kw - 1) - 1) // sw + 1
+        o, cg = pr.w4.shape[0], pr.w4.shape[1]
+        g = int(p["groups"])
+        code, a0, a1 = act
+        direct = self.conv_algo == "direct"
+        if kh == kw == 1 and sh == sw == 1 and t == l == b == r == 0 and g == 1 and not direct:
+            x = _contig(x)
+            y = self.dense(pr.w2, x.reshape(c, n * h * w), pr.b, True, act)
+            return y.reshape(o, n, h, w)
+        out = _empty((o, n, ho, wo))
+        if direct or (cg == 1 and g > 1):
+            _launch(K.conv_direct_gpu, out.size, x, pr.w4, pr.b, sh, sw, dh, dw, t, l, g,
+                    code, a0, a1, out)
+            return out
+        tiles = g * (-(-(o // g) // K.TILE)) * (-(-(n * ho * wo) // K.TILE))
+        blocks, threads = K.launch_tiles(tiles)
+        K.conv_gemm_gpu[blocks, threads](x, pr.w2, pr.b, kh, kw, sh, sw, dh, dw, t, l, g,
+                                         code, a0, a1, out)
+        return out
+
+    def dense(self, a, b, bias, bias_rows: bool, act):
+        """act(a[M, K] @ b[K, N] + bias) (bias per row when ``bias_rows``, else per column):
+        cuBLAS via CuPy when available, else the shared-memory tiled kernel."""
+        K = self.K
+        code, a0, a1 = act
+        m, n = a.shape[0], b.shape[1]
+        out = _empty((m, n))
+        if self.use_cupy:
+            import cupy as cp
+
+            cp.matmul(cp.asarray(a), cp.asarray(b), out=cp.asarray(out))
+            _launch(K.bias_act_rows_gpu, m * n, out, bias, bias_rows, code, a0, a1)
+            return out
+        tiles = (-(-m // K.TILE)) * (-(-n // K.TILE))
+        blocks, threads = K.launch_tiles(tiles)
+        K.matmul_tiled_gpu[blocks, threads](a, b, out, bias, bias_rows, code, a0, a1)
+        return out
+
+    def pool(self, x, node: Node, pads=None, out_hw=None):
+        p = node.params
+        c, n = x.shape[0], x.shape[1]
+        ho, wo = out_hw if out_hw is not None else node.shape[1:]
+        t, l, b, r = pads if pads is not None else p["pads"]
+        kh, kw = p["kernel"]
+        sh, sw = p["stride"]
+        out = _empty((c, n, ho, wo))
+        _launch(self.K.pool_cnhw_gpu, out.size, x, kh, kw, sh, sw, t, l, b, r,
+                node.op is Op.MAXPOOL, bool(p.get("count_include_pad", False)), out)
+        return out
+
+    def pointwise(self, x, node: Node):
+        """A pointwise node (activation or per-channel affine) on CNHW maps or [N, K] vectors."""
+        K = self.K
+        x = _contig(x)
+        out = _empty(x.shape)
+        if node.op is Op.AFFINE:
+            pr = self.prep.get(node.name) or self._fused_acts[node.name]
+            x2 = x.reshape(x.shape[0], -1) if x.ndim == 4 else x.reshape(-1, x.shape[x.ndim - 1])
+            _launch(K.affine_gpu, x.size, x2, pr.scale, pr.shift, 0 if x.ndim == 4 else 1,
+                    out.reshape(*x2.shape))
+            return out
+        code, a0, a1 = act_spec(node)
+        _launch(K.act_flat_gpu, x.size, x.reshape(-1), out.reshape(-1), code, a0, a1)
+        return out
+
+    def binary(self, ins: list, is_mul: bool, act):
+        """Residual add / gate multiply of two or more inputs; the fused activation runs on
+        the last product only."""
+        K = self.K
+        none = act_spec(None)
+        cur = ins[0]
+        for i, v in enumerate(ins[1:]):
+            code, a0, a1 = act if i == len(ins) - 2 else none
+            if tuple(cur.shape) == tuple(v.shape) and cur.is_c_contiguous() and v.is_c_contiguous():
+                out = _empty(cur.shape)
+                _launch(K.add_act_gpu if not is_mul else K.binary_bcast_gpu, cur.size,
+                        *((cur.reshape(-1), v.reshape(-1), out.reshape(-1), code, a0, a1) if not is_mul
+                          else (_to4(cur), _to4(v), _to4(out), True, code, a0, a1)))
+            else:
+                if cur.ndim != v.ndim:
+                    raise NotImplementedError(f"broadcast between ranks {cur.ndim} and {v.ndim}")
+                shp = tuple(int(s) for s in np.broadcast_shapes(tuple(cur.shape), tuple(v.shape)))
+                out = _empty(shp)
+                _launch(K.binary_bcast_gpu, out.size, _to4(_contig(cur)), _to4(_contig(v)), _to4(out),
+                        is_mul, code, a0, a1)
+            cur = out
+        return cur
+
+    def concat(self, ins: list):
+        """Concatenation along the per-sample channel axis (CNHW axis 0, vector axis 1)."""
+        K = self.K
+        if ins[0].ndim == 4:
+            shp = (sum(v.shape[0] for v in ins),) + tuple(ins[0].shape[1:])
+            axis = 0
+        else:
+            shp = (ins[0].shape[0], sum(v.shape[1] for v in ins))
+            axis = 3
+        out = _empty(shp)
+        o4 = _to4(out)
+        off = 0
+        for v in ins:
+            v4 = v if v.ndim == 4 else _to4(_contig(v))
+            _launch(K.copy_offset4_gpu, v.size, v4, o4, axis, off)
+            off += v.shape[0] if axis == 0 else v.shape[1]
+        return out
+
+    # -- layout changes (reshape / transpose work on the batch-first layout) ------------------
+    def _permute(self, a, perm):
+        a = _contig(a)
+        nd = a.ndim
+        if nd > 4:
+            raise NotImplementedError("transpose of more than 4 axes")
+        lead = 4 - nd
+        p4 = tuple(range(lead)) + tuple(lead + q for q in perm)
+        shp = tuple(a.shape[q] for q in perm)
+        out = _empty(shp)
+        _launch(self.K.permute4_gpu, a.size, _to4_any(a), _to4_any(out), *p4)
+        return out
+
+    def _external(self, x):
+        return self._permute(x, (1, 0, 2, 3)) if x.ndim == 4 else _contig(x)
+
+    def _internal(self, x):
+        return self._permute(x, (1, 0, 2, 3)) if x.ndim == 4 else x
+
+
+def _to4_any(a):
+    return a if a.ndim == 4 else a.reshape(*((1,) * (4 - a.ndim) + tuple(a.shape)))
+
+
+def _fused_prep(node: Node) -> _Prep:
+    p = _Prep()
+    if node.op is Op.AFFINE:
+        cuda = _cuda()
+        p.scale = cuda.to_device(np.ascontiguousarray(node.weights["scale"], np.float32).reshape(-1))
+        p.shift = cuda.to_device(np.ascontiguousarray(node.weights["shift"], np.float32).reshape(-1))
+    return p
+
+
+# -- incremental inference --------------------------------------------------------------------------
+
+
+@dataclass
+class _Loc:
+    """Host-side patch location state of the metadata pass."""
+
+    loc: np.ndarray  # [B, 2]
+    idx: int  # row of the packed device location array
+    size: tuple[int, int]
+
+
+@dataclass
+class GPatch:
+    """Device patch state: every query's patch of one tensor, same size for all."""
+
+    loc: object  # device [B, 2] int64
+    val: object  # device [C, B, h, w] float32
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.val.shape[2]), int(self.val.shape[3])
+
+
+def _axis_loc(x_in, w_in, k, s, p, d, w_out, size_out):
+    # mirrors incremental._axis_loc (the tests compare the two executors query by query)
+    keff = d * (k - 1) + 1
+    x_o = np.maximum(-((-(p + x_in - keff + 1)) // s), 0)
+    return np.minimum(x_o, w_out - size_out)
+
+
+def _window_out(node, loc: np.ndarray, in_size, size_out):
+    """(output patch loc, read-in context origin, read-in size) of a windowed step (the
+    published border rule: the output patch keeps its size, shifted back inside)."""
+    p = node.params
+    kh, kw = p["kernel"]
+    sh, sw = p["stride"]
+    dh, dw = p.get("dilation", (1, 1))
+    t, l, _, _ = p["pads"]
+    ho, wo = size_out
+    yo = _axis_loc(loc[:, 0], in_size[0], kh, sh, t, dh, node.shape[1], ho)
+    xo = _axis_loc(loc[:, 1], in_size[1], kw, sw, l, dw, node.shape[2], wo)
+    oloc = np.stack([yo, xo], axis=1).astype(np.int64)
+    rloc = np.stack([yo * sh - t, xo * sw - l], axis=1).astype(np.int64)
+    rsize = (dh * (kh - 1) + 1 + (ho - 1) * sh, dw * (kw - 1) + 1 + (wo - 1) * sw)
+    return oloc, rloc, rsize
+
+
+class GpuIncrementalExecutor:
+    """Runs a delta plan for batches of patch positions against device-resident materialized
+    views; the interface of ``IncrementalExecutor`` (``materialize``, ``run_batch``)."""
+
+    def __init__(self, delta_plan, executor: GpuExecutor | None = None):
+        self.plan = delta_plan
+        self.graph = delta_plan.graph
+        self.ex = executor or GpuExecutor(self.graph)
+        self.K = self.ex.K
+        self.views: dict[str, object] = {}
+        self.step_secs: dict[str, float] = {}
+        self.profile = False
+        self._steps = {s.node.name: s for s in self.ex.plan.steps}
+        missing = [ds.node.name for ds in delta_plan.steps if ds.node.name not in self._steps]
+        if missing:
+            raise ValueError(f"delta plan steps {missing[:3]} are not steps of the executor's plan")
+
+    def ex_step(self, ds) -> Step:
+        return self._steps[ds.node.name]
+
+    def materialize(self, x_nchw: np.ndarray) -> np.ndarray:
+        """Run the original image once and keep every step's output on the device (internal
+        layout, batch axis dropped); returns the graph output [1, classes] (host)."""
+        names = [self.graph.input.name] + [s.out_name for s in self.plan.steps]
+        x = x_nchw[None] if x_nchw.ndim == 3 else x_nchw
+        outs = self.ex.run_device(self.ex.upload(x), outputs=names)
+        self.views = {}
+        for k, v in outs.items():
+            self.views[k] = v.reshape(v.shape[0], v.shape[2], v.shape[3]) if v.ndim == 4 else v
+        return to_external_host(outs[self.graph.output])
+
+    def bytes_per_query(self) -> int:
+        from .incremental import IncrementalExecutor
+
+        return IncrementalExecutor.bytes_per_query(self)
+
+    # -- metadata pass (host, index math only) -------------------------------------------------
+    def _meta(self, positions: np.ndarray, patch_size):
+        """Walk the plan with location-only states: per step a record of what to launch and the
+        [B, 2] locations it needs, packed into one array (uploaded once)."""
+        locs: list[np.ndarray] = []
+
+        def add(a) -> int:
+            locs.append(np.ascontiguousarray(a, np.int64))
+            return len(locs) - 1
+
+        g = self.graph
+        st: dict[str, object] = {g.input.name: _Loc(positions, add(positions), tuple(patch_size))}
+        recs = []
+        for ds in self.plan.steps:
+            node = ds.node
+            ins = [st[i] for i in node.inputs]
+            patches = all(isinstance(s, _Loc) for s in ins)
+            kind = ds.rule.kind
+            if kind == "window" and patches:
+                pin = ins[0]
+                size, crop = self.plan.window_size(ds, pin.size)
+                cut = None
+                if crop is not None:  # projective-field threshold: keep the patch centre
+                    oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
+                    cut = (oy, ox, crop)
+                    nl = pin.loc + np.array([oy, ox])
+                    pin = _Loc(nl, add(nl), tuple(crop))
+                oloc, rloc, rsize = _window_out(node, pin.loc, pin.size, size)
+                out = _Loc(oloc, add(oloc), tuple(size))
+                recs.append(("window", cut, pin.idx, add(rloc), tuple(rsize), tuple(size), out.idx))
+                st[ds.out_name] = out
+            elif kind == "pointwise" and patches:
+                recs.append(("pointwise",))
+                st[ds.out_name] = ins[0]
+            elif kind == "merge" and patches and len(node.shape) == 3:
+                h, w = node.shape[1], node.shape[2]
+                y0 = np.min([p.loc[:, 0] for p in ins], axis=0)
+                x0 = np.min([p.loc[:, 1] for p in ins], axis=0)
+                y1 = np.max([p.loc[:, 0] + p.size[0] for p in ins], axis=0)
+                x1 = np.max([p.loc[:, 1] + p.size[1] for p in ins], axis=0)
+                bh = min(int((y1 - y0).max()), h)
+                bw = min(int((x1 - x0).max()), w)
+                loc = np.stack([np.minimum(y0, h - bh), np.minimum(x0, w - bw)], axis=1).astype(np.int64)
+                out = _Loc(loc, add(loc), (bh, bw))
+                recs.append(("merge", out.idx, (bh, bw)))
+                st[ds.out_name] = out
+            else:
+                recs.append(("global",))
+                st[ds.out_name] = None
+        packed = np.stack(locs) if locs else np.zeros((0, positions.shape[0], 2), np.int64)
+        return recs, packed
+
+    # -- batched run ----------------------------------------------------------------------------
+    def run_batch(self, positions: np.ndarray, patch_values: np.ndarray) -> np.ndarray:
+        """positions [B, 2] top-left corners; patch_values [C, ph, pw] (the occluded input patch,
+        model-input units). Returns the graph output [B, classes] (host)."""
+        cuda = _cuda()
+        positions = np.ascontiguousarray(positions, np.int64).reshape(-1, 2)
+        b = positions.shape[0]
+        g = self.graph
+        pv = np.asarray(patch_values, np.float32)
+        c0 = pv.shape[0]
+        recs, packed = self._meta(positions, pv.shape[1:])
+        dlocs = cuda.to_device(packed)  # every location of this batch, one upload
+        val = cuda.to_device(np.ascontiguousarray(np.broadcast_to(pv[:, None], (c0, b) + pv.shape[1:])))
+        state: dict[str, object] = {g.input.name: GPatch(dlocs[0], val)}
+        for ds, rec in zip(self.plan.steps, recs):
+            node = ds.node
+            ins = [state[i] for i in node.inputs]
+            t0 = time.perf_counter()
+            state[ds.out_name] = self._step(ds, rec, ins, b, dlocs)
+            if self.profile:
+                cuda.synchronize()
+                self.step_secs[node.name] = self.step_secs.get(node.name, 0.0) + time.perf_counter() - t0
+        out = state[g.output] if g.output in state else state[self.plan.steps[-1].out_name]
+        if isinstance(out, GPatch):
+            out = self._full(g.output, out, b)
+        return to_external_host(out)
+
+    def _full(self, name: str, st, b: int):
+        K = self.K
+        view = self.views[name]
+        if isinstance(st, GPatch):
+            out = _empty((view.shape[0], b) + tuple(view.shape[1:]))
+            _launch(K.stitch_patch_gpu, out.size, view, _contig(st.val), st.loc, out)
+            return out
+        if st is None:  # unchanged: the view repeated over the batch
+            if view.ndim == 3:
+                out = _empty((view.shape[0], b) + tuple(view.shape[1:]))
+                _launch(K.repeat_batch_gpu, out.size, view.reshape(view.shape[0], 1, *view.shape[1:]), out)
+                return out
+            out = _empty((b,) + tuple(view.shape[1:]))
+            _launch(K.repeat_batch_gpu, out.size, _to4(view), _to4(out))
+            return out
+        return st
+
+    def _step(self, ds, rec, ins, b, dlocs):
+        K = self.K
+        node = ds.node
+        kind = rec[0]
+        if kind == "window":
+            _, cut, pidx, ridx, rsize, size, oidx = rec
+            pin = ins[0]
+            pval = pin.val
+            if cut is not None:
+                oy, ox, (ch, cw) = cut
+                pval = pval[:, :, oy : oy + ch, ox : ox + cw]
+            view = self.views[node.inputs[0]]
+            fill = np.float32(-np.inf) if node.op is Op.MAXPOOL else np.float32(0.0)
+            buf = _empty((view.shape[0], b) + tuple(rsize))
+            _launch(K.gather_patch_gpu, buf.size, view, pval, dlocs[pidx], dlocs[ridx], fill, buf)
+            step = self.ex_step(ds)
+            if node.op is Op.CONV:
+                y = self.ex.conv(buf, node, act_spec(ds.fused), pads=(0, 0, 0, 0))
+            elif node.op is Op.MAXPOOL:
+                y = self.ex.pool(buf, node, pads=(0, 0, 0, 0), out_hw=size)
+            else:
+                p = node.params
+                ishape = self.graph[node.inputs[0]].shape
+                y = _empty((buf.shape[0], b) + tuple(size))
+                t, l, bo, r = p["pads"]
+                kh, kw = p["kernel"]
+                sh, sw = p["stride"]
+                _launch(K.avgpool_patch_gpu, y.size, buf, dlocs[ridx], ishape[1], ishape[2], kh, kw,
+                        sh, sw, t, l, bo, r, bool(p.get("count_include_pad", False)), y)
+            if ds.fused is not None and node.op is not Op.CONV:
+                y = self.ex.pointwise(y, step.fused)
+            return GPatch(dlocs[oidx], y)
+        if kind == "pointwise":
+            return GPatch(ins[0].loc, self.ex._exec(self.ex_step(ds), [ins[0].val]))
+        if kind == "merge":
+            _, bidx, (bh, bw) = rec
+            bufs = []
+            for name, p in zip(node.inputs, ins):
+                view = self.views[name]
+                buf = _empty((view.shape[0], b, bh, bw))
+                _launch(K.gather_patch_gpu, buf.size, view, p.val, p.loc, dlocs[bidx], np.float32(0.0), buf)
+                bufs.append(buf)
+            return GPatch(dlocs[bidx], self.ex._exec(self.ex_step(ds), bufs))
+        full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
+        return self.ex._exec(self.ex_step(ds), full)
+
+
+def device_summary() -> str:
+    """One line naming the device (or the simulator / why there is none)."""
+    ok, why = gpu_status()
+    if not ok:
+        return f"no GPU: {why}"
+    if why == "simulator":
+        return "numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
+    cuda = _cuda()
+    dev = cuda.get_current_device()
+    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    cc = ".".join(map(str, dev.compute_capability))
+    return f"{name} (compute capability {cc})"
+
+
+__all__ = [
+    "GPatch",
+    "GpuExecutor",
+    "GpuIncrementalExecutor",
+    "GpuUnavailableError",
+    "cupy_available",
+    "device_summary",
+    "gpu_available",
+    "gpu_status",
+    "require_gpu",
+]
