@@ -621,10 +621,12 @@ class Engine:
     def _check_device(self, device: str, bq, text, pos):
         if device == "cpu":
             return
-        from .occlusion import occlude as _occ
+        from .exec.gpu import gpu_status
 
-        if "device" not in inspect.signature(_occ).parameters:
-            msg = f"device {device!r} is not available in this build (executors: cpu)"
+        ok, why = gpu_status()
+        if not ok:
+            msg = (f"device {device!r} is not available: it needs a CUDA GPU and the numba-cuda "
+                   f"package; none found: {why} (executors available: cpu)")
             raise bq.error(msg, "device") if bq is not None else DslBindError(msg, text, pos)
 
     # -- resolve + plan ----------------------------------------------------------------------------
@@ -917,7 +919,7 @@ class Engine:
         if bq.drilldown is not None:
             kw["drilldown"] = dict(bq.drilldown) or True
         if bq.device != "cpu":
-            kw["device"] = bq.device
+            kw["device"] = "gpu"  # 'cuda' and 'gpu' name the same numba.cuda executor
         record = self.options.get("record_runs", True)
         if record or (bq.mode == "approximate" and bq.tau is None):
             kw["catalog"] = self.catalog

@@ -517,6 +517,21 @@ def test_exact_occlusion_tiled_gemm_convs_and_border_positions(tmp_path_factory)
 
 
 @needs_device
+def test_occlude_api_device_gpu(tmp_path_factory):
+    """The public ``occlude(device='gpu')`` (exact, approximate and naive) equals the CPU."""
+    from krypton_db.occlusion import occlude
+
+    m = tiny_model("vgg", tmp_path_factory)
+    img = RNG.random(m.spec.size + (3,)).astype(np.float32)
+    want = occlude(m, img, patch=3, stride=4)
+    for kw in (dict(), dict(mode="naive"), dict(mode="approximate", tau=0.5)):
+        got = occlude(m, img, patch=3, stride=4, device="gpu", **kw)
+        ref = occlude(m, img, patch=3, stride=4, **kw)
+        assert got.stats["device"] == "gpu" and np.abs(got.probs - ref.probs).max() <= 1e-5
+    assert np.abs(occlude(m, img, patch=3, stride=4, device="gpu").probs - want.probs).max() <= 1e-5
+
+
+@needs_device
 def test_approximate_tau_matches_cpu(tmp_path_factory):
     m = tiny_model("vgg", tmp_path_factory)
     g = m.graph
