@@ -1,7 +1,10 @@
-"""numba CPU kernels of the batched incremental (IVM) executor, CNHW layout.
+"""CNHW reference kernels of the batched incremental operators (gather with patch
+application, stitch, avg-pool over read-in contexts).
 
-One launch per layer for the whole batch of queries (the published GPU bottleneck was a
-per-query copy loop; here every query's copy runs inside one parallel kernel).
+The CPU incremental executor runs the CHWB kernels of ``patch_cpu`` (faster for small
+patches); these CNHW versions share the layout of the GPU executor and are the oracle its
+kernels are tested against (tests/test_gpu.py). One launch per layer for the whole batch of
+queries (the published GPU bottleneck was a per-query copy loop).
 """
 
 from __future__ import annotations
