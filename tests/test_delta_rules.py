@@ -148,6 +148,9 @@ def test_check_delta_global_and_se_gate():
 
     gph, layer = single(layers, SHAPE)
     check_delta(gph, layer, positions_for((3, 3)), (3, 3))
+    # the gate changed everywhere, so the plan (like the executor) treats the merge as global
+    se = [s for s in plan_occlusion(gph, (3, 3)).steps if s.node.name == "se"][0]
+    assert se.out_size is None and se.kind == "global"
 
 
 def test_every_layer_type_has_a_rule():

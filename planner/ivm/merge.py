@@ -14,9 +14,11 @@ class MergeRule(DeltaRule):
     kind = "merge"
 
     def out_size(self, node, in_sizes, in_shapes):
-        spatial = [s for s, shp in zip(in_sizes, in_shapes) if len(shp) == 3 and shp[1:] != (1, 1)]
-        if any(s is None for s in spatial) or len(node.shape) != 3:
+        # a branch that changed everywhere (e.g. a squeeze-excitation gate computed after a
+        # global pooling) makes the merge global, as the executor runs it
+        if any(s is None for s in in_sizes) or len(node.shape) != 3:
             return None
+        spatial = [s for s, shp in zip(in_sizes, in_shapes) if len(shp) == 3 and shp[1:] != (1, 1)]
         h = max(s[0] for s in spatial if s)
         w = max(s[1] for s in spatial if s)
         # the boxes of branches can be offset from each other; the executor places the union box
