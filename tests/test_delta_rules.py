@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from krypton_db.exec import reference
-from krypton_db.exec.incremental import IncrementalExecutor, Patch, _window_out
+from krypton_db.exec.incremental import IncrementalExecutor, window_locations
 from krypton_db.graph import Graph, Node, Op, infer_shape
 from krypton_db.planner.delta_plan import plan_occlusion
 from krypton_db.planner.ivm import DELTA_RULES, rule_for
@@ -56,7 +56,7 @@ def check_delta(g: Graph, layer: Node, positions, patch):
         rule = rule_for(layer.op)
         if rule.kind == "window" and changed.size:
             size = rule.out_size(layer, [patch], [g.input.shape])
-            oloc, _, _ = _window_out(layer, Patch(np.array([[py, px]]), np.empty((1, 1, ph, pw))), size)
+            oloc, _, _ = window_locations(layer, np.array([[py, px]]), (ph, pw), size)
             (oy, ox), (sh, sw) = oloc[0], size
             assert changed[:, 0].min() >= oy and changed[:, 0].max() < oy + sh, (py, px)
             assert changed[:, 1].min() >= ox and changed[:, 1].max() < ox + sw, (py, px)

@@ -37,6 +37,7 @@ import numpy as np
 from ..errors import KryptonError
 from ..graph import Graph, Node, Op
 from .cpu import CpuPlan, Step, act_spec
+from .incremental import union_box, window_locations
 
 _ACTS = frozenset({Op.RELU, Op.CLIP, Op.LEAKY_RELU, Op.SIGMOID, Op.HARD_SIGMOID, Op.HARD_SWISH})
 
@@ -474,28 +475,8 @@ class GPatch:
         return int(self.val.shape[2]), int(self.val.shape[3])
 
 
-def _axis_loc(x_in, w_in, k, s, p, d, w_out, size_out):
-    # mirrors incremental._axis_loc (the tests compare the two executors query by query)
-    keff = d * (k - 1) + 1
-    x_o = np.maximum(-((-(p + x_in - keff + 1)) // s), 0)
-    return np.minimum(x_o, w_out - size_out)
-
-
-def _window_out(node, loc: np.ndarray, in_size, size_out):
-    """(output patch loc, read-in context origin, read-in size) of a windowed step (the
-    published border rule: the output patch keeps its size, shifted back inside)."""
-    p = node.params
-    kh, kw = p["kernel"]
-    sh, sw = p["stride"]
-    dh, dw = p.get("dilation", (1, 1))
-    t, l, _, _ = p["pads"]
-    ho, wo = size_out
-    yo = _axis_loc(loc[:, 0], in_size[0], kh, sh, t, dh, node.shape[1], ho)
-    xo = _axis_loc(loc[:, 1], in_size[1], kw, sw, l, dw, node.shape[2], wo)
-    oloc = np.stack([yo, xo], axis=1).astype(np.int64)
-    rloc = np.stack([yo * sh - t, xo * sw - l], axis=1).astype(np.int64)
-    rsize = (dh * (kh - 1) + 1 + (ho - 1) * sh, dw * (kw - 1) + 1 + (wo - 1) * sw)
-    return oloc, rloc, rsize
+# index math shared with the CPU executor (the tests compare the two query by query)
+_window_out = window_locations
 
 
 class GpuIncrementalExecutor:
@@ -569,14 +550,7 @@ class GpuIncrementalExecutor:
                 recs.append(("pointwise",))
                 st[ds.out_name] = ins[0]
             elif kind == "merge" and patches and len(node.shape) == 3:
-                h, w = node.shape[1], node.shape[2]
-                y0 = np.min([p.loc[:, 0] for p in ins], axis=0)
-                x0 = np.min([p.loc[:, 1] for p in ins], axis=0)
-                y1 = np.max([p.loc[:, 0] + p.size[0] for p in ins], axis=0)
-                x1 = np.max([p.loc[:, 1] + p.size[1] for p in ins], axis=0)
-                bh = min(int((y1 - y0).max()), h)
-                bw = min(int((x1 - x0).max()), w)
-                loc = np.stack([np.minimum(y0, h - bh), np.minimum(x0, w - bw)], axis=1).astype(np.int64)
+                loc, (bh, bw) = union_box(node, [p.loc for p in ins], [p.size for p in ins])
                 out = _Loc(loc, add(loc), (bh, bw))
                 recs.append(("merge", out.idx, (bh, bw)))
                 st[ds.out_name] = out

@@ -45,20 +45,37 @@ def _axis_loc(x_in, w_in, k, s, p, d, w_out, size_out):
     return np.minimum(x_o, w_out - size_out)
 
 
-def _window_out(node, pin: Patch, size_out):
-    """(output locations, read-in origins, read-in size) of a windowed step for a batch."""
+def window_locations(node, loc: np.ndarray, in_size, size_out):
+    """(output patch locations, read-in origins, read-in size) of a windowed step for a batch
+    whose input patches (all ``in_size``) start at ``loc`` [B, 2]. Published border rule: the
+    output patch keeps its size and is shifted back inside. Shared by the CPU and GPU
+    executors (pure index math)."""
     p = node.params
     kh, kw = p["kernel"]
     sh, sw = p["stride"]
     dh, dw = p.get("dilation", (1, 1))
     t, l, _, _ = p["pads"]
     ho, wo = size_out
-    yo = _axis_loc(pin.loc[:, 0], pin.size[0], kh, sh, t, dh, node.shape[1], ho)
-    xo = _axis_loc(pin.loc[:, 1], pin.size[1], kw, sw, l, dw, node.shape[2], wo)
+    yo = _axis_loc(loc[:, 0], in_size[0], kh, sh, t, dh, node.shape[1], ho)
+    xo = _axis_loc(loc[:, 1], in_size[1], kw, sw, l, dw, node.shape[2], wo)
     oloc = np.stack([yo, xo], axis=1).astype(np.int64)
     rloc = np.stack([yo * sh - t, xo * sw - l], axis=1).astype(np.int64)
     rsize = (dh * (kh - 1) + 1 + (ho - 1) * sh, dw * (kw - 1) + 1 + (wo - 1) * sw)
     return oloc, rloc, rsize
+
+
+def union_box(node, locs: list[np.ndarray], sizes: list[tuple[int, int]]):
+    """Per query, the bounding box of a merge's input patches, as (locations [B, 2], size):
+    one size for the batch (the largest union, capped at the map), shifted back inside."""
+    h, w = node.shape[1], node.shape[2]
+    y0 = np.min([lc[:, 0] for lc in locs], axis=0)
+    x0 = np.min([lc[:, 1] for lc in locs], axis=0)
+    y1 = np.max([lc[:, 0] + sz[0] for lc, sz in zip(locs, sizes)], axis=0)
+    x1 = np.max([lc[:, 1] + sz[1] for lc, sz in zip(locs, sizes)], axis=0)
+    bh = min(int((y1 - y0).max()), h)
+    bw = min(int((x1 - x0).max()), w)
+    loc = np.stack([np.minimum(y0, h - bh), np.minimum(x0, w - bw)], axis=1).astype(np.int64)
+    return loc, (bh, bw)
 
 
 class IncrementalExecutor:
@@ -129,7 +146,7 @@ class IncrementalExecutor:
             oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
             pin = Patch(pin.loc + np.array([oy, ox]),
                         np.ascontiguousarray(pin.val[:, oy : oy + crop[0], ox : ox + crop[1]]))
-        oloc, rloc, rsize = _window_out(node, pin, size)
+        oloc, rloc, rsize = window_locations(node, pin.loc, pin.size, size)
         src = node.inputs[0]
         fill = -np.inf if node.op is Op.MAXPOOL else 0.0
         buf = P.gather(self.views[src], pin.val, pin.loc, rloc, rsize, fill,
@@ -144,14 +161,7 @@ class IncrementalExecutor:
 
     def _merge(self, ds, step, ins: list[Patch], b: int) -> Patch:
         node = ds.node
-        h, w = node.shape[1], node.shape[2]
-        y0 = np.min([p.loc[:, 0] for p in ins], axis=0)
-        x0 = np.min([p.loc[:, 1] for p in ins], axis=0)
-        y1 = np.max([p.loc[:, 0] + p.size[0] for p in ins], axis=0)
-        x1 = np.max([p.loc[:, 1] + p.size[1] for p in ins], axis=0)
-        bh = min(int((y1 - y0).max()), h)
-        bw = min(int((x1 - x0).max()), w)
-        loc = np.stack([np.minimum(y0, h - bh), np.minimum(x0, w - bw)], axis=1).astype(np.int64)
+        loc, (bh, bw) = union_box(node, [p.loc for p in ins], [p.size for p in ins])
         # an input whose patch already is the union box at every query needs no gather
         bufs = [p.val if p.size == (bh, bw) and np.array_equal(p.loc, loc)
                 else P.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0)
