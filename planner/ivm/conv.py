@@ -3,7 +3,7 @@ window reached by the input patch (linear in the input delta)."""
 
 from krypton_db.graph import Op
 
-from .registry import DeltaRule, register, window_axis
+from .registry import DeltaRule, register, window_out_size
 
 
 @register(Op.CONV)
@@ -13,10 +13,4 @@ class ConvRule(DeltaRule):
     kind = "window"
 
     def out_size(self, node, in_sizes, in_shapes):
-        if in_sizes[0] is None:
-            return None
-        kh, kw = node.params["kernel"]
-        sh, sw = node.params["stride"]
-        dh, dw = node.params["dilation"]
-        return (window_axis(in_sizes[0][0], kh, sh, dh, node.shape[1]),
-                window_axis(in_sizes[0][1], kw, sw, dw, node.shape[2]))
+        return window_out_size(node, in_sizes[0])

@@ -3,19 +3,14 @@ reached by the input patch (avg-pool: linear; max-pool: recomputed inside the re
 
 from krypton_db.graph import Op
 
-from .registry import DeltaRule, register, window_axis
+from .registry import DeltaRule, register, window_out_size
 
 
 class _PoolRule(DeltaRule):
     kind = "window"
 
     def out_size(self, node, in_sizes, in_shapes):
-        if in_sizes[0] is None:
-            return None
-        kh, kw = node.params["kernel"]
-        sh, sw = node.params["stride"]
-        return (window_axis(in_sizes[0][0], kh, sh, 1, node.shape[1]),
-                window_axis(in_sizes[0][1], kw, sw, 1, node.shape[2]))
+        return window_out_size(node, in_sizes[0])
 
 
 @register(Op.MAXPOOL)

@@ -86,3 +86,15 @@ def window_axis(w_in: int, k: int, s: int, d: int, w_out: int) -> int:
     """
     keff = d * (k - 1) + 1
     return min(math.ceil((w_in + keff - 1) / s), w_out)
+
+
+def window_out_size(node: Node, in_size: Size | None) -> Size | None:
+    """Output patch (h, w) of a windowed layer (conv / pooling; dilation 1 when absent) for a
+    changed input patch ``in_size``; None when the whole input changed."""
+    if in_size is None:
+        return None
+    kh, kw = node.params["kernel"]
+    sh, sw = node.params["stride"]
+    dh, dw = node.params.get("dilation", (1, 1))
+    return (window_axis(in_size[0], kh, sh, dh, node.shape[1]),
+            window_axis(in_size[1], kw, sw, dw, node.shape[2]))
