@@ -126,6 +126,9 @@ def occlude(model, image, patch=16, stride=4, color=0.0, target=None, mode: str 
     two-stage adaptive drill-down (:mod:`krypton_db.planner.approx`): a coarse stage over the
     whole grid, then the user's stride only at the fraction ``r`` of positions with the
     largest estimated drop; composable with ``mode="approximate"``.
+
+    ``hooks``: an :class:`~krypton_db.hooks.OcclusionHooks` (plan rewrite, per-step profiling,
+    materialization time, per-batch progress); with drill-down it serves both stages.
     """
     m = _model(model)
     tau, tau_source = _resolve_tau(m, mode, tau, target_ssim, domain, catalog)

@@ -14,6 +14,9 @@ patch at that position.
 ``mode="exact"`` runs the IVM delta plan (materialized views + batched incremental
 inference); ``mode="naive"`` re-runs full inference on every occluded image (batched). Both
 give the same probabilities (<= 1e-5).
+
+``hooks=OcclusionHooks(...)`` (:mod:`krypton_db.hooks`) observes or adjusts one run: delta-plan
+rewrite, per-step profiling, materialization time, per-batch progress.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .hooks import OcclusionHooks
 from .images import color_to_input
 from .model import Model, softmax
 from .planner.batching import choose_batch
@@ -112,13 +116,15 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
 def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
             memory_budget: int = 512 << 20, score: str = "prob", tau: float = 1.0,
-            device: str = "cpu") -> HeatMap:
+            device: str = "cpu", hooks: OcclusionHooks | None = None) -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
     ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
     ``batch_size`` defaults to the largest batch whose buffers fit ``memory_budget`` bytes.
     ``device="gpu"`` runs the same plans with the numba.cuda executor (clear error without a
     CUDA GPU / numba-cuda).
+    ``hooks``: an :class:`~krypton_db.hooks.OcclusionHooks` (plan rewrite, per-step
+    profiling, materialization time, per-batch progress).
     """
     if device not in ("cpu", "gpu"):
         raise InputError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -167,8 +173,16 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             from .exec.incremental import IncrementalExecutor
 
         plan = plan_occlusion(model.graph, (ph, pw), ex.plan, tau=tau)
+        if hooks is not None and hooks.plan_rewrite is not None:
+            plan = hooks.plan_rewrite(plan)
         inc = IncrementalExecutor(plan, ex)
+        if hooks is not None and hooks.profile:
+            inc.profile = True
+            inc.step_secs = hooks.step_secs  # the executor accumulates into the hooks' dict
+        tm = time.perf_counter()
         base = _probs(model, inc.materialize(xn))[0]
+        if hooks is not None:
+            hooks.materialize_s += time.perf_counter() - tm
         per_q = inc.bytes_per_query()
         bs = batch_size or choose_batch(per_q, flat.shape[0], memory_budget)
         stats.update(theoretical_speedup=plan.theoretical_speedup, macs_full=plan.macs_full,
@@ -178,16 +192,26 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
         base = _probs(model, ex.predict(xn[None]))[0]
         per_q = 4 * max(math.prod(n.shape) for n in model.graph.nodes)  # largest activation
         bs = batch_size or choose_batch(3 * per_q, flat.shape[0], memory_budget, max_batch=16)
+        # per-step times of the full re-inference: the CPU executor's (the GPU one has none)
+        secs = hooks.step_secs if hooks is not None and hooks.profile and device == "cpu" \
+            else None
 
         def run(pos):
             batch = np.repeat(xn[None], pos.shape[0], axis=0)
             for i, (yy, xx) in enumerate(pos):
                 batch[i, :, yy : yy + ph, xx : xx + pw] = patch_vals
-            return _probs(model, ex.predict(batch))
+            if secs is None:
+                return _probs(model, ex.predict(batch))
+            return _probs(model, ex.run(batch, step_secs=secs)[ex.graph.output])
 
     tgt = int(np.argmax(base)) if target is None else model.class_index(target)
     t2 = time.perf_counter()
-    outs = [run(flat[i : i + bs]) for i in range(0, flat.shape[0], bs)]
+    n = flat.shape[0]
+    outs = []
+    for i in range(0, n, bs):
+        outs.append(run(flat[i : i + bs]))
+        if hooks is not None:
+            hooks.batch_done(min(i + bs, n), n)
     probs_all = np.concatenate(outs, axis=0)
     t3 = time.perf_counter()
     stats.update(batch_size=bs, bytes_per_query=per_q, prepare_s=t2 - t1, run_s=t3 - t2,

@@ -101,11 +101,16 @@ def interpolate(coarse_vals: np.ndarray, ys1, xs1, ys2, xs2) -> np.ndarray:
     return rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]
 
 
+def top_count(n: int, r: float) -> int:
+    """How many of n fine cells stage 2 computes: round(r * n) (half away from zero), >= 1."""
+    return min(n, max(1, round_half_away(check_r(r) * n)))
+
+
 def select_top(est_drop: np.ndarray, r: float) -> np.ndarray:
     """Boolean mask of the round(r * n) (half away from zero, >= 1) cells with the largest
     estimated drop; ties go to the earlier cell in row-major order."""
     n = est_drop.size
-    k = min(n, max(1, round_half_away(check_r(r) * n)))
+    k = top_count(n, r)
     order = np.argsort(-est_drop.reshape(-1), kind="stable")
     mask = np.zeros(n, bool)
     mask[order[:k]] = True
@@ -114,8 +119,10 @@ def select_top(est_drop: np.ndarray, r: float) -> np.ndarray:
 
 def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
               speedup: float = DEFAULT_SPEEDUP, color=0.0, target=None, mode: str = "exact",
-              region=None, tau: float = 1.0, **kw) -> HeatMap:
-    """Two-stage occlusion heat map on the stride-``stride`` grid (see the module doc)."""
+              region=None, tau: float = 1.0, hooks=None, **kw) -> HeatMap:
+    """Two-stage occlusion heat map on the stride-``stride`` grid (see the module doc).
+    ``hooks`` (:class:`~krypton_db.hooks.OcclusionHooks`) serve both stages: progress counts
+    the positions of both (stage 1, then stage 2, of their sum), times add up."""
     if kw.get("positions") is not None:
         raise InputError("drill-down runs on the stride grid; it cannot take explicit positions")
     if kw.pop("all_classes", False):
@@ -136,15 +143,21 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
     xs1 = np.arange(xs2[0], xs2[-1] + 1, s1x)
     coarse = np.stack(np.meshgrid(ys1, xs1, indexing="ij"), axis=-1)
     common = dict(patch=(ph, pw), color=color, mode=mode, tau=tau, **kw)
-    st1 = occlude(model, image, positions=coarse.reshape(-1, 2), target=target, **common)
+    n1, k = int(ys1.size * xs1.size), top_count(int(ys2.size * xs2.size), r)
+    h1 = hooks.stage(0, n1 + k) if hooks is not None else None
+    st1 = occlude(model, image, positions=coarse.reshape(-1, 2), target=target, hooks=h1,
+                  **common)
     coarse_probs = st1.probs.reshape(ys1.size, xs1.size)
     est = interpolate(coarse_probs, ys1, xs1, ys2, xs2)  # probability; drop = base - est
     mask = select_top(st1.base_prob - est, r)
-    st2 = occlude(model, image, positions=fine[mask], target=st1.target, **common)
+    h2 = hooks.stage(n1, n1 + k) if hooks is not None else None
+    st2 = occlude(model, image, positions=fine[mask], target=st1.target, hooks=h2, **common)
+    if hooks is not None:
+        hooks.materialize_s += h1.materialize_s + h2.materialize_s
     probs = est.astype(np.float32)
     probs[mask] = st2.probs.reshape(-1)
     total = time.perf_counter() - t0
-    n, n1, k = int(mask.size), int(ys1.size * xs1.size), int(mask.sum())
+    n = int(mask.size)  # k == mask.sum() (select_top takes top_count cells)
     stats = dict(st2.stats)
     for key in ("jit_s", "prepare_s", "run_s"):
         stats[key] = st1.stats[key] + st2.stats[key]

@@ -440,12 +440,15 @@ class CpuExecutor:
         self.jit_seconds = time.perf_counter() - t
         return self.jit_seconds
 
-    def run(self, batch: np.ndarray, outputs: list[str] | None = None, profile: bool = False) -> dict:
-        """Run on an NCHW float32 batch; returns {node name: batch-first output}."""
+    def run(self, batch: np.ndarray, outputs: list[str] | None = None, profile: bool = False,
+            step_secs: dict[str, float] | None = None) -> dict:
+        """Run on an NCHW float32 batch; returns {node name: batch-first output}.
+        ``profile``: accumulate per-step seconds into the plan's ``Step.secs``; ``step_secs``:
+        accumulate them into this dict instead (keyed by node name; the caller's own)."""
         with self._run_lock, K.single_threaded_blas():
-            return self._run(batch, outputs, profile)
+            return self._run(batch, outputs, profile, step_secs)
 
-    def _run(self, batch, outputs, profile) -> dict:
+    def _run(self, batch, outputs, profile, step_secs=None) -> dict:
         want = set(outputs or [self.graph.output])
         g = self.graph
         vals: dict[str, np.ndarray] = {g.input.name: _to_internal(np.asarray(batch, np.float32))}
@@ -456,11 +459,14 @@ class CpuExecutor:
         last_use = self._last_use()
         arena = self._arena
         for idx, step in enumerate(self.plan.steps):
-            t0 = time.perf_counter() if profile else 0.0
+            t0 = time.perf_counter() if profile or step_secs is not None else 0.0
             name = self.plan.out_name(step)
             y = self._exec(step, [vals[i] for i in step.node.inputs], alloc=arena.get)
             if profile:
                 step.secs += time.perf_counter() - t0
+            if step_secs is not None:
+                n = step.node.name
+                step_secs[n] = step_secs.get(n, 0.0) + time.perf_counter() - t0
             vals[name] = y
             if step.node.op in (Op.CONV, Op.MAXPOOL, Op.AVGPOOL) and y.ndim == 4:
                 owned[name] = y
