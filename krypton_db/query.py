@@ -9,28 +9,27 @@ Invariants:
   DuckDB then runs the rest of the statement, and the registration is dropped. User values
   never reach SQL text: names/paths go to the catalog API (prepared parameters), options are
   parsed by the grammar. The SQL around a call is the user's own and runs as written.
-- Research switches are scoped to the session: ``SET disable_rule`` fills the registry's
-  process-wide ``DISABLED`` set only while this session's statement plans/runs (under a lock)
-  and restores it afterwards.
+- Research switches (:mod:`krypton_db.research`) are scoped to the session: ``SET
+  disable_rule`` fills the registry's process-wide ``DISABLED`` set only while this session's
+  statement plans/runs (under a lock) and restores it afterwards; ``SET naive_from`` is a
+  delta-plan rewrite passed to the run as a hook.
+- Runs are observed through ``occlude(..., hooks=OcclusionHooks(...))`` (:mod:`krypton_db.hooks`:
+  per-step times, materialization time, per-batch progress, plan rewrite); nothing global is
+  patched.
 - EXPLAIN output is deterministic (see ``planner/explain.py``); ANALYZE adds measured times.
 
 Size: this file is over the ~400-line guideline because one ``Engine`` owns every statement
-kind (create/set/show/explain/analyze/run); the cost model (``calibrate``) and the executor
-instrumentation (``instrumented``) are the natural pieces to move out (planner/cost.py and an
-``occlude`` hook) once ``occlusion.occlude`` takes profiling/progress/plan-rewrite hooks.
+kind (create/set/show/explain/analyze/run); the cost model (``calibrate``) is the natural piece
+to move out next (planner/cost.py).
 """
 
 from __future__ import annotations
 
 import glob
-import inspect
 import json
 import os
-import sys
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -38,14 +37,12 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import InputError, KryptonError
+from .hooks import OcclusionHooks
+from .progress import Progress
+from .research import ablation, force_naive_from, naive_from_rewrite, rule_switches
 from .sql.dsl import ast as A
 from .sql.dsl import DslBindError, DslError, bind_call, check_option, parse
 from .sql.dsl.binder import OPTIONS, SESSION_OPTIONS, BoundQuery
-
-# One lock for the process-wide pieces a statement temporarily switches (the registry's
-# DISABLED set, the instrumented executor class): statements of different sessions in
-# different threads run one at a time through these sections.
-_LOCK = threading.RLock()
 
 HEATMAP_SCHEMA = pa.schema([("model", pa.string()), ("image", pa.string()),
                             ("run_id", pa.int64()), ("y", pa.int32()), ("x", pa.int32()),
@@ -129,178 +126,6 @@ def calibrate(model, image, path=None, patches=None, counts=(4, 16, 48)) -> dict
     p.write_text(json.dumps(out, indent=2, sort_keys=True))
     out["path"] = str(p)
     return out
-
-
-# -- research switches ----------------------------------------------------------------------------
-
-@contextmanager
-def rule_switches(disabled: tuple[str, ...]):
-    """Disable the delta rules of the given layer types (``Op`` values) while inside."""
-    from .graph import Op
-    from .planner.ivm import registry
-
-    with _LOCK:
-        saved = set(registry.DISABLED)
-        registry.DISABLED.update(Op(v) for v in disabled)
-        try:
-            yield
-        finally:
-            registry.DISABLED.clear()
-            registry.DISABLED.update(saved)
-
-
-class _NaiveFromRule:
-    """Marker rule of ``naive_from``: the step recomputes its full output."""
-
-    kind = "global"
-    forced = True
-    doc = "naive_from: full recompute from this layer on"
-    origin = "krypton_db/query.py (naive_from)"
-
-    def __init__(self, op):
-        self.op = op
-
-    def out_size(self, node, in_sizes, in_shapes):
-        return None
-
-
-def force_naive_from(plan, layer: str | None):
-    """Delta plan rewrite: from step ``layer`` on (execution order) every step recomputes in
-    full (its rule becomes full recompute, output patch None, MACs incremental = full)."""
-    if not layer:
-        return plan
-    names = [s.node.name for s in plan.steps]
-    alias = {s.out_name: s.node.name for s in plan.steps}
-    first = names.index(alias.get(layer, layer))
-    steps = list(plan.steps[:first])
-    for ds in plan.steps[first:]:
-        steps.append(replace(ds, rule=_NaiveFromRule(ds.node.op), out_size=None, read_in=None,
-                             cap=None, crop=None, macs_inc=ds.macs_full))
-    # in_sizes of later steps as the executor will see them (full tensors)
-    sizes = {plan.graph.input.name: plan.patch}
-    for i, ds in enumerate(steps):
-        steps[i] = replace(ds, in_sizes=[sizes.get(n) for n in ds.node.inputs])
-        sizes[ds.out_name] = ds.out_size
-        sizes[ds.node.name] = ds.out_size
-    return replace(plan, steps=steps)
-
-
-class Probe:
-    """What the instrumented executor measured during one statement."""
-
-    def __init__(self, total: int | None, progress=None):
-        self.step_secs: dict[str, float] = {}
-        self.materialize_s = 0.0
-        self.done = 0
-        self.total = total
-        self.progress = progress
-
-
-@contextmanager
-def instrumented(profile: bool = False, naive_from: str | None = None, progress=None,
-                 total: int | None = None):
-    """Run ``api.occlude`` with the incremental executor instrumented: per-step times
-    (``profile``), materialization time, progress per batch, and the ``naive_from`` rewrite.
-
-    HOOK NOTE: occlusion.occlude builds ``IncrementalExecutor`` itself and takes no hook, so
-    this swaps the class it imports (at call time) for a subclass while inside, under the
-    module lock. A ``executor_hook=`` / ``profile=`` / ``on_batch=`` / ``plan_rewrite=``
-    argument of ``occlude`` would replace this (see the report to the lead)."""
-    from .exec import incremental as inc_mod
-    from . import occlusion as occ_mod
-
-    probe = Probe(total, progress)
-    with _LOCK:
-        base = inc_mod.IncrementalExecutor
-
-        class _Instrumented(base):
-            def __init__(self, delta_plan, executor=None):
-                super().__init__(force_naive_from(delta_plan, naive_from), executor)
-                self.profile = profile
-                self.step_secs = probe.step_secs
-
-            def materialize(self, x):
-                t0 = time.perf_counter()
-                try:
-                    return super().materialize(x)
-                finally:
-                    probe.materialize_s += time.perf_counter() - t0
-
-            def run_batch(self, positions, patch_values):
-                out = super().run_batch(positions, patch_values)
-                probe.done += int(positions.shape[0])
-                if probe.progress is not None:
-                    probe.progress.update(probe.done, probe.total)
-                return out
-
-        inc_mod.IncrementalExecutor = _Instrumented
-        had = hasattr(occ_mod, "IncrementalExecutor")
-        if had:
-            old_occ = occ_mod.IncrementalExecutor
-            occ_mod.IncrementalExecutor = _Instrumented
-        try:
-            yield probe
-        finally:
-            inc_mod.IncrementalExecutor = base
-            if had:
-                occ_mod.IncrementalExecutor = old_occ
-
-
-@contextmanager
-def profiled_predict(executor):
-    """Full-inference ``predict`` with per-step profiling (``Step.secs``) while inside."""
-    for s in executor.plan.steps:
-        s.secs = 0.0
-    executor.predict = lambda b: executor.run(b, profile=True)[executor.graph.output]
-    try:
-        yield {s.node.name: s for s in executor.plan.steps}
-    finally:
-        del executor.predict
-
-
-# -- progress --------------------------------------------------------------------------------
-
-class Progress:
-    """A progress bar with ETA on stderr (positions done / total), or a spinner with elapsed
-    time while the total is unknown or nothing has been reported yet."""
-
-    FRAMES = "|/-\\"
-
-    def __init__(self, label: str, stream=None, interval: float = 0.2):
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.t0 = time.perf_counter()
-        self.done, self.total = 0, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
-        self._k = 0
-        self._thread.start()
-
-    def update(self, done: int, total: int | None) -> None:
-        self.done, self.total = done, total
-
-    def _line(self) -> str:
-        el = time.perf_counter() - self.t0
-        if self.total and self.done:
-            frac = min(self.done / self.total, 1.0)
-            eta = el / frac - el
-            bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-            return (f"{self.label} [{bar}] {100 * frac:5.1f}% {self.done}/{self.total} "
-                    f"positions  {el:.1f}s  ETA {eta:.1f}s")
-        self._k += 1
-        return f"{self.label} {self.FRAMES[self._k % 4]} {el:.1f}s"
-
-    def _loop(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self.stream.write("\r" + self._line()[:120] + "\033[K")
-            self.stream.flush()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        if time.perf_counter() - self.t0 >= 0.2:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
 
 
 # -- binding against the catalog -------------------------------------------------------------------
@@ -830,20 +655,18 @@ class Engine:
         bq = r.bq
         # JIT apart: compile the executor's and the incremental kernels on one position first
         t0 = time.perf_counter()
-        with rule_switches(self.options.get("disable_rule", ())), \
-                instrumented(False, self.options.get("naive_from")):
+        with rule_switches(self.options.get("disable_rule", ())):
             _occ(r.model, self.catalog.get_image(bq.image), patch=bq.patch, positions=[[0, 0]],
-                 mode="naive" if bq.mode == "naive" else "exact", score=bq.score)
+                 mode="naive" if bq.mode == "naive" else "exact", score=bq.score,
+                 hooks=OcclusionHooks(plan_rewrite=self._plan_rewrite()))
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
-        hm, probe, profiled = self._occlude(r, profile=True)
+        hm, hooks = self._occlude(r, profile=True)
         wall = time.perf_counter() - t0
-        step_secs = dict(probe.step_secs)
-        if bq.mode == "naive":
-            step_secs = {k: s.secs for k, s in profiled.items()}
+        step_secs = dict(hooks.step_secs)
         # the measured run's own JIT (normally ~0 after the warm-up) is inside its wall time
         t = dict(wall_s=wall, jit_s=float(hm.stats.get("jit_s", 0.0)), warmup_s=warm,
-                 materialize_s=probe.materialize_s)
+                 materialize_s=hooks.materialize_s)
         sample = None
         if bq.mode != "naive":
             sample, naive_pq, full_secs = self._naive_sample(r, hm)
@@ -874,16 +697,10 @@ class Engine:
         idx = np.linspace(0, len(flat) - 1, k).round().astype(int)
         sample = flat[idx]
         img = self.catalog.get_image(bq.image)
-        m = r.model
-        if bq.score == "logit":
-            from .occlusion import _logit_model
-
-            m = _logit_model(m)
-        with profiled_predict(m.executor) as steps:
-            nv = _occ(r.model, img, patch=bq.patch,
-                      positions=sample, color=bq.color, target=hm.target, mode="naive",
-                      batch_size=k, score=bq.score)
-            full = {name: s.secs / k for name, s in steps.items()}
+        hooks = OcclusionHooks(profile=True)
+        nv = _occ(r.model, img, patch=bq.patch, positions=sample, color=bq.color,
+                  target=hm.target, mode="naive", batch_size=k, score=bq.score, hooks=hooks)
+        full = {name: secs / k for name, secs in hooks.step_secs.items()}
         return sample, float(nv.stats["run_s"]) / k, full
 
     def _ablation_section(self, r: Resolved, step_secs: dict, full: dict | None, k: int,
@@ -925,30 +742,29 @@ class Engine:
             kw["catalog"] = self.catalog
         return kw
 
+    def _plan_rewrite(self):
+        return naive_from_rewrite(self.options.get("naive_from"))
+
     def _occlude(self, r: Resolved, profile: bool = False):
+        """Run one occlusion call: (heat map, the run's :class:`OcclusionHooks` holding
+        per-step seconds when ``profile``, materialization seconds)."""
         from . import api
 
         bq = r.bq
         img = self.catalog.get_image(bq.image)
         progress = Progress(f"occlusion({bq.model}, {bq.image})") \
             if self.options.get("progress") else None
-        profiled: dict = {}
+        hooks = OcclusionHooks(plan_rewrite=self._plan_rewrite(), profile=profile,
+                               on_batch=progress.update if progress is not None else None)
         try:
-            with rule_switches(self.options.get("disable_rule", ())), \
-                    instrumented(profile, self.options.get("naive_from"), progress,
-                                 r.positions if bq.drilldown is None else None) as probe:
-                if profile and bq.mode == "naive" and bq.score != "logit":
-                    with profiled_predict(r.model.executor) as steps:
-                        hm = api.occlude(r.model, img, **self._occlude_kwargs(r))
-                        profiled = dict(steps)
-                else:
-                    hm = api.occlude(r.model, img, **self._occlude_kwargs(r))
+            with rule_switches(self.options.get("disable_rule", ())):
+                hm = api.occlude(r.model, img, hooks=hooks, **self._occlude_kwargs(r))
         except KryptonError as exc:
             raise bq.error(str(exc)) from None
         finally:
             if progress is not None:
                 progress.close()
-        return hm, probe, profiled
+        return hm, hooks
 
     def heatmap_table(self, bq: BoundQuery, hm) -> pa.Table:
         """The heat-map relation (model, image, run_id, y, x, class, label, prob)."""
@@ -1023,15 +839,6 @@ def _ident_hint(name: str) -> str:
         "'", "''") + "'"
 
 
-def ablation(session, text: str) -> list[tuple[str, str]]:
-    """Per-layer theory vs measurement of an occlusion query (``EXPLAIN ANALYZE ABLATION``):
-    ``ablation(kdb.connect(), "SELECT * FROM occlusion('m', 'i', patch => 16)")``."""
-    t = text.strip().rstrip(";")
-    if not t.upper().startswith("EXPLAIN"):
-        t = "EXPLAIN ANALYZE ABLATION " + t
-    return session.explain(t)
-
-
 __all__ = ["DEFAULT_COST", "DslError", "Engine", "HEATMAP_SCHEMA", "Progress", "ablation",
-           "calibrate", "cost_model_path", "force_naive_from", "instrumented", "load_cost_model",
+           "calibrate", "cost_model_path", "force_naive_from", "load_cost_model",
            "rule_switches"]

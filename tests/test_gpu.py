@@ -532,6 +532,30 @@ def test_occlude_api_device_gpu(tmp_path_factory):
 
 
 @needs_device
+def test_occlude_gpu_hooks(tmp_path_factory):
+    """``hooks=`` on the GPU executor: every step timed, progress to the total, the plan
+    rewrite (naive_from) applied with the same probabilities."""
+    from krypton_db.hooks import OcclusionHooks
+    from krypton_db.occlusion import occlude
+    from krypton_db.research import naive_from_rewrite
+
+    m = tiny_model("resnet", tmp_path_factory)
+    img = RNG.random(m.spec.size + (3,)).astype(np.float32)
+    calls = []
+    layer = m.executor.plan.steps[2].node.name
+    hooks = OcclusionHooks(plan_rewrite=naive_from_rewrite(layer), profile=True,
+                           on_batch=lambda d, t: calls.append((d, t)))
+    got = occlude(m, img, patch=3, stride=4, device="gpu", batch_size=4, hooks=hooks)
+    ref = occlude(m, img, patch=3, stride=4)
+    assert np.abs(got.probs - ref.probs).max() <= 1e-5
+    plan = plan_occlusion(m.graph, (3, 3), m.executor.plan)
+    assert set(hooks.step_secs) == {ds.node.name for ds in plan.steps}
+    assert hooks.materialize_s > 0
+    n = got.probs.size
+    assert calls[-1] == (n, n) and len(calls) == -(-n // 4)
+
+
+@needs_device
 def test_approximate_tau_matches_cpu(tmp_path_factory):
     m = tiny_model("vgg", tmp_path_factory)
     g = m.graph
