@@ -1,8 +1,10 @@
-"""Runtime-estimate accuracy: EXPLAIN's cost model (seconds = a * MACs_incremental * positions
-+ b * positions + c, calibrated once on this machine with ``CALIBRATE``) against the measured
-exact-occlusion time of the `exact` workloads.
+"""Runtime-estimate accuracy: EXPLAIN's cost model (``planner/cost.py``: per-step costs from
+conv MACs, conv accumulations, FC MACs, elements moved and a per-step constant, calibrated on
+this machine by ``CALIBRATE``) against the measured exact-occlusion time of the `exact`
+workloads. The calibration runs use other patch sizes (8, 32), random positions and other
+batch sizes than the workloads (patch 16, the grid, the automatic batch).
 
-Usage: python bench/estimate.py [--calibrate-on zoo:resnet18]
+Usage: python bench/estimate.py [--repeat 2]
 """
 
 from __future__ import annotations
@@ -21,39 +23,36 @@ from exact import WORKLOADS, positions_for  # noqa: E402
 
 import krypton_db as kdb  # noqa: E402
 from krypton_db.occlusion import occlude  # noqa: E402
-from krypton_db.query import calibrate  # noqa: E402
+from krypton_db.planner import cost  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--calibrate-on", default="zoo:resnet18")
-    ap.add_argument("--counts", default="32,128,256",
-                    help="positions per calibration run (batches near the real batch size)")
+    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     print(machine_line())
     path = Path(tempfile.mkdtemp()) / "cost_model.json"
-    counts = tuple(int(v) for v in args.counts.split(","))
-    cm = calibrate(kdb.load_model(args.calibrate_on), kdb.sample_image("chelsea"), path=path,
-                   counts=counts)
-    print(f"calibrated on {args.calibrate_on}: a={cm['a']:.3e} s/MAC, b={cm['b']:.3e} s/position, "
-          f"c={cm['c']:.3f} s")
-    print("\n| workload | positions | MACs incremental / position | predicted (s) | measured (s) | error |")
+    cm = cost.calibrate(path=path)
+    print(f"calibrated on {', '.join(cm['models'])} in {cm['seconds']} s, {cm['samples']} step "
+          f"samples: " + ", ".join(f"{k}={v:.3e}" for k, v in cm["coef"].items()))
+    model = cost.load_cost_model(path)
+    print("\n| workload | positions | batch | predicted (s) | measured (s) | error |")
     print("|---|---|---|---|---|---|")
     for w, (src, img, patch, stride) in WORKLOADS.items():
         m = kdb.load_model(src)
         image = kdb.sample_image(img)
         pos = positions_for(m, patch, stride)
-        macs = kdb.plan(m, patch).macs_inc
-        pred = cm["a"] * macs * len(pos) + cm["b"] * len(pos) + cm["c"]
-        occlude(m, image, patch=patch, positions=pos[:2])  # warm-up / JIT apart
+        hm = occlude(m, image, patch=patch, positions=pos[:2])  # warm-up / JIT apart
         ts = []
-        for _ in range(2):
+        for _ in range(args.repeat):
             t = time.perf_counter()
-            occlude(m, image, patch=patch, positions=pos)
+            hm = occlude(m, image, patch=patch, positions=pos)
             ts.append(time.perf_counter() - t)
+        bs = hm.stats["batch_size"]
+        pred = cost.predict(kdb.plan(m, patch), "exact", len(pos), bs, model)["predicted_s"]
         meas = float(np.median(ts))
-        print(f"| {w} | {len(pos)} | {macs / 1e9:.2f} G | {pred:.2f} | {meas:.2f} | "
-              f"{100 * (pred - meas) / meas:+.0f}% |")
+        print(f"| {w} | {len(pos)} | {bs} | {pred:.2f} | {meas:.2f} | "
+              f"{100 * (pred - meas) / meas:+.0f}% |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ Invariants:
 - EXPLAIN output is deterministic (see ``planner/explain.py``); ANALYZE adds measured times.
 
 Size: this file is over the ~400-line guideline because one ``Engine`` owns every statement
-kind (create/set/show/explain/analyze/run); the cost model (``calibrate``) is the natural piece
-to move out next (planner/cost.py).
+kind (create/set/show/explain/analyze/run); the cost model behind EXPLAIN's estimate and
+``CALIBRATE`` lives in ``planner/cost.py``.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import pyarrow as pa
 
 from .errors import InputError, KryptonError
 from .hooks import OcclusionHooks
+from .planner.cost import calibrate, cost_model_path, load_cost_model  # noqa: F401 (re-export)
 from .progress import Progress
 from .research import ablation, force_naive_from, naive_from_rewrite, rule_switches
 from .sql.dsl import ast as A
@@ -48,84 +48,6 @@ HEATMAP_SCHEMA = pa.schema([("model", pa.string()), ("image", pa.string()),
                             ("run_id", pa.int64()), ("y", pa.int32()), ("x", pa.int32()),
                             ("class", pa.int32()), ("label", pa.string()),
                             ("prob", pa.float32())])
-
-
-# -- cost model --------------------------------------------------------------------------------
-
-DEFAULT_COST = dict(a=1.0 / 8e9, b=2e-4, c=0.02, source="defaults (uncalibrated)")
-
-
-def cost_model_path() -> Path:
-    """``$KRYPTON_COST_MODEL``, else ``<krypton cache dir>/cost_model.json``."""
-    env = os.environ.get("KRYPTON_COST_MODEL")
-    if env:
-        return Path(env).expanduser()
-    from .zoo import cache_dir
-
-    return cache_dir() / "cost_model.json"
-
-
-def load_cost_model() -> dict:
-    """The calibrated constants (a, b, c), or the defaults when uncalibrated / unreadable."""
-    p = cost_model_path()
-    try:
-        d = json.loads(p.read_text())
-        if all(isinstance(d.get(k), (int, float)) and d[k] >= 0 for k in "abc"):
-            return dict(a=float(d["a"]), b=float(d["b"]), c=float(d["c"]),
-                        source=f"calibrated on {d.get('model', '?')}")
-    except (OSError, ValueError):
-        pass
-    return dict(DEFAULT_COST)
-
-
-def calibrate(model, image, path=None, patches=None, counts=(4, 16, 48)) -> dict:
-    """Fit seconds = a * MACs_incremental * positions + b * positions + c on this machine
-    (exact occlusion runs of ``model`` on ``image`` at several patch sizes -- default 1/8, 1/4
-    and 1/2 of the input side, so MACs and positions vary independently -- and position counts,
-    JIT excluded), store it as JSON (``cost_model_path()``) and return it."""
-    from .api import _model
-    from .occlusion import occlude as _occ
-    from .planner.delta_plan import plan_occlusion
-
-    m = _model(model)
-    m.executor.warmup() if m.executor.jit_seconds is None else None
-    _, h, w = m.graph.input_shape
-    rng = np.random.default_rng(0)
-    xs, ys = [], []
-    side = min(h, w)
-    patches = patches or sorted({max(2, side // 8), max(2, side // 4), max(2, side // 2)})
-    for p in patches:
-        if p > side:
-            continue
-        macs = plan_occlusion(m.graph, (p, p), m.executor.plan).macs_inc
-        for n in counts:
-            pos = np.stack([rng.integers(0, h - p + 1, n), rng.integers(0, w - p + 1, n)], 1)
-            t0 = time.perf_counter()
-            _occ(m, image, patch=p, positions=pos)
-            xs.append([macs * n, n, 1.0])
-            ys.append(time.perf_counter() - t0)
-    if len(ys) < 3:
-        raise InputError(f"no calibration patch size fits the {h}x{w} input: {patches}")
-    X, y = np.asarray(xs), np.asarray(ys)
-    active = [0, 1, 2]
-    coef = np.zeros(3)
-    for _ in range(3):  # non-negative least squares by dropping negative terms
-        sol, *_ = np.linalg.lstsq(X[:, active], y, rcond=None)
-        coef[:] = 0
-        coef[active] = sol
-        if (sol >= 0).all():
-            break
-        active = [a for a, s in zip(active, sol) if s >= 0] or [2]
-    coef = np.maximum(coef, 0)
-    rmse = float(np.sqrt(np.mean((X @ coef - y) ** 2)))
-    out = dict(a=float(coef[0]), b=float(coef[1]), c=float(coef[2]), rmse_s=rmse,
-               samples=len(ys), model=m.name, cpus=os.cpu_count(),
-               created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    p = Path(path) if path else cost_model_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(out, indent=2, sort_keys=True))
-    out["path"] = str(p)
-    return out
 
 
 # -- binding against the catalog -------------------------------------------------------------------
@@ -390,14 +312,19 @@ class Engine:
         return Result(self.con.sql(sql))
 
     def _do_calibrate(self, st: A.Calibrate, text: str):
+        """``CALIBRATE``: fit the cost model on the built-in suite (zoo models); ``CALIBRATE
+        MODEL m IMAGE i``: on that registered model and image."""
+        from .planner.cost import CALIBRATION_SUITE, FEATURES
+
         if st.model is None:
-            raise DslBindError("CALIBRATE needs MODEL name IMAGE name to measure on", text, st.end)
-        m = self._model(st.model, text, st.model_pos)
-        img = self._image(st.image, text, st.image_pos)
-        res = calibrate(m, img)
-        return self._rows(["a", "b", "c", "samples", "rmse_s", "path"],
-                          [(res["a"], res["b"], res["c"], res["samples"], res["rmse_s"],
-                            res["path"])])
+            suite = CALIBRATION_SUITE
+        else:
+            suite = ((self._model(st.model, text, st.model_pos),
+                      self._image(st.image, text, st.image_pos)),)
+        res = calibrate(suite)
+        return self._rows(list(FEATURES) + ["samples", "rmse_s", "seconds", "path"],
+                          [tuple(res["coef"][k] for k in FEATURES)
+                           + (res["samples"], res["rmse_s"], res["seconds"], res["path"])])
 
     def _do_tune(self, st: A.Tune, text: str):
         from . import api
@@ -642,7 +569,7 @@ class Engine:
             sp = bq.drilldown.get("speedup", DEFAULT_SPEEDUP)
             n = round(r.positions / sp, 1)
             note = f" (drill-down target {sp:g}x fewer than {r.positions})"
-        est = E.estimate_section(r.plan, bq.mode, n, load_cost_model(), note)
+        est = E.estimate_section(r.plan, bq.mode, n, load_cost_model(), note, r.batch)
         est.plan_type = prefix + est.plan_type
         out.append(est)
         return out
@@ -839,6 +766,6 @@ def _ident_hint(name: str) -> str:
         "'", "''") + "'"
 
 
-__all__ = ["DEFAULT_COST", "DslError", "Engine", "HEATMAP_SCHEMA", "Progress", "ablation",
+__all__ = ["DslError", "Engine", "HEATMAP_SCHEMA", "Progress", "ablation",
            "calibrate", "cost_model_path", "force_naive_from", "load_cost_model",
            "rule_switches"]

@@ -150,15 +150,18 @@ def rule_name(ds, disabled=frozenset()) -> str:
     return type(r).__name__
 
 
-def kernels(ds, in_patch: list[bool]) -> tuple[list[str], bool]:
+def kernels(ds, in_patch: list[bool], device: str = "cpu") -> tuple[list[str], bool]:
     """The physical operators of one delta step, given which inputs arrive as patches (vs full
-    tensors), and whether its output is a patch. Mirrors ``IncrementalExecutor._step``: a
-    step takes its patch path only when *every* input is a patch."""
+    tensors), and whether its output is a patch. Mirrors ``IncrementalExecutor._step`` (and
+    the GPU executor's): a step takes its patch path only when *every* input is a patch; on
+    the CPU a window whose output patch is the whole map runs dense (stitch, then the full
+    layer), the GPU keeps it a patch."""
     node = ds.node
     kind = ds.rule.kind
     patches = all(in_patch)
     act = f"+{op_name(ds.fused.op)}" if ds.fused is not None else ""
-    if kind == "window" and patches:
+    whole = ds.out_size is not None and tuple(ds.out_size) == tuple(node.shape[1:])
+    if kind == "window" and patches and not (whole and device == "cpu"):
         main = {Op.CONV: "BatchedPatchConv2d", Op.MAXPOOL: "BatchedPatchMaxPool2d",
                 Op.AVGPOOL: "BatchedPatchAvgPool2d"}.get(node.op, f"BatchedPatch{op_name(node.op)}")
         return (["CentreCrop"] if ds.crop else []) + ["GatherReadIn", main + act], True
@@ -175,12 +178,12 @@ def executed_macs(ds, ks: list[str]) -> int:
     return ds.macs_inc if ks[-1].startswith(("Batched", "Patch")) else ds.macs_full
 
 
-def physical_steps(plan) -> list[tuple[object, list[str]]]:
+def physical_steps(plan, device: str = "cpu") -> list[tuple[object, list[str]]]:
     """(delta step, kernels) in execution order, tracking patch-vs-full like the executor."""
     state = {plan.graph.input.name: True}
     out = []
     for ds in plan.steps:
-        ks, is_patch = kernels(ds, [state.get(i, False) for i in ds.node.inputs])
+        ks, is_patch = kernels(ds, [state.get(i, False) for i in ds.node.inputs], device)
         state[ds.out_name] = state[ds.node.name] = is_patch
         out.append((ds, ks))
     return out
@@ -249,7 +252,7 @@ def physical_section(plan, mode: str, batch: int, per_query: int, positions: int
                  f"{positions} positions, buffers {fmt_bytes(per_query * batch)} "
                  f"({fmt_bytes(per_query)} per query)",
                  "MaterializeViews (one full inference of the unoccluded image) -> per batch:"]
-        steps = physical_steps(plan)
+        steps = physical_steps(plan, "gpu" if device in ("gpu", "cuda") else "cpu")
         rows = [[ds.node.name, step_op(ds), " -> ".join(ks)] for ds, ks in steps]
     foot = []
     if mode != "naive":
@@ -267,22 +270,29 @@ def physical_section(plan, mode: str, batch: int, per_query: int, positions: int
                              buffer_bytes=per_query * batch, device=device, mode=mode))
 
 
-def estimate_section(plan, mode: str, positions: float, cost: dict, note: str = "") -> Section:
-    """Theoretical speedup and predicted runtime: a * MACs * positions + b * positions + c."""
-    a, b, c = cost["a"], cost["b"], cost["c"]
-    inc = a * plan.macs_inc * positions + b * positions + c
-    naive = a * plan.macs_full * positions + b * positions + c
-    pred = naive if mode == "naive" else inc
+def estimate_section(plan, mode: str, positions: float, cost: dict, note: str = "",
+                     batch: int = 128) -> Section:
+    """Theoretical speedup and the predicted runtime of ``planner.cost`` (per-step costs summed
+    over the batches, plus materializing the views)."""
+    from .cost import FEATURES, predict
+
+    pr = predict(plan, mode, positions, batch, cost)
+    coef = cost["coef"]
+    nb = -(-int(math.ceil(positions)) // max(batch, 1))
     lines = [f"positions {positions:g}{note}",
              f"MACs per query: full {fmt_int(plan.macs_full)}, incremental "
              f"{fmt_int(plan.macs_inc)}",
              f"theoretical speedup {plan.theoretical_speedup:.2f}x",
-             f"cost model: seconds = {a:.4e} * MACs * positions + {b:.4e} * positions + {c:.4e}"
-             f"  [{cost.get('source', 'defaults')}]",
-             f"predicted runtime {pred:.3f} s ({mode}); naive re-inference {naive:.3f} s"]
+             "cost model: per step and batch of B queries, seconds = B * ("
+             + " + ".join(f"{coef[k]:.3e} * {k}" for k in FEATURES[:-1])
+             + f") + {coef['step']:.3e}  [{cost.get('source', 'defaults')}]",
+             f"predicted runtime {pr['predicted_s']:.3f} s ({mode}"
+             + (f": materialize {pr['materialize_s']:.3f} s + {nb} batches of <= {batch}"
+                if mode != "naive" else "") + f"); naive re-inference {pr['naive_s']:.3f} s"]
     return Section("estimate", lines, data=dict(
         positions=positions, theoretical_speedup=plan.theoretical_speedup,
-        predicted_s=pred, predicted_naive_s=naive, cost_model=dict(a=a, b=b, c=c)))
+        predicted_s=pr["predicted_s"], predicted_naive_s=pr["naive_s"],
+        cost_model={k: f"{v:.4e}" for k, v in coef.items()}))
 
 
 def analyze_section(plan, positions: int, step_secs: dict, t: dict,

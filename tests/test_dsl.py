@@ -375,10 +375,15 @@ def test_tune_and_calibrate_statements(s, tmp_path, monkeypatch):
     rows = s.sql("SELECT count(*) FROM occlusion('tiny', 'scan_01', patch => 6, stride => 3, "
                  "mode => approximate, domain => 'noise')").fetchall()
     assert rows == [(5 * 7,)]
-    (a, b, c, n, rmse, path), = s.sql("CALIBRATE MODEL tiny IMAGE scan_01").fetchall()
-    assert n == 9 and min(a, b, c) >= 0 and path == str(tmp_path / "cost.json")
-    with pytest.raises(DslBindError, match="CALIBRATE needs MODEL name IMAGE name"):
-        s.sql("CALIBRATE")
+    res = s.sql("CALIBRATE MODEL tiny IMAGE scan_01")
+    (row,) = res.fetchall()
+    cols = res.columns
+    assert cols[:5] == ["conv_macs", "conv_acc", "fc_macs", "moved", "step"]
+    assert min(row[:5]) >= 0 and row[5] > 0 and row[-1] == str(tmp_path / "cost.json")
+    with pytest.raises(DslError, match="line 1, column"):  # MODEL without IMAGE
+        s.sql("CALIBRATE MODEL tiny")
+    with pytest.raises(DslBindError, match="nope"):
+        s.sql("CALIBRATE MODEL nope IMAGE scan_01")
 
 
 def test_device_cuda_without_gpu_is_a_clear_error(monkeypatch, tmp_path):

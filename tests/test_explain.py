@@ -22,6 +22,8 @@ from onnx_builders import Net
 from PIL import Image
 
 import krypton_db as kdb
+from krypton_db.planner import explain as E
+from krypton_db.planner.cost import FEATURES
 from krypton_db.query import calibrate, load_cost_model
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -133,8 +135,16 @@ def test_single_rules_by_regex(s):
     assert re.search(r"^\S+\s+ADD\+RELU\s+AddRule\s+merge\s+6x6\s", d, re.M)
     assert re.search(r"^\S+\s+GLOBAL_AVGPOOL\s+\w+Rule\s+global\s+full\s", d, re.M)
     assert re.search(r"GatherReadIn -> BatchedPatchConv2d\+Relu$", p, re.M)
-    assert re.search(r"GatherUnionBox -> PatchAdd\+Relu$", p, re.M)
-    assert re.search(r"StitchFull -> FullGlobalAvgPool$", p, re.M)
+    # Conv.23's output patch is its whole 6x6 map: on the CPU it runs dense, and so does the
+    # merge after it (its other input stitched)
+    assert re.search(r"^Conv\.23\s+CONV\s+StitchFull -> FullConv2d$", p, re.M)
+    assert re.search(r"^Add\.25\s+ADD\+RELU\s+StitchFull -> FullAdd\+Relu$", p, re.M)
+    assert re.search(r"^GlobalAveragePool\.29\s+GLOBAL_AVGPOOL\s+FullGlobalAvgPool$", p, re.M)
+    gpu = E.physical_section(kdb.plan(s.engine._models["res"], 4), "exact", 36, 0, 36, "gpu").text()
+    assert re.search(r"GatherUnionBox -> PatchAdd\+Relu$", gpu, re.M)  # the GPU keeps patches
+    assert re.search(r"StitchFull -> FullGlobalAvgPool$", gpu, re.M)
+    r18 = dict(s.explain(GOLDENS["resnet18"]))["physical_plan"]
+    assert re.search(r"^layer1\.0\.add\s+ADD\+RELU\s+GatherUnionBox -> PatchAdd\+Relu$", r18, re.M)
     assert re.search(r"batch \d+, 1 batches for 36 positions, buffers [\d.]+ KiB", p)
     est = rows["estimate"]
     assert "defaults (uncalibrated)" in est and re.search(r"predicted runtime \d+\.\d{3} s", est)
@@ -220,11 +230,14 @@ def test_calibration_feeds_the_estimate(s, tmp_path, monkeypatch):
     path = tmp_path / "cost.json"
     monkeypatch.setenv("KRYPTON_COST_MODEL", str(path))
     m = s.engine._models["vgg"]
-    res = calibrate(m, s.catalog.get_image("img"), patches=(4, 8), counts=(2, 8))
-    assert path.is_file() and res["samples"] == 4
-    assert all(res[k] >= 0 for k in "abc")
+    res = calibrate(((m, s.catalog.get_image("img")),), patches=(4, 8), batches=(2, 5))
+    # 2 patch sizes x 2 batch sizes, one sample per physical step
+    assert path.is_file() and res["samples"] == 4 * len(kdb.plan(m, 4).steps)
+    assert set(res["coef"]) == set(FEATURES) and all(v >= 0 for v in res["coef"].values())
     assert load_cost_model()["source"] == "calibrated on vgg"
     est = dict(s.explain("occlusion('vgg', 'img', patch => 5)"))["estimate"]
     assert "[calibrated on vgg]" in est
     path.write_text("not json")
+    assert load_cost_model()["source"] == "defaults (uncalibrated)"
+    path.write_text('{"a": 1, "b": 0, "c": 0}')  # a cost model of an older version
     assert load_cost_model()["source"] == "defaults (uncalibrated)"

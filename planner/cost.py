@@ -1,0 +1,265 @@
+"""Runtime cost model of occlusion plans, calibrated on this machine (EXPLAIN's estimate).
+
+Model: every physical step of a batch of B queries costs
+
+    t_step(B) = B * (a_conv * conv MACs + a_acc * conv accumulations + a_fc * FC MACs
+                     + a_mem * elements moved) + c_step
+
+per query features read off the plan (``step_features``), the same for the incremental path
+(patch sizes from the delta plan, the kernels the executor launches: ``physical_steps``) and
+for full inference (materializing the views, naive re-inference):
+
+- conv MACs          MACs of convolutions (GEMM work)
+- conv accumulations MACs / (C / groups): output cells x taps -- the accumulate-into-C
+                     traffic of the shifted-window GEMMs, which makes small-C convs slower
+                     per MAC than large-C ones
+- FC MACs            fully connected products (a batch-sized GEMM, different efficiency)
+- elements moved     memory-bound kernels: read-in gathers, stitches, pooling inputs,
+                     pointwise / merge outputs
+- c_step             a fixed cost per step and batch (Python dispatch, thread-pool wakeups)
+
+A query run costs sum over batches and steps + materializing the views (one full inference
+of the unoccluded image). ``calibrate`` fits the five constants by non-negative least squares
+on *per-step* times of profiled exact-occlusion runs (several models, patch sizes and batch
+sizes, so each constant is pinned by hundreds of samples) and stores them as JSON
+(``cost_model_path()``); ``load_cost_model`` reads them back (defaults when uncalibrated).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+FEATURES = ("conv_macs", "conv_acc", "fc_macs", "moved", "step")
+# rough constants of a 2-core AVX2 machine, used until CALIBRATE runs (seconds per unit)
+DEFAULTS = dict(conv_macs=1 / 60e9, conv_acc=2e-10, fc_macs=1 / 40e9, moved=5e-10, step=2e-5)
+CALIBRATION_SUITE = (("zoo:resnet18", "chelsea"), ("zoo:vgg16", "astronaut"),
+                     ("zoo:inception3", "coffee"))
+
+
+def cost_model_path() -> Path:
+    """``$KRYPTON_COST_MODEL``, else ``<krypton cache dir>/cost_model.json``."""
+    env = os.environ.get("KRYPTON_COST_MODEL")
+    if env:
+        return Path(env).expanduser()
+    from krypton_db.zoo import cache_dir
+
+    return cache_dir() / "cost_model.json"
+
+
+def load_cost_model(path=None) -> dict:
+    """The calibrated constants (``FEATURES`` -> seconds per unit, ``source``), or the defaults
+    when uncalibrated, unreadable or written by an older model version."""
+    p = Path(path) if path else cost_model_path()
+    try:
+        d = json.loads(p.read_text())
+        coef = d.get("coef", {})
+        if all(isinstance(coef.get(k), (int, float)) and coef[k] >= 0 for k in FEATURES):
+            return dict(coef={k: float(coef[k]) for k in FEATURES},
+                        source=f"calibrated on {', '.join(d.get('models', ['?']))}")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return dict(coef=dict(DEFAULTS), source="defaults (uncalibrated)")
+
+
+# -- features ------------------------------------------------------------------------------------
+
+
+def _elems(shape) -> int:
+    return int(math.prod(shape))
+
+
+def _op_features(node, graph, macs: int, in_elems: int, out_elems: int) -> np.ndarray:
+    from krypton_db.graph import Op
+
+    f = np.zeros(len(FEATURES))
+    if node.op is Op.CONV:
+        cg = graph[node.inputs[0]].shape[0] // node.params.get("groups", 1)
+        f[0] += macs
+        f[1] += macs / max(cg, 1)
+    elif node.op is Op.GEMM:
+        f[2] += macs
+    else:
+        f[3] += in_elems + out_elems
+    f[4] = 1.0
+    return f
+
+
+def step_features(plan) -> list[tuple[str, np.ndarray]]:
+    """(step name, per-query features) of the incremental plan's physical steps, the kernels
+    the executor launches (``planner.explain.physical_steps``)."""
+    from .explain import executed_macs, physical_steps
+
+    g = plan.graph
+    out = []
+    for ds, ks in physical_steps(plan):
+        node = ds.node
+        patch_out = ks[-1].startswith(("Batched", "Patch"))
+        c_in = [g[i].shape[0] if len(g[i].shape) == 3 else _elems(g[i].shape) for i in node.inputs]
+        moved = 0.0
+        if patch_out and ds.out_size is not None:
+            oh, ow = ds.out_size
+            out_elems = node.shape[0] * oh * ow if len(node.shape) == 3 else _elems(node.shape)
+            rin = ds.read_in or ds.out_size
+            in_elems = sum(c * rin[0] * rin[1] for c in c_in)
+            if "GatherReadIn" in ks or "GatherUnionBox" in ks:
+                moved += in_elems
+        else:
+            out_elems = _elems(node.shape)
+            in_elems = sum(_elems(g[i].shape) for i in node.inputs)
+            if "StitchFull" in ks:
+                moved += in_elems
+        f = _op_features(node, g, executed_macs(ds, ks), in_elems, out_elems)
+        f[3] += moved
+        out.append((node.name, f))
+    return out
+
+
+def full_features(plan) -> list[tuple[str, np.ndarray]]:
+    """(step name, per-image features) of full inference of the plan's graph."""
+    g = plan.graph
+    return [(ds.node.name, _op_features(ds.node, g, ds.macs_full,
+                                        sum(_elems(g[i].shape) for i in ds.node.inputs),
+                                        _elems(ds.node.shape)))
+            for ds in plan.steps]
+
+
+def _batches(positions: float, batch: int) -> list[float]:
+    n = max(float(positions), 0.0)
+    b = max(int(batch), 1)
+    full = int(n // b)
+    rest = n - full * b
+    return [float(b)] * full + ([rest] if rest > 0 else [])
+
+
+def _cost(feats, coef: dict, batches: list[float]) -> float:
+    w = np.array([coef[k] for k in FEATURES])
+    per_query = sum(float(f[:4] @ w[:4]) for _, f in feats)
+    steps = sum(float(f[4]) for _, f in feats)
+    return sum(b * per_query + w[4] * steps for b in batches)
+
+
+def predict(plan, mode: str, positions: float, batch: int, cost: dict) -> dict:
+    """Predicted seconds of an occlusion query: ``predicted_s`` (``mode``: exact/approximate
+    run the incremental plan after materializing the views, naive re-runs full inference
+    per position in batches of up to 16) and ``naive_s`` (naive re-inference)."""
+    coef = cost["coef"]
+    full = full_features(plan)
+    naive = _cost(full, coef, _batches(positions, min(batch, 16)))
+    if mode == "naive":
+        return dict(predicted_s=naive, naive_s=naive, materialize_s=0.0)
+    mat = _cost(full, coef, [1.0])
+    inc = _cost(step_features(plan), coef, _batches(positions, batch))
+    return dict(predicted_s=mat + inc, naive_s=naive, materialize_s=mat)
+
+
+# -- calibration ---------------------------------------------------------------------------------
+
+
+def nnls(a: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
+    """Non-negative least squares min ||a x - b||, x >= 0 (Lawson-Hanson active set).
+
+    Written here because scipy (``scipy.optimize.nnls``) is not a runtime dependency; the
+    problems are tiny (5 unknowns). Columns are scaled to unit norm for conditioning."""
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    a = a / scale
+    n = a.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, bool)
+    for _ in range(iters):
+        grad = a.T @ (b - a @ x)
+        if passive.all() or (grad[~passive] <= 1e-12).all():
+            break
+        j = int(np.argmax(np.where(passive, -np.inf, grad)))
+        passive[j] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / np.maximum(x[neg] - z[neg], 1e-300))
+            x = x + alpha * (z - x)
+            passive &= x > 1e-15
+            x[~passive] = 0.0
+    return x / scale
+
+
+def profile_run(model, image, patch: int, positions: np.ndarray, batch: int):
+    """One profiled exact-occlusion run: (delta plan, {step: seconds}, batch sizes)."""
+    from krypton_db.exec.incremental import IncrementalExecutor
+    from krypton_db.images import color_to_input
+
+    from .delta_plan import plan_occlusion
+
+    ex = model.executor
+    if ex.jit_seconds is None:
+        ex.warmup()
+    xn = model.to_nchw(model.preprocess(image)[None])[0]
+    plan = plan_occlusion(model.graph, (patch, patch), ex.plan)
+    inc = IncrementalExecutor(plan, ex)
+    inc.materialize(xn)
+    colour = color_to_input(0.0, model.spec)
+    pv = np.ascontiguousarray(np.broadcast_to(colour[:, None, None], (xn.shape[0], patch, patch)),
+                              np.float32)
+    inc.run_batch(positions[:1], pv)  # compile / fault in outside the measurement
+    inc.profile = True
+    inc.step_secs.clear()
+    sizes = []
+    for i in range(0, len(positions), batch):
+        inc.run_batch(positions[i : i + batch], pv)
+        sizes.append(min(batch, len(positions) - i))
+    return plan, dict(inc.step_secs), sizes
+
+
+def calibrate(suite=CALIBRATION_SUITE, path=None, patches=None, batches=(16, 64),
+              seed: int = 0) -> dict:
+    """Fit the cost constants on this machine from per-step times of profiled exact-occlusion
+    runs of ``suite`` ((model, image) pairs: names or objects) at each patch size (default
+    1/28 and 1/7 of the input side: 8 and 32 at 224) and batch size (two batches each, random
+    positions), store them as JSON and return them."""
+    from krypton_db.api import _model
+    from krypton_db.images import sample_image
+
+    rng = np.random.default_rng(seed)
+    rows, ys, names = [], [], []
+    t_start = time.perf_counter()
+    for model, image in suite:
+        m = _model(model)
+        img = sample_image(image) if isinstance(image, str) else image
+        _, h, w = m.graph.input_shape
+        names.append(m.name)
+        side = min(h, w)
+        sizes_p = patches or sorted({max(2, round(side / 28)), max(3, round(side / 7))})
+        for p in sizes_p:
+            if p > min(h, w):
+                continue
+            for b in batches:
+                n = 2 * b
+                pos = np.stack([rng.integers(0, h - p + 1, n), rng.integers(0, w - p + 1, n)], 1)
+                plan, secs, sizes = profile_run(m, img, p, pos, b)
+                for name, f in step_features(plan):
+                    rows.append(np.concatenate([f[:4] * sum(sizes), [f[4] * len(sizes)]]))
+                    ys.append(secs.get(name, 0.0))
+    if len(ys) < len(FEATURES):
+        raise ValueError(f"calibration produced {len(ys)} samples; need >= {len(FEATURES)}")
+    x, y = np.asarray(rows), np.asarray(ys)
+    coef = nnls(x, y)
+    pred = x @ coef
+    out = dict(coef=dict(zip(FEATURES, map(float, coef))), models=names, samples=len(ys),
+               rmse_s=float(np.sqrt(np.mean((pred - y) ** 2))), total_s=float(y.sum()),
+               total_pred_s=float(pred.sum()), batches=list(batches),
+               cpus=os.cpu_count(), seconds=round(time.perf_counter() - t_start, 1),
+               created=time.strftime("%Y-%m-%dT%H:%M:%S"), version=2)
+    p = Path(path) if path else cost_model_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(out, indent=2, sort_keys=True))
+    out["path"] = str(p)
+    return out

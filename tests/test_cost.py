@@ -1,0 +1,91 @@
+"""The runtime cost model (planner/cost.py): NNLS against SciPy, features mirroring the
+executor, calibration round trip, predictions that respond to the plan."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from scipy.optimize import nnls as scipy_nnls  # installed with scikit-image (test extra)
+from test_occlusion import NETS
+
+import krypton_db as kdb
+from krypton_db.planner import cost
+from krypton_db.planner.explain import physical_steps
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nnls_matches_scipy(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.random((40, 5)) * rng.choice([1e-9, 1e3, 1.0], 5)  # badly scaled columns
+    b = a @ rng.normal(size=5) + 0.01 * rng.normal(size=40)  # some coefficients clamp at 0
+    ours = cost.nnls(a, b)
+    ref, _ = scipy_nnls(a, b)
+    assert (ours >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(a @ ours - b), np.linalg.norm(a @ ref - b),
+                               rtol=1e-6)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-8 * np.abs(ref).max())
+
+
+def test_nnls_recovers_exact_nonnegative_solution():
+    rng = np.random.default_rng(1)
+    a = rng.random((30, 5))
+    x = np.array([1e-11, 0.0, 3e-10, 2.0, 5e-5])
+    np.testing.assert_allclose(cost.nnls(a, a @ x), x, rtol=1e-6, atol=1e-15)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cost")
+    out = {}
+    for name, fn in NETS.items():
+        m, (h, w) = fn()
+        onnx.save(m, d / f"{name}.onnx")
+        img = np.random.default_rng(3).random((h, w, 3)).astype(np.float32)
+        out[name] = (kdb.load_model(d / f"{name}.onnx"), img)
+    return out
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_features_cover_every_profiled_step(models, name):
+    m, img = models[name]
+    pos = np.array([[0, 0], [2, 3], [5, 1]])
+    plan, secs, sizes = cost.profile_run(m, img, 4, pos, 2)
+    feats = cost.step_features(plan)
+    assert [n for n, _ in feats] == [ds.node.name for ds, _ in physical_steps(plan)]
+    assert set(secs) == {n for n, _ in feats} and sizes == [2, 1]
+    for (n, f), (ds, ks) in zip(feats, physical_steps(plan)):
+        assert f[4] == 1.0 and (f[:4] >= 0).all()
+        if ds.node.op.name == "CONV":  # conv MACs are the kernels' executed MACs
+            assert f[0] == (ds.macs_inc if ks[-1].startswith("Batched") else ds.macs_full)
+
+
+def test_predict_scales_with_positions_and_plan(models):
+    m, _ = models["vgg"]
+    cm = cost.load_cost_model("/nonexistent/cost.json")
+    assert cm["source"] == "defaults (uncalibrated)"
+    small, big = kdb.plan(m, 3), kdb.plan(m, 9)
+    p1 = cost.predict(small, "exact", 100, 50, cm)
+    p2 = cost.predict(small, "exact", 200, 50, cm)
+    p3 = cost.predict(big, "exact", 100, 50, cm)
+    inc1 = p1["predicted_s"] - p1["materialize_s"]
+    assert p2["predicted_s"] - p2["materialize_s"] == pytest.approx(2 * inc1)
+    assert p3["predicted_s"] > p1["predicted_s"]  # a larger patch changes more cells
+    assert p1["predicted_s"] < p1["naive_s"]
+    naive = cost.predict(small, "naive", 100, 50, cm)
+    assert naive["predicted_s"] == naive["naive_s"] == p1["naive_s"]
+
+
+def test_calibration_round_trip(models, tmp_path):
+    path = tmp_path / "cm.json"
+    suite = [(models["resnet"][0], models["resnet"][1]), (models["inception"][0], models["inception"][1])]
+    res = cost.calibrate(suite, path=path, patches=(3, 6), batches=(2, 6))
+    stored = json.loads(path.read_text())
+    assert stored["coef"] == res["coef"] and stored["version"] == 2
+    assert res["samples"] == sum(2 * 2 * len(cost.step_features(kdb.plan(m, 3)))
+                                 for m, _ in suite)
+    cm = cost.load_cost_model(path)
+    assert cm["coef"] == res["coef"] and cm["source"].startswith("calibrated on ")
+    assert res["total_s"] > 0 and res["total_pred_s"] > 0 and res["rmse_s"] >= 0
