@@ -452,37 +452,49 @@ class CpuExecutor:
         want = set(outputs or [self.graph.output])
         g = self.graph
         vals: dict[str, np.ndarray] = {g.input.name: _to_internal(np.asarray(batch, np.float32))}
-        owned: dict[str, np.ndarray] = {}  # values living in arena buffers
+        owned: dict[str, list] = {}  # arena buffers holding each value
         result = {}
         if g.input.name in want:
             result[g.input.name] = np.asarray(batch, np.float32)
         last_use = self._last_use()
         arena = self._arena
+        handed: dict[int, np.ndarray] = {}
+
+        def alloc(shape):
+            a = arena.get(shape)
+            handed[id(a)] = a
+            return a
+
         for idx, step in enumerate(self.plan.steps):
             t0 = time.perf_counter() if profile or step_secs is not None else 0.0
             name = self.plan.out_name(step)
-            y = self._exec(step, [vals[i] for i in step.node.inputs], alloc=arena.get)
+            y = self._exec(step, [vals[i] for i in step.node.inputs], alloc=alloc)
             if profile:
                 step.secs += time.perf_counter() - t0
             if step_secs is not None:
                 n = step.node.name
                 step_secs[n] = step_secs.get(n, 0.0) + time.perf_counter() - t0
             vals[name] = y
-            if step.node.op in (Op.CONV, Op.MAXPOOL, Op.AVGPOOL) and y.ndim == 4:
-                owned[name] = y
+            for a in handed.values():  # arena buffers of this step: y's own, or scratch
+                if np.may_share_memory(a, y):
+                    owned.setdefault(name, []).append(a)
+                else:
+                    arena.put(a)
+            handed.clear()
             if step.fused is not None and step.node.name in want:
                 raise ValueError(f"{step.node.name} is fused away; lower with fuse=False to read it")
             if name in want:
                 result[name] = _to_external(y)
             for i in step.node.inputs:
                 if last_use.get(i) == idx and i not in want:
-                    v = vals.pop(i, None)
-                    buf = owned.pop(i, None)
-                    if buf is not None and not any(np.may_share_memory(buf, u) for u in vals.values()):
-                        arena.put(buf)
-        for buf in owned.values():
-            if not any(np.may_share_memory(buf, u) for u in result.values()):
-                arena.put(buf)
+                    vals.pop(i, None)
+                    for buf in owned.pop(i, ()):
+                        if not any(np.may_share_memory(buf, u) for u in vals.values()):
+                            arena.put(buf)
+        for bufs in owned.values():
+            for buf in bufs:
+                if not any(np.may_share_memory(buf, u) for u in result.values()):
+                    arena.put(buf)
         return result
 
     def _last_use(self) -> dict[str, int]:
@@ -513,12 +525,12 @@ class CpuExecutor:
             return np.ascontiguousarray(m[:, :, None, None]) if node.params.get("keepdims", True) \
                 else np.ascontiguousarray(m.T)
         if op in _ACT or op is Op.AFFINE:
-            return pointwise_any(x, node)
+            return pointwise_any(x, node, out=alloc(x.shape) if alloc and x.ndim == 4 else None)
         if op is Op.ADD:
             if len(ins) == 2 and ins[0].shape == ins[1].shape:
                 a = np.ascontiguousarray(ins[0], np.float32).reshape(-1)
                 b = np.ascontiguousarray(ins[1], np.float32).reshape(-1)
-                out = np.empty(ins[0].shape, np.float32)
+                out = alloc(ins[0].shape) if alloc else np.empty(ins[0].shape, np.float32)
                 of = out.reshape(-1)
                 parallel_ranges(a.size, lambda lo, hi: K.add_act_range_cpu(a, b, of, *act, lo, hi), 65536)
                 return out
@@ -532,6 +544,9 @@ class CpuExecutor:
                 out = out * v
             return np.ascontiguousarray(out)
         if op is Op.CONCAT:
+            if alloc and all(v.ndim == 4 for v in ins):
+                shape = (sum(v.shape[0] for v in ins),) + ins[0].shape[1:]
+                return np.concatenate(ins, axis=0, out=alloc(shape))
             return np.concatenate(ins, axis=0)
         if op is Op.LRN:
             out = np.empty_like(x)

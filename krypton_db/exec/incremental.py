@@ -26,7 +26,7 @@ import numpy as np
 
 from ..graph import Op
 from . import patch_cpu as P
-from .cpu import CpuExecutor, _to_external, act_spec
+from .cpu import CpuExecutor, _Arena, _to_external, act_spec
 
 
 @dataclass
@@ -89,6 +89,21 @@ class IncrementalExecutor:
         self.step_secs: dict[str, float] = {}  # accumulated per step (EXPLAIN ANALYZE)
         self.profile = False
         self._steps = {s.node.name: s for s in self.ex.plan.steps}
+        # Buffers of a batch come from an arena and go back at their value's last use: a
+        # fresh np.empty of tens of MB is mmapped and page-faulted (kernel-zeroed) on first
+        # touch, which cost the gathers, epilogues and concats of a batch as much as 30%.
+        self._arena = _Arena()
+        self._handed: dict[int, np.ndarray] = {}
+        last: dict[str, int] = {}
+        for idx, ds in enumerate(self.plan.steps):
+            for i in ds.node.inputs:
+                last[i] = idx
+        self._last_use = last
+
+    def _alloc(self, shape) -> np.ndarray:
+        a = self._arena.get(shape)
+        self._handed[id(a)] = a
+        return a
 
     def materialize(self, x_nchw: np.ndarray) -> np.ndarray:
         """Run the original image once and keep every step's output (internal layout)."""
@@ -101,7 +116,7 @@ class IncrementalExecutor:
 
     def _full(self, name: str, st, b: int) -> np.ndarray:
         if isinstance(st, Patch):
-            return P.stitch(self.views[name], st.val, st.loc)
+            return P.stitch(self.views[name], st.val, st.loc, alloc=self._alloc)
         return st
 
     def run_batch(self, positions: np.ndarray, patch_values: np.ndarray) -> np.ndarray:
@@ -112,10 +127,27 @@ class IncrementalExecutor:
         val = np.ascontiguousarray(np.broadcast_to(patch_values[..., None], patch_values.shape + (b,)),
                                    np.float32)
         state: dict[str, object] = {g.input.name: Patch(positions.astype(np.int64), val)}
-        for ds in self.plan.steps:
+        owned: dict[str, list[np.ndarray]] = {}  # arena buffers holding each live value
+        arena = self._arena
+        last = len(self.plan.steps) - 1
+        for idx, ds in enumerate(self.plan.steps):
             ins = [state[i] for i in ds.node.inputs]
             t0 = time.perf_counter()
-            state[ds.out_name] = self._step(ds, ins, b)
+            y = state[ds.out_name] = self._step(ds, ins, b)
+            yv = y.val if isinstance(y, Patch) else y
+            for a in self._handed.values():  # the step's output buffer, or its scratch
+                if np.may_share_memory(a, yv) and idx < last:
+                    owned.setdefault(ds.out_name, []).append(a)
+                elif not np.may_share_memory(a, yv):
+                    arena.put(a)
+            self._handed.clear()
+            for i in ds.node.inputs:  # values whose last reader ran: buffers back
+                if self._last_use.get(i) == idx and i in state:
+                    del state[i]
+                    live = [v.val if isinstance(v, Patch) else v for v in state.values()]
+                    for buf in owned.pop(i, ()):
+                        if not any(np.may_share_memory(buf, u) for u in live):
+                            arena.put(buf)
             if self.profile:
                 name = ds.node.name
                 self.step_secs[name] = self.step_secs.get(name, 0.0) + time.perf_counter() - t0
@@ -133,11 +165,11 @@ class IncrementalExecutor:
         # tensors (stitched once) and run on the dense CNHW executor, which is faster than
         # gathering read-in contexts that cover everything anyway
         if kind == "pointwise" and patches:  # the same physical op, on the patch values only
-            return Patch(ins[0].loc, self.ex._exec(step, [ins[0].val]))
+            return Patch(ins[0].loc, self.ex._exec(step, [ins[0].val], alloc=self._alloc))
         if kind == "merge" and patches and len(node.shape) == 3:
             return self._merge(ds, step, ins, b)
         full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
-        return self.ex._exec(step, full)
+        return self.ex._exec(step, full, alloc=self._alloc)
 
     def _window(self, ds, step, pin: Patch) -> Patch:
         node = ds.node
@@ -150,13 +182,13 @@ class IncrementalExecutor:
         src = node.inputs[0]
         fill = -np.inf if node.op is Op.MAXPOOL else 0.0
         buf = P.gather(self.views[src], pin.val, pin.loc, rloc, rsize, fill,
-                       P.window_tail(node, pin.loc.shape[0]))
+                       P.window_tail(node, pin.loc.shape[0]), alloc=self._alloc)
         if node.op is Op.CONV:
-            y = P.conv_chwb(buf, node, step.prep, act_spec(ds.fused), size)
+            y = P.conv_chwb(buf, node, step.prep, act_spec(ds.fused), size, alloc=self._alloc)
         elif node.op is Op.MAXPOOL:
-            y = P.maxpool_chwb(buf, node, size)
+            y = P.maxpool_chwb(buf, node, size, alloc=self._alloc)
         else:
-            y = P.avgpool_chwb(buf, node, rloc, self.graph[src].shape[1:], size)
+            y = P.avgpool_chwb(buf, node, rloc, self.graph[src].shape[1:], size, alloc=self._alloc)
         return Patch(oloc, y)
 
     def _merge(self, ds, step, ins: list[Patch], b: int) -> Patch:
@@ -164,7 +196,7 @@ class IncrementalExecutor:
         loc, (bh, bw) = union_box(node, [p.loc for p in ins], [p.size for p in ins])
         # an input whose patch already is the union box at every query needs no gather
         bufs = [p.val if p.size == (bh, bw) and np.array_equal(p.loc, loc)
-                else P.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0)
+                else P.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0, alloc=self._alloc)
                 for name, p in zip(node.inputs, ins)]
         return Patch(loc, self.ex._exec(step, bufs))
 

@@ -207,29 +207,36 @@ def avg_divisors_cpu(rloc, axis, n_out, stride, k, size, p0, p1, include_pad):
 # -- drivers -------------------------------------------------------------------------------------
 
 
-def gather(view, patch, ploc, rloc, size, fill, tail: int = 0) -> np.ndarray:
+def _new(alloc, shape) -> np.ndarray:
+    """A float32 buffer from ``alloc(shape)`` (the incremental executor's arena, whose pages
+    are already faulted in) or a fresh array."""
+    return alloc(shape) if alloc is not None else np.empty(shape, np.float32)
+
+
+def gather(view, patch, ploc, rloc, size, fill, tail: int = 0, alloc=None) -> np.ndarray:
     """Read-in contexts [C, hR, wR, B] (plus ``tail`` spare floats after the last channel, for
     the shifted-window GEMM's overhang)."""
     c = view.shape[0]
     nb = ploc.shape[0]
     n = c * size[0] * size[1] * nb
-    flat = np.empty(n + tail, np.float32)
+    flat = _new(alloc, (n + tail,))
     out = flat[:n].reshape(c, size[0], size[1], nb)
     parallel_ranges(c, lambda lo, hi: gather_chwb_cpu(view, patch, ploc, rloc, np.float32(fill), out, lo, hi))
     return out
 
 
-def stitch(view, patch, ploc) -> np.ndarray:
+def stitch(view, patch, ploc, alloc=None) -> np.ndarray:
     c = view.shape[0]
-    out = np.empty((c, ploc.shape[0]) + view.shape[1:], np.float32)
+    out = _new(alloc, (c, ploc.shape[0]) + view.shape[1:])
     parallel_ranges(c, lambda lo, hi: stitch_chwb_cpu(view, patch, ploc, out, lo, hi))
     return out
 
 
 SHIFT_MAX_WASTE = 0.6
+SHIFT_MIN_C = 16
 
 
-def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size) -> np.ndarray:
+def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=None) -> np.ndarray:
     """Convolution (padding 0) of gathered read-in contexts buf [C, hR, wR, B] -> [O, ho, wo, B]."""
     p = node.params
     c, hr, wr, nb = buf.shape
@@ -240,7 +247,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size) -> np.nda
     g = p["groups"]
     o = cw.w4.shape[0]
     code, a0, a1 = act
-    out = np.empty((o, ho, wo, nb), np.float32)
+    out = _new(alloc, (o, ho, wo, nb))
     if g == c == o and cw.w4.shape[1] == 1 and g > 1:
         parallel_ranges(c, lambda lo, hi: depthwise_chwb_cpu(buf, cw.w4, cw.bias, sh, sw, dh, dw,
                                                              code, a0, a1, out, lo, hi))
@@ -248,7 +255,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size) -> np.nda
     cg, og = c // g, o // g
     with K.single_threaded_blas():
         # shifted-window GEMMs need K = C large enough for BLAS to be efficient
-        if g == 1 and sh == sw == 1 and c >= 16 and (kh * kw == 1 or wr <= (1 + SHIFT_MAX_WASTE) * wo):
+        if g == 1 and sh == sw == 1 and c >= SHIFT_MIN_C and (kh * kw == 1 or wr <= (1 + SHIFT_MAX_WASTE) * wo):
             _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out)
             return out
         rows = cg * kh * kw
@@ -301,18 +308,18 @@ def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     parallel_chunks(nchunks, one)
 
 
-def maxpool_chwb(buf, node: Node, size) -> np.ndarray:
+def maxpool_chwb(buf, node: Node, size, alloc=None) -> np.ndarray:
     kh, kw = node.params["kernel"]
     sh, sw = node.params["stride"]
-    out = np.empty((buf.shape[0],) + tuple(size) + (buf.shape[3],), np.float32)
+    out = _new(alloc, (buf.shape[0],) + tuple(size) + (buf.shape[3],))
     parallel_ranges(buf.shape[0], lambda lo, hi: maxpool_chwb_cpu(buf, kh, kw, sh, sw, out, lo, hi))
     return out
 
 
-def avgpool_chwb(buf, node: Node, rloc, in_hw, size) -> np.ndarray:
+def avgpool_chwb(buf, node: Node, rloc, in_hw, size, alloc=None) -> np.ndarray:
     p = node.params
     t, l, b, r = p["pads"]
-    out = np.empty((buf.shape[0],) + tuple(size) + (buf.shape[3],), np.float32)
+    out = _new(alloc, (buf.shape[0],) + tuple(size) + (buf.shape[3],))
     (kh, kw), (sh, sw) = p["kernel"], p["stride"]
     inc = bool(p.get("count_include_pad", False))
     inv_y = avg_divisors_cpu(rloc, 0, size[0], sh, kh, in_hw[0], t, b, inc)
