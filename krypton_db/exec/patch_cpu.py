@@ -279,9 +279,12 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
 
 
 def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
-    code, a0, a1 = act
     c = buf.shape[0]
     o = out.shape[0]
+    if wr != wo and wo * nb >= SEGMENT_MIN_COLS:
+        _conv_shift_rows(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out)
+        return
+    code, a0, a1 = act
     chan = hr * wr * nb
     # the gathered buffer owns a tail of spare floats after its last channel (see gather), so
     # the overhanging reads of dropped columns stay inside the allocation
@@ -306,6 +309,37 @@ def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
         shift_epilogue_chwb_cpu(acc, 0, q0, q1, wr, wo, nb, cw.bias, code, a0, a1, out)
 
     parallel_chunks(nchunks, one)
+
+
+# Below this many output columns per row (wo * B) the per-row GEMMs get too narrow and the
+# whole-grid variant (which computes and drops the wr - wo overhang columns) is faster.
+SEGMENT_MIN_COLS = 256
+
+
+def _conv_shift_rows(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
+    """The shifted-window GEMMs over output-row segments: the columns (oy, x0..x1, b) of one
+    output row are contiguous in the gathered buffer at every tap, so each segment's GEMMs
+    read exactly the valid columns (no wr - wo overhang: 2 of 14 columns at VGG16's 12x12
+    patches) and write straight into ``out`` ([O, ho, wo, B], bias + activation in place)."""
+    code, a0, a1 = act
+    c = buf.shape[0]
+    o = out.shape[0]
+    b2 = np.ascontiguousarray(buf).reshape(c, hr * wr * nb)
+    out2 = out.reshape(o, ho * wo * nb)
+    taps = cw.tap_mats()[0]
+    offs = [(i * dh * wr + j * dw) * nb for i in range(kh) for j in range(kw)]
+    xc = max(1, min(wo, (512 * 1024) // max(c + o, 1) // nb))  # x cells per segment
+    segs = [((oy * wr + x0) * nb, (oy * wo + x0) * nb, (min(x0 + xc, wo) - x0) * nb)
+            for oy in range(ho) for x0 in range(0, wo, xc)]
+
+    def one(si):
+        s0, d0, n = segs[si]
+        ys = out2[:, d0 : d0 + n]
+        for k, off in enumerate(offs):
+            K.gemm(taps[k], b2[:, s0 + off : s0 + off + n], ys, 0.0 if k == 0 else 1.0)
+        bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
+
+    parallel_chunks(len(segs), one)
 
 
 def maxpool_chwb(buf, node: Node, size, alloc=None) -> np.ndarray:
