@@ -21,7 +21,6 @@ rewrite, per-step profiling, materialization time, per-batch progress.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ from .errors import InputError
 from .hooks import OcclusionHooks
 from .images import color_to_input
 from .model import Model, softmax
-from .planner.batching import choose_batch
+from .planner.batching import DEFAULT_MEMORY_BUDGET, batch_for, naive_bytes_per_query
 
 
 def _pair(v, what: str) -> tuple[int, int]:
@@ -115,7 +114,7 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
 
 def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
-            memory_budget: int = 512 << 20, score: str = "prob", tau: float = 1.0,
+            memory_budget: int = DEFAULT_MEMORY_BUDGET, score: str = "prob", tau: float = 1.0,
             device: str = "cpu", hooks: OcclusionHooks | None = None) -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
@@ -184,14 +183,14 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
         if hooks is not None:
             hooks.materialize_s += time.perf_counter() - tm
         per_q = inc.bytes_per_query()
-        bs = batch_size or choose_batch(per_q, flat.shape[0], memory_budget)
+        bs = batch_for(mode, per_q, flat.shape[0], memory_budget, batch_size)
         stats.update(theoretical_speedup=plan.theoretical_speedup, macs_full=plan.macs_full,
                      macs_incremental=plan.macs_inc)
         run = lambda pos: _probs(model, inc.run_batch(pos, patch_vals))  # noqa: E731
     else:
         base = _probs(model, ex.predict(xn[None]))[0]
-        per_q = 4 * max(math.prod(n.shape) for n in model.graph.nodes)  # largest activation
-        bs = batch_size or choose_batch(3 * per_q, flat.shape[0], memory_budget, max_batch=16)
+        per_q = naive_bytes_per_query(model.graph)
+        bs = batch_for(mode, per_q, flat.shape[0], memory_budget, batch_size)
         # per-step times of the full re-inference: the CPU executor's (the GPU one has none)
         secs = hooks.step_secs if hooks is not None and hooks.profile and device == "cpu" \
             else None

@@ -446,7 +446,7 @@ class Engine:
         that runs. bind -> plan_deltas -> apply_tau -> force_naive_from -> choose_batch ->
         lower."""
         from .exec.cpu import CpuPlan
-        from .exec.incremental import IncrementalExecutor
+        from .planner.batching import batch_for, naive_bytes_per_query, peak_bytes_per_query
         from .planner.delta_plan import plan_occlusion
 
         bq = r.bq
@@ -459,17 +459,11 @@ class Engine:
         out.append(("apply_tau", p2))
         p3 = force_naive_from(p2, self.options.get("naive_from"))
         out.append(("force_naive_from", p3))
-        c, h, w = r.graph.input_shape
         if bq.mode == "naive":
-            per_q = 4 * c * h * w * 4
-            bs = bq.batch_size or int(max(1, min(r.positions, bq.memory_budget //
-                                                 (16 * c * h * w * 4), 16)))
+            per_q = naive_bytes_per_query(r.graph)
         else:
-            per_q = IncrementalExecutor(p3, r.model.executor
-                                        if r.graph is r.model.graph else None).bytes_per_query()
-            bs = bq.batch_size or int(max(1, min(r.positions, bq.memory_budget // max(per_q, 1),
-                                                 256)))
-        bs = min(bs, max(r.positions, 1))  # a batch never holds more than the positions
+            per_q = peak_bytes_per_query(p3, "gpu" if bq.device in ("gpu", "cuda") else "cpu")
+        bs = batch_for(bq.mode, per_q, r.positions, bq.memory_budget, bq.batch_size)
         r.plan, r.batch, r.per_query = p3, bs, per_q
         out.append(("choose_batch",
                     f"batch size {bs} for {r.positions} positions ({-(-r.positions // bs)} "

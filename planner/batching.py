@@ -1,15 +1,22 @@
 """Multi-query batching: how many occlusion queries run together in one batched delta plan.
 
-Every query of a batch shares the materialized views; the per-query cost is the buffers of
-its largest step (read-in context + output patch, or the stitched full tensor after a
-global-context layer). The batch is the largest that keeps those buffers within the memory
-budget, capped (beyond ~128 queries the GEMMs are already large; bigger batches only add
-memory) and never larger than the number of queries.
+Every query of a batch shares the materialized views; the per-query cost is the peak of the
+buffers live at once while a batch runs (``peak_bytes_per_query``: a liveness walk over the
+physical steps, like a register allocator's -- each step's output and transient gather /
+stitch buffers are allocated, and a value is freed after its last reader, as the executors'
+arenas do). The batch is the largest that keeps that peak within the memory budget, capped
+(beyond ~128 queries the GEMMs are already large; bigger batches only add memory) and never
+larger than the number of queries.
 """
 
 from __future__ import annotations
 
-DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of per-batch buffers
+import math
+
+# Bytes of per-batch buffers. Past a few dozen queries per batch the GEMMs are large enough
+# (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128), and a smaller budget
+# keeps exact mode's peak RSS below ORT-naive's (bench/RESULTS.md, `exact`).
+DEFAULT_MEMORY_BUDGET = 128 << 20
 MAX_BATCH = 128
 
 
@@ -28,3 +35,62 @@ def choose_batch(bytes_per_query: int, n_queries: int, memory_budget: int = DEFA
         raise ValueError(f"memory budget must be positive, got {memory_budget}")
     fit = memory_budget // max(bytes_per_query, 1)
     return int(max(1, min(n_queries, fit, max_batch)))
+
+
+def peak_bytes_per_query(plan, device: str = "cpu") -> int:
+    """Peak float32 bytes one query holds at once while a batch runs ``plan`` (its
+    incremental physical steps on ``device``): per step its output plus transient read-in /
+    union-box gathers and stitched full tensors, on top of the values still to be read."""
+    from .explain import physical_steps
+
+    g = plan.graph
+    steps = physical_steps(plan, device)
+    last: dict[str, int] = {}
+    for idx, (ds, _) in enumerate(steps):
+        for i in ds.node.inputs:
+            last[i] = idx
+    ph, pw = plan.patch
+    size = {g.input.name: g.input_shape[0] * ph * pw}
+    live = size[g.input.name]
+    peak = live
+    for idx, (ds, ks) in enumerate(steps):
+        node = ds.node
+        patch_out = ks[-1].startswith(("Batched", "Patch"))
+        if patch_out and ds.out_size is not None and len(node.shape) == 3:
+            out = node.shape[0] * ds.out_size[0] * ds.out_size[1]
+        else:
+            out = math.prod(node.shape)
+        chans = [g[i].shape[0] for i in node.inputs]
+        transient = 0
+        if "GatherReadIn" in ks and ds.read_in is not None:
+            transient += chans[0] * ds.read_in[0] * ds.read_in[1]
+        if "GatherUnionBox" in ks and ds.out_size is not None:
+            transient += sum(chans) * ds.out_size[0] * ds.out_size[1]
+        if "StitchFull" in ks:
+            transient += sum(math.prod(g[i].shape) for i in node.inputs)
+        peak = max(peak, live + transient + out)
+        live += out
+        size[ds.out_name] = out
+        for i in set(node.inputs):
+            if last.get(i) == idx:
+                live -= size.pop(i, 0)
+    return 4 * peak
+
+
+NAIVE_MAX_BATCH = 16  # full re-inference: batches of 16 occluded images (as ORT-naive runs)
+
+
+def naive_bytes_per_query(graph) -> int:
+    """Buffers one occluded image holds in full re-inference: the largest activation, three
+    times (input, output and a scratch of the widest step)."""
+    return 3 * 4 * max(math.prod(n.shape) for n in graph.nodes)
+
+
+def batch_for(mode: str, per_query: int, n_queries: int, memory_budget: int,
+              batch_size: int | None = None) -> int:
+    """The batch size a run uses (``occlude`` and EXPLAIN's physical plan alike): the given
+    ``batch_size`` (at most the number of queries), else ``choose_batch`` under the budget."""
+    if batch_size:
+        return int(max(1, min(batch_size, max(n_queries, 1))))
+    return choose_batch(per_query, n_queries, memory_budget,
+                        NAIVE_MAX_BATCH if mode == "naive" else MAX_BATCH)

@@ -511,9 +511,9 @@ class GpuIncrementalExecutor:
         return to_external_host(outs[self.graph.output])
 
     def bytes_per_query(self) -> int:
-        from .incremental import IncrementalExecutor
+        from ..planner.batching import peak_bytes_per_query
 
-        return IncrementalExecutor.bytes_per_query(self)
+        return peak_bytes_per_query(self.plan, "gpu")
 
     # -- metadata pass (host, index math only) -------------------------------------------------
     def _meta(self, positions: np.ndarray, patch_size):

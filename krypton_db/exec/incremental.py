@@ -18,7 +18,6 @@ back inside the tensor, so every query in a batch has the same patch size.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -26,7 +25,98 @@ import numpy as np
 
 from ..graph import Op
 from . import patch_cpu as P
-from .cpu import CpuExecutor, _Arena, _to_external, act_spec
+from ..planner.batching import peak_bytes_per_query
+from .cpu import CpuExecutor, _to_external, act_spec
+
+
+class PlannedArena:
+    """Batch buffers at offsets planned ahead in one slab (static memory planning, as ML
+    compilers do for activations), with record & replay:
+
+    - the first batch of a size *records*: every buffer is a fresh array, and the sequence of
+      requests (``get``) and releases (``put``) is logged;
+    - at its end, each buffer released within the batch gets an offset in one slab such that
+      buffers whose lifetimes overlap never overlap in memory (greedy, largest first, lowest
+      offset that fits) -- so the slab is about the batch's peak of live buffers
+      (``planner.batching.peak_bytes_per_query``), not the sum of every step's buffers;
+    - later batches of the same size *replay*: the k-th request gets the k-th planned slot
+      (no allocation, no page faults) while the requests and releases arrive in the recorded
+      order and fit their slots; from the first deviation on (a larger union box, a different
+      path) requests get fresh arrays, and that batch is recorded for the next one.
+
+    Buffers never released within the batch (the output, values aliased by a view) always
+    get fresh arrays. One plan is kept (a batch of another size re-plans)."""
+
+    def __init__(self):
+        self.allocated = 0  # bytes of slabs ever allocated (the arena's footprint)
+        self.slab_bytes = 0
+        self._plan = None  # (key, events, sizes, offsets {slot: off}, slab)
+        self._key = None
+
+    def begin(self, key) -> None:
+        self._key = key
+        self._events: list[tuple[str, int]] = []
+        self._sizes: list[int] = []
+        self._slot: dict[int, int] = {}  # id(handed-out array) -> slot
+        self._on_plan = self._plan is not None and self._plan[0] == key
+        if not self._on_plan:
+            self._plan = None  # free the slab of another batch size before recording
+
+    def _follows(self, ev) -> bool:
+        if not self._on_plan:
+            return False
+        e = len(self._events)
+        ok = e < len(self._plan[1]) and self._plan[1][e] == ev
+        self._on_plan = ok
+        return ok
+
+    def get(self, shape) -> np.ndarray:
+        n = max(int(np.prod(shape)), 1)
+        k = len(self._sizes)
+        plan = self._plan
+        if self._follows(("g", k)) and n <= plan[2][k] and k in plan[3]:
+            off = plan[3][k]
+            v = plan[4][off : off + n].reshape(shape)
+        else:
+            if self._on_plan and n > plan[2][k]:
+                self._on_plan = False
+            v = np.empty(shape, np.float32)
+        self._sizes.append(n)
+        self._events.append(("g", k))
+        self._slot[id(v)] = k
+        return v
+
+    def put(self, v: np.ndarray) -> None:
+        k = self._slot.pop(id(v), None)
+        if k is not None:
+            self._follows(("p", k))
+            self._events.append(("p", k))
+
+    def end(self) -> None:
+        """Close the batch: re-plan from its record unless it replayed the plan throughout."""
+        if self._on_plan and len(self._events) == len(self._plan[1]):
+            return
+        start, end = {}, {}
+        for t, (kind, k) in enumerate(self._events):
+            (start if kind == "g" else end)[k] = t
+        placed: list[tuple[int, int, int, int]] = []  # (off, size, t0, t1)
+        offsets = {}
+        for k in sorted(end, key=lambda k: -self._sizes[k]):
+            n, t0, t1 = self._sizes[k], start[k], end[k]
+            busy = sorted((o, o + sz) for o, sz, a, b in placed if a <= t1 and t0 <= b)
+            off = 0
+            for lo, hi in busy:
+                if off + n <= lo:
+                    break
+                off = max(off, hi)
+            offsets[k] = off
+            placed.append((off, n, t0, t1))
+        total = max((o + sz for o, sz, _, _ in placed), default=0)
+        self._plan = None  # drop the old slab before allocating the new one
+        slab = np.empty(max(total, 1), np.float32)
+        self.allocated += slab.nbytes
+        self.slab_bytes = slab.nbytes
+        self._plan = (self._key, list(self._events), list(self._sizes), offsets, slab)
 
 
 @dataclass
@@ -92,7 +182,7 @@ class IncrementalExecutor:
         # Buffers of a batch come from an arena and go back at their value's last use: a
         # fresh np.empty of tens of MB is mmapped and page-faulted (kernel-zeroed) on first
         # touch, which cost the gathers, epilogues and concats of a batch as much as 30%.
-        self._arena = _Arena()
+        self._arena = PlannedArena()
         self._handed: dict[int, np.ndarray] = {}
         last: dict[str, int] = {}
         for idx, ds in enumerate(self.plan.steps):
@@ -129,6 +219,7 @@ class IncrementalExecutor:
         state: dict[str, object] = {g.input.name: Patch(positions.astype(np.int64), val)}
         owned: dict[str, list[np.ndarray]] = {}  # arena buffers holding each live value
         arena = self._arena
+        arena.begin(b)
         last = len(self.plan.steps) - 1
         for idx, ds in enumerate(self.plan.steps):
             ins = [state[i] for i in ds.node.inputs]
@@ -151,6 +242,7 @@ class IncrementalExecutor:
             if self.profile:
                 name = ds.node.name
                 self.step_secs[name] = self.step_secs.get(name, 0.0) + time.perf_counter() - t0
+        arena.end()
         out = state[self.plan.steps[-1].out_name]
         return _to_external(out) if isinstance(out, np.ndarray) else out
 
@@ -201,18 +293,6 @@ class IncrementalExecutor:
         return Patch(loc, self.ex._exec(step, bufs))
 
     def bytes_per_query(self) -> int:
-        """Upper bound of the buffers one query needs at its largest step (float32)."""
-        worst = 0
-        g = self.graph
-        for ds in self.plan.steps:
-            out = ds.out_size
-            shp = ds.node.shape
-            if out is None:
-                n_out = math.prod(shp)
-                n_in = sum(math.prod(g[i].shape) for i in ds.node.inputs)
-            else:
-                n_out = shp[0] * out[0] * out[1]
-                rin = ds.read_in or out
-                n_in = sum(g[i].shape[0] for i in ds.node.inputs) * rin[0] * rin[1]
-            worst = max(worst, 4 * (n_in + 2 * n_out))
-        return worst
+        """Peak buffer bytes one query holds while a batch runs (liveness walk over the
+        physical steps: ``planner.batching.peak_bytes_per_query``)."""
+        return peak_bytes_per_query(self.plan, "cpu")

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ...planner.batching import DEFAULT_MEMORY_BUDGET
 from .ast import Arg, OcclusionCall, Word
 from .errors import DslBindError
 
@@ -231,7 +232,8 @@ OPTIONS: dict[str, Option] = {
     "device": Option(_enum("device", ("cpu", "cuda", "gpu")), "cpu", "both", "executor device"),
     "batch_size": Option(lambda v: _pos_int(v, "batch_size", 1 << 16), None, "both",
                          "queries per batch (default: largest fitting memory_budget)"),
-    "memory_budget": Option(_bytes, 1 << 30, "both", "buffer memory per batch: bytes or '1GiB'"),
+    "memory_budget": Option(_bytes, DEFAULT_MEMORY_BUDGET, "both",
+                            "buffer memory per batch: bytes or '128MiB'"),
     "score": Option(_enum("score", ("prob", "logit")), "prob", "both",
                     "heat-map value: softmax probability or raw logit"),
     # research switches and session behaviour
@@ -300,7 +302,7 @@ class BoundQuery:
     positions: tuple | None = None
     device: str = "cpu"
     batch_size: int | None = None
-    memory_budget: int = 1 << 30
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     score: str = "prob"
     text: str = field(default="", repr=False)
     start: int = field(default=0, repr=False)

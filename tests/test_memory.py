@@ -1,0 +1,124 @@
+"""Memory planning: the planned arena (record & replay) never hands out overlapping live
+buffers, its slab is the liveness walk's peak, and EXPLAIN's batch is the batch that runs."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+from test_occlusion import NETS
+
+import krypton_db as kdb
+from krypton_db.exec.incremental import IncrementalExecutor, PlannedArena
+from krypton_db.occlusion import occlude
+from krypton_db.planner.batching import peak_bytes_per_query
+
+
+def _script(rng, n=40):
+    """A random get/put sequence: (op, size or index of a get)."""
+    ops, live = [], []
+    for _ in range(n):
+        if live and rng.random() < 0.45:
+            ops.append(("put", live.pop(int(rng.integers(len(live))))))
+        else:
+            k = sum(1 for o in ops if o[0] == "get")
+            ops.append(("get", int(rng.integers(1, 500))))
+            live.append(k)
+    return ops
+
+
+def _play(arena, ops, key, scale=1.0, check=True):
+    arena.begin(key)
+    held, live = [], {}
+    for op, v in ops:
+        if op == "get":
+            a = arena.get((max(1, int(v * scale)),))
+            a[:] = len(held)  # stamp: a live buffer must keep its stamp until released
+            live[len(held)] = a
+            held.append(a)
+        else:
+            a = live.pop(v)
+            if check:
+                assert (a == v).all(), "a live buffer was overwritten"
+            arena.put(a)
+    for k, a in live.items():
+        assert (a == k).all()
+    arena.end()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_planned_arena_replays_without_overlap(seed):
+    rng = np.random.default_rng(seed)
+    ops = _script(rng)
+    arena = PlannedArena()
+    _play(arena, ops, 7)  # record
+    slab = arena.slab_bytes
+    for _ in range(3):  # replay: no new slab
+        _play(arena, ops, 7)
+    assert arena.allocated == slab
+    _play(arena, ops, 7, scale=0.5)  # smaller requests fit their slots
+    assert arena.allocated == slab
+    _play(arena, ops, 7, scale=2.0)  # larger ones deviate: fresh arrays, then a new plan
+    assert arena.allocated > slab
+    _play(arena, ops, 3)  # another batch size records again
+    _play(arena, ops, 3)
+
+
+def test_planned_arena_slab_is_the_liveness_peak():
+    arena = PlannedArena()
+    # a lives [0, 2], b [1, 3], c [4, 5] (after a and b are released): peak a + b
+    ops = [("get", 100), ("get", 50), ("put", 0), ("put", 1), ("get", 120), ("put", 2)]
+    _play(arena, ops, 1)
+    assert arena.slab_bytes == 4 * 150
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mem")
+    out = {}
+    for name, fn in NETS.items():
+        m, (h, w) = fn()
+        onnx.save(m, d / f"{name}.onnx")
+        out[name] = (kdb.load_model(d / f"{name}.onnx"),
+                     np.random.default_rng(2).random((h, w, 3)).astype(np.float32))
+    return out
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_slab_matches_the_planned_peak(models, name):
+    m, img = models[name]
+    m.executor.warmup()
+    xn = m.to_nchw(m.preprocess(img)[None])[0]
+    plan = kdb.plan(m, 3)
+    inc = IncrementalExecutor(plan, m.executor)
+    inc.materialize(xn)
+    pos = np.array([[0, 0], [1, 2], [4, 4], [2, 5], [3, 1], [0, 3]])
+    pv = np.zeros((xn.shape[0], 3, 3), np.float32)
+    first = inc.run_batch(pos[:3], pv)
+    again = inc.run_batch(pos[:3], pv)  # replayed in the slab
+    np.testing.assert_array_equal(first, again)
+    est = peak_bytes_per_query(plan, "cpu") * 3
+    assert 0 < inc._arena.slab_bytes <= 1.25 * est
+    assert inc.bytes_per_query() == peak_bytes_per_query(plan, "cpu")
+
+
+@pytest.mark.parametrize("mode", ["exact", "naive"])
+def test_explain_batch_is_the_executed_batch(models, mode, tmp_path):
+    m, img = models["resnet"]
+    s = kdb.connect(":memory:")
+    s.sql(f"CREATE MODEL res FROM '{m.source}'")
+    path = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.fromarray((img * 255).astype(np.uint8)).save(path)
+    s.sql(f"CREATE IMAGE img FROM '{path}'")
+    for budget in ("'40KiB'", "'1MiB'"):
+        q = (f"occlusion('res', 'img', patch => 4, stride => 2, mode => {mode}, "
+             f"memory_budget => {budget})")
+        phys = dict(s.explain(q))["physical_plan"]
+        batch = int(re.search(r"batch (\d+), \d+ batches", phys).group(1))
+        hm = occlude(kdb.load_model(m.source), img, patch=4, stride=2, mode=mode,
+                     memory_budget=40 << 10 if "40" in budget else 1 << 20)
+        assert hm.stats["batch_size"] == batch
