@@ -5,8 +5,8 @@ buffers live at once while a batch runs (``peak_bytes_per_query``: a liveness wa
 physical steps, like a register allocator's -- each step's output and transient gather /
 stitch buffers are allocated, and a value is freed after its last reader, as the executors'
 arenas do). The batch is the largest that keeps that peak within the memory budget, capped
-(beyond ~128 queries the GEMMs are already large; bigger batches only add memory) and never
-larger than the number of queries.
+(beyond ~64 queries the GEMMs are already large -- measured: no faster at 128 -- and bigger
+batches only add memory) and never larger than the number of queries.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 # (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128), and a smaller budget
 # keeps exact mode's peak RSS below ORT-naive's (bench/RESULTS.md, `exact`).
 DEFAULT_MEMORY_BUDGET = 128 << 20
-MAX_BATCH = 128
+MAX_BATCH = 64
 
 
 def choose_batch(bytes_per_query: int, n_queries: int, memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -25,7 +25,7 @@ def choose_batch(bytes_per_query: int, n_queries: int, memory_budget: int = DEFA
     """Batch size under a memory budget.
 
     >>> choose_batch(4 << 20, 2704, 512 << 20)
-    128
+    64
     >>> choose_batch(16 << 20, 2704, 512 << 20)
     32
     >>> choose_batch(16 << 20, 5, 512 << 20)
