@@ -2,14 +2,17 @@
 
 Model: every physical step of a batch of B queries costs
 
-    t_step(B) = B * (a_conv * conv MACs + a_acc * conv accumulations + a_fc * FC MACs
-                     + a_mem * elements moved) + c_step
+    t_step(B) = B * (a_conv * patch conv MACs + a_acc * conv accumulations
+                     + a_dense * dense conv MACs + a_fc * FC MACs + a_mem * elements moved)
+                + c_step
 
 per query features read off the plan (``step_features``), the same for the incremental path
 (patch sizes from the delta plan, the kernels the executor launches: ``physical_steps``) and
 for full inference (materializing the views, naive re-inference):
 
-- conv MACs          MACs of convolutions (GEMM work)
+- patch conv MACs    MACs of convolutions on batched read-in contexts (GEMM work)
+- dense conv MACs    MACs of convolutions over full tensors (the dense executor's kernels:
+                     materializing, naive re-inference, steps after a global layer)
 - conv accumulations MACs / (C / groups): output cells x taps -- the accumulate-into-C
                      traffic of the shifted-window GEMMs, which makes small-C convs slower
                      per MAC than large-C ones
@@ -35,9 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES = ("conv_macs", "conv_acc", "fc_macs", "moved", "step")
+FEATURES = ("conv_macs", "conv_acc", "dense_conv_macs", "fc_macs", "moved", "step")
+NQ = len(FEATURES) - 1  # per-query features (the last one is per step and batch)
 # rough constants of a 2-core AVX2 machine, used until CALIBRATE runs (seconds per unit)
-DEFAULTS = dict(conv_macs=1 / 60e9, conv_acc=2e-10, fc_macs=1 / 40e9, moved=5e-10, step=2e-5)
+DEFAULTS = dict(conv_macs=1 / 60e9, conv_acc=2e-10, dense_conv_macs=1 / 60e9, fc_macs=1 / 40e9,
+                moved=5e-10, step=2e-5)
 CALIBRATION_SUITE = (("zoo:resnet18", "chelsea"), ("zoo:vgg16", "astronaut"),
                      ("zoo:inception3", "coffee"))
 
@@ -74,19 +79,20 @@ def _elems(shape) -> int:
     return int(math.prod(shape))
 
 
-def _op_features(node, graph, macs: int, in_elems: int, out_elems: int) -> np.ndarray:
+def _op_features(node, graph, macs: int, in_elems: int, out_elems: int,
+                 dense: bool) -> np.ndarray:
     from krypton_db.graph import Op
 
     f = np.zeros(len(FEATURES))
     if node.op is Op.CONV:
         cg = graph[node.inputs[0]].shape[0] // node.params.get("groups", 1)
-        f[0] += macs
+        f[2 if dense else 0] += macs
         f[1] += macs / max(cg, 1)
     elif node.op is Op.GEMM:
-        f[2] += macs
+        f[3] += macs
     else:
-        f[3] += in_elems + out_elems
-    f[4] = 1.0
+        f[4] += in_elems + out_elems
+    f[NQ] = 1.0
     return f
 
 
@@ -114,8 +120,8 @@ def step_features(plan) -> list[tuple[str, np.ndarray]]:
             in_elems = sum(_elems(g[i].shape) for i in node.inputs)
             if "StitchFull" in ks:
                 moved += in_elems
-        f = _op_features(node, g, executed_macs(ds, ks), in_elems, out_elems)
-        f[3] += moved
+        f = _op_features(node, g, executed_macs(ds, ks), in_elems, out_elems, not patch_out)
+        f[4] += moved
         out.append((node.name, f))
     return out
 
@@ -125,7 +131,7 @@ def full_features(plan) -> list[tuple[str, np.ndarray]]:
     g = plan.graph
     return [(ds.node.name, _op_features(ds.node, g, ds.macs_full,
                                         sum(_elems(g[i].shape) for i in ds.node.inputs),
-                                        _elems(ds.node.shape)))
+                                        _elems(ds.node.shape), True))
             for ds in plan.steps]
 
 
@@ -139,9 +145,9 @@ def _batches(positions: float, batch: int) -> list[float]:
 
 def _cost(feats, coef: dict, batches: list[float]) -> float:
     w = np.array([coef[k] for k in FEATURES])
-    per_query = sum(float(f[:4] @ w[:4]) for _, f in feats)
-    steps = sum(float(f[4]) for _, f in feats)
-    return sum(b * per_query + w[4] * steps for b in batches)
+    per_query = sum(float(f[:NQ] @ w[:NQ]) for _, f in feats)
+    steps = sum(float(f[NQ]) for _, f in feats)
+    return sum(b * per_query + w[NQ] * steps for b in batches)
 
 
 def predict(plan, mode: str, positions: float, batch: int, cost: dict) -> dict:
@@ -165,7 +171,7 @@ def nnls(a: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
     """Non-negative least squares min ||a x - b||, x >= 0 (Lawson-Hanson active set).
 
     Written here because scipy (``scipy.optimize.nnls``) is not a runtime dependency; the
-    problems are tiny (5 unknowns). Columns are scaled to unit norm for conditioning."""
+    problems are tiny (6 unknowns). Columns are scaled to unit norm for conditioning."""
     scale = np.linalg.norm(a, axis=0)
     scale[scale == 0] = 1.0
     a = a / scale
@@ -246,7 +252,7 @@ def calibrate(suite=CALIBRATION_SUITE, path=None, patches=None, batches=(16, 64)
                 pos = np.stack([rng.integers(0, h - p + 1, n), rng.integers(0, w - p + 1, n)], 1)
                 plan, secs, sizes = profile_run(m, img, p, pos, b)
                 for name, f in step_features(plan):
-                    rows.append(np.concatenate([f[:4] * sum(sizes), [f[4] * len(sizes)]]))
+                    rows.append(np.concatenate([f[:NQ] * sum(sizes), [f[NQ] * len(sizes)]]))
                     ys.append(secs.get(name, 0.0))
     if len(ys) < len(FEATURES):
         raise ValueError(f"calibration produced {len(ys)} samples; need >= {len(FEATURES)}")
@@ -257,7 +263,7 @@ def calibrate(suite=CALIBRATION_SUITE, path=None, patches=None, batches=(16, 64)
                rmse_s=float(np.sqrt(np.mean((pred - y) ** 2))), total_s=float(y.sum()),
                total_pred_s=float(pred.sum()), batches=list(batches),
                cpus=os.cpu_count(), seconds=round(time.perf_counter() - t_start, 1),
-               created=time.strftime("%Y-%m-%dT%H:%M:%S"), version=2)
+               created=time.strftime("%Y-%m-%dT%H:%M:%S"), version=3)
     p = Path(path) if path else cost_model_path()
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(out, indent=2, sort_keys=True))

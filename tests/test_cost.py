@@ -57,9 +57,11 @@ def test_features_cover_every_profiled_step(models, name):
     assert [n for n, _ in feats] == [ds.node.name for ds, _ in physical_steps(plan)]
     assert set(secs) == {n for n, _ in feats} and sizes == [2, 1]
     for (n, f), (ds, ks) in zip(feats, physical_steps(plan)):
-        assert f[4] == 1.0 and (f[:4] >= 0).all()
+        assert f[cost.NQ] == 1.0 and (f[: cost.NQ] >= 0).all()
         if ds.node.op.name == "CONV":  # conv MACs are the kernels' executed MACs
-            assert f[0] == (ds.macs_inc if ks[-1].startswith("Batched") else ds.macs_full)
+            patch = ks[-1].startswith("Batched")
+            assert f[0 if patch else 2] == (ds.macs_inc if patch else ds.macs_full)
+            assert f[2 if patch else 0] == 0
 
 
 def test_predict_scales_with_positions_and_plan(models):
@@ -83,7 +85,7 @@ def test_calibration_round_trip(models, tmp_path):
     suite = [(models["resnet"][0], models["resnet"][1]), (models["inception"][0], models["inception"][1])]
     res = cost.calibrate(suite, path=path, patches=(3, 6), batches=(2, 6))
     stored = json.loads(path.read_text())
-    assert stored["coef"] == res["coef"] and stored["version"] == 2
+    assert stored["coef"] == res["coef"] and stored["version"] == 3
     assert res["samples"] == sum(2 * 2 * len(cost.step_features(kdb.plan(m, 3)))
                                  for m, _ in suite)
     cm = cost.load_cost_model(path)

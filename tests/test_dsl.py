@@ -378,8 +378,8 @@ def test_tune_and_calibrate_statements(s, tmp_path, monkeypatch):
     res = s.sql("CALIBRATE MODEL tiny IMAGE scan_01")
     (row,) = res.fetchall()
     cols = res.columns
-    assert cols[:5] == ["conv_macs", "conv_acc", "fc_macs", "moved", "step"]
-    assert min(row[:5]) >= 0 and row[5] > 0 and row[-1] == str(tmp_path / "cost.json")
+    assert cols[:6] == ["conv_macs", "conv_acc", "dense_conv_macs", "fc_macs", "moved", "step"]
+    assert min(row[:6]) >= 0 and row[6] > 0 and row[-1] == str(tmp_path / "cost.json")
     with pytest.raises(DslError, match="line 1, column"):  # MODEL without IMAGE
         s.sql("CALIBRATE MODEL tiny")
     with pytest.raises(DslBindError, match="nope"):
