@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -19,3 +18,22 @@ def rel_err(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.fixture(scope="session")
+def tiny_nets(tmp_path_factory):
+    """name -> (model, image [H, W, 3] in [0, 1]) for the small VGG-, ResNet- and
+    Inception-like nets of test_occlusion (ONNX files in a temp dir)."""
+    import onnx
+    from test_occlusion import NETS
+
+    import krypton_db as kdb
+
+    d = tmp_path_factory.mktemp("tiny_nets")
+    out = {}
+    for name, fn in NETS.items():
+        m, (h, w) = fn()
+        onnx.save(m, d / f"{name}.onnx")
+        out[name] = (kdb.load_model(d / f"{name}.onnx"),
+                     np.random.default_rng(3).random((h, w, 3)).astype(np.float32))
+    return out

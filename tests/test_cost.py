@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 from scipy.optimize import nnls as scipy_nnls  # installed with scikit-image (test extra)
 from test_occlusion import NETS
@@ -36,21 +35,9 @@ def test_nnls_recovers_exact_nonnegative_solution():
     np.testing.assert_allclose(cost.nnls(a, a @ x), x, rtol=1e-6, atol=1e-15)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cost")
-    out = {}
-    for name, fn in NETS.items():
-        m, (h, w) = fn()
-        onnx.save(m, d / f"{name}.onnx")
-        img = np.random.default_rng(3).random((h, w, 3)).astype(np.float32)
-        out[name] = (kdb.load_model(d / f"{name}.onnx"), img)
-    return out
-
-
 @pytest.mark.parametrize("name", list(NETS))
-def test_features_cover_every_profiled_step(models, name):
-    m, img = models[name]
+def test_features_cover_every_profiled_step(tiny_nets, name):
+    m, img = tiny_nets[name]
     pos = np.array([[0, 0], [2, 3], [5, 1]])
     plan, secs, sizes = cost.profile_run(m, img, 4, pos, 2)
     feats = cost.step_features(plan)
@@ -64,8 +51,8 @@ def test_features_cover_every_profiled_step(models, name):
             assert f[2 if patch else 0] == 0
 
 
-def test_predict_scales_with_positions_and_plan(models):
-    m, _ = models["vgg"]
+def test_predict_scales_with_positions_and_plan(tiny_nets):
+    m, _ = tiny_nets["vgg"]
     cm = cost.load_cost_model("/nonexistent/cost.json")
     assert cm["source"] == "defaults (uncalibrated)"
     small, big = kdb.plan(m, 3), kdb.plan(m, 9)
@@ -80,9 +67,9 @@ def test_predict_scales_with_positions_and_plan(models):
     assert naive["predicted_s"] == naive["naive_s"] == p1["naive_s"]
 
 
-def test_calibration_round_trip(models, tmp_path):
+def test_calibration_round_trip(tiny_nets, tmp_path):
     path = tmp_path / "cm.json"
-    suite = [(models["resnet"][0], models["resnet"][1]), (models["inception"][0], models["inception"][1])]
+    suite = [(tiny_nets["resnet"][0], tiny_nets["resnet"][1]), (tiny_nets["inception"][0], tiny_nets["inception"][1])]
     res = cost.calibrate(suite, path=path, patches=(3, 6), batches=(2, 6))
     stored = json.loads(path.read_text())
     assert stored["coef"] == res["coef"] and stored["version"] == 3

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import onnx
 import pytest
 from test_occlusion import NETS
 
@@ -74,21 +73,9 @@ def test_planned_arena_slab_is_the_liveness_peak():
     assert arena.slab_bytes == 4 * 150
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mem")
-    out = {}
-    for name, fn in NETS.items():
-        m, (h, w) = fn()
-        onnx.save(m, d / f"{name}.onnx")
-        out[name] = (kdb.load_model(d / f"{name}.onnx"),
-                     np.random.default_rng(2).random((h, w, 3)).astype(np.float32))
-    return out
-
-
 @pytest.mark.parametrize("name", list(NETS))
-def test_slab_matches_the_planned_peak(models, name):
-    m, img = models[name]
+def test_slab_matches_the_planned_peak(tiny_nets, name):
+    m, img = tiny_nets[name]
     m.executor.warmup()
     xn = m.to_nchw(m.preprocess(img)[None])[0]
     plan = kdb.plan(m, 3)
@@ -105,8 +92,8 @@ def test_slab_matches_the_planned_peak(models, name):
 
 
 @pytest.mark.parametrize("mode", ["exact", "naive"])
-def test_explain_batch_is_the_executed_batch(models, mode, tmp_path):
-    m, img = models["resnet"]
+def test_explain_batch_is_the_executed_batch(tiny_nets, mode, tmp_path):
+    m, img = tiny_nets["resnet"]
     s = kdb.connect(":memory:")
     s.sql(f"CREATE MODEL res FROM '{m.source}'")
     path = tmp_path / "img.png"
