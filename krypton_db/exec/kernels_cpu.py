@@ -421,6 +421,7 @@ def pool_cnhw_cpu(x, kh, kw, sh, sw, pt, pl, pb, pr, is_max, include_pad, lo, hi
     n_, h, w = x.shape[1], x.shape[2], x.shape[3]
     ho, wo = out.shape[2], out.shape[3]
     acc = np.empty(wo, np.float32)
+    hsum = np.empty((h if (sw == 1 and sh == 1 and not is_max) else 0, wo), np.float32)
     xa = np.empty(kw, np.int64)
     xb = np.empty(kw, np.int64)
     cx = np.empty(wo, np.float32)
@@ -456,6 +457,24 @@ def pool_cnhw_cpu(x, kh, kw, sh, sw, pt, pl, pb, pr, is_max, include_pad, lo, hi
                 orow = out[c, n, oy]
                 for ox in range(wo):
                     orow[ox] = acc[ox]
+            elif sw == 1 and sh == 1:
+                # stride 1 (Inception's 3x3 branch pools): separable -- the horizontal window
+                # sums of each input row are computed once (hsum) and shared by the kh output
+                # rows that read it; then kh row additions per output row
+                if oy == 0:
+                    for iy in range(h):
+                        xr = x[c, n, iy]
+                        hr_ = hsum[iy]
+                        hr_[:] = 0.0
+                        for j in range(kw):
+                            off = j - pl
+                            for ox in range(xa[j], xb[j]):
+                                hr_[ox] += xr[ox + off]
+                acc[:] = 0.0
+                for iy in range(ya, yb):
+                    hr_ = hsum[iy]
+                    for ox in range(wo):
+                        acc[ox] += hr_[ox]
             else:
                 acc[:] = 0.0
                 for iy in range(ya, yb):
@@ -464,6 +483,7 @@ def pool_cnhw_cpu(x, kh, kw, sh, sw, pt, pl, pb, pr, is_max, include_pad, lo, hi
                         off = j - pl
                         for ox in range(xa[j], xb[j]):
                             acc[ox] += xr[ox * sw + off]
+            if not is_max:
                 if include_pad:
                     cy = np.float32(min(y0 + kh, h + pb) - max(y0, -pt))
                 else:
