@@ -289,12 +289,14 @@ class _Compiler:
         elif op in (Op.ADD, Op.MUL):
             self._merge(node, v, ins, in_shapes)
         elif op is Op.CONCAT:
-            if len(node.shape) != 3:
-                raise SqlUnsupportedError(f"{node.name}: concat of vectors has no view yet")
+            vec = len(node.shape) == 1
+            if any(len(s) != len(node.shape) for s in in_shapes):
+                raise SqlUnsupportedError(f"{node.name}: concat of maps and vectors has no view")
             cur, off = ins[0], in_shapes[0][0]
             for j, (rhs, shp) in enumerate(zip(ins[1:], in_shapes[1:]), start=1):
                 name = v if j == len(ins) - 1 else f"{v}__p{j}"
-                cur = self.view(node, name, "concat", {"A": cur, "B": rhs}, {"c_offset": off})
+                cur = self.view(node, name, "concat_vec" if vec else "concat", {"A": cur, "B": rhs},
+                                {"k_offset" if vec else "c_offset": off})
                 off += shp[0]
             if len(ins) == 1:
                 self.view(node, v, "identity", {"X": ins[0]})
@@ -328,8 +330,8 @@ class _Compiler:
             raise SqlUnsupportedError(f"{node.name}: no view template for {op.name}")
 
     def _affine(self, node: Node, v: str, x: str) -> None:
-        if len(node.shape) != 3:
-            raise SqlUnsupportedError(f"{node.name}: affine on vectors has no view yet")
+        if len(node.shape) not in (1, 3):
+            raise SqlUnsupportedError(f"{node.name}: affine takes (C,H,W) maps or vectors")
         import pyarrow as pa  # the (c, scale, shift) table has two value columns
 
         s = np.asarray(node.weights["scale"], np.float64)
@@ -337,20 +339,29 @@ class _Compiler:
         tbl = pa.table({"c": pa.array(np.arange(s.size, dtype=np.int32)),
                         "scale": pa.array(s), "shift": pa.array(t)})
         self.plan.weights[f"{v}__s"] = tbl
-        self.view(node, v, "affine", {"X": x, "S": f"{v}__s"})
+        if len(node.shape) == 1:
+            self.view(node, v, "affine_vec", {"X": x, "S": f"{v}__s"},
+                      {"join_k": int(s.size != 1)})
+        else:
+            self.view(node, v, "affine", {"X": x, "S": f"{v}__s"})
 
     def _merge(self, node: Node, v: str, ins: list[str], shapes: list[tuple]) -> None:
         if len(ins) == 1:
             self.view(node, v, "identity", {"X": ins[0]})
             return
-        if any(len(s) != 3 for s in shapes):
-            raise SqlUnsupportedError(f"{node.name}: {node.op.name} views take (C,H,W) maps only")
+        rank = {len(s) for s in shapes}
+        if rank not in ({3}, {1}):
+            raise SqlUnsupportedError(f"{node.name}: {node.op.name} views take (C,H,W) maps or "
+                                      f"vectors, not a mix: {shapes}")
+        vec = rank == {1}
         cur, cur_shape = ins[0], shapes[0]
         for j, (rhs, shp) in enumerate(zip(ins[1:], shapes[1:]), start=1):
             name = v if j == len(ins) - 1 else f"{v}__p{j}"
             # join on an axis only where both operands span it (extent 1 = broadcast)
-            join = {f"join_{ax}": int(a == b and a != 1) for ax, a, b in zip("cyx", cur_shape, shp)}
-            cur = self.view(node, name, node.op.value, {"A": cur, "B": rhs}, join)
+            axes = "k" if vec else "cyx"
+            join = {f"join_{ax}": int(a == b and a != 1) for ax, a, b in zip(axes, cur_shape, shp)}
+            tmpl = node.op.value + ("_vec" if vec else "")
+            cur = self.view(node, name, tmpl, {"A": cur, "B": rhs}, join)
             cur_shape = tuple(int(d) for d in np.broadcast_shapes(cur_shape, shp))
 
     def _reshape(self, node: Node, v: str, x: str, src: tuple) -> None:
