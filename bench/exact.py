@@ -1,6 +1,6 @@
 """Benchmarks `exact` and `interactive`: exact occlusion (IVM) vs ORT-naive, same run.
 
-Usage: python bench/exact.py [--repeat 3] [--workloads vgg16,resnet18,inception3,mri]
+Usage: python bench/exact.py [--repeat 3] [--workloads vgg16,resnet18,inception3,mri] [--captum]
        python bench/exact.py --interactive
 Each (workload, method) runs in its own subprocess so peak RSS is per method. Methods:
 ort-naive (ONNX Runtime, 2 threads, batched 16 occluded images), ours-naive (our executor,
@@ -56,7 +56,37 @@ def child(workload: str, method: str, repeat: int, n_interactive: int | None) ->
     x = m.preprocess(img)
     t0 = time.perf_counter()
     times = []
-    if method == "exact":
+    if method == "captum":  # Captum 0.9 Occlusion over PyTorch eager (CPU, 2 threads)
+        import torch
+        from captum.attr import Occlusion
+        from torch_eager import TorchGraph
+
+        torch.set_num_threads(2)
+        g = m.graph
+        tg = TorchGraph(g, "cpu")
+        xn = torch.tensor(m.to_nchw(x[None]))
+        colour = kdb.images.color_to_input(0.0, m.spec)
+        base = torch.tensor(np.broadcast_to(colour[:, None, None], xn.shape[1:])[None].copy())
+
+        def forward(b):
+            y = tg(b)
+            return y if m.ends_in_softmax else torch.softmax(y, dim=1)
+
+        target = int(forward(xn).argmax())
+        occ = Occlusion(forward)
+        c = xn.shape[1]
+        jit = time.perf_counter() - t0
+        for _ in range(repeat):
+            t = time.perf_counter()
+            attr = occ.attribute(xn, sliding_window_shapes=(c, patch, patch),
+                                 strides=(c, stride, stride), baselines=base, target=target,
+                                 perturbations_per_eval=16)
+            times.append(time.perf_counter() - t)
+        h, w = xn.shape[2:]
+        wins = (-(-(h - patch) // stride) + 1) * (-(-(w - patch) // stride) + 1)
+        extra = dict(captum_windows=int(wins))
+        result = attr.numpy()
+    elif method == "exact":
         jit = m.executor.warmup()
         occlude(m, img, patch=patch, positions=pos[:2])  # compiles the incremental kernels
         jit = time.perf_counter() - t0
@@ -109,6 +139,8 @@ def main() -> None:
     ap.add_argument("--interactive", action="store_true", help="16/64/256 positions, VGG16")
     ap.add_argument("--child", nargs=3, metavar=("WORKLOAD", "METHOD", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--captum", action="store_true",
+                    help="also time Captum's Occlusion (PyTorch eager CPU, 1 run per workload)")
     args = ap.parse_args()
     if args.child:
         n = int(args.child[2]) or None
@@ -140,6 +172,25 @@ def main() -> None:
               f"{e['median_s']:.2f} | {sp:.2f}x | {n['median_s'] / e['median_s']:.2f}x | "
               f"{e['theoretical']:.2f}x | {100 * sp / e['theoretical']:.0f}% | {e['batch']} | "
               f"{e['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | {e['warmup_s']:.1f} |")
+    if args.captum and not args.interactive:
+        print("\nCaptum 0.9 `Occlusion` (same patch, stride, black baseline, target; "
+              "perturbations_per_eval=16; PyTorch eager CPU, 2 threads; Captum places windows at "
+              "multiples of the stride up to the border, last one truncated):\n")
+        print("| workload | Captum windows | Captum (s) | exact (s) | exact vs Captum | exact per "
+              "position vs Captum per window |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            e = r["exact"]
+            out = subprocess.run([sys.executable, __file__, "--repeat", "1", "--child",
+                                  e["workload"], "captum", "0"], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"{e['workload']}/captum failed")
+            c = json.loads(out.stdout.strip().splitlines()[-1])
+            per = (c["median_s"] / c["captum_windows"]) / (e["median_s"] / e["positions"])
+            print(f"| {e['workload']} | {c['captum_windows']} | {c['median_s']:.2f} | "
+                  f"{e['median_s']:.2f} | {c['median_s'] / e['median_s']:.2f}x | {per:.2f}x |",
+                  flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
