@@ -172,3 +172,36 @@ def test_nhwc_flatten_order(tmp_path):
     back = net.op("Transpose", [c], perm=[0, 2, 3, 1])
     f = net.op("Reshape", [back, net.const(np.array([-1, 4 * 4 * 3], np.int64))])
     check(net.model(net.gemm(f, 48, 6)), (2, 7, 6, 3), tmp_path)
+
+
+@pytest.mark.parametrize("cin,cout,hw,n,k,pads,dil", [
+    (32, 48, (7, 7), 40, (3, 3), (1, 1, 1, 1), 1),     # ResNet18 layer4-like
+    (40, 40, (17, 17), 20, (1, 7), (0, 3, 0, 3), 1),   # Inception 1x7 at 17x17
+    (32, 32, (9, 6), 50, (3, 3), (2, 2, 2, 2), 2),     # dilated, non-square
+])
+def test_small_map_convs_through_chwb(cin, cout, hw, n, k, pads, dil):
+    """Stride-1 convs on small maps with enough columns per row run through the CHWB
+    row-segment kernels (cpu.CHWB_MIN_WASTE); they must equal the numpy reference."""
+    from krypton_db.exec import cpu as C
+    from krypton_db.exec import reference
+    from krypton_db.graph import Graph, Node, Op
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(cout, cin) + k).astype(np.float32)
+    b = rng.normal(size=cout).astype(np.float32)
+    x_node = Node("x", Op.INPUT, (), {}, {}, (cin,) + hw)
+    conv = Node("c", Op.CONV, ("x",), dict(kernel=k, stride=(1, 1), pads=pads,
+                                           dilation=(dil, dil), groups=1), {"W": w, "B": b},
+                (cout,) + hw)
+    g = Graph([x_node, conv], "c")
+    x = rng.normal(size=(n, cin) + hw).astype(np.float32)
+    calls = []
+    real = C._conv_via_chwb
+    C._conv_via_chwb = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
+    try:
+        got = C.CpuExecutor(g).predict(x)
+    finally:
+        C._conv_via_chwb = real
+    assert calls, "the CHWB route was not taken"
+    want = reference.run(g, x)["c"]
+    assert rel_err(got, want) <= 1e-5

@@ -37,6 +37,12 @@ MIN_COLS, MAX_COLS = 256, 4096
 # shifted-window (implicit GEMM) lowering only when the padded grid wastes at most this share
 SHIFT_MAX_WASTE = 0.60
 SHIFT_MIN_CHANNELS = 32
+# Small maps (ResNet's 14x14 / 7x7, Inception's 17x17 / 8x8): the padded grid of the shifted
+# lowering computes and drops (H+p)(W+p) - HW of every image's columns (31% at 7x7). Past this
+# waste, and with at least 256 columns per output row (Wo * N), the conv runs in the batch-
+# innermost CHWB layout instead (patch_cpu.conv_chwb: row-segment GEMMs, no dropped columns),
+# paying two transposes of the (small) maps.
+CHWB_MIN_WASTE = 0.15
 
 
 def act_spec(node: Node | None) -> tuple[int, np.float32, np.float32]:
@@ -235,6 +241,10 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
             parallel_chunks(-(-ncols // qc), one)
             return out
         hs, wp = h + max(t, b), w + max(l, r)
+        if (g == 1 and sh == sw == 1 and kh * kw > 1 and K.HAVE_BLAS and c >= SHIFT_MIN_CHANNELS
+                and wo * n >= 256 and n * hs * wp > (1 + CHWB_MIN_WASTE) * ncols):
+            _conv_via_chwb(x, node, cw, act, (t, l), ho, wo, out)
+            return out
         if (sh == sw == 1 and kh * kw > 1 and K.HAVE_BLAS and cg >= SHIFT_MIN_CHANNELS
                 and ho <= hs and wo <= wp and n * hs * wp <= (1 + SHIFT_MAX_WASTE) * ncols):
             _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out)
@@ -254,6 +264,24 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
 
         parallel_chunks(-(-ncols // qc), one)
     return out
+
+
+def _conv_via_chwb(x, node, cw, act, tl, ho, wo, out):
+    """Stride-1 conv of a CNHW batch through the CHWB patch kernels: x is transposed into its
+    zero-padded read-in [C, hR, wR, N] (one per thread's channels), convolved there with the
+    row-segment GEMMs, and transposed back into ``out`` [O, N, Ho, Wo]."""
+    from . import patch_cpu as P
+
+    c, n, h, w = x.shape
+    kh, kw = node.params["kernel"]
+    dh, dw = node.params["dilation"]
+    hr, wr = ho + dh * (kh - 1), wo + dw * (kw - 1)
+    o = out.shape[0]
+    buf = _scratch("chwb_in", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
+    parallel_ranges(c, lambda lo, hi: K.cnhw_to_chwb_cpu(x, tl[0], tl[1], buf, lo, hi))
+    y = P.conv_chwb(buf, node, cw, act, (ho, wo), alloc=lambda shape: _scratch(
+        "chwb_out", o * ho * wo * n)[: o * ho * wo * n].reshape(shape))
+    parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, out, lo, hi))
 
 
 def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out):
