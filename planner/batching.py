@@ -92,5 +92,17 @@ def batch_for(mode: str, per_query: int, n_queries: int, memory_budget: int,
     ``batch_size`` (at most the number of queries), else ``choose_batch`` under the budget."""
     if batch_size:
         return int(max(1, min(batch_size, max(n_queries, 1))))
-    return choose_batch(per_query, n_queries, memory_budget,
-                        NAIVE_MAX_BATCH if mode == "naive" else MAX_BATCH)
+    bs = choose_batch(per_query, n_queries, memory_budget,
+                      NAIVE_MAX_BATCH if mode == "naive" else MAX_BATCH)
+    return balanced(bs, n_queries)
+
+
+def balanced(batch: int, n_queries: int) -> int:
+    """The same number of batches, as even as possible: 196 queries at batch 64 run as
+    4 x 49 rather than 3 x 64 + 4 (a batch of 4 runs its GEMMs far below the others' rate).
+
+    >>> balanced(64, 196), balanced(64, 729), balanced(64, 64), balanced(64, 5)
+    (49, 61, 64, 5)
+    """
+    nb = -(-max(n_queries, 1) // max(batch, 1))
+    return int(-(-max(n_queries, 1) // nb))
