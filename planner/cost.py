@@ -199,30 +199,19 @@ def nnls(a: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
 
 
 def profile_run(model, image, patch: int, positions: np.ndarray, batch: int):
-    """One profiled exact-occlusion run: (delta plan, {step: seconds}, batch sizes)."""
-    from krypton_db.exec.incremental import IncrementalExecutor
-    from krypton_db.images import color_to_input
+    """One profiled exact-occlusion run: (delta plan, {step: seconds}, batch sizes). A run
+    on one position first compiles the kernels outside the measurement."""
+    from krypton_db.hooks import OcclusionHooks
+    from krypton_db.occlusion import occlude
 
     from .delta_plan import plan_occlusion
 
-    ex = model.executor
-    if ex.jit_seconds is None:
-        ex.warmup()
-    xn = model.to_nchw(model.preprocess(image)[None])[0]
-    plan = plan_occlusion(model.graph, (patch, patch), ex.plan)
-    inc = IncrementalExecutor(plan, ex)
-    inc.materialize(xn)
-    colour = color_to_input(0.0, model.spec)
-    pv = np.ascontiguousarray(np.broadcast_to(colour[:, None, None], (xn.shape[0], patch, patch)),
-                              np.float32)
-    inc.run_batch(positions[:1], pv)  # compile / fault in outside the measurement
-    inc.profile = True
-    inc.step_secs.clear()
-    sizes = []
-    for i in range(0, len(positions), batch):
-        inc.run_batch(positions[i : i + batch], pv)
-        sizes.append(min(batch, len(positions) - i))
-    return plan, dict(inc.step_secs), sizes
+    occlude(model, image, patch=patch, positions=positions[:1])
+    hooks = OcclusionHooks(profile=True)
+    occlude(model, image, patch=patch, positions=positions, batch_size=batch, hooks=hooks)
+    n = len(positions)
+    sizes = [min(batch, n - i) for i in range(0, n, batch)]
+    return plan_occlusion(model.graph, (patch, patch), model.executor.plan), hooks.step_secs, sizes
 
 
 def calibrate(suite=CALIBRATION_SUITE, path=None, patches=None, batches=(16, 64),

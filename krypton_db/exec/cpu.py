@@ -449,6 +449,39 @@ class _Arena:
         self.free.clear()
 
 
+class BufferLedger:
+    """Which arena buffers hold which value during one run, shared by the dense and the
+    incremental executor: ``alloc`` hands out arena buffers; ``adopt`` after a step keeps the
+    ones its output lives in (returns the step's scratch); ``release`` after a value's last
+    reader returns its buffers, unless a value still alive views them."""
+
+    def __init__(self, arena):
+        self.arena = arena
+        self.handed: dict[int, np.ndarray] = {}
+        self.owned: dict[str, list[np.ndarray]] = {}
+
+    def alloc(self, shape) -> np.ndarray:
+        a = self.arena.get(shape)
+        self.handed[id(a)] = a
+        return a
+
+    def adopt(self, name: str, y: np.ndarray, keep: bool = True) -> None:
+        """After the step producing ``name`` = ``y``: buffers y lives in are owned by ``name``
+        (``keep=False``: they leave the arena with y), the others go back."""
+        for a in self.handed.values():
+            if not np.may_share_memory(a, y):
+                self.arena.put(a)
+            elif keep:
+                self.owned.setdefault(name, []).append(a)
+        self.handed.clear()
+
+    def release(self, name: str, live) -> None:
+        live = list(live)
+        for buf in self.owned.pop(name, ()):
+            if not any(np.may_share_memory(buf, u) for u in live):
+                self.arena.put(buf)
+
+
 class CpuExecutor:
     """Runs a graph on batches with numba kernels + BLAS, using all cores numba sees."""
 
@@ -480,35 +513,22 @@ class CpuExecutor:
         want = set(outputs or [self.graph.output])
         g = self.graph
         vals: dict[str, np.ndarray] = {g.input.name: _to_internal(np.asarray(batch, np.float32))}
-        owned: dict[str, list] = {}  # arena buffers holding each value
         result = {}
         if g.input.name in want:
             result[g.input.name] = np.asarray(batch, np.float32)
         last_use = self._last_use()
-        arena = self._arena
-        handed: dict[int, np.ndarray] = {}
-
-        def alloc(shape):
-            a = arena.get(shape)
-            handed[id(a)] = a
-            return a
-
+        ledger = BufferLedger(self._arena)
         for idx, step in enumerate(self.plan.steps):
             t0 = time.perf_counter() if profile or step_secs is not None else 0.0
             name = self.plan.out_name(step)
-            y = self._exec(step, [vals[i] for i in step.node.inputs], alloc=alloc)
+            y = self._exec(step, [vals[i] for i in step.node.inputs], alloc=ledger.alloc)
             if profile:
                 step.secs += time.perf_counter() - t0
             if step_secs is not None:
                 n = step.node.name
                 step_secs[n] = step_secs.get(n, 0.0) + time.perf_counter() - t0
             vals[name] = y
-            for a in handed.values():  # arena buffers of this step: y's own, or scratch
-                if np.may_share_memory(a, y):
-                    owned.setdefault(name, []).append(a)
-                else:
-                    arena.put(a)
-            handed.clear()
+            ledger.adopt(name, y)
             if step.fused is not None and step.node.name in want:
                 raise ValueError(f"{step.node.name} is fused away; lower with fuse=False to read it")
             if name in want:
@@ -516,13 +536,9 @@ class CpuExecutor:
             for i in step.node.inputs:
                 if last_use.get(i) == idx and i not in want:
                     vals.pop(i, None)
-                    for buf in owned.pop(i, ()):
-                        if not any(np.may_share_memory(buf, u) for u in vals.values()):
-                            arena.put(buf)
-        for bufs in owned.values():
-            for buf in bufs:
-                if not any(np.may_share_memory(buf, u) for u in result.values()):
-                    arena.put(buf)
+                    ledger.release(i, vals.values())
+        for name in list(ledger.owned):
+            ledger.release(name, result.values())
         return result
 
     def _last_use(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ import numpy as np
 from ..graph import Op
 from . import patch_cpu as P
 from ..planner.batching import peak_bytes_per_query
-from .cpu import CpuExecutor, _to_external, act_spec
+from .cpu import BufferLedger, CpuExecutor, _to_external, act_spec
 
 
 class PlannedArena:
@@ -183,17 +183,9 @@ class IncrementalExecutor:
         # fresh np.empty of tens of MB is mmapped and page-faulted (kernel-zeroed) on first
         # touch, which cost the gathers, epilogues and concats of a batch as much as 30%.
         self._arena = PlannedArena()
-        self._handed: dict[int, np.ndarray] = {}
-        last: dict[str, int] = {}
-        for idx, ds in enumerate(self.plan.steps):
-            for i in ds.node.inputs:
-                last[i] = idx
-        self._last_use = last
-
-    def _alloc(self, shape) -> np.ndarray:
-        a = self._arena.get(shape)
-        self._handed[id(a)] = a
-        return a
+        self._ledger = BufferLedger(self._arena)
+        self._alloc = self._ledger.alloc
+        self._last_use = self.ex._last_use()  # the delta plan's steps are the CPU plan's
 
     def materialize(self, x_nchw: np.ndarray) -> np.ndarray:
         """Run the original image once and keep every step's output (internal layout)."""
@@ -217,32 +209,26 @@ class IncrementalExecutor:
         val = np.ascontiguousarray(np.broadcast_to(patch_values[..., None], patch_values.shape + (b,)),
                                    np.float32)
         state: dict[str, object] = {g.input.name: Patch(positions.astype(np.int64), val)}
-        owned: dict[str, list[np.ndarray]] = {}  # arena buffers holding each live value
-        arena = self._arena
-        arena.begin(b)
+        ledger = self._ledger
+        ledger.owned.clear()
+        ledger.handed.clear()
+        self._arena.begin(b)
         last = len(self.plan.steps) - 1
         for idx, ds in enumerate(self.plan.steps):
             ins = [state[i] for i in ds.node.inputs]
             t0 = time.perf_counter()
             y = state[ds.out_name] = self._step(ds, ins, b)
-            yv = y.val if isinstance(y, Patch) else y
-            for a in self._handed.values():  # the step's output buffer, or its scratch
-                if np.may_share_memory(a, yv) and idx < last:
-                    owned.setdefault(ds.out_name, []).append(a)
-                elif not np.may_share_memory(a, yv):
-                    arena.put(a)
-            self._handed.clear()
+            # the graph output leaves the arena with the caller
+            ledger.adopt(ds.out_name, y.val if isinstance(y, Patch) else y, keep=idx < last)
             for i in ds.node.inputs:  # values whose last reader ran: buffers back
                 if self._last_use.get(i) == idx and i in state:
                     del state[i]
-                    live = [v.val if isinstance(v, Patch) else v for v in state.values()]
-                    for buf in owned.pop(i, ()):
-                        if not any(np.may_share_memory(buf, u) for u in live):
-                            arena.put(buf)
+                    ledger.release(i, (v.val if isinstance(v, Patch) else v
+                                       for v in state.values()))
             if self.profile:
                 name = ds.node.name
                 self.step_secs[name] = self.step_secs.get(name, 0.0) + time.perf_counter() - t0
-        arena.end()
+        self._arena.end()
         out = state[self.plan.steps[-1].out_name]
         return _to_external(out) if isinstance(out, np.ndarray) else out
 
