@@ -44,7 +44,7 @@ hm = kdb.occlude(m, image, patch=patch, positions=pos)
 t3 = time.perf_counter()
 hm = kdb.occlude(m, image, patch=patch, positions=pos)
 t4 = time.perf_counter()
-print(json.dumps(dict(import_s=t1 - t0, load_s=t2 - t1, first_s=t3 - t2, total_s=t3 - t0,
+print(json.dumps(dict(import_s=t1 - t0, load_s=t2 - t1, first_s=t3 - t2,
                       again_s=t4 - t3, positions=len(pos))))
 """
 
