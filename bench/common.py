@@ -38,7 +38,7 @@ def machine_line() -> str:
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy "
             f"{np.__version__} (BLAS {blas}), numba {numba.__version__}, onnxruntime "
             f"{ort.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, "
-            f"commit {commit}")
+            f"conv GEMM {os.environ.get('KRYPTON_GEMM', 'own')}, commit {commit}")
 
 
 def median_time(fn, repeat: int = 3) -> float:

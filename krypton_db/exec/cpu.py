@@ -12,6 +12,7 @@ the model's own NCHW/[N, K] batches.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -21,6 +22,7 @@ import numba
 import numpy as np
 
 from ..graph import Graph, Node, Op
+from . import gemm_cpu as G
 from . import kernels_cpu as K
 
 _ACT = {
@@ -160,6 +162,7 @@ class ConvWeights:
     bias: np.ndarray
     w4: np.ndarray
     taps: list[np.ndarray] | None = None  # per group [kh*kw, O/g, C/g] (shifted-window GEMMs)
+    packs: list[np.ndarray] | None = None  # per group, ``gemm_cpu.pack_weights(mats[g])``
 
     @classmethod
     def of(cls, node: Node) -> "ConvWeights":
@@ -177,6 +180,32 @@ class ConvWeights:
             self.taps = [np.ascontiguousarray(self.w4[i * og : (i + 1) * og].transpose(2, 3, 0, 1)
                                               .reshape(kh * kw, og, cg)) for i in range(g)]
         return self.taps
+
+    def packed(self, gi: int) -> np.ndarray:
+        if self.packs is None:
+            self.packs = [G.pack_weights(m) for m in self.mats]
+        return self.packs[gi]
+
+
+# "own": convolutions run on gemm_cpu's tap GEMM; "openblas": on OpenBLAS sgemm, one call per
+# tap (the previous lowering, kept for comparison: bench/full.py --gemm openblas)
+GEMM = os.environ.get("KRYPTON_GEMM", "own")
+
+
+def conv_gemm(cw: ConvWeights, gi: int, src: np.ndarray, offs, col0: int, ncols: int, ys: np.ndarray,
+              accumulate: bool = False) -> None:
+    """``ys[:, :ncols] (+)= sum_t W_t @ src[:, col0 + offs[t] : col0 + offs[t] + ncols]`` for
+    group ``gi`` of a conv: W_t is tap t's [O/g, C/g] matrix (one tap, offs = (0,): the plain
+    GEMM ``W[O/g, C/g*kh*kw] @ src`` of an im2col or 1x1 conv)."""
+    if ncols <= 0:
+        return
+    if GEMM != "openblas" or not K.HAVE_BLAS:
+        G.tap_gemm(cw.packed(gi), ys.shape[0], src, np.asarray(offs, np.int64), col0, ncols, ys, accumulate)
+        return
+    mats = [cw.mats[gi]] if len(offs) == 1 else cw.tap_mats()[gi]
+    for k, off in enumerate(offs):
+        K.gemm(mats[k], src[:, col0 + off : col0 + off + ncols], ys[:, :ncols],
+               1.0 if (k > 0 or accumulate) else 0.0)
 
 
 def _cols_chunk(ncols: int, per_col: int, budget: int) -> int:
@@ -235,7 +264,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
                 j1 = min(j0 + qc, ncols)
                 for gi in range(g):
                     ys = out2[gi * og : (gi + 1) * og, j0:j1]
-                    K.gemm(cw.mats[gi], x2[gi * cg : (gi + 1) * cg, j0:j1], ys)
+                    conv_gemm(cw, gi, x2[gi * cg : (gi + 1) * cg], (0,), j0, j1 - j0, ys)
                     K.bias_act_rows_cpu(ys, bias[gi * og : (gi + 1) * og], code, a0, a1)
 
             parallel_chunks(-(-ncols // qc), one)
@@ -259,7 +288,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
             for gi in range(g):
                 K.im2col_chunk_cpu(x, gi * cg, cg, kh, kw, sh, sw, dh, dw, t, l, ho, wo, j0, j1, cols)
                 ys = out2[gi * og : (gi + 1) * og, j0:j1]
-                K.gemm(cw.mats[gi], cols[:, : j1 - j0], ys)
+                conv_gemm(cw, gi, cols, (0,), 0, j1 - j0, ys)
                 K.bias_act_rows_cpu(ys, bias[gi * og : (gi + 1) * og], code, a0, a1)
 
         parallel_chunks(-(-ncols // qc), one)
@@ -299,8 +328,7 @@ def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, o
     maxoff = (kh - 1) * dh * wp + (kw - 1) * dw
     qc = _cols_chunk(grid, cg + og, SHIFT_BUDGET)
     ld = qc + maxoff
-    taps = cw.tap_mats()
-    offs = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+    offs = np.array([i * dh * wp + j * dw for i in range(kh) for j in range(kw)], np.int64)
     bias = cw.bias
 
     def one(ci):
@@ -311,9 +339,7 @@ def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, o
         s = _scratch("acc", og * qc).reshape(og, qc)[:, :m]
         for gi in range(g):
             K.padgrid_chunk_cpu(x, gi * cg, cg, t, l, hs, wp, q0, q1 + maxoff, buf)
-            tm = taps[gi]
-            for k, off in enumerate(offs):
-                K.gemm(tm[k], buf[:, off : off + m], s, 0.0 if k == 0 else 1.0)
+            conv_gemm(cw, gi, buf, offs, 0, m, s)
             K.shift_epilogue_cpu(s, gi * og, q0, q1, hs, wp, ho, wo, bias, code, a0, a1, out)
 
     parallel_chunks(-(-grid // qc), one)

@@ -15,11 +15,14 @@ the cores: OpenBLAS workers busy-wait after every call, so an OpenMP bias pass r
 GEMM chunk took 5 ms instead of 12 us. With one pool there is no hand-over at all, and each
 thread's im2col block, GEMM output block and epilogue stay in its own core's cache.
 
-``sgemm`` is called through ctypes on numpy's own OpenBLAS (found in the process maps), not
-through ``np.matmul``, because the convolution needs what matmul cannot express: ``beta = 1``
-accumulation and arbitrary leading dimensions (column offsets into a padded input, output
-blocks written straight into the strided ``[O, N*Ho*Wo]`` result). Without an OpenBLAS in the
-process, ``gemm`` falls back to ``np.matmul`` on the same views (slower, still correct).
+Convolutions run on our own tap GEMM (``gemm_cpu``: all kh*kw taps in one call, packed
+weights, an AVX-512 micro-kernel that does not depend on which kernel the BLAS build selects).
+``gemm`` here serves the fully connected layers (and the convolutions when
+``KRYPTON_GEMM=openblas``, for comparison): ``sgemm`` is called through ctypes on numpy's own
+OpenBLAS (found in the process maps), not through ``np.matmul``, because the callers need what
+matmul cannot express: ``beta = 1`` accumulation and arbitrary leading dimensions (output
+blocks written straight into a strided result). Without an OpenBLAS in the process, ``gemm``
+falls back to ``np.matmul`` on the same views (slower, still correct).
 """
 
 from __future__ import annotations

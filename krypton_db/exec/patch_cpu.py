@@ -20,7 +20,7 @@ from numba import njit
 
 from ..graph import Node, Op
 from . import kernels_cpu as K
-from .cpu import ConvWeights, _scratch, parallel_chunks, parallel_ranges
+from .cpu import ConvWeights, _scratch, conv_gemm, parallel_chunks, parallel_ranges
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
@@ -287,7 +287,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
             for gi in range(g):
                 im2col_chwb_cpu(buf, gi * cg, cg, kh, kw, sh, sw, dh, dw, ho, wo, p0, p1, cols)
                 ys = out2[gi * og : (gi + 1) * og, p0 * nb : p1 * nb]
-                K.gemm(cw.mats[gi], cols, ys)
+                conv_gemm(cw, gi, cols, (0,), 0, (p1 - p0) * nb, ys)
                 bias_act_rows_cpu(ys, cw.bias[gi * og : (gi + 1) * og], code, a0, a1)
 
         parallel_chunks(nchunks, one)
@@ -310,8 +310,7 @@ def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
         flat = np.zeros(c * chan + tail, np.float32)
         flat[: c * chan] = buf.reshape(-1)
     b2 = np.lib.stride_tricks.as_strided(flat, (c, chan + tail), (chan * 4, 4))
-    taps = cw.tap_mats()[0]
-    offs = [(i * dh * wr + j * dw) * nb for i in range(kh) for j in range(kw)]
+    offs = np.array([(i * dh * wr + j * dw) * nb for i in range(kh) for j in range(kw)], np.int64)
     ncols = ho * wr * nb
     qc = max(nb, min(ncols, (512 * 1024) // max(c + o, 1))) // nb * nb  # whole (oy, x) columns
     nchunks = -(-ncols // qc)
@@ -320,8 +319,7 @@ def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
         q0 = ci * qc
         q1 = min(q0 + qc, ncols)
         acc = _scratch("pacc", o * qc).reshape(o, qc)[:, : q1 - q0]
-        for k, off in enumerate(offs):
-            K.gemm(taps[k], b2[:, q0 + off : q1 + off], acc, 0.0 if k == 0 else 1.0)
+        conv_gemm(cw, 0, b2, offs, q0, q1 - q0, acc)
         shift_epilogue_chwb_cpu(acc, 0, q0, q1, wr, wo, nb, cw.bias, code, a0, a1, out)
 
     parallel_chunks(nchunks, one)
@@ -342,8 +340,7 @@ def _conv_shift_rows(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     o = out.shape[0]
     b2 = np.ascontiguousarray(buf).reshape(c, hr * wr * nb)
     out2 = out.reshape(o, ho * wo * nb)
-    taps = cw.tap_mats()[0]
-    offs = [(i * dh * wr + j * dw) * nb for i in range(kh) for j in range(kw)]
+    offs = np.array([(i * dh * wr + j * dw) * nb for i in range(kh) for j in range(kw)], np.int64)
     xc = max(1, min(wo, (512 * 1024) // max(c + o, 1) // nb))  # x cells per segment
     segs = [((oy * wr + x0) * nb, (oy * wo + x0) * nb, (min(x0 + xc, wo) - x0) * nb)
             for oy in range(ho) for x0 in range(0, wo, xc)]
@@ -351,8 +348,7 @@ def _conv_shift_rows(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     def one(si):
         s0, d0, n = segs[si]
         ys = out2[:, d0 : d0 + n]
-        for k, off in enumerate(offs):
-            K.gemm(taps[k], b2[:, s0 + off : s0 + off + n], ys, 0.0 if k == 0 else 1.0)
+        conv_gemm(cw, 0, b2, offs, s0, n, ys)
         bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
 
     parallel_chunks(len(segs), one)

@@ -1,0 +1,218 @@
+"""Our own single-threaded float32 GEMM for convolutions: ``C[M, N] (+)= W[M, K] @ B[K, N]``
+where row k of B is read at an arbitrary offset of one source buffer (a "tap GEMM").
+
+Why our own instead of OpenBLAS' ``sgemm`` (which ``kernels_cpu.gemm`` binds):
+- a stride-1 convolution on a zero-padded buffer is ``sum_taps W_tap @ buf[:, off_tap + q]``;
+  with BLAS that is kh*kw separate calls, each re-reading and re-writing the whole output
+  block (beta = 1) and each packing its own copy of the shifted input. Here the taps are just
+  more rows of K (row k = (c, tap) is read at ``c * ldb + off_tap``), so a layer is ONE GEMM:
+  the shifted rows are packed once per K-block into a small L1-resident strip (the im2col
+  happens 48 columns at a time, never materialized) and the output is written once;
+- the weight panels are packed once per layer (``pack_weights``), not on every call;
+- the micro-kernel reaches the machine's FMA peak: on the 2-core AVX-512 (Zen 5) target it runs
+  at 262 GFLOP/s per core from L1, where OpenBLAS 0.3.31's SkylakeX sgemm sustains 136-226 on
+  the convolutions' shapes (bench/RESULTS.md, "full").
+
+The micro-kernel is emitted as LLVM IR (``numba.extending.intrinsic``) with explicit
+``<16 x float>`` vectors: numba has no vector types, and its auto-vectorizer cannot keep an
+MR x NR accumulator tile in registers across the K loop (the tile would live in memory).
+Layout (BLIS-style): a tile of MR = 8 output rows x NR = 48 columns (3 zmm per row, 24
+accumulators); per k it loads 3 vectors of the packed B strip and broadcasts 8 weights.
+Everything around it (packing, blocking, edge tiles) is plain numba.
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+MR = 8  # output rows per micro-tile (broadcast weights)
+NV = 3  # 16-float vectors per micro-tile row
+NR = 16 * NV  # output columns per micro-tile
+KC = 256  # K block: one packed B strip (KC x NR floats = 24 KiB) stays in L1
+NC = 16 * NR  # columns per packed B block (KC x NC floats = 768 KiB, in L2)
+
+_NJ = dict(cache=True, nogil=True, fastmath=False)
+
+
+@intrinsic
+def _ukernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
+    """c[coff + i*ldc + j] (+)= sum_{k < kc} a[aoff + k*MR + i] * b[boff + k*NR + j] for i < MR,
+    j < NR (accumulate != 0: add to c; else overwrite it)."""
+    sig = types.void(kc, a, aoff, b, boff, c, coff, ldc, accumulate)
+
+    def codegen(context, builder, sig, args):
+        kc, a, aoff, b, boff, c, coff, ldc, accumulate = args
+        vt = ir.VectorType(ir.FloatType(), 16)
+        i64 = kc.type
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
+                                             "llvm.fma.v16f32")
+        ap = builder.gep(context.make_array(sig.args[1])(context, builder, a).data, [aoff])
+        bp = builder.gep(context.make_array(sig.args[3])(context, builder, b).data, [boff])
+        cp = builder.gep(context.make_array(sig.args[5])(context, builder, c).data, [coff])
+        zero = ir.Constant(vt, [0.0] * 16)
+        # allocas in the entry block: mem2reg turns them into the 24 register accumulators
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(MR)]
+        splat = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+        undef = ir.Constant(vt, ir.Undefined)
+        lane0 = ir.Constant(ir.IntType(32), 0)
+        with cgutils.for_range(builder, kc) as loop:
+            k = loop.index
+            bk = builder.gep(bp, [builder.mul(k, ir.Constant(i64, NR))])
+            ak = builder.gep(ap, [builder.mul(k, ir.Constant(i64, MR))])
+            bv = [builder.load(builder.bitcast(builder.gep(bk, [ir.Constant(i64, 16 * v)]), vt.as_pointer()),
+                               align=4) for v in range(NV)]
+            for i in range(MR):
+                s = builder.load(builder.gep(ak, [ir.Constant(i64, i)]))
+                sv = builder.shuffle_vector(builder.insert_element(undef, s, lane0), undef, splat)
+                for v in range(NV):
+                    builder.store(builder.call(fma, [sv, bv[v], builder.load(accs[i][v])]), accs[i][v])
+        add = builder.icmp_signed("!=", accumulate, ir.Constant(accumulate.type, 0))
+        for i in range(MR):
+            row = builder.gep(cp, [builder.mul(ldc, ir.Constant(ldc.type, i))])
+            for v in range(NV):
+                ptr = builder.bitcast(builder.gep(row, [ir.Constant(ldc.type, 16 * v)]), vt.as_pointer())
+                acc = builder.load(accs[i][v])
+                with builder.if_else(add) as (then, otherwise):
+                    with then:
+                        builder.store(builder.fadd(builder.load(ptr, align=4), acc), ptr, align=4)
+                    with otherwise:
+                        builder.store(acc, ptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _copy_strip(typingctx, src, soff, dst, doff):
+    """dst[doff : doff + NR] = src[soff : soff + NR] as NV unaligned vector moves (numba's own
+    loop would not vectorize: its signed indices carry negative-index wraparound)."""
+    sig = types.void(src, soff, dst, doff)
+
+    def codegen(context, builder, sig, args):
+        src, soff, dst, doff = args
+        vt = ir.VectorType(ir.FloatType(), 16)
+        sp = builder.gep(context.make_array(sig.args[0])(context, builder, src).data, [soff])
+        dp = builder.gep(context.make_array(sig.args[2])(context, builder, dst).data, [doff])
+        for v in range(NV):
+            off = ir.Constant(soff.type, 16 * v)
+            val = builder.load(builder.bitcast(builder.gep(sp, [off]), vt.as_pointer()), align=4)
+            builder.store(val, builder.bitcast(builder.gep(dp, [off]), vt.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def pack_weights(w: np.ndarray) -> np.ndarray:
+    """W [M, K] -> panels [ceil(M / MR), K, MR] (rows past M are zero): the micro-kernel reads
+    the MR weights of one k as one contiguous run."""
+    m, k = w.shape
+    npan = -(-m // MR)
+    wp = np.zeros((npan * MR, k), np.float32)
+    wp[:m] = w
+    return np.ascontiguousarray(wp.reshape(npan, MR, k).transpose(0, 2, 1))
+
+
+@njit(**_NJ)
+def _pack_block(src, offs, ldb, col, k0, kc, ncols, bp):
+    """Pack B rows k0 .. k0+kc (row k = c * T + t is src[c * ldb + offs[t] + col :]) over
+    ``ncols`` columns into NR-wide strips bp[s, kk, :NR] (columns past ncols are zero). Rows
+    go in groups of 8, strip by strip: 8 sequential read streams, contiguous 8-row writes."""
+    ntap = offs.shape[0]
+    nfull = ncols // NR
+    rem = ncols - nfull * NR
+    bases = np.empty(8, np.int64)
+    for g0 in range(0, kc, 8):
+        g1 = min(g0 + 8, kc)
+        for kk in range(g0, g1):
+            k = k0 + kk
+            c = k // ntap
+            bases[kk - g0] = c * ldb + offs[k - c * ntap] + col
+        for s in range(nfull):
+            for kk in range(g0, g1):
+                _copy_strip(src, bases[kk - g0] + s * NR, bp, (s * kc + kk) * NR)
+        if rem:
+            for kk in range(g0, g1):
+                row = (nfull * kc + kk) * NR
+                base = bases[kk - g0] + nfull * NR
+                for j in range(rem):
+                    bp[row + j] = src[base + j]
+                for j in range(rem, NR):
+                    bp[row + j] = 0.0
+
+
+@njit(**_NJ)
+def tap_gemm_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumulate, bp, tile):
+    """out[out0 + i*ldo + j] (+)= sum_k W[i, k] * src[src0 + c*ldb + offs[t] + j] for i < m,
+    j < ncols, k = c * len(offs) + t, W packed by ``pack_weights``. ``bp`` (KC*NC floats) and
+    ``tile`` (MR*NR) are the caller's per-thread scratch."""
+    npan = wp.shape[0]
+    kt = wp.shape[1]
+    wf = wp.reshape(-1)
+    for c0 in range(0, ncols, NC):
+        nc = min(NC, ncols - c0)
+        for k0 in range(0, kt, KC):
+            kc = min(KC, kt - k0)
+            acc = 1 if (accumulate or k0 > 0) else 0
+            _pack_block(src, offs, ldb, src0 + c0, k0, kc, nc, bp)
+            for p in range(npan):
+                mv = min(MR, m - p * MR)
+                aoff = (p * kt + k0) * MR
+                for s in range(-(-nc // NR)):
+                    j0 = s * NR
+                    nv = min(NR, nc - j0)
+                    boff = s * kc * NR
+                    if nv == NR and mv == MR:
+                        _ukernel(kc, wf, aoff, bp, boff, out, out0 + p * MR * ldo + c0 + j0, ldo, acc)
+                    else:
+                        _ukernel(kc, wf, aoff, bp, boff, tile, 0, NR, 0)
+                        for i in range(mv):
+                            o = out0 + (p * MR + i) * ldo + c0 + j0
+                            if acc:
+                                for j in range(nv):
+                                    out[o + j] += tile[i * NR + j]
+                            else:
+                                for j in range(nv):
+                                    out[o + j] = tile[i * NR + j]
+
+
+_SCRATCH = None
+
+
+def _scratch():
+    """Per-thread (bp, tile) scratch buffers."""
+    import threading
+
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = threading.local()
+    s = _SCRATCH
+    if not hasattr(s, "bp"):
+        s.bp = np.empty(KC * NC, np.float32)
+        s.tile = np.empty(MR * NR, np.float32)
+    return s.bp, s.tile
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """1-D float32 view over a 2-D view's memory, from its first element to its last."""
+    return np.lib.stride_tricks.as_strided(a, ((a.shape[0] - 1) * (a.strides[0] // 4) + a.shape[1],), (4,))
+
+
+def tap_gemm(wp: np.ndarray, m: int, src: np.ndarray, offs: np.ndarray, col0: int, ncols: int,
+             out: np.ndarray, accumulate: bool = False) -> None:
+    """``out[:m, :ncols] (+)= sum_{c, t} W[:, c*T + t] * src[c, col0 + offs[t] : ... + ncols]``.
+
+    src: 2-D float32 view [C, *] with unit-stride rows (row stride = ldb); out: 2-D float32
+    view [m, >= ncols] with unit-stride rows; offs: int64 tap offsets (T of them, [0] for a
+    plain GEMM); wp: ``pack_weights`` of W [m, C*T]."""
+    assert src.dtype == np.float32 and out.dtype == np.float32 and src.strides[-1] == 4 and out.strides[-1] == 4
+    if m == 0 or ncols == 0:
+        return
+    if col0 + int(offs.max()) + ncols > src.shape[1] or out.shape[0] < m or out.shape[1] < ncols:
+        raise ValueError(f"tap_gemm: reads past src {src.shape} or writes past out {out.shape}")
+    bp, tile = _scratch()
+    tap_gemm_cpu(wp, m, _flat(src), offs, src.strides[0] // 4, col0, ncols, _flat(out), 0,
+                 out.strides[0] // 4, accumulate, bp, tile)
