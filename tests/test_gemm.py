@@ -70,3 +70,35 @@ def test_own_gemm_matches_the_openblas_lowering(monkeypatch):
         cpu.conv_gemm(cw, 0, src, offs, 4, 200, outs[mode])
     np.testing.assert_allclose(outs["own"], outs["openblas"], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(outs["own"], _ref(cw.mats[0], src, offs, 4, 200), rtol=1e-5, atol=1e-4)
+
+
+def test_avx2_tile_shape_in_a_subprocess(tmp_path):
+    """The 6 x 16 AVX2 micro-tile (chosen on hosts without AVX-512) gives the same results;
+    forced here in a child process with its own numba cache."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from krypton_db.exec import gemm_cpu as G\n"
+        "assert (G.VL, G.MR, G.NR) == (8, 6, 16), (G.VL, G.MR, G.NR)\n"
+        "rng = np.random.default_rng(0)\n"
+        "w = rng.standard_normal((13, 7 * 9)).astype(np.float32)\n"
+        "src = rng.standard_normal((7, 300)).astype(np.float32)\n"
+        "offs = np.array([i * 20 + j for i in range(3) for j in range(3)], np.int64)\n"
+        "out = np.empty((13, 201), np.float32)\n"
+        "G.tap_gemm(G.pack_weights(w), 13, src, offs, 5, 201, out)\n"
+        "rows = np.stack([src[c, 5 + o : 5 + o + 201] for c in range(7) for o in offs])\n"
+        "err = np.abs(out - w.astype(np.float64) @ rows).max()\n"
+        "assert err < 1e-4, err\n"
+        "print('ok', err)\n"
+    )
+    env = dict(os.environ, KRYPTON_GEMM_VL="8", NUMBA_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+    # without a cache of its own the override is refused, naming what is allowed
+    env.pop("NUMBA_CACHE_DIR")
+    r = subprocess.run([sys.executable, "-c", "import krypton_db.exec.gemm_cpu"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "allowed 8 or 16" in r.stderr

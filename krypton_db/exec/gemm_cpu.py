@@ -29,11 +29,35 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-MR = 8  # output rows per micro-tile (broadcast weights)
-NV = 3  # 16-float vectors per micro-tile row
-NR = 16 * NV  # output columns per micro-tile
-KC = 256  # K block: one packed B strip (KC x NR floats = 24 KiB) stays in L1
-NC = 16 * NR  # columns per packed B block (KC x NC floats = 768 KiB, in L2)
+
+
+def _shape_for_host() -> tuple[int, int, int]:
+    """(VL floats per vector, MR, NV): 16 x (8 x 3) with AVX-512 (32 vector registers: 24
+    accumulators), else 8 x (6 x 2) (AVX2's 16 registers: 12 accumulators, the classic
+    Haswell tile). ``KRYPTON_GEMM_VL=8`` forces the AVX2 shape (the tests run it in a
+    subprocess with its own numba cache: numba's cache key has the host's CPU features, which
+    decide the shape, but not this variable)."""
+    import os
+
+    import llvmlite.binding as llb
+
+    vl = os.environ.get("KRYPTON_GEMM_VL")
+    if vl is not None and (vl not in ("8", "16") or not os.environ.get("NUMBA_CACHE_DIR")):
+        # the shape is compiled into the cached kernels, and numba's cache key does not see it
+        raise ValueError(f"KRYPTON_GEMM_VL={vl!r}: allowed 8 or 16, and only with a NUMBA_CACHE_DIR "
+                         "of its own (the tile shape is compiled into the cached kernels)")
+    if vl is None:
+        try:
+            vl = "16" if "+avx512f" in llb.get_host_cpu_features().flatten() else "8"
+        except RuntimeError:
+            vl = "8"
+    return (16, 8, 3) if vl == "16" else (8, 6, 2)
+
+
+VL, MR, NV = _shape_for_host()  # floats per vector, rows per micro-tile, vectors per row
+NR = VL * NV  # output columns per micro-tile
+KC = 256  # K block: one packed B strip (KC x NR floats, 48 KiB at NR = 48)
+NC = (768 // NR) * NR  # columns per packed B block (KC x NC floats = 768 KiB, in L2)
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
@@ -46,24 +70,24 @@ def _ukernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
 
     def codegen(context, builder, sig, args):
         kc, a, aoff, b, boff, c, coff, ldc, accumulate = args
-        vt = ir.VectorType(ir.FloatType(), 16)
+        vt = ir.VectorType(ir.FloatType(), VL)
         i64 = kc.type
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
-                                             "llvm.fma.v16f32")
+                                             f"llvm.fma.v{VL}f32")
         ap = builder.gep(context.make_array(sig.args[1])(context, builder, a).data, [aoff])
         bp = builder.gep(context.make_array(sig.args[3])(context, builder, b).data, [boff])
         cp = builder.gep(context.make_array(sig.args[5])(context, builder, c).data, [coff])
-        zero = ir.Constant(vt, [0.0] * 16)
+        zero = ir.Constant(vt, [0.0] * VL)
         # allocas in the entry block: mem2reg turns them into the 24 register accumulators
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(MR)]
-        splat = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+        splat = ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL)
         undef = ir.Constant(vt, ir.Undefined)
         lane0 = ir.Constant(ir.IntType(32), 0)
         with cgutils.for_range(builder, kc) as loop:
             k = loop.index
             bk = builder.gep(bp, [builder.mul(k, ir.Constant(i64, NR))])
             ak = builder.gep(ap, [builder.mul(k, ir.Constant(i64, MR))])
-            bv = [builder.load(builder.bitcast(builder.gep(bk, [ir.Constant(i64, 16 * v)]), vt.as_pointer()),
+            bv = [builder.load(builder.bitcast(builder.gep(bk, [ir.Constant(i64, VL * v)]), vt.as_pointer()),
                                align=4) for v in range(NV)]
             for i in range(MR):
                 s = builder.load(builder.gep(ak, [ir.Constant(i64, i)]))
@@ -74,7 +98,7 @@ def _ukernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
         for i in range(MR):
             row = builder.gep(cp, [builder.mul(ldc, ir.Constant(ldc.type, i))])
             for v in range(NV):
-                ptr = builder.bitcast(builder.gep(row, [ir.Constant(ldc.type, 16 * v)]), vt.as_pointer())
+                ptr = builder.bitcast(builder.gep(row, [ir.Constant(ldc.type, VL * v)]), vt.as_pointer())
                 acc = builder.load(accs[i][v])
                 with builder.if_else(add) as (then, otherwise):
                     with then:
@@ -94,11 +118,11 @@ def _copy_strip(typingctx, src, soff, dst, doff):
 
     def codegen(context, builder, sig, args):
         src, soff, dst, doff = args
-        vt = ir.VectorType(ir.FloatType(), 16)
+        vt = ir.VectorType(ir.FloatType(), VL)
         sp = builder.gep(context.make_array(sig.args[0])(context, builder, src).data, [soff])
         dp = builder.gep(context.make_array(sig.args[2])(context, builder, dst).data, [doff])
         for v in range(NV):
-            off = ir.Constant(soff.type, 16 * v)
+            off = ir.Constant(soff.type, VL * v)
             val = builder.load(builder.bitcast(builder.gep(sp, [off]), vt.as_pointer()), align=4)
             builder.store(val, builder.bitcast(builder.gep(dp, [off]), vt.as_pointer()), align=4)
         return context.get_dummy_value()
