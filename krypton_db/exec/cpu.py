@@ -24,6 +24,7 @@ import numpy as np
 from ..graph import Graph, Node, Op
 from . import gemm_cpu as G
 from . import kernels_cpu as K
+from . import winograd_cpu as W
 
 _ACT = {
     Op.RELU: K.ACT_RELU, Op.CLIP: K.ACT_CLIP, Op.LEAKY_RELU: K.ACT_LEAKY,
@@ -163,6 +164,7 @@ class ConvWeights:
     w4: np.ndarray
     taps: list[np.ndarray] | None = None  # per group [kh*kw, O/g, C/g] (shifted-window GEMMs)
     packs: list[np.ndarray] | None = None  # per group, ``gemm_cpu.pack_weights(mats[g])``
+    wino: list[np.ndarray] | None = None  # ``winograd_cpu.transform_filters(w4)``
 
     @classmethod
     def of(cls, node: Node) -> "ConvWeights":
@@ -181,11 +183,22 @@ class ConvWeights:
                                               .reshape(kh * kw, og, cg)) for i in range(g)]
         return self.taps
 
+    def winograd(self) -> list[np.ndarray]:
+        if self.wino is None:
+            from . import winograd_cpu
+
+            self.wino = winograd_cpu.transform_filters(self.w4)
+        return self.wino
+
     def packed(self, gi: int) -> np.ndarray:
         if self.packs is None:
             self.packs = [G.pack_weights(m) for m in self.mats]
         return self.packs[gi]
 
+
+# 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) (exec/winograd_cpu.py) unless
+# KRYPTON_WINOGRAD=0 (direct convolution, for comparison)
+WINOGRAD = os.environ.get("KRYPTON_WINOGRAD", "1") != "0"
 
 # "own": convolutions run on gemm_cpu's tap GEMM; "openblas": on OpenBLAS sgemm, one call per
 # tap (the previous lowering, kept for comparison: bench/full.py --gemm openblas)
@@ -269,6 +282,9 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
 
             parallel_chunks(-(-ncols // qc), one)
             return out
+        if WINOGRAD and W.eligible(p, c, g):
+            _conv_winograd(x, cw, act, (t, l), ho, wo, out)
+            return out
         hs, wp = h + max(t, b), w + max(l, r)
         if (g == 1 and sh == sw == 1 and kh * kw > 1 and K.HAVE_BLAS and c >= SHIFT_MIN_CHANNELS
                 and wo * n >= 256 and n * hs * wp > (1 + CHWB_MIN_WASTE) * ncols):
@@ -311,6 +327,35 @@ def _conv_via_chwb(x, node, cw, act, tl, ho, wo, out):
     y = P.conv_chwb(buf, node, cw, act, (ho, wo), alloc=lambda shape: _scratch(
         "chwb_out", o * ho * wo * n)[: o * ho * wo * n].reshape(shape))
     parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, out, lo, hi))
+
+
+WINO_BAND_FLOATS = 1 << 21  # CHWB input band per step of the dense Winograd path (8 MiB)
+
+
+def _conv_winograd(x, cw, act, tl, ho, wo, out):
+    """3x3 stride-1 conv of a CNHW batch by Winograd F(2x2, 3x3) on CHWB bands: output rows
+    [oy0, oy1) need input rows [oy0 - t, oy1 + 2 - t) (zero outside), transposed into a
+    zero-padded band [C, oy1 - oy0 + 2, wo + 2, N]; the band's output [O, rows, wo, N] is
+    transposed back into ``out``. Bands bound the scratch at any map size (an even row count,
+    so Winograd's 2x2 tiles never straddle two bands)."""
+    c, n, h, w = x.shape
+    o = out.shape[0]
+    t, l = tl
+    wr = wo + 2
+    rows = max(2, min(ho + ho % 2, WINO_BAND_FLOATS // max(c * wr * n, 1) // 2 * 2))
+    filters = cw.winograd()
+    for oy0 in range(0, ho, rows):
+        oy1 = min(oy0 + rows, ho)
+        ylo, yhi = max(oy0 - t, 0), min(oy1 + 2 - t, h)
+        hr = oy1 - oy0 + 2
+        buf = _scratch("wino_band", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
+        xb = x[:, :, ylo:yhi, :]
+        pt = ylo - (oy0 - t)
+        parallel_ranges(c, lambda lo, hi: K.cnhw_to_chwb_cpu(xb, pt, l, buf, lo, hi))
+        y = _scratch("wino_band_out", o * (oy1 - oy0) * wo * n)[: o * (oy1 - oy0) * wo * n].reshape(o, oy1 - oy0, wo, n)
+        W.conv(buf, filters, cw.bias, act, y)
+        ob = out[:, :, oy0:oy1, :]
+        parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, ob, lo, hi))
 
 
 def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out):

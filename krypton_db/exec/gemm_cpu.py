@@ -131,13 +131,16 @@ def _copy_strip(typingctx, src, soff, dst, doff):
 
 
 def pack_weights(w: np.ndarray) -> np.ndarray:
-    """W [M, K] -> panels [ceil(M / MR), K, MR] (rows past M are zero): the micro-kernel reads
-    the MR weights of one k as one contiguous run."""
+    """W [M, K] -> MR-row panels (rows past M are zero), K-block by K-block: block kb holds
+    panel p's [kc, MR] run at ``(kb * KC * npan + p * kc) * MR`` (kc = that block's depth). The
+    micro-kernel reads the MR weights of one k as one contiguous run, and one K block of all
+    panels is one contiguous stream. Returned as [npan, K * MR] (the flat order is the above)."""
     m, k = w.shape
     npan = -(-m // MR)
     wp = np.zeros((npan * MR, k), np.float32)
     wp[:m] = w
-    return np.ascontiguousarray(wp.reshape(npan, MR, k).transpose(0, 2, 1))
+    blocks = [wp[:, k0 : k0 + KC].reshape(npan, MR, -1).transpose(0, 2, 1).reshape(-1) for k0 in range(0, k, KC)]
+    return np.concatenate(blocks).reshape(npan, k * MR)
 
 
 @njit(**_NJ)
@@ -174,7 +177,7 @@ def tap_gemm_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumulate,
     j < ncols, k = c * len(offs) + t, W packed by ``pack_weights``. ``bp`` (KC*NC floats) and
     ``tile`` (MR*NR) are the caller's per-thread scratch."""
     npan = wp.shape[0]
-    kt = wp.shape[1]
+    kt = wp.shape[1] // MR
     wf = wp.reshape(-1)
     for c0 in range(0, ncols, NC):
         nc = min(NC, ncols - c0)
@@ -184,7 +187,7 @@ def tap_gemm_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumulate,
             _pack_block(src, offs, ldb, src0 + c0, k0, kc, nc, bp)
             for p in range(npan):
                 mv = min(MR, m - p * MR)
-                aoff = (p * kt + k0) * MR
+                aoff = (k0 * npan + p * kc) * MR
                 for s in range(-(-nc // NR)):
                     j0 = s * NR
                     nv = min(NR, nc - j0)

@@ -26,6 +26,7 @@ import numpy as np
 from ..graph import Op
 from . import patch_cpu as P
 from ..planner.batching import peak_bytes_per_query
+from ..planner.explain import whole_map_runs_dense
 from .cpu import BufferLedger, CpuExecutor, _to_external, act_spec
 
 
@@ -237,11 +238,12 @@ class IncrementalExecutor:
         kind = ds.rule.kind
         patches = all(isinstance(s, Patch) for s in ins)
         step = self._steps[node.name]
-        if kind == "window" and patches and ds.out_size != tuple(node.shape[1:]):
+        if kind == "window" and patches and (ds.out_size != tuple(node.shape[1:])
+                                             or not whole_map_runs_dense(node, "cpu")):
             return self._window(ds, step, ins[0])
-        # a window whose output patch is the whole map: from here on the queries carry full
-        # tensors (stitched once) and run on the dense CNHW executor, which is faster than
-        # gathering read-in contexts that cover everything anyway
+        # a window whose output patch is the whole map (most of them): from here on the
+        # queries carry full tensors (stitched once) and run on the dense CNHW executor, which
+        # is faster than gathering read-in contexts that cover everything anyway
         if kind == "pointwise" and patches:  # the same physical op, on the patch values only
             return Patch(ins[0].loc, self.ex._exec(step, [ins[0].val], alloc=self._alloc))
         if kind == "merge" and patches and len(node.shape) == 3:

@@ -19,7 +19,9 @@ import numpy as np
 from numba import njit
 
 from ..graph import Node, Op
+from . import cpu as C
 from . import kernels_cpu as K
+from . import winograd_cpu as W
 from .cpu import ConvWeights, _scratch, conv_gemm, parallel_chunks, parallel_ranges
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
@@ -269,6 +271,9 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
                                                              code, a0, a1, out, lo, hi))
         return out
     cg, og = c // g, o // g
+    if C.WINOGRAD and W.eligible(p, c, g):
+        W.conv(buf, cw.winograd(), cw.bias, act, out)
+        return out
     with K.single_threaded_blas():
         # shifted-window GEMMs need K = C large enough for BLAS to be efficient
         if g == 1 and sh == sw == 1 and c >= SHIFT_MIN_C and (kh * kw == 1 or wr <= (1 + SHIFT_MAX_WASTE) * wo):

@@ -1,0 +1,357 @@
+"""Winograd F(2x2, 3x3) convolution on CHWB buffers (3x3, stride 1, dilation 1, one group).
+
+Why: a 3x3 convolution computed directly costs 9 multiply-adds per output per input channel;
+Winograd's minimal filtering algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+Networks", 2016) computes each 2x2 output tile from a 4x4 input tile with 16 element-wise
+products per channel pair: 2.25x fewer multiplications, and the products over the channels are
+16 independent GEMMs ``M[k] = U[k] (O x C) @ V[k] (C x tiles)``. VGG16 and ResNet's 3x3 convs
+are most of their FLOPs (cuDNN, oneDNN and NNPACK ship the same algorithm). F(2x2, 3x3) is the
+smallest variant: its transforms use only 0, +-1 and +-1/2, so it is as accurate in float32 as
+the direct convolution (tests compare both with the float64 reference).
+
+  input  V = B^T d B   (d: 4x4 input tile per channel)     B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+  filter U = G g G^T   (g: 3x3 filter, once per layer)      G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
+  output Y = A^T M A   (M: the 4x4 products summed over C)  A^T = [1 1 1 0; 0 1 -1 -1]
+
+Layout: GEMM column j = tile * B + b (queries innermost, like CHWB), so both transforms are
+loops over B contiguous floats. The columns are processed in chunks sized so that V and M
+([16, C or O, chunk] each) stay in the last-level cache; per chunk the 16 GEMMs run on
+``gemm_cpu``'s tap GEMM with the 16 transformed filters packed once per layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+import llvmlite.ir as ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import gemm_cpu as G
+from . import kernels_cpu as K
+
+_NJ = dict(cache=True, nogil=True, fastmath=False)
+VL = G.VL  # lanes of the vector transforms (16 with AVX-512, else 8)
+
+
+# The transforms' inner loops read 16 (write 16) streams of B-contiguous floats; LLVM's
+# vectorizer gives up on the pointer-overlap checks that many streams need, so the vector
+# bodies (VL queries at a time) are emitted as IR here, and numba loops drive them.
+
+
+def _vec_ptr(builder, base, off, vt):
+    return builder.bitcast(builder.gep(base, [off]), vt.as_pointer())
+
+
+@intrinsic
+def _in_tile_vec(typingctx, bf, r0, ub, rstride, vf, o, plane):
+    """VL lanes of V = B^T d B: d[i][j] = bf[r0 + i*rstride + j*ub + lane] -> vf[o + k*plane + lane]."""
+    sig = types.void(bf, r0, ub, rstride, vf, o, plane)
+
+    def codegen(context, builder, sig, args):
+        bf, r0, ub, rstride, vf, o, plane = args
+        vt = ir.VectorType(ir.FloatType(), VL)
+        bp = context.make_array(sig.args[0])(context, builder, bf).data
+        vp = context.make_array(sig.args[4])(context, builder, vf).data
+        d = [[None] * 4 for _ in range(4)]
+        for i in range(4):
+            row = builder.add(r0, builder.mul(rstride, ir.Constant(rstride.type, i)))
+            for j in range(4):
+                off = builder.add(row, builder.mul(ub, ir.Constant(ub.type, j)))
+                d[i][j] = builder.load(_vec_ptr(builder, bp, off, vt), align=4)
+        sub, add = builder.fsub, builder.fadd
+        t = [[sub(d[0][j], d[2][j]) for j in range(4)], [add(d[1][j], d[2][j]) for j in range(4)],
+             [sub(d[2][j], d[1][j]) for j in range(4)], [sub(d[1][j], d[3][j]) for j in range(4)]]
+        for i in range(4):
+            vals = (sub(t[i][0], t[i][2]), add(t[i][1], t[i][2]), sub(t[i][2], t[i][1]), sub(t[i][1], t[i][3]))
+            for j in range(4):
+                off = builder.add(o, builder.mul(plane, ir.Constant(plane.type, 4 * i + j)))
+                builder.store(vals[j], _vec_ptr(builder, vp, off, vt), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _out_tile_vec(typingctx, mf, s, plane, bias, relu, of, q00, ub, rstride, full_x, full_y):
+    """VL lanes of Y = A^T M A + bias (then max(., 0) when relu): M[k] = mf[s + k*plane + lane]
+    -> of[q00 + i*rstride + j*ub + lane] for the cells inside the output (full_x / full_y)."""
+    sig = types.void(mf, s, plane, bias, relu, of, q00, ub, rstride, full_x, full_y)
+
+    def codegen(context, builder, sig, args):
+        mf, s, plane, bias, relu, of, q00, ub, rstride, full_x, full_y = args
+        vt = ir.VectorType(ir.FloatType(), VL)
+        mp = context.make_array(sig.args[0])(context, builder, mf).data
+        op = context.make_array(sig.args[5])(context, builder, of).data
+        m = [[builder.load(_vec_ptr(builder, mp, builder.add(s, builder.mul(plane, ir.Constant(plane.type, 4 * i + j))), vt),
+                           align=4) for j in range(4)] for i in range(4)]
+        sub, add = builder.fsub, builder.fadd
+        p = [add(add(m[0][j], m[1][j]), m[2][j]) for j in range(4)]
+        r = [sub(sub(m[1][j], m[2][j]), m[3][j]) for j in range(4)]
+        undef = ir.Constant(vt, ir.Undefined)
+        bv = builder.shuffle_vector(builder.insert_element(undef, bias, ir.Constant(ir.IntType(32), 0)), undef,
+                                    ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL))
+        zero = ir.Constant(vt, [0.0] * VL)
+        use_relu = builder.icmp_signed("!=", relu, ir.Constant(relu.type, 0))
+
+        def finish(v):
+            v = add(v, bv)
+            return builder.select(use_relu, builder.select(builder.fcmp_ordered(">", v, zero), v, zero), v)
+
+        def put(v, off):
+            builder.store(finish(v), _vec_ptr(builder, op, off, vt), align=4)
+
+        fx = builder.icmp_signed("!=", full_x, ir.Constant(full_x.type, 0))
+        fy = builder.icmp_signed("!=", full_y, ir.Constant(full_y.type, 0))
+        q10 = builder.add(q00, rstride)
+        put(add(add(p[0], p[1]), p[2]), q00)
+        with builder.if_then(fx):
+            put(sub(sub(p[1], p[2]), p[3]), builder.add(q00, ub))
+        with builder.if_then(fy):
+            put(add(add(r[0], r[1]), r[2]), q10)
+            with builder.if_then(fx):
+                put(sub(sub(r[1], r[2]), r[3]), builder.add(q10, ub))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+# V + M scratch per chunk and thread (floats): ~2 MiB each, with the 16 packed filters of the
+# layer read once per chunk
+CHUNK_FLOATS = 1 << 22
+MIN_CHANNELS = 16  # below this the 16 GEMMs are too thin (K = C) to beat the direct conv
+
+
+def eligible(node_params: dict, c: int, groups: int) -> bool:
+    p = node_params
+    return (tuple(p["kernel"]) == (3, 3) and tuple(p["stride"]) == (1, 1) and tuple(p["dilation"]) == (1, 1)
+            and groups == 1 and c >= MIN_CHANNELS)
+
+
+def transform_filters(w4: np.ndarray) -> list[np.ndarray]:
+    """W [O, C, 3, 3] -> the 16 ``gemm_cpu``-packed matrices U[k] [O, C] (k = 4 * row + col of
+    G g G^T), computed in float64."""
+    u = np.einsum("ai,ocij,bj->aboc", _G, w4.astype(np.float64), _G)  # [4, 4, O, C]
+    return [G.pack_weights(np.ascontiguousarray(u[a, b], np.float32)) for a in range(4) for b in range(4)]
+
+
+@njit(**_NJ)
+def input_transform_cpu(buf, ntx, j0, j1, v):
+    """v[k, c, j - j0] = (B^T d B)[k] for columns j = t * B + b in [j0, j1): d = buf[c, 2ty :
+    2ty + 4, 2tx : 2tx + 4, b] of tile t = ty * ntx + tx (cells past the buffer read as 0)."""
+    nc, hr, wr, nb = buf.shape
+    n = j1 - j0
+    bf = buf.reshape(-1)
+    vf = v.reshape(-1)
+    plane = np.uint64(nc * n)
+    d = np.zeros(16, np.float32)
+    ub = np.uint64(nb)
+    for c in range(nc):
+        cb = np.uint64(c * hr * wr * nb)
+        vb = np.uint64(c * n)
+        t = j0 // nb
+        while t * nb < j1:
+            ty = t // ntx
+            tx = t - ty * ntx
+            b0 = max(j0 - t * nb, 0)
+            b1 = min(j1 - t * nb, nb)
+            col = np.uint64(t * nb - j0)
+            y0 = 2 * ty
+            x0 = 2 * tx
+            if y0 + 4 <= hr and x0 + 4 <= wr:
+                r0 = cb + np.uint64((y0 * wr + x0) * nb)
+                r1 = r0 + np.uint64(wr * nb)
+                r2 = r1 + np.uint64(wr * nb)
+                r3 = r2 + np.uint64(wr * nb)
+                rs = np.uint64(wr * nb)
+                bv = b0
+                while bv + VL <= b1:
+                    _in_tile_vec(bf, r0 + np.uint64(bv), ub, rs, vf, vb + col + np.uint64(bv), plane)
+                    bv += VL
+                for b in range(bv, b1):
+                    ubb = np.uint64(b)
+                    d00 = bf[r0 + ubb]
+                    d01 = bf[r0 + ub + ubb]
+                    d02 = bf[r0 + 2 * ub + ubb]
+                    d03 = bf[r0 + 3 * ub + ubb]
+                    d10 = bf[r1 + ubb]
+                    d11 = bf[r1 + ub + ubb]
+                    d12 = bf[r1 + 2 * ub + ubb]
+                    d13 = bf[r1 + 3 * ub + ubb]
+                    d20 = bf[r2 + ubb]
+                    d21 = bf[r2 + ub + ubb]
+                    d22 = bf[r2 + 2 * ub + ubb]
+                    d23 = bf[r2 + 3 * ub + ubb]
+                    d30 = bf[r3 + ubb]
+                    d31 = bf[r3 + ub + ubb]
+                    d32 = bf[r3 + 2 * ub + ubb]
+                    d33 = bf[r3 + 3 * ub + ubb]
+                    # rows: B^T d
+                    a0 = d00 - d20
+                    a1 = d01 - d21
+                    a2 = d02 - d22
+                    a3 = d03 - d23
+                    e0 = d10 + d20
+                    e1 = d11 + d21
+                    e2 = d12 + d22
+                    e3 = d13 + d23
+                    f0 = d20 - d10
+                    f1 = d21 - d11
+                    f2 = d22 - d12
+                    f3 = d23 - d13
+                    g0 = d10 - d30
+                    g1 = d11 - d31
+                    g2 = d12 - d32
+                    g3 = d13 - d33
+                    o = vb + col + ubb
+                    # columns: (.) B
+                    vf[o] = a0 - a2
+                    vf[o + plane] = a1 + a2
+                    vf[o + 2 * plane] = a2 - a1
+                    vf[o + 3 * plane] = a1 - a3
+                    vf[o + 4 * plane] = e0 - e2
+                    vf[o + 5 * plane] = e1 + e2
+                    vf[o + 6 * plane] = e2 - e1
+                    vf[o + 7 * plane] = e1 - e3
+                    vf[o + 8 * plane] = f0 - f2
+                    vf[o + 9 * plane] = f1 + f2
+                    vf[o + 10 * plane] = f2 - f1
+                    vf[o + 11 * plane] = f1 - f3
+                    vf[o + 12 * plane] = g0 - g2
+                    vf[o + 13 * plane] = g1 + g2
+                    vf[o + 14 * plane] = g2 - g1
+                    vf[o + 15 * plane] = g1 - g3
+            else:  # an edge tile of an odd-sized output: cells past the buffer are 0
+                for b in range(b0, b1):
+                    for i in range(4):
+                        for j in range(4):
+                            y = y0 + i
+                            x = x0 + j
+                            d[4 * i + j] = buf[c, y, x, b] if (y < hr and x < wr) else np.float32(0.0)
+                    o = vb + col + np.uint64(b)
+                    for j in range(4):
+                        tmp0 = d[j] - d[8 + j]
+                        tmp1 = d[4 + j] + d[8 + j]
+                        tmp2 = d[8 + j] - d[4 + j]
+                        tmp3 = d[4 + j] - d[12 + j]
+                        d[j], d[4 + j], d[8 + j], d[12 + j] = tmp0, tmp1, tmp2, tmp3
+                    for i in range(4):
+                        r = 4 * i
+                        vf[o + np.uint64(r) * plane] = d[r] - d[r + 2]
+                        vf[o + np.uint64(r + 1) * plane] = d[r + 1] + d[r + 2]
+                        vf[o + np.uint64(r + 2) * plane] = d[r + 2] - d[r + 1]
+                        vf[o + np.uint64(r + 3) * plane] = d[r + 1] - d[r + 3]
+            t += 1
+
+
+@njit(**_NJ)
+def output_transform_cpu(m, ntx, j0, j1, bias, code, a0, a1, out):
+    """out[o, 2ty + i, 2tx + j, b] = act((A^T M A)[i, j] + bias[o]) for columns j = t * B + b
+    in [j0, j1) (outputs past out's ho x wo are dropped)."""
+    no, ho, wo, nb = out.shape
+    n = j1 - j0
+    mf = m.reshape(-1)
+    of = out.reshape(-1)
+    plane = np.uint64(no * n)
+    ub = np.uint64(nb)
+    for o in range(no):
+        bo = bias[o]
+        mb = np.uint64(o * n)
+        ob = np.uint64(o * ho * wo * nb)
+        t = j0 // nb
+        while t * nb < j1:
+            ty = t // ntx
+            tx = t - ty * ntx
+            b0 = max(j0 - t * nb, 0)
+            b1 = min(j1 - t * nb, nb)
+            col = np.uint64(t * nb - j0)
+            y0 = 2 * ty
+            x0 = 2 * tx
+            full_y = y0 + 2 <= ho
+            full_x = x0 + 2 <= wo
+            q00 = ob + np.uint64((y0 * wo + x0) * nb)
+            q10 = q00 + np.uint64(wo * nb)
+            bv = b0
+            if code <= 1:  # no activation or ReLU: vector bodies
+                rs = np.uint64(wo * nb)
+                while bv + VL <= b1:
+                    ubv = np.uint64(bv)
+                    _out_tile_vec(mf, mb + col + ubv, plane, bo, code, of, q00 + ubv, ub, rs, full_x, full_y)
+                    bv += VL
+            for b in range(bv, b1):
+                ubb = np.uint64(b)
+                s = mb + col + ubb
+                m00 = mf[s]
+                m01 = mf[s + plane]
+                m02 = mf[s + 2 * plane]
+                m03 = mf[s + 3 * plane]
+                m10 = mf[s + 4 * plane]
+                m11 = mf[s + 5 * plane]
+                m12 = mf[s + 6 * plane]
+                m13 = mf[s + 7 * plane]
+                m20 = mf[s + 8 * plane]
+                m21 = mf[s + 9 * plane]
+                m22 = mf[s + 10 * plane]
+                m23 = mf[s + 11 * plane]
+                m30 = mf[s + 12 * plane]
+                m31 = mf[s + 13 * plane]
+                m32 = mf[s + 14 * plane]
+                m33 = mf[s + 15 * plane]
+                # rows: A^T M
+                p0 = m00 + m10 + m20
+                p1 = m01 + m11 + m21
+                p2 = m02 + m12 + m22
+                p3 = m03 + m13 + m23
+                r0 = m10 - m20 - m30
+                r1 = m11 - m21 - m31
+                r2 = m12 - m22 - m32
+                r3 = m13 - m23 - m33
+                of[q00 + ubb] = K._act(p0 + p1 + p2 + bo, code, a0, a1)
+                if full_x:
+                    of[q00 + ub + ubb] = K._act(p1 - p2 - p3 + bo, code, a0, a1)
+                if full_y:
+                    of[q10 + ubb] = K._act(r0 + r1 + r2 + bo, code, a0, a1)
+                    if full_x:
+                        of[q10 + ub + ubb] = K._act(r1 - r2 - r3 + bo, code, a0, a1)
+            t += 1
+
+
+def conv(buf: np.ndarray, filters: list[np.ndarray], bias: np.ndarray, act, out: np.ndarray) -> None:
+    """3x3 stride-1 convolution (padding 0) of buf [C, hR, wR, B] into out [O, ho, wo, B]
+    (ho <= hR - 2, wo <= wR - 2) with bias + activation; ``filters`` from
+    ``transform_filters``."""
+    from .cpu import parallel_chunks
+
+    c, hr, wr, nb = buf.shape
+    o, ho, wo, _ = out.shape
+    code, a0, a1 = act
+    nty, ntx = -(-ho // 2), -(-wo // 2)
+    ncols = nty * ntx * nb
+    per = max(G.NR, CHUNK_FLOATS // (16 * max(c, o)) // G.NR * G.NR)
+    nchunks = -(-ncols // per)
+    per = -(-ncols // nchunks)  # as even as possible
+    per = -(-per // G.NR) * G.NR if per > G.NR else per
+    nchunks = -(-ncols // per)
+    zero = np.zeros(1, np.int64)
+
+    def one(ci):
+        j0 = ci * per
+        j1 = min(j0 + per, ncols)
+        n = j1 - j0
+        v = _scratch("wino_v", 16 * c * per)[: 16 * c * n].reshape(16, c, n)
+        m = _scratch("wino_m", 16 * o * per)[: 16 * o * n].reshape(16, o, n)
+        input_transform_cpu(buf, ntx, j0, j1, v)
+        for k in range(16):
+            G.tap_gemm(filters[k], o, v[k], zero, 0, n, m[k])
+        output_transform_cpu(m, ntx, j0, j1, bias, code, a0, a1, out)
+
+    parallel_chunks(nchunks, one)
+
+
+def _scratch(name, n):
+    from .cpu import _scratch as scratch
+
+    return scratch(name, n)

@@ -1,0 +1,115 @@
+"""Winograd F(2x2, 3x3) convolution (exec/winograd_cpu.py) against the float64 numpy
+reference executor: patch (CHWB) and dense (CNHW, banded) routes, odd output sizes (edge
+tiles), batch sizes that are not a multiple of the vector width, every activation code, and the
+direct convolution it replaces (KRYPTON_WINOGRAD=0)."""
+
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from krypton_db.exec import cpu as C
+from krypton_db.exec import reference
+from krypton_db.exec import winograd_cpu as W
+from krypton_db.graph import Graph, Node, Op
+
+
+def _conv_graph(cin, cout, hw, pads, rng, act=None):
+    w = (rng.normal(size=(cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
+    b = rng.normal(size=cout).astype(np.float32)
+    x_node = Node("x", Op.INPUT, (), {}, {}, (cin,) + hw)
+    t, l, bt, r = pads
+    out_hw = (hw[0] + t + bt - 2, hw[1] + l + r - 2)
+    nodes = [x_node, Node("c", Op.CONV, ("x",), dict(kernel=(3, 3), stride=(1, 1), pads=pads, dilation=(1, 1),
+                                                      groups=1), {"W": w, "B": b}, (cout,) + out_hw)]
+    if act is not None:
+        op, params = act
+        nodes.append(Node("a", op, ("c",), params, {}, (cout,) + out_hw))
+    return Graph(nodes, nodes[-1].name)
+
+
+def test_filter_transform_is_G_g_Gt():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    packed = W.transform_filters(w)
+    assert len(packed) == 16
+    # the packed matrices multiply like U[k] [O, C]: recover U[k] by a product with identity
+    from krypton_db.exec import gemm_cpu as G
+
+    for k in (0, 5, 15):
+        u = np.empty((5, 3), np.float32)
+        G.tap_gemm(packed[k], 5, np.eye(3, dtype=np.float32), np.zeros(1, np.int64), 0, 3, u)
+        want = np.einsum("i,ocij,j->oc", g[k // 4], w.astype(np.float64), g[k % 4])
+        np.testing.assert_allclose(u, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cin,cout,hw,n", [
+    (16, 24, (7, 9), 5),      # odd output in both directions: edge tiles
+    (32, 16, (8, 8), 17),     # batch past one vector (16 lanes) with a remainder
+    (64, 64, (14, 14), 49),   # VGG16-like patch, several column chunks
+])
+def test_chwb_patch_route(cin, cout, hw, n, monkeypatch):
+    """The incremental executor's patch conv (padding 0 on gathered read-in contexts)."""
+    from krypton_db.exec import patch_cpu as P
+
+    rng = np.random.default_rng(cin + n)
+    g = _conv_graph(cin, cout, hw, (0, 0, 0, 0), rng)
+    node = g["c"]
+    x = rng.normal(size=(n, cin) + hw).astype(np.float32)
+    buf = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # [C, h, w, B]
+    monkeypatch.setattr(W, "CHUNK_FLOATS", 1 << 14)  # many column chunks, partial tiles per chunk
+    cw = C.ConvWeights.of(node)
+    got = P.conv_chwb(buf, node, cw, (0, np.float32(0), np.float32(0)), node.shape[1:])
+    want = reference.run(g, x)["c"].transpose(1, 2, 3, 0)
+    assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("op,params", [
+    (Op.RELU, {}),
+    (Op.CLIP, {"lo": 0.0, "hi": 6.0}),
+    (Op.LEAKY_RELU, {"alpha": 0.1}),
+    (Op.SIGMOID, {}),
+])
+@pytest.mark.parametrize("pads,hw,band", [((1, 1, 1, 1), (11, 13), 1 << 21), ((1, 1, 1, 1), (21, 10), 1 << 10),
+                                          ((0, 2, 1, 0), (9, 9), 1 << 10)])
+def test_dense_route_with_fused_activation(op, params, pads, hw, band, monkeypatch):
+    """Whole-map convs (naive re-inference, stitched global steps) through CHWB bands; small
+    bands force several bands and odd last bands."""
+    rng = np.random.default_rng(7)
+    g = _conv_graph(16, 24, hw, pads, rng, act=(op, params))
+    x = rng.normal(size=(6, 16) + hw).astype(np.float32)
+    monkeypatch.setattr(C, "WINO_BAND_FLOATS", band)
+    calls = []
+    real = W.conv
+    monkeypatch.setattr(W, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    got = C.CpuExecutor(g).predict(x)
+    assert calls, "the Winograd route was not taken"
+    if band < 1 << 20:
+        assert len(calls) > 1, "expected several bands"
+    want = reference.run(g, x)[g.output]
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_switch_off_gives_the_direct_convolution(monkeypatch):
+    rng = np.random.default_rng(3)
+    g = _conv_graph(32, 32, (12, 12), (1, 1, 1, 1), rng, act=(Op.RELU, {}))
+    x = rng.normal(size=(4, 32, 12, 12)).astype(np.float32)
+    got_w = C.CpuExecutor(g).predict(x)
+    monkeypatch.setattr(C, "WINOGRAD", False)
+    calls = []
+    real = W.conv
+    monkeypatch.setattr(W, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    got_d = C.CpuExecutor(g).predict(x)
+    assert not calls
+    want = reference.run(g, x)[g.output]
+    assert rel_err(got_w, want) <= 1e-5 and rel_err(got_d, want) <= 1e-5
+
+
+def test_not_eligible_shapes():
+    p = dict(kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
+    assert W.eligible(p, 64, 1)
+    assert not W.eligible(p, 8, 1)  # too few channels
+    assert not W.eligible(p, 64, 2)  # grouped
+    assert not W.eligible(dict(p, stride=(2, 2)), 64, 1)
+    assert not W.eligible(dict(p, dilation=(2, 2)), 64, 1)
+    assert not W.eligible(dict(p, kernel=(1, 3)), 64, 1)
