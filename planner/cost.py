@@ -17,6 +17,9 @@ for full inference (materializing the views, naive re-inference):
                      traffic of the shifted-window GEMMs, which makes small-C convs slower
                      per MAC than large-C ones
 - FC MACs            fully connected products (a batch-sized GEMM, different efficiency)
+- (Winograd convs)   3x3 stride-1 convs count the GEMM MACs Winograd F(2x2, 3x3) executes
+                     (16 per 2x2 output tile and channel pair, not 36) and their transforms'
+                     traffic as elements moved
 - elements moved     memory-bound kernels: read-in gathers, stitches, pooling inputs,
                      pointwise / merge outputs
 - c_step             a fixed cost per step and batch (Python dispatch, thread-pool wakeups)
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+VERSION = 4  # bump when the features change: older calibrations fall back to the defaults
 FEATURES = ("conv_macs", "conv_acc", "dense_conv_macs", "fc_macs", "moved", "step")
 NQ = len(FEATURES) - 1  # per-query features (the last one is per step and batch)
 # rough constants of a 2-core AVX2 machine, used until CALIBRATE runs (seconds per unit)
@@ -64,7 +68,7 @@ def load_cost_model(path=None) -> dict:
     try:
         d = json.loads(p.read_text())
         coef = d.get("coef", {})
-        if all(isinstance(coef.get(k), (int, float)) and coef[k] >= 0 for k in FEATURES):
+        if d.get("version") == VERSION and all(isinstance(coef.get(k), (int, float)) and coef[k] >= 0 for k in FEATURES):
             return dict(coef={k: float(coef[k]) for k in FEATURES},
                         source=f"calibrated on {', '.join(d.get('models', ['?']))}")
     except (OSError, ValueError, AttributeError):
@@ -80,12 +84,23 @@ def _elems(shape) -> int:
 
 
 def _op_features(node, graph, macs: int, in_elems: int, out_elems: int,
-                 dense: bool) -> np.ndarray:
+                 dense: bool, out_hw=None) -> np.ndarray:
+    from krypton_db.exec import cpu as C
+    from krypton_db.exec import winograd_cpu as W
     from krypton_db.graph import Op
 
     f = np.zeros(len(FEATURES))
     if node.op is Op.CONV:
-        cg = graph[node.inputs[0]].shape[0] // node.params.get("groups", 1)
+        c = graph[node.inputs[0]].shape[0]
+        g = node.params.get("groups", 1)
+        cg = c // g
+        ho, wo = out_hw if out_hw is not None else node.shape[1:]
+        if C.WINOGRAD and W.eligible(node.params, c, g) and ho * wo > 0:
+            # Winograd F(2x2, 3x3): 16 products per 2x2 output tile instead of 36 (the GEMM
+            # MACs it executes, odd sizes padded to whole tiles) + its transforms' traffic
+            tiles = -(-ho // 2) * -(-wo // 2)
+            macs = macs * 16 * tiles / (9 * ho * wo)
+            f[4] += 16 * tiles * (c + node.shape[0])
         f[2 if dense else 0] += macs
         f[1] += macs / max(cg, 1)
     elif node.op is Op.GEMM:
@@ -120,7 +135,8 @@ def step_features(plan) -> list[tuple[str, np.ndarray]]:
             in_elems = sum(_elems(g[i].shape) for i in node.inputs)
             if "StitchFull" in ks:
                 moved += in_elems
-        f = _op_features(node, g, executed_macs(ds, ks), in_elems, out_elems, not patch_out)
+        f = _op_features(node, g, executed_macs(ds, ks), in_elems, out_elems, not patch_out,
+                         ds.out_size if patch_out else None)
         f[4] += moved
         out.append((node.name, f))
     return out
@@ -252,7 +268,7 @@ def calibrate(suite=CALIBRATION_SUITE, path=None, patches=None, batches=(16, 64)
                rmse_s=float(np.sqrt(np.mean((pred - y) ** 2))), total_s=float(y.sum()),
                total_pred_s=float(pred.sum()), batches=list(batches),
                cpus=os.cpu_count(), seconds=round(time.perf_counter() - t_start, 1),
-               created=time.strftime("%Y-%m-%dT%H:%M:%S"), version=3)
+               created=time.strftime("%Y-%m-%dT%H:%M:%S"), version=VERSION)
     p = Path(path) if path else cost_model_path()
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(out, indent=2, sort_keys=True))

@@ -11,6 +11,7 @@ from scipy.optimize import nnls as scipy_nnls  # installed with scikit-image (te
 from test_occlusion import NETS
 
 import krypton_db as kdb
+from krypton_db.exec import winograd_cpu as W
 from krypton_db.planner import cost
 from krypton_db.planner.explain import physical_steps
 
@@ -47,7 +48,12 @@ def test_features_cover_every_profiled_step(tiny_nets, name):
         assert f[cost.NQ] == 1.0 and (f[: cost.NQ] >= 0).all()
         if ds.node.op.name == "CONV":  # conv MACs are the kernels' executed MACs
             patch = ks[-1].startswith("Batched")
-            assert f[0 if patch else 2] == (ds.macs_inc if patch else ds.macs_full)
+            macs = ds.macs_inc if patch else ds.macs_full
+            node = ds.node
+            if W.eligible(node.params, m.graph[node.inputs[0]].shape[0], node.params["groups"]):
+                ho, wo = ds.out_size if patch else node.shape[1:]
+                macs = macs * 16 * (-(-ho // 2)) * (-(-wo // 2)) / (9 * ho * wo)  # Winograd
+            assert f[0 if patch else 2] == pytest.approx(macs, rel=1e-12)
             assert f[2 if patch else 0] == 0
 
 
@@ -72,9 +78,40 @@ def test_calibration_round_trip(tiny_nets, tmp_path):
     suite = [(tiny_nets["resnet"][0], tiny_nets["resnet"][1]), (tiny_nets["inception"][0], tiny_nets["inception"][1])]
     res = cost.calibrate(suite, path=path, patches=(3, 6), batches=(2, 6))
     stored = json.loads(path.read_text())
-    assert stored["coef"] == res["coef"] and stored["version"] == 3
+    assert stored["coef"] == res["coef"] and stored["version"] == cost.VERSION
     assert res["samples"] == sum(2 * 2 * len(cost.step_features(kdb.plan(m, 3)))
                                  for m, _ in suite)
     cm = cost.load_cost_model(path)
     assert cm["coef"] == res["coef"] and cm["source"].startswith("calibrated on ")
+    # a calibration of an older feature set falls back to the defaults
+    stored["version"] = cost.VERSION - 1
+    path.write_text(json.dumps(stored))
+    assert cost.load_cost_model(path)["source"] == "defaults (uncalibrated)"
     assert res["total_s"] > 0 and res["total_pred_s"] > 0 and res["rmse_s"] >= 0
+
+
+def test_winograd_convs_count_the_macs_they_execute(tiny_nets, monkeypatch):
+    """A 3x3 stride-1 conv with C >= 16 runs as Winograd F(2x2, 3x3): its conv MACs are the
+    16-per-tile GEMM products (odd sizes padded to whole tiles), and switching Winograd off
+    (KRYPTON_WINOGRAD=0) gives back the direct MACs."""
+    from krypton_db.exec import cpu as C
+
+    m = tiny_nets["wide"][0]
+    plan = kdb.plan(m, 3)
+    on = dict(cost.step_features(plan))
+    monkeypatch.setattr(C, "WINOGRAD", False)
+    off = dict(cost.step_features(plan))
+    seen = 0
+    for ds, ks in physical_steps(plan):
+        node = ds.node
+        c = m.graph[node.inputs[0]].shape[0]
+        if node.op is not kdb.graph.Op.CONV or not W.eligible(node.params, c, node.params["groups"]):
+            np.testing.assert_array_equal(on[node.name], off[node.name])
+            continue
+        seen += 1
+        ho, wo = ds.out_size if ks[-1].startswith("Batched") else node.shape[1:]
+        k = 0 if ks[-1].startswith("Batched") else 2
+        ratio = 16 * (-(-ho // 2)) * (-(-wo // 2)) / (9 * ho * wo)
+        assert on[node.name][k] == pytest.approx(off[node.name][k] * ratio)
+        assert on[node.name][4] > off[node.name][4]  # the transforms' traffic
+    assert seen == 3, "the wide net has three Winograd-eligible convs"

@@ -57,7 +57,19 @@ def inception_like():
     return head(net, x, 18, 1, 1), (17, 19)
 
 
-NETS = {"vgg": vgg_like, "resnet": resnet_like, "inception": inception_like}
+def wide_like():
+    """3x3 stride-1 convs with >= 16 channels: the Winograd route (patch convs with odd sizes,
+    whole-map windows kept as patches, dense convs in naive re-inference)."""
+    net = Net((1, 3, 19, 22), seed=4)
+    y = net.op("Relu", [net.conv("input", 3, 16)])  # C = 3: direct
+    y = net.op("Relu", [net.conv(y, 16, 16)])  # Winograd, 19 x 22
+    y = net.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])  # 9 x 11
+    y = net.op("Relu", [net.conv(y, 16, 20)])  # Winograd, odd 9 x 11
+    y = net.conv(y, 20, 16, pads=(0, 0, 0, 0))  # Winograd, no padding: 7 x 9
+    return head(net, y, 16, 7, 9), (19, 22)
+
+
+NETS = {"vgg": vgg_like, "resnet": resnet_like, "inception": inception_like, "wide": wide_like}
 
 
 @pytest.fixture(params=list(NETS))
