@@ -199,6 +199,9 @@ class ConvWeights:
 # 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) (exec/winograd_cpu.py) unless
 # KRYPTON_WINOGRAD=0 (direct convolution, for comparison)
 WINOGRAD = os.environ.get("KRYPTON_WINOGRAD", "1") != "0"
+# strided convs run as tap GEMMs over the input's phase planes unless KRYPTON_POLYPHASE=0
+# (im2col + GEMM, for comparison)
+POLYPHASE = os.environ.get("KRYPTON_POLYPHASE", "1") != "0"
 
 # "own": convolutions run on gemm_cpu's tap GEMM; "openblas": on OpenBLAS sgemm, one call per
 # tap (the previous lowering, kept for comparison: bench/full.py --gemm openblas)
@@ -285,6 +288,9 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
         if WINOGRAD and W.eligible(p, c, g):
             _conv_winograd(x, cw, act, (t, l), ho, wo, out)
             return out
+        if g == 1 and (sh > 1 or sw > 1) and dh == dw == 1 and POLYPHASE:
+            _conv_polyphase(x, cw, act, (t, l), kh, kw, sh, sw, ho, wo, out)
+            return out
         hs, wp = h + max(t, b), w + max(l, r)
         if (g == 1 and sh == sw == 1 and kh * kw > 1 and K.HAVE_BLAS and c >= SHIFT_MIN_CHANNELS
                 and wo * n >= 256 and n * hs * wp > (1 + CHWB_MIN_WASTE) * ncols):
@@ -356,6 +362,23 @@ def _conv_winograd(x, cw, act, tl, ho, wo, out):
         W.conv(buf, filters, cw.bias, act, y)
         ob = out[:, :, oy0:oy1, :]
         parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, ob, lo, hi))
+
+
+def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
+    """Strided conv of a CNHW batch over the input's phase planes (``patch_cpu.polyphase_taps``):
+    the planes [C, phases, hp, wp, N] are built once (zero padding included), each output row
+    is one tap GEMM into a CHWB scratch [O, ho, wo, N], transposed back into ``out``."""
+    from . import patch_cpu as P
+
+    c, n = x.shape[:2]
+    o = out.shape[0]
+    phases, offs, hp, wp = P.polyphase_taps(kh, kw, sh, sw, ho, wo, n)
+    size = c * len(phases) * hp * wp * n
+    planes = _scratch("phase_in", size)[:size].reshape(c, len(phases), hp, wp, n)
+    parallel_ranges(c, lambda lo, hi: K.polyphase_cnhw_cpu(x, tl[0], tl[1], sh, sw, phases, planes, lo, hi))
+    y = _scratch("phase_out", o * ho * wo * n)[: o * ho * wo * n].reshape(o, ho, wo, n)
+    P.conv_rows(planes.reshape(c, -1), cw, offs, ho, wo, wp, n, act, y.reshape(o, -1))
+    parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, out, lo, hi))
 
 
 def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out):

@@ -308,6 +308,28 @@ def cnhw_to_chwb_cpu(x, pt, pl, buf, lo, hi):
 
 
 @njit(nogil=True, cache=True)
+def polyphase_cnhw_cpu(x, pt, pl, sh, sw, phases, out, lo, hi):
+    """out[c, k, y, xx, n] = x[c, n, y*sh + p - pt, xx*sw + q - pl] for phase k = (p, q) =
+    phases[k], zero outside x (channels lo..hi): the CHWB phase planes of a strided conv."""
+    n_, h, w = x.shape[1], x.shape[2], x.shape[3]
+    hp, wp = out.shape[2], out.shape[3]
+    for c in range(lo, hi):
+        for k in range(phases.shape[0]):
+            p = phases[k, 0]
+            q = phases[k, 1]
+            for y in range(hp):
+                yy = y * sh + p - pt
+                for xx in range(wp):
+                    xs = xx * sw + q - pl
+                    if yy < 0 or yy >= h or xs < 0 or xs >= w:
+                        for n in range(n_):
+                            out[c, k, y, xx, n] = 0.0
+                    else:
+                        for n in range(n_):
+                            out[c, k, y, xx, n] = x[c, n, yy, xs]
+
+
+@njit(nogil=True, cache=True)
 def chwb_to_cnhw_cpu(y, out, lo, hi):
     """out[o, n, r, s] = y[o, r, s, n] (channels lo..hi)."""
     ho, wo, n_ = y.shape[1], y.shape[2], y.shape[3]

@@ -144,6 +144,26 @@ def im2col_chwb_cpu(buf, c0, cg, kh, kw, sh, sw, dh, dw, ho, wo, p0, p1, cols):
 
 
 @njit(**_NJ)
+def polyphase_chwb_cpu(buf, sh, sw, phases, out, lo, hi):
+    """out[c, k, y, x, b] = buf[c, y*sh + p, x*sw + q, b] for phase k = (p, q) = phases[k]
+    (0 past the buffer), channels lo..hi."""
+    hr, wr, nb = buf.shape[1], buf.shape[2], buf.shape[3]
+    hp, wp = out.shape[2], out.shape[3]
+    for c in range(lo, hi):
+        for k in range(phases.shape[0]):
+            p = phases[k, 0]
+            q = phases[k, 1]
+            for y in range(hp):
+                yy = y * sh + p
+                for x in range(wp):
+                    xx = x * sw + q
+                    if yy < hr and xx < wr:
+                        out[c, k, y, x, :] = buf[c, yy, xx, :]
+                    else:
+                        out[c, k, y, x, :] = 0.0
+
+
+@njit(**_NJ)
 def bias_act_rows_cpu(y, b, code, a0, a1):
     for o in range(y.shape[0]):
         bo = b[o]
@@ -274,6 +294,12 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
     if C.WINOGRAD and W.eligible(p, c, g):
         W.conv(buf, cw.winograd(), cw.bias, act, out)
         return out
+    if g == 1 and (sh > 1 or sw > 1) and dh == dw == 1 and C.POLYPHASE:
+        phases, offs, hp, wp = polyphase_taps(kh, kw, sh, sw, ho, wo, nb)
+        ph = _new(alloc, (c, len(phases), hp, wp, nb))
+        parallel_ranges(c, lambda lo, hi: polyphase_chwb_cpu(buf, sh, sw, phases, ph, lo, hi))
+        conv_rows(ph.reshape(c, -1), cw, offs, ho, wo, wp, nb, act, out.reshape(o, -1))
+        return out
     with K.single_threaded_blas():
         # shifted-window GEMMs need K = C large enough for BLAS to be efficient
         if g == 1 and sh == sw == 1 and c >= SHIFT_MIN_C and (kh * kw == 1 or wr <= (1 + SHIFT_MAX_WASTE) * wo):
@@ -297,6 +323,34 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
 
         parallel_chunks(nchunks, one)
     return out
+
+
+def polyphase_taps(kh, kw, sh, sw, ho, wo, nb):
+    """A stride-(sh, sw) convolution (dilation 1) is a stride-1 one over the input's phase
+    planes P_pq[y, x] = in[y*sh + p, x*sw + q]: tap (i, j) reads plane (i % sh, j % sw) at
+    (oy + i // sh, ox + j // sw). Returns (the phases the taps use [n, 2], each tap's column
+    offset into the flattened [phase, hp, wp, B] planes, hp, wp): the convolution is then
+    ``gemm_cpu``'s tap GEMM over output rows, without the kh*kw / (sh*sw) larger im2col."""
+    used = sorted({(i % sh, j % sw) for i in range(kh) for j in range(kw)})
+    slot = {p: k for k, p in enumerate(used)}
+    hp, wp = ho + (kh - 1) // sh, wo + (kw - 1) // sw
+    offs = np.array([(slot[(i % sh, j % sw)] * hp * wp + (i // sh) * wp + j // sw) * nb
+                     for i in range(kh) for j in range(kw)], np.int64)
+    return np.array(used, np.int64).reshape(-1, 2), offs, hp, wp
+
+
+def conv_rows(src, cw, offs, ho, wo, wp, nb, act, out2):
+    """Output row oy of a conv over [C, *] planes whose rows are wp cells of nb floats:
+    out2[:, oy*wo*nb : (oy+1)*wo*nb] = act(sum_t W_t @ src[:, oy*wp*nb + offs[t] :] + bias),
+    rows spread over the threads."""
+    code, a0, a1 = act
+
+    def one(oy):
+        ys = out2[:, oy * wo * nb : (oy + 1) * wo * nb]
+        conv_gemm(cw, 0, src, offs, oy * wp * nb, wo * nb, ys)
+        bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
+
+    parallel_chunks(ho, one)
 
 
 def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):

@@ -1,0 +1,70 @@
+"""Strided convolutions as tap GEMMs over the input's phase planes (patch_cpu.polyphase_taps)
+against the float64 numpy reference: dense (CNHW) and patch (CHWB) routes, kernels larger and
+smaller than the stride, asymmetric strides and padding, and the im2col lowering they replace
+(KRYPTON_POLYPHASE=0)."""
+
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from krypton_db.exec import cpu as C
+from krypton_db.exec import patch_cpu as P
+from krypton_db.exec import reference
+from krypton_db.graph import Graph, Node, Op
+
+CASES = [  # cin, cout, hw, kernel, stride, pads
+    (16, 24, (14, 15), (3, 3), (2, 2), (1, 1, 1, 1)),   # ResNet stage entry
+    (3, 8, (23, 20), (7, 7), (2, 2), (3, 3, 3, 3)),     # ResNet conv1, odd size
+    (16, 12, (9, 9), (1, 1), (2, 2), (0, 0, 0, 0)),     # downsample: one phase used
+    (8, 8, (13, 11), (3, 5), (2, 1), (1, 2, 0, 1)),     # asymmetric stride and padding
+    (8, 6, (17, 17), (3, 3), (3, 3), (0, 0, 0, 0)),     # stride 3 (Inception reductions: 2)
+]
+
+
+def _graph(cin, cout, hw, k, s, pads, rng):
+    w = (rng.normal(size=(cout, cin) + k) / np.sqrt(cin * k[0] * k[1])).astype(np.float32)
+    b = rng.normal(size=cout).astype(np.float32)
+    t, l, bt, r = pads
+    out_hw = ((hw[0] + t + bt - k[0]) // s[0] + 1, (hw[1] + l + r - k[1]) // s[1] + 1)
+    x_node = Node("x", Op.INPUT, (), {}, {}, (cin,) + hw)
+    conv = Node("c", Op.CONV, ("x",), dict(kernel=k, stride=s, pads=pads, dilation=(1, 1), groups=1),
+                {"W": w, "B": b}, (cout,) + out_hw)
+    relu = Node("r", Op.RELU, ("c",), {}, {}, (cout,) + out_hw)
+    return Graph([x_node, conv, relu], "r")
+
+
+@pytest.mark.parametrize("cin,cout,hw,k,s,pads", CASES)
+def test_dense_route(cin, cout, hw, k, s, pads, monkeypatch):
+    rng = np.random.default_rng(cin * 100 + k[0])
+    g = _graph(cin, cout, hw, k, s, pads, rng)
+    x = rng.normal(size=(5, cin) + hw).astype(np.float32)
+    calls = []
+    real = C._conv_polyphase
+    monkeypatch.setattr(C, "_conv_polyphase", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    got = C.CpuExecutor(g).predict(x)
+    assert calls, "the polyphase route was not taken"
+    assert rel_err(got, reference.run(g, x)["r"]) <= 1e-5
+    monkeypatch.setattr(C, "POLYPHASE", False)  # the im2col lowering agrees
+    assert rel_err(C.CpuExecutor(g).predict(x), got) <= 1e-5
+
+
+@pytest.mark.parametrize("cin,cout,hw,k,s,pads", CASES)
+def test_patch_route(cin, cout, hw, k, s, pads):
+    """Read-in contexts (padding 0) in the CHWB layout, batch innermost."""
+    rng = np.random.default_rng(cin * 10 + k[1])
+    g = _graph(cin, cout, hw, k, s, (0, 0, 0, 0), rng)
+    node = g["c"]
+    x = rng.normal(size=(19, cin) + hw).astype(np.float32)
+    buf = np.ascontiguousarray(x.transpose(1, 2, 3, 0))
+    got = P.conv_chwb(buf, node, C.ConvWeights.of(node), (1, np.float32(0), np.float32(0)), node.shape[1:])
+    want = reference.run(g, x)["r"].transpose(1, 2, 3, 0)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_phase_taps():
+    phases, offs, hp, wp = P.polyphase_taps(3, 3, 2, 2, 7, 7, 1)
+    assert phases.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]] and (hp, wp) == (8, 8)
+    # tap (2, 2) reads phase (0, 0) one row and one column on
+    assert offs[8] == 0 * 64 + 1 * 8 + 1
+    phases, offs, hp, wp = P.polyphase_taps(1, 1, 2, 2, 7, 7, 4)
+    assert phases.tolist() == [[0, 0]] and offs.tolist() == [0]
