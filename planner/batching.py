@@ -64,6 +64,7 @@ def peak_bytes_per_query(plan, device: str = "cpu") -> int:
         transient = 0
         if "GatherReadIn" in ks and ds.read_in is not None:
             transient += chans[0] * ds.read_in[0] * ds.read_in[1]
+            transient += _phase_planes(node, chans[0], ds.out_size) if device == "cpu" else 0
         if "GatherUnionBox" in ks and ds.out_size is not None:
             transient += sum(chans) * ds.out_size[0] * ds.out_size[1]
         if "StitchFull" in ks:
@@ -75,6 +76,23 @@ def peak_bytes_per_query(plan, device: str = "cpu") -> int:
             if last.get(i) == idx:
                 live -= size.pop(i, 0)
     return 4 * peak
+
+
+def _phase_planes(node, c: int, out_size) -> int:
+    """Floats per query of a strided conv's phase planes on the CPU (``patch_cpu.conv_chwb``
+    builds them from the read-in context), else 0."""
+    from krypton_db.exec import cpu as C
+    from krypton_db.exec import patch_cpu as P
+    from krypton_db.graph import Op
+
+    if node.op is not Op.CONV or out_size is None:
+        return 0
+    p = node.params
+    (kh, kw), (sh, sw), (dh, dw) = p["kernel"], p["stride"], p["dilation"]
+    if not (C.POLYPHASE and p["groups"] == 1 and (sh > 1 or sw > 1) and dh == dw == 1):
+        return 0
+    phases, _, hp, wp = P.polyphase_taps(kh, kw, sh, sw, out_size[0], out_size[1], 1)
+    return c * len(phases) * hp * wp
 
 
 NAIVE_MAX_BATCH = 16  # full re-inference: batches of 16 occluded images (as ORT-naive runs)

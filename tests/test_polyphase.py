@@ -14,10 +14,10 @@ from krypton_db.graph import Graph, Node, Op
 
 CASES = [  # cin, cout, hw, kernel, stride, pads
     (16, 24, (14, 15), (3, 3), (2, 2), (1, 1, 1, 1)),   # ResNet stage entry
-    (3, 8, (23, 20), (7, 7), (2, 2), (3, 3, 3, 3)),     # ResNet conv1, odd size
+    (16, 8, (23, 20), (7, 7), (2, 2), (3, 3, 3, 3)),    # 7x7 kernel, odd size
     (16, 12, (9, 9), (1, 1), (2, 2), (0, 0, 0, 0)),     # downsample: one phase used
-    (8, 8, (13, 11), (3, 5), (2, 1), (1, 2, 0, 1)),     # asymmetric stride and padding
-    (8, 6, (17, 17), (3, 3), (3, 3), (0, 0, 0, 0)),     # stride 3 (Inception reductions: 2)
+    (16, 8, (13, 11), (3, 5), (2, 1), (1, 2, 0, 1)),    # asymmetric stride and padding
+    (16, 6, (17, 17), (3, 3), (3, 3), (0, 0, 0, 0)),    # stride 3 (Inception reductions: 2)
 ]
 
 
@@ -59,6 +59,20 @@ def test_patch_route(cin, cout, hw, k, s, pads):
     got = P.conv_chwb(buf, node, C.ConvWeights.of(node), (1, np.float32(0), np.float32(0)), node.shape[1:])
     want = reference.run(g, x)["r"].transpose(1, 2, 3, 0)
     assert rel_err(got, want) <= 1e-5
+
+
+def test_rgb_first_layer_keeps_im2col(monkeypatch):
+    """Dense convs with fewer than POLYPHASE_MIN_C input channels stay on im2col (the strided
+    CNHW read that builds the phase planes costs more there)."""
+    rng = np.random.default_rng(5)
+    g = _graph(3, 8, (23, 20), (7, 7), (2, 2), (3, 3, 3, 3), rng)
+    x = rng.normal(size=(4, 3, 23, 20)).astype(np.float32)
+    calls = []
+    real = C._conv_polyphase
+    monkeypatch.setattr(C, "_conv_polyphase", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    got = C.CpuExecutor(g).predict(x)
+    assert not calls
+    assert rel_err(got, reference.run(g, x)["r"]) <= 1e-5
 
 
 def test_phase_taps():

@@ -202,6 +202,9 @@ WINOGRAD = os.environ.get("KRYPTON_WINOGRAD", "1") != "0"
 # strided convs run as tap GEMMs over the input's phase planes unless KRYPTON_POLYPHASE=0
 # (im2col + GEMM, for comparison)
 POLYPHASE = os.environ.get("KRYPTON_POLYPHASE", "1") != "0"
+# the dense route builds the phase planes with a strided CNHW read: for an RGB first layer
+# (ResNet's 7x7 conv1) that costs more than the chunked im2col it replaces (69 vs 27 ms)
+POLYPHASE_MIN_C = 16
 
 # "own": convolutions run on gemm_cpu's tap GEMM; "openblas": on OpenBLAS sgemm, one call per
 # tap (the previous lowering, kept for comparison: bench/full.py --gemm openblas)
@@ -288,7 +291,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
         if WINOGRAD and W.eligible(p, c, g):
             _conv_winograd(x, cw, act, (t, l), ho, wo, out)
             return out
-        if g == 1 and (sh > 1 or sw > 1) and dh == dw == 1 and POLYPHASE:
+        if g == 1 and (sh > 1 or sw > 1) and dh == dw == 1 and POLYPHASE and c >= POLYPHASE_MIN_C:
             _conv_polyphase(x, cw, act, (t, l), kh, kw, sh, sw, ho, wo, out)
             return out
         hs, wp = h + max(t, b), w + max(l, r)

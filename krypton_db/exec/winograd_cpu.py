@@ -119,8 +119,9 @@ def _out_tile_vec(typingctx, mf, s, plane, bias, relu, of, q00, ub, rstride, ful
 
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 
-# V + M scratch per chunk and thread (floats): ~2 MiB each, with the 16 packed filters of the
-# layer read once per chunk
+# V / M scratch per column chunk and thread (floats; 16 MiB): the 16 packed filters of the
+# layer are read once per chunk, so chunks are as wide as this allows (480 columns at 512
+# channels; 96 made the 512-channel GEMMs 25% slower)
 CHUNK_FLOATS = 1 << 22
 MIN_CHANNELS = 16  # below this the 16 GEMMs are too thin (K = C) to beat the direct conv
 
@@ -139,19 +140,19 @@ def transform_filters(w4: np.ndarray) -> list[np.ndarray]:
 
 
 @njit(**_NJ)
-def input_transform_cpu(buf, ntx, j0, j1, v):
-    """v[k, c, j - j0] = (B^T d B)[k] for columns j = t * B + b in [j0, j1): d = buf[c, 2ty :
-    2ty + 4, 2tx : 2tx + 4, b] of tile t = ty * ntx + tx (cells past the buffer read as 0)."""
+def input_transform_cpu(buf, ntx, j0, j1, vf, v0, vplane):
+    """vf[v0 + k * vplane + c * n + j - j0] = (B^T d B)[k] (n = j1 - j0) for columns
+    j = t * B + b in [j0, j1): d = buf[c, 2ty : 2ty + 4, 2tx : 2tx + 4, b] of tile
+    t = ty * ntx + tx (cells past the buffer read as 0)."""
     nc, hr, wr, nb = buf.shape
     n = j1 - j0
     bf = buf.reshape(-1)
-    vf = v.reshape(-1)
-    plane = np.uint64(nc * n)
+    plane = np.uint64(vplane)
     d = np.zeros(16, np.float32)
     ub = np.uint64(nb)
     for c in range(nc):
         cb = np.uint64(c * hr * wr * nb)
-        vb = np.uint64(c * n)
+        vb = np.uint64(v0 + c * n)
         t = j0 // nb
         while t * nb < j1:
             ty = t // ntx
@@ -248,18 +249,18 @@ def input_transform_cpu(buf, ntx, j0, j1, v):
 
 
 @njit(**_NJ)
-def output_transform_cpu(m, ntx, j0, j1, bias, code, a0, a1, out):
-    """out[o, 2ty + i, 2tx + j, b] = act((A^T M A)[i, j] + bias[o]) for columns j = t * B + b
-    in [j0, j1) (outputs past out's ho x wo are dropped)."""
+def output_transform_cpu(mf, m0, mplane, ntx, j0, j1, bias, code, a0, a1, out):
+    """out[o, 2ty + i, 2tx + j, b] = act((A^T M A)[i, j] + bias[o]) with M[k][o][j - j0] at
+    mf[m0 + k * mplane + o * n + j - j0] (n = j1 - j0), for columns j = t * B + b in [j0, j1)
+    (outputs past out's ho x wo are dropped)."""
     no, ho, wo, nb = out.shape
     n = j1 - j0
-    mf = m.reshape(-1)
     of = out.reshape(-1)
-    plane = np.uint64(no * n)
+    plane = np.uint64(mplane)
     ub = np.uint64(nb)
     for o in range(no):
         bo = bias[o]
-        mb = np.uint64(o * n)
+        mb = np.uint64(m0 + o * n)
         ob = np.uint64(o * ho * wo * nb)
         t = j0 // nb
         while t * nb < j1:
@@ -330,7 +331,8 @@ def conv(buf: np.ndarray, filters: list[np.ndarray], bias: np.ndarray, act, out:
     code, a0, a1 = act
     nty, ntx = -(-ho // 2), -(-wo // 2)
     ncols = nty * ntx * nb
-    per = max(G.NR, CHUNK_FLOATS // (16 * max(c, o)) // G.NR * G.NR)
+    cmax = max(c, o)
+    per = max(G.NR, CHUNK_FLOATS // (17 * cmax) // G.NR * G.NR)
     nchunks = -(-ncols // per)
     per = -(-ncols // nchunks)  # as even as possible
     per = -(-per // G.NR) * G.NR if per > G.NR else per
@@ -341,12 +343,15 @@ def conv(buf: np.ndarray, filters: list[np.ndarray], bias: np.ndarray, act, out:
         j0 = ci * per
         j1 = min(j0 + per, ncols)
         n = j1 - j0
-        v = _scratch("wino_v", 16 * c * per)[: 16 * c * n].reshape(16, c, n)
-        m = _scratch("wino_m", 16 * o * per)[: 16 * o * n].reshape(16, o, n)
-        input_transform_cpu(buf, ntx, j0, j1, v)
+        # 17 slots of max(C, O) x n floats: V[k] in slot k + 1, M[k] in slot k -- GEMM k
+        # writes over V[k - 1], which GEMM k - 1 has consumed (half the memory of V + M)
+        sl = cmax * n
+        vm = _scratch("wino_vm", 17 * cmax * per)[: 17 * sl]
+        input_transform_cpu(buf, ntx, j0, j1, vm, sl, sl)
         for k in range(16):
-            G.tap_gemm(filters[k], o, v[k], zero, 0, n, m[k])
-        output_transform_cpu(m, ntx, j0, j1, bias, code, a0, a1, out)
+            G.tap_gemm(filters[k], o, vm[(k + 1) * sl : (k + 1) * sl + c * n].reshape(c, n), zero, 0, n,
+                       vm[k * sl : k * sl + o * n].reshape(o, n))
+        output_transform_cpu(vm, 0, sl, ntx, j0, j1, bias, code, a0, a1, out)
 
     parallel_chunks(nchunks, one)
 
