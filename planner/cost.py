@@ -85,7 +85,6 @@ def _elems(shape) -> int:
 
 def _op_features(node, graph, macs: int, in_elems: int, out_elems: int,
                  dense: bool, out_hw=None) -> np.ndarray:
-    from krypton_db.exec import cpu as C
     from krypton_db.exec import winograd_cpu as W
     from krypton_db.graph import Op
 
@@ -95,7 +94,7 @@ def _op_features(node, graph, macs: int, in_elems: int, out_elems: int,
         g = node.params.get("groups", 1)
         cg = c // g
         ho, wo = out_hw if out_hw is not None else node.shape[1:]
-        if C.WINOGRAD and W.eligible(node.params, c, g) and ho * wo > 0:
+        if W.eligible(node.params, c, g, (ho, wo)):
             # Winograd F(2x2, 3x3): 16 products per 2x2 output tile instead of 36 (the GEMM
             # MACs it executes, odd sizes padded to whole tiles) + its transforms' traffic
             tiles = -(-ho // 2) * -(-wo // 2)

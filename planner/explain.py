@@ -162,11 +162,10 @@ def whole_map_runs_dense(node, device: str = "cpu") -> bool:
     if device != "cpu":
         return False
     if node.op is Op.CONV:
-        from krypton_db.exec import cpu as C
         from krypton_db.exec import winograd_cpu as W
 
         g = node.params["groups"]
-        if C.WINOGRAD and W.eligible(node.params, node.weights["W"].shape[1] * g, g):
+        if W.eligible(node.params, node.weights["W"].shape[1] * g, g, node.shape[1:]):
             return False
     return True
 

@@ -196,13 +196,15 @@ def test_small_map_convs_through_chwb(cin, cout, hw, n, k, pads, dil):
     g = Graph([x_node, conv], "c")
     x = rng.normal(size=(n, cin) + hw).astype(np.float32)
     calls = []
-    real, wino = C._conv_via_chwb, C.WINOGRAD
+    from krypton_db.exec import winograd_cpu as W
+
+    real, wino = C._conv_via_chwb, W.ENABLED
     C._conv_via_chwb = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
-    C.WINOGRAD = False  # 3x3 stride-1 convs otherwise take the Winograd route (test_winograd.py)
+    W.ENABLED = False  # 3x3 stride-1 convs otherwise take the Winograd route (test_winograd.py)
     try:
         got = C.CpuExecutor(g).predict(x)
     finally:
-        C._conv_via_chwb, C.WINOGRAD = real, wino
+        C._conv_via_chwb, W.ENABLED = real, wino
     assert calls, "the CHWB route was not taken"
     want = reference.run(g, x)["c"]
     assert rel_err(got, want) <= 1e-5

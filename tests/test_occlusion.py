@@ -65,8 +65,8 @@ def wide_like():
     y = net.op("Relu", [net.conv(y, 16, 16)])  # Winograd, 19 x 22
     y = net.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])  # 9 x 11
     y = net.op("Relu", [net.conv(y, 16, 20)])  # Winograd, odd 9 x 11
-    y = net.conv(y, 20, 16, pads=(0, 0, 0, 0))  # Winograd, no padding: 7 x 9
-    return head(net, y, 16, 7, 9), (19, 22)
+    y = net.conv(y, 20, 16)  # Winograd, 9 x 11
+    return head(net, y, 16, 9, 11), (19, 22)
 
 
 NETS = {"vgg": vgg_like, "resnet": resnet_like, "inception": inception_like, "wide": wide_like}

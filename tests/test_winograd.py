@@ -44,7 +44,7 @@ def test_filter_transform_is_G_g_Gt():
 
 
 @pytest.mark.parametrize("cin,cout,hw,n", [
-    (16, 24, (7, 9), 5),      # odd output in both directions: edge tiles
+    (16, 24, (13, 15), 5),    # odd 11 x 13 output: edge tiles in both directions
     (32, 16, (8, 8), 17),     # batch past one vector (16 lanes) with a remainder
     (64, 64, (14, 14), 49),   # VGG16-like patch, several column chunks
 ])
@@ -58,8 +58,12 @@ def test_chwb_patch_route(cin, cout, hw, n, monkeypatch):
     x = rng.normal(size=(n, cin) + hw).astype(np.float32)
     buf = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # [C, h, w, B]
     monkeypatch.setattr(W, "CHUNK_FLOATS", 1 << 14)  # many column chunks, partial tiles per chunk
+    calls = []
+    real = W.conv
+    monkeypatch.setattr(W, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     cw = C.ConvWeights.of(node)
     got = P.conv_chwb(buf, node, cw, (0, np.float32(0), np.float32(0)), node.shape[1:])
+    assert calls, "the Winograd route was not taken"
     want = reference.run(g, x)["c"].transpose(1, 2, 3, 0)
     assert rel_err(got, want) <= 1e-5
 
@@ -95,7 +99,7 @@ def test_switch_off_gives_the_direct_convolution(monkeypatch):
     g = _conv_graph(32, 32, (12, 12), (1, 1, 1, 1), rng, act=(Op.RELU, {}))
     x = rng.normal(size=(4, 32, 12, 12)).astype(np.float32)
     got_w = C.CpuExecutor(g).predict(x)
-    monkeypatch.setattr(C, "WINOGRAD", False)
+    monkeypatch.setattr(W, "ENABLED", False)
     calls = []
     real = W.conv
     monkeypatch.setattr(W, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
@@ -105,11 +109,15 @@ def test_switch_off_gives_the_direct_convolution(monkeypatch):
     assert rel_err(got_w, want) <= 1e-5 and rel_err(got_d, want) <= 1e-5
 
 
-def test_not_eligible_shapes():
+def test_not_eligible_shapes(monkeypatch):
     p = dict(kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
-    assert W.eligible(p, 64, 1)
-    assert not W.eligible(p, 8, 1)  # too few channels
-    assert not W.eligible(p, 64, 2)  # grouped
-    assert not W.eligible(dict(p, stride=(2, 2)), 64, 1)
-    assert not W.eligible(dict(p, dilation=(2, 2)), 64, 1)
-    assert not W.eligible(dict(p, kernel=(1, 3)), 64, 1)
+    assert W.eligible(p, 64, 1, (14, 14)) and W.eligible(p, 64, 1, (13, 11))
+    assert not W.eligible(p, 8, 1, (14, 14))  # too few channels
+    assert not W.eligible(p, 64, 2, (14, 14))  # grouped
+    assert not W.eligible(dict(p, stride=(2, 2)), 64, 1, (14, 14))
+    assert not W.eligible(dict(p, dilation=(2, 2)), 64, 1, (14, 14))
+    assert not W.eligible(dict(p, kernel=(1, 3)), 64, 1, (14, 14))
+    assert not W.eligible(p, 64, 1, (7, 7))  # 8x8 tiles for 7x7: 1.31x the work
+    assert W.eligible(p, 64, 1, (9, 11))  # 1.21x
+    monkeypatch.setattr(W, "ENABLED", False)
+    assert not W.eligible(p, 64, 1, (14, 14))

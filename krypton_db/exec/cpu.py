@@ -196,9 +196,6 @@ class ConvWeights:
         return self.packs[gi]
 
 
-# 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) (exec/winograd_cpu.py) unless
-# KRYPTON_WINOGRAD=0 (direct convolution, for comparison)
-WINOGRAD = os.environ.get("KRYPTON_WINOGRAD", "1") != "0"
 # strided convs run as tap GEMMs over the input's phase planes unless KRYPTON_POLYPHASE=0
 # (im2col + GEMM, for comparison)
 POLYPHASE = os.environ.get("KRYPTON_POLYPHASE", "1") != "0"
@@ -288,7 +285,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
 
             parallel_chunks(-(-ncols // qc), one)
             return out
-        if WINOGRAD and W.eligible(p, c, g):
+        if W.eligible(p, c, g, (ho, wo)):
             _conv_winograd(x, cw, act, (t, l), ho, wo, out)
             return out
         if g == 1 and (sh > 1 or sw > 1) and dh == dw == 1 and POLYPHASE and c >= POLYPHASE_MIN_C:

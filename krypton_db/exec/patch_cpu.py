@@ -291,7 +291,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
                                                              code, a0, a1, out, lo, hi))
         return out
     cg, og = c // g, o // g
-    if C.WINOGRAD and W.eligible(p, c, g):
+    if W.eligible(p, c, g, (ho, wo)):
         W.conv(buf, cw.winograd(), cw.bias, act, out)
         return out
     if g == 1 and (sh > 1 or sw > 1) and dh == dw == 1 and C.POLYPHASE:

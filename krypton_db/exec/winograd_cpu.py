@@ -21,6 +21,8 @@ loops over B contiguous floats. The columns are processed in chunks sized so tha
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit
 
@@ -126,10 +128,23 @@ CHUNK_FLOATS = 1 << 22
 MIN_CHANNELS = 16  # below this the 16 GEMMs are too thin (K = C) to beat the direct conv
 
 
-def eligible(node_params: dict, c: int, groups: int) -> bool:
+# KRYPTON_WINOGRAD=0: every conv runs direct (for comparison: bench, research)
+ENABLED = os.environ.get("KRYPTON_WINOGRAD", "1") != "0"
+# Winograd computes whole 2x2 output tiles: odd sizes pad up (7x7 -> 8x8, 1.31x the work),
+# and below this waste the direct conv is as fast (measured: ResNet18's 7x7 layer4 convs gain
+# nothing, and their transformed filters would hold 50 MB)
+MAX_TILE_WASTE = 1.25
+
+
+def eligible(node_params: dict, c: int, groups: int, out_hw) -> bool:
+    """Whether a conv with these params, ``c`` input channels and output size ``out_hw``
+    runs as Winograd F(2x2, 3x3): 3x3, stride 1, dilation 1, one group, >= MIN_CHANNELS
+    input channels, tile padding <= MAX_TILE_WASTE, and Winograd enabled."""
     p = node_params
-    return (tuple(p["kernel"]) == (3, 3) and tuple(p["stride"]) == (1, 1) and tuple(p["dilation"]) == (1, 1)
-            and groups == 1 and c >= MIN_CHANNELS)
+    ho, wo = out_hw
+    return (ENABLED and tuple(p["kernel"]) == (3, 3) and tuple(p["stride"]) == (1, 1)
+            and tuple(p["dilation"]) == (1, 1) and groups == 1 and c >= MIN_CHANNELS and ho * wo > 0
+            and 4 * (-(-ho // 2)) * (-(-wo // 2)) <= MAX_TILE_WASTE * ho * wo)
 
 
 def transform_filters(w4: np.ndarray) -> list[np.ndarray]:
