@@ -204,4 +204,22 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
     labs = list(labels) if labels is not None else _labels_from(meta, Path(path), n)
     if len(labs) != n:
         raise ModelError(f"{len(labs)} labels given for a model with {n} classes")
+    del onnx_model
+    _return_freed_heap()
     return Model(name or graph.name, graph, Path(path), layout, spec, labs)
+
+
+def _return_freed_heap() -> None:
+    """Hand the parsed ONNX protobuf's freed heap back to the OS (glibc ``malloc_trim``).
+
+    The weights were copied out of the protobuf into numpy arrays; the protobuf's pages stay
+    resident after it is freed (glibc keeps freed heap), while later large arrays get fresh
+    mmaps, so without this a ResNet18 explanation peaks ~40 MB higher. No-op elsewhere."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
