@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 
 # Bytes of per-batch buffers. Past a few dozen queries per batch the GEMMs are large enough
-# (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128), and a smaller budget
-# keeps exact mode's peak RSS below ORT-naive's (bench/RESULTS.md, `exact`).
-DEFAULT_MEMORY_BUDGET = 128 << 20
+# (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128; with the Winograd /
+# tap-GEMM kernels Inception3 runs 3% faster at 64 MiB (batch 27) than at 128 MiB (batch 54)
+# and VGG16 as fast), and a smaller budget keeps exact mode's peak RSS low (Inception3: 738
+# vs 905 MB; bench/RESULTS.md, `exact`).
+DEFAULT_MEMORY_BUDGET = 64 << 20
 MAX_BATCH = 64
 
 
