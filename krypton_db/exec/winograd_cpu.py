@@ -154,6 +154,14 @@ def transform_filters(w4: np.ndarray) -> list[np.ndarray]:
     return [G.pack_weights(np.ascontiguousarray(u[a, b], np.float32)) for a in range(4) for b in range(4)]
 
 
+@njit(inline="always")
+def _tile_span(t, ntx, nb, j0, j1):
+    """Tile t's top-left input/output cell (2ty, 2tx) and its queries [b0, b1) inside the
+    column range [j0, j1) (columns j = t * B + b), with the column offset of its b = 0."""
+    ty = t // ntx
+    return 2 * ty, 2 * (t - ty * ntx), max(j0 - t * nb, 0), min(j1 - t * nb, nb), np.uint64(t * nb - j0)
+
+
 @njit(**_NJ)
 def input_transform_cpu(buf, ntx, j0, j1, vf, v0, vplane):
     """vf[v0 + k * vplane + c * n + j - j0] = (B^T d B)[k] (n = j1 - j0) for columns
@@ -170,13 +178,7 @@ def input_transform_cpu(buf, ntx, j0, j1, vf, v0, vplane):
         vb = np.uint64(v0 + c * n)
         t = j0 // nb
         while t * nb < j1:
-            ty = t // ntx
-            tx = t - ty * ntx
-            b0 = max(j0 - t * nb, 0)
-            b1 = min(j1 - t * nb, nb)
-            col = np.uint64(t * nb - j0)
-            y0 = 2 * ty
-            x0 = 2 * tx
+            y0, x0, b0, b1, col = _tile_span(t, ntx, nb, j0, j1)
             if y0 + 4 <= hr and x0 + 4 <= wr:
                 r0 = cb + np.uint64((y0 * wr + x0) * nb)
                 r1 = r0 + np.uint64(wr * nb)
@@ -279,13 +281,7 @@ def output_transform_cpu(mf, m0, mplane, ntx, j0, j1, bias, code, a0, a1, out):
         ob = np.uint64(o * ho * wo * nb)
         t = j0 // nb
         while t * nb < j1:
-            ty = t // ntx
-            tx = t - ty * ntx
-            b0 = max(j0 - t * nb, 0)
-            b1 = min(j1 - t * nb, nb)
-            col = np.uint64(t * nb - j0)
-            y0 = 2 * ty
-            x0 = 2 * tx
+            y0, x0, b0, b1, col = _tile_span(t, ntx, nb, j0, j1)
             full_y = y0 + 2 <= ho
             full_x = x0 + 2 <= wo
             q00 = ob + np.uint64((y0 * wo + x0) * nb)
