@@ -109,3 +109,15 @@ def test_explain_batch_is_the_executed_batch(tiny_nets, mode, tmp_path):
         hm = occlude(kdb.load_model(m.source), img, patch=4, stride=2, mode=mode,
                      memory_budget=40 << 10 if "40" in budget else 1 << 20)
         assert hm.stats["batch_size"] == batch
+
+
+def test_naive_baseline_gets_its_batches_of_16_under_the_default_budget():
+    """Naive re-inference (the baseline of every speedup) runs batches of up to 16 images, as
+    ORT-naive does in the benchmark protocol, unless a budget is given; the incremental modes
+    keep the default budget."""
+    from krypton_db.planner import batching as B
+
+    per_image = 40 << 20  # about VGG16's at 224 x 224 (3 x its largest activation)
+    assert B.batch_for("naive", per_image, 100, B.DEFAULT_MEMORY_BUDGET) == 16
+    assert B.batch_for("naive", per_image, 100, 100 << 20) == 2  # an explicit budget applies
+    assert B.batch_for("exact", per_image, 100, B.DEFAULT_MEMORY_BUDGET) == 1
