@@ -90,9 +90,9 @@ def _phase_planes(node, c: int, out_size) -> int:
     if node.op is not Op.CONV or out_size is None:
         return 0
     p = node.params
-    (kh, kw), (sh, sw), (dh, dw) = p["kernel"], p["stride"], p["dilation"]
-    if not (C.POLYPHASE and p["groups"] == 1 and (sh > 1 or sw > 1) and dh == dw == 1):
+    if not C.by_phase_planes(p):
         return 0
+    (kh, kw), (sh, sw) = p["kernel"], p["stride"]
     phases, _, hp, wp = P.polyphase_taps(kh, kw, sh, sw, out_size[0], out_size[1], 1)
     return c * len(phases) * hp * wp
 

@@ -185,9 +185,7 @@ class ConvWeights:
 
     def winograd(self) -> list[np.ndarray]:
         if self.wino is None:
-            from . import winograd_cpu
-
-            self.wino = winograd_cpu.transform_filters(self.w4)
+            self.wino = W.transform_filters(self.w4)
         return self.wino
 
     def packed(self, gi: int) -> np.ndarray:
@@ -203,8 +201,15 @@ POLYPHASE = os.environ.get("KRYPTON_POLYPHASE", "1") != "0"
 # (ResNet's 7x7 conv1) that costs more than the chunked im2col it replaces (69 vs 27 ms)
 POLYPHASE_MIN_C = 16
 
+
+def by_phase_planes(p: dict) -> bool:
+    """Whether a conv with node params ``p`` runs over its input's phase planes
+    (``patch_cpu.polyphase_taps``): one group, a stride above 1, dilation 1, not switched off."""
+    (sh, sw), (dh, dw) = p["stride"], p["dilation"]
+    return POLYPHASE and p["groups"] == 1 and (sh > 1 or sw > 1) and dh == dw == 1
+
 # "own": convolutions run on gemm_cpu's tap GEMM; "openblas": on OpenBLAS sgemm, one call per
-# tap (the previous lowering, kept for comparison: bench/full.py --gemm openblas)
+# tap (the previous lowering, kept for comparison: KRYPTON_GEMM=openblas python bench/full.py)
 GEMM = os.environ.get("KRYPTON_GEMM", "own")
 
 
@@ -288,7 +293,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
         if W.eligible(p, c, g, (ho, wo)):
             _conv_winograd(x, cw, act, (t, l), ho, wo, out)
             return out
-        if g == 1 and (sh > 1 or sw > 1) and dh == dw == 1 and POLYPHASE and c >= POLYPHASE_MIN_C:
+        if by_phase_planes(p) and c >= POLYPHASE_MIN_C:
             _conv_polyphase(x, cw, act, (t, l), kh, kw, sh, sw, ho, wo, out)
             return out
         hs, wp = h + max(t, b), w + max(l, r)

@@ -206,23 +206,6 @@ def tap_gemm_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumulate,
                                     out[o + j] = tile[i * NR + j]
 
 
-_SCRATCH = None
-
-
-def _scratch():
-    """Per-thread (bp, tile) scratch buffers."""
-    import threading
-
-    global _SCRATCH
-    if _SCRATCH is None:
-        _SCRATCH = threading.local()
-    s = _SCRATCH
-    if not hasattr(s, "bp"):
-        s.bp = np.empty(KC * NC, np.float32)
-        s.tile = np.empty(MR * NR, np.float32)
-    return s.bp, s.tile
-
-
 def _flat(a: np.ndarray) -> np.ndarray:
     """1-D float32 view over a 2-D view's memory, from its first element to its last."""
     return np.lib.stride_tricks.as_strided(a, ((a.shape[0] - 1) * (a.strides[0] // 4) + a.shape[1],), (4,))
@@ -240,6 +223,8 @@ def tap_gemm(wp: np.ndarray, m: int, src: np.ndarray, offs: np.ndarray, col0: in
         return
     if col0 + int(offs.max()) + ncols > src.shape[1] or out.shape[0] < m or out.shape[1] < ncols:
         raise ValueError(f"tap_gemm: reads past src {src.shape} or writes past out {out.shape}")
-    bp, tile = _scratch()
+    from .cpu import _scratch  # the executor's per-thread work buffers (cpu imports this module)
+
+    bp, tile = _scratch("gemm_bp", KC * NC), _scratch("gemm_tile", MR * NR)
     tap_gemm_cpu(wp, m, _flat(src), offs, src.strides[0] // 4, col0, ncols, _flat(out), 0,
                  out.strides[0] // 4, accumulate, bp, tile)

@@ -294,7 +294,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
     if W.eligible(p, c, g, (ho, wo)):
         W.conv(buf, cw.winograd(), cw.bias, act, out)
         return out
-    if g == 1 and (sh > 1 or sw > 1) and dh == dw == 1 and C.POLYPHASE:
+    if C.by_phase_planes(p):
         phases, offs, hp, wp = polyphase_taps(kh, kw, sh, sw, ho, wo, nb)
         ph = _new(alloc, (c, len(phases), hp, wp, nb))
         parallel_ranges(c, lambda lo, hi: polyphase_chwb_cpu(buf, sh, sw, phases, ph, lo, hi))

@@ -335,7 +335,7 @@ def conv(buf: np.ndarray, filters: list[np.ndarray], bias: np.ndarray, act, out:
     """3x3 stride-1 convolution (padding 0) of buf [C, hR, wR, B] into out [O, ho, wo, B]
     (ho <= hR - 2, wo <= wR - 2) with bias + activation; ``filters`` from
     ``transform_filters``."""
-    from .cpu import parallel_chunks
+    from .cpu import _scratch, parallel_chunks  # (cpu imports this module)
 
     c, hr, wr, nb = buf.shape
     o, ho, wo, _ = out.shape
@@ -365,9 +365,3 @@ def conv(buf: np.ndarray, filters: list[np.ndarray], bias: np.ndarray, act, out:
         output_transform_cpu(vm, 0, sl, ntx, j0, j1, bias, code, a0, a1, out)
 
     parallel_chunks(nchunks, one)
-
-
-def _scratch(name, n):
-    from .cpu import _scratch as scratch
-
-    return scratch(name, n)
