@@ -46,6 +46,7 @@ def test_filter_transform_is_G_g_Gt():
 @pytest.mark.parametrize("cin,cout,hw,n", [
     (16, 24, (13, 15), 5),    # odd 11 x 13 output: edge tiles in both directions
     (32, 16, (8, 8), 17),     # batch past one vector (16 lanes) with a remainder
+    (24, 16, (9, 9), 37),     # odd 7 x 7 output: edge tiles staged, vector lanes + remainder
     (64, 64, (14, 14), 49),   # VGG16-like patch, several column chunks
 ])
 def test_chwb_patch_route(cin, cout, hw, n, monkeypatch):
@@ -117,7 +118,8 @@ def test_not_eligible_shapes(monkeypatch):
     assert not W.eligible(dict(p, stride=(2, 2)), 64, 1, (14, 14))
     assert not W.eligible(dict(p, dilation=(2, 2)), 64, 1, (14, 14))
     assert not W.eligible(dict(p, kernel=(1, 3)), 64, 1, (14, 14))
-    assert not W.eligible(p, 64, 1, (7, 7))  # 8x8 tiles for 7x7: 1.31x the work
+    assert W.eligible(p, 64, 1, (7, 7))  # 8x8 tiles for 7x7: 1.31x the work
+    assert not W.eligible(p, 64, 1, (5, 5))  # 6x6 tiles: 1.44x
     assert W.eligible(p, 64, 1, (9, 11))  # 1.21x
     monkeypatch.setattr(W, "ENABLED", False)
     assert not W.eligible(p, 64, 1, (14, 14))

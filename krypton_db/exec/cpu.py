@@ -129,6 +129,22 @@ def parallel_chunks(nchunks: int, fn) -> None:
     _POOL.run(work, min(num_threads(), nchunks))
 
 
+def balanced_chunks(n: int, cap: int, align: int = 1) -> tuple[int, int]:
+    """(units per chunk, chunk count) splitting n units into chunks of at most about ``cap``
+    units (a multiple of ``align`` where possible) with a chunk count that is a multiple of
+    the thread count, so no core idles through a last partial round: 1024 columns at a cap
+    of 480 are 4 chunks of 256 on 2 threads, not 3 of 384 (one thread doing two of them)."""
+    if n <= 0:
+        return max(align, 1), 0
+    t = num_threads()
+    nch = -(-n // max(cap, 1))
+    nch = min(-(-nch // t) * t, max(n // max(align, 1), 1))
+    per = -(-n // nch)
+    if per > align:
+        per = -(-per // align) * align
+    return per, -(-n // per)
+
+
 def parallel_ranges(n: int, fn, min_size: int = 1) -> None:
     """fn(lo, hi) over an even split of range(n) into one contiguous part per thread."""
     t = max(1, min(num_threads(), n // max(min_size, 1)))

@@ -130,10 +130,10 @@ MIN_CHANNELS = 16  # below this the 16 GEMMs are too thin (K = C) to beat the di
 
 # KRYPTON_WINOGRAD=0: every conv runs direct (for comparison: bench, research)
 ENABLED = os.environ.get("KRYPTON_WINOGRAD", "1") != "0"
-# Winograd computes whole 2x2 output tiles: odd sizes pad up (7x7 -> 8x8, 1.31x the work),
-# and below this waste the direct conv is as fast (measured: ResNet18's 7x7 layer4 convs gain
-# nothing, and their transformed filters would hold 50 MB)
-MAX_TILE_WASTE = 1.25
+# Winograd computes whole 2x2 output tiles: odd sizes pad up (7x7 -> 8x8, 1.31x the work,
+# still 1.72x fewer multiplications than direct: ResNet18's 7x7 layer4 convs run 0.33 s
+# instead of 0.50 s in exact mode, 2-core AVX-512). 5x5 (1.44x) and 3x3 (1.78x) stay direct.
+MAX_TILE_WASTE = 1.35
 
 
 def eligible(node_params: dict, c: int, groups: int, out_hw) -> bool:
@@ -162,6 +162,72 @@ def _tile_span(t, ntx, nb, j0, j1):
     return 2 * ty, 2 * (t - ty * ntx), max(j0 - t * nb, 0), min(j1 - t * nb, nb), np.uint64(t * nb - j0)
 
 
+@njit(inline="always")
+def _in_tile(src, r0, ub, rs, b0, b1, vf, o, plane):
+    """V = B^T d B of one tile for queries [b0, b1): d[i][j] = src[r0 + i*rs + j*ub + b],
+    V[k] -> vf[o + k*plane + b]; VL queries at a time, then one by one."""
+    bv = b0
+    while bv + VL <= b1:
+        _in_tile_vec(src, r0 + np.uint64(bv), ub, rs, vf, o + np.uint64(bv), plane)
+        bv += VL
+    r1 = r0 + rs
+    r2 = r1 + rs
+    r3 = r2 + rs
+    for b in range(bv, b1):
+        ubb = np.uint64(b)
+        d00 = src[r0 + ubb]
+        d01 = src[r0 + ub + ubb]
+        d02 = src[r0 + 2 * ub + ubb]
+        d03 = src[r0 + 3 * ub + ubb]
+        d10 = src[r1 + ubb]
+        d11 = src[r1 + ub + ubb]
+        d12 = src[r1 + 2 * ub + ubb]
+        d13 = src[r1 + 3 * ub + ubb]
+        d20 = src[r2 + ubb]
+        d21 = src[r2 + ub + ubb]
+        d22 = src[r2 + 2 * ub + ubb]
+        d23 = src[r2 + 3 * ub + ubb]
+        d30 = src[r3 + ubb]
+        d31 = src[r3 + ub + ubb]
+        d32 = src[r3 + 2 * ub + ubb]
+        d33 = src[r3 + 3 * ub + ubb]
+        # rows: B^T d
+        a0 = d00 - d20
+        a1 = d01 - d21
+        a2 = d02 - d22
+        a3 = d03 - d23
+        e0 = d10 + d20
+        e1 = d11 + d21
+        e2 = d12 + d22
+        e3 = d13 + d23
+        f0 = d20 - d10
+        f1 = d21 - d11
+        f2 = d22 - d12
+        f3 = d23 - d13
+        g0 = d10 - d30
+        g1 = d11 - d31
+        g2 = d12 - d32
+        g3 = d13 - d33
+        q = o + ubb
+        # columns: (.) B
+        vf[q] = a0 - a2
+        vf[q + plane] = a1 + a2
+        vf[q + 2 * plane] = a2 - a1
+        vf[q + 3 * plane] = a1 - a3
+        vf[q + 4 * plane] = e0 - e2
+        vf[q + 5 * plane] = e1 + e2
+        vf[q + 6 * plane] = e2 - e1
+        vf[q + 7 * plane] = e1 - e3
+        vf[q + 8 * plane] = f0 - f2
+        vf[q + 9 * plane] = f1 + f2
+        vf[q + 10 * plane] = f2 - f1
+        vf[q + 11 * plane] = f1 - f3
+        vf[q + 12 * plane] = g0 - g2
+        vf[q + 13 * plane] = g1 + g2
+        vf[q + 14 * plane] = g2 - g1
+        vf[q + 15 * plane] = g1 - g3
+
+
 @njit(**_NJ)
 def input_transform_cpu(buf, ntx, j0, j1, vf, v0, vplane):
     """vf[v0 + k * vplane + c * n + j - j0] = (B^T d B)[k] (n = j1 - j0) for columns
@@ -171,8 +237,12 @@ def input_transform_cpu(buf, ntx, j0, j1, vf, v0, vplane):
     n = j1 - j0
     bf = buf.reshape(-1)
     plane = np.uint64(vplane)
-    d = np.zeros(16, np.float32)
     ub = np.uint64(nb)
+    rs = np.uint64(wr * nb)
+    # an edge tile of an odd-sized output (4x4 window past the buffer) is copied into a
+    # zero-filled 4x4 staging tile first, then runs the same vector body (7 of the 16 tiles
+    # of a 7x7 map: a scalar body there cost a third of the transform)
+    stage = np.zeros(16 * nb, np.float32)
     for c in range(nc):
         cb = np.uint64(c * hr * wr * nb)
         vb = np.uint64(v0 + c * n)
@@ -180,88 +250,19 @@ def input_transform_cpu(buf, ntx, j0, j1, vf, v0, vplane):
         while t * nb < j1:
             y0, x0, b0, b1, col = _tile_span(t, ntx, nb, j0, j1)
             if y0 + 4 <= hr and x0 + 4 <= wr:
-                r0 = cb + np.uint64((y0 * wr + x0) * nb)
-                r1 = r0 + np.uint64(wr * nb)
-                r2 = r1 + np.uint64(wr * nb)
-                r3 = r2 + np.uint64(wr * nb)
-                rs = np.uint64(wr * nb)
-                bv = b0
-                while bv + VL <= b1:
-                    _in_tile_vec(bf, r0 + np.uint64(bv), ub, rs, vf, vb + col + np.uint64(bv), plane)
-                    bv += VL
-                for b in range(bv, b1):
-                    ubb = np.uint64(b)
-                    d00 = bf[r0 + ubb]
-                    d01 = bf[r0 + ub + ubb]
-                    d02 = bf[r0 + 2 * ub + ubb]
-                    d03 = bf[r0 + 3 * ub + ubb]
-                    d10 = bf[r1 + ubb]
-                    d11 = bf[r1 + ub + ubb]
-                    d12 = bf[r1 + 2 * ub + ubb]
-                    d13 = bf[r1 + 3 * ub + ubb]
-                    d20 = bf[r2 + ubb]
-                    d21 = bf[r2 + ub + ubb]
-                    d22 = bf[r2 + 2 * ub + ubb]
-                    d23 = bf[r2 + 3 * ub + ubb]
-                    d30 = bf[r3 + ubb]
-                    d31 = bf[r3 + ub + ubb]
-                    d32 = bf[r3 + 2 * ub + ubb]
-                    d33 = bf[r3 + 3 * ub + ubb]
-                    # rows: B^T d
-                    a0 = d00 - d20
-                    a1 = d01 - d21
-                    a2 = d02 - d22
-                    a3 = d03 - d23
-                    e0 = d10 + d20
-                    e1 = d11 + d21
-                    e2 = d12 + d22
-                    e3 = d13 + d23
-                    f0 = d20 - d10
-                    f1 = d21 - d11
-                    f2 = d22 - d12
-                    f3 = d23 - d13
-                    g0 = d10 - d30
-                    g1 = d11 - d31
-                    g2 = d12 - d32
-                    g3 = d13 - d33
-                    o = vb + col + ubb
-                    # columns: (.) B
-                    vf[o] = a0 - a2
-                    vf[o + plane] = a1 + a2
-                    vf[o + 2 * plane] = a2 - a1
-                    vf[o + 3 * plane] = a1 - a3
-                    vf[o + 4 * plane] = e0 - e2
-                    vf[o + 5 * plane] = e1 + e2
-                    vf[o + 6 * plane] = e2 - e1
-                    vf[o + 7 * plane] = e1 - e3
-                    vf[o + 8 * plane] = f0 - f2
-                    vf[o + 9 * plane] = f1 + f2
-                    vf[o + 10 * plane] = f2 - f1
-                    vf[o + 11 * plane] = f1 - f3
-                    vf[o + 12 * plane] = g0 - g2
-                    vf[o + 13 * plane] = g1 + g2
-                    vf[o + 14 * plane] = g2 - g1
-                    vf[o + 15 * plane] = g1 - g3
-            else:  # an edge tile of an odd-sized output: cells past the buffer are 0
-                for b in range(b0, b1):
-                    for i in range(4):
-                        for j in range(4):
-                            y = y0 + i
-                            x = x0 + j
-                            d[4 * i + j] = buf[c, y, x, b] if (y < hr and x < wr) else np.float32(0.0)
-                    o = vb + col + np.uint64(b)
+                _in_tile(bf, cb + np.uint64((y0 * wr + x0) * nb), ub, rs, b0, b1, vf, vb + col, plane)
+            else:
+                for i in range(4):
                     for j in range(4):
-                        tmp0 = d[j] - d[8 + j]
-                        tmp1 = d[4 + j] + d[8 + j]
-                        tmp2 = d[8 + j] - d[4 + j]
-                        tmp3 = d[4 + j] - d[12 + j]
-                        d[j], d[4 + j], d[8 + j], d[12 + j] = tmp0, tmp1, tmp2, tmp3
-                    for i in range(4):
-                        r = 4 * i
-                        vf[o + np.uint64(r) * plane] = d[r] - d[r + 2]
-                        vf[o + np.uint64(r + 1) * plane] = d[r + 1] + d[r + 2]
-                        vf[o + np.uint64(r + 2) * plane] = d[r + 2] - d[r + 1]
-                        vf[o + np.uint64(r + 3) * plane] = d[r + 1] - d[r + 3]
+                        y = y0 + i
+                        x = x0 + j
+                        s0 = (4 * i + j) * nb
+                        if y < hr and x < wr:
+                            r = c * hr * wr * nb + (y * wr + x) * nb
+                            stage[s0 + b0 : s0 + b1] = bf[r + b0 : r + b1]
+                        else:
+                            stage[s0 + b0 : s0 + b1] = 0.0
+                _in_tile(stage, np.uint64(0), ub, np.uint64(4 * nb), b0, b1, vf, vb + col, plane)
             t += 1
 
 
@@ -335,7 +336,7 @@ def conv(buf: np.ndarray, filters: list[np.ndarray], bias: np.ndarray, act, out:
     """3x3 stride-1 convolution (padding 0) of buf [C, hR, wR, B] into out [O, ho, wo, B]
     (ho <= hR - 2, wo <= wR - 2) with bias + activation; ``filters`` from
     ``transform_filters``."""
-    from .cpu import _scratch, parallel_chunks  # (cpu imports this module)
+    from .cpu import _scratch, balanced_chunks, parallel_chunks  # (cpu imports this module)
 
     c, hr, wr, nb = buf.shape
     o, ho, wo, _ = out.shape
@@ -343,11 +344,7 @@ def conv(buf: np.ndarray, filters: list[np.ndarray], bias: np.ndarray, act, out:
     nty, ntx = -(-ho // 2), -(-wo // 2)
     ncols = nty * ntx * nb
     cmax = max(c, o)
-    per = max(G.NR, CHUNK_FLOATS // (17 * cmax) // G.NR * G.NR)
-    nchunks = -(-ncols // per)
-    per = -(-ncols // nchunks)  # as even as possible
-    per = -(-per // G.NR) * G.NR if per > G.NR else per
-    nchunks = -(-ncols // per)
+    per, nchunks = balanced_chunks(ncols, max(G.NR, CHUNK_FLOATS // (17 * cmax)), G.NR)
     zero = np.zeros(1, np.int64)
 
     def one(ci):
