@@ -21,6 +21,7 @@ import numpy as np
 from . import images
 from .errors import InputError, ModelError
 from .graph import Graph, Op, Preprocess
+from .heap import return_freed_heap
 from .onnx_import import import_onnx
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -205,21 +206,5 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
     if len(labs) != n:
         raise ModelError(f"{len(labs)} labels given for a model with {n} classes")
     del onnx_model
-    _return_freed_heap()
+    return_freed_heap()
     return Model(name or graph.name, graph, Path(path), layout, spec, labs)
-
-
-def _return_freed_heap() -> None:
-    """Hand the parsed ONNX protobuf's freed heap back to the OS (glibc ``malloc_trim``).
-
-    The weights were copied out of the protobuf into numpy arrays; the protobuf's pages stay
-    resident after it is freed (glibc keeps freed heap), while later large arrays get fresh
-    mmaps, so without this a ResNet18 explanation peaks ~40 MB higher. No-op elsewhere."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

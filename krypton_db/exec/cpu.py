@@ -22,6 +22,7 @@ import numba
 import numpy as np
 
 from ..graph import Graph, Node, Op
+from ..heap import return_freed_heap
 from . import gemm_cpu as G
 from . import kernels_cpu as K
 from . import winograd_cpu as W
@@ -158,7 +159,15 @@ def parallel_ranges(n: int, fn, min_size: int = 1) -> None:
 
 def _scratch(key: str, size: int) -> np.ndarray:
     """A per-thread float32 work buffer of at least ``size`` values (kept between calls, so
-    the pages are faulted in once)."""
+    the pages are faulted in once).
+
+    Keys are roles, not call sites, so buffers that are never live at once share memory:
+    ``dense_in`` / ``dense_out`` (the calling thread's whole-batch transposes of one dense conv:
+    CHWB read-in, Winograd band, phase planes, and their outputs), ``work`` (one parallel
+    chunk's im2col columns, shifted-GEMM accumulator or Winograd V/M slots), ``acc`` (beside
+    ``work`` in the shifted-window conv) and ``gemm_bp`` / ``gemm_tile`` (inside the tap GEMM,
+    which any of the others may call). Keeping one buffer per call site held ResNet18's
+    exact run ~14 MB more for buffers never live together."""
     d = getattr(_TLS, "bufs", None)
     if d is None:
         d = _TLS.bufs = {}
@@ -327,7 +336,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
         def one(ci):
             j0 = ci * qc
             j1 = min(j0 + qc, ncols)
-            cols = _scratch("cols", rows * qc).reshape(rows, qc)
+            cols = _scratch("work", rows * qc).reshape(rows, qc)
             for gi in range(g):
                 K.im2col_chunk_cpu(x, gi * cg, cg, kh, kw, sh, sw, dh, dw, t, l, ho, wo, j0, j1, cols)
                 ys = out2[gi * og : (gi + 1) * og, j0:j1]
@@ -349,10 +358,10 @@ def _conv_via_chwb(x, node, cw, act, tl, ho, wo, out):
     dh, dw = node.params["dilation"]
     hr, wr = ho + dh * (kh - 1), wo + dw * (kw - 1)
     o = out.shape[0]
-    buf = _scratch("chwb_in", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
+    buf = _scratch("dense_in", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
     parallel_ranges(c, lambda lo, hi: K.cnhw_to_chwb_cpu(x, tl[0], tl[1], buf, lo, hi))
     y = P.conv_chwb(buf, node, cw, act, (ho, wo), alloc=lambda shape: _scratch(
-        "chwb_out", o * ho * wo * n)[: o * ho * wo * n].reshape(shape))
+        "dense_out", o * ho * wo * n)[: o * ho * wo * n].reshape(shape))
     parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, out, lo, hi))
 
 
@@ -375,11 +384,11 @@ def _conv_winograd(x, cw, act, tl, ho, wo, out):
         oy1 = min(oy0 + rows, ho)
         ylo, yhi = max(oy0 - t, 0), min(oy1 + 2 - t, h)
         hr = oy1 - oy0 + 2
-        buf = _scratch("wino_band", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
+        buf = _scratch("dense_in", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
         xb = x[:, :, ylo:yhi, :]
         pt = ylo - (oy0 - t)
         parallel_ranges(c, lambda lo, hi: K.cnhw_to_chwb_cpu(xb, pt, l, buf, lo, hi))
-        y = _scratch("wino_band_out", o * (oy1 - oy0) * wo * n)[: o * (oy1 - oy0) * wo * n].reshape(o, oy1 - oy0, wo, n)
+        y = _scratch("dense_out", o * (oy1 - oy0) * wo * n)[: o * (oy1 - oy0) * wo * n].reshape(o, oy1 - oy0, wo, n)
         W.conv(buf, filters, cw.bias, act, y)
         ob = out[:, :, oy0:oy1, :]
         parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, ob, lo, hi))
@@ -395,9 +404,9 @@ def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
     o = out.shape[0]
     phases, offs, hp, wp = P.polyphase_taps(kh, kw, sh, sw, ho, wo, n)
     size = c * len(phases) * hp * wp * n
-    planes = _scratch("phase_in", size)[:size].reshape(c, len(phases), hp, wp, n)
+    planes = _scratch("dense_in", size)[:size].reshape(c, len(phases), hp, wp, n)
     parallel_ranges(c, lambda lo, hi: K.polyphase_cnhw_cpu(x, tl[0], tl[1], sh, sw, phases, planes, lo, hi))
-    y = _scratch("phase_out", o * ho * wo * n)[: o * ho * wo * n].reshape(o, ho, wo, n)
+    y = _scratch("dense_out", o * ho * wo * n)[: o * ho * wo * n].reshape(o, ho, wo, n)
     P.conv_rows(planes.reshape(c, -1), cw, offs, ho, wo, wp, n, act, y.reshape(o, -1))
     parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, out, lo, hi))
 
@@ -424,7 +433,7 @@ def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, o
         q0 = ci * qc
         q1 = min(q0 + qc, grid)
         m = q1 - q0
-        buf = _scratch("grid", cg * ld).reshape(cg, ld)
+        buf = _scratch("work", cg * ld).reshape(cg, ld)
         s = _scratch("acc", og * qc).reshape(og, qc)[:, :m]
         for gi in range(g):
             K.padgrid_chunk_cpu(x, gi * cg, cg, t, l, hs, wp, q0, q1 + maxoff, buf)
@@ -613,6 +622,7 @@ class CpuExecutor:
         x = np.zeros((1,) + self.graph.input_shape, np.float32)
         self.run(x)
         self._arena.clear()
+        return_freed_heap()  # LLVM's compile / cache-load temporaries
         self.jit_seconds = time.perf_counter() - t
         return self.jit_seconds
 

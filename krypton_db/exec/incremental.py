@@ -278,7 +278,7 @@ class IncrementalExecutor:
         bufs = [p.val if p.size == (bh, bw) and np.array_equal(p.loc, loc)
                 else P.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0, alloc=self._alloc)
                 for name, p in zip(node.inputs, ins)]
-        return Patch(loc, self.ex._exec(step, bufs))
+        return Patch(loc, self.ex._exec(step, bufs, alloc=self._alloc))
 
     def bytes_per_query(self) -> int:
         """Peak buffer bytes one query holds while a batch runs (liveness walk over the

@@ -166,14 +166,6 @@ def polyphase_chwb_cpu(buf, sh, sw, phases, out, lo, hi):
 
 
 @njit(**_NJ)
-def bias_act_rows_cpu(y, b, code, a0, a1):
-    for o in range(y.shape[0]):
-        bo = b[o]
-        for q in range(y.shape[1]):
-            y[o, q] = K._act(y[o, q] + bo, code, a0, a1)
-
-
-@njit(**_NJ)
 def depthwise_chwb_cpu(buf, w, b, sh, sw, dh, dw, code, a0, a1, out, lo, hi):
     ho, wo, nb = out.shape[1], out.shape[2], out.shape[3]
     kh, kw = w.shape[2], w.shape[3]
@@ -316,12 +308,12 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
         def one(ci):
             p0 = ci * per
             p1 = min(p0 + per, npix)
-            cols = _scratch("pcols", rows * per * nb).reshape(rows, per * nb)[:, : (p1 - p0) * nb]
+            cols = _scratch("work", rows * per * nb).reshape(rows, per * nb)[:, : (p1 - p0) * nb]
             for gi in range(g):
                 im2col_chwb_cpu(buf, gi * cg, cg, kh, kw, sh, sw, dh, dw, ho, wo, p0, p1, cols)
                 ys = out2[gi * og : (gi + 1) * og, p0 * nb : p1 * nb]
                 conv_gemm(cw, gi, cols, (0,), 0, (p1 - p0) * nb, ys)
-                bias_act_rows_cpu(ys, cw.bias[gi * og : (gi + 1) * og], code, a0, a1)
+                K.bias_act_rows_cpu(ys, cw.bias[gi * og : (gi + 1) * og], code, a0, a1)
 
         parallel_chunks(nchunks, one)
     return out
@@ -356,7 +348,7 @@ def conv_rows(src, cw, offs, ho, wo, wp, nb, act, out2):
         x0, x1 = bounds[k], bounds[k + 1]
         ys = out2[:, (oy * wo + x0) * nb : (oy * wo + x1) * nb]
         conv_gemm(cw, 0, src, offs, (oy * wp + x0) * nb, (x1 - x0) * nb, ys)
-        bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
+        K.bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
 
     parallel_chunks(ho * nseg, one)
 
@@ -385,7 +377,7 @@ def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     def one(ci):
         q0 = ci * qc
         q1 = min(q0 + qc, ncols)
-        acc = _scratch("pacc", o * qc).reshape(o, qc)[:, : q1 - q0]
+        acc = _scratch("work", o * qc).reshape(o, qc)[:, : q1 - q0]
         conv_gemm(cw, 0, b2, offs, q0, q1 - q0, acc)
         shift_epilogue_chwb_cpu(acc, 0, q0, q1, wr, wo, nb, cw.bias, code, a0, a1, out)
 
@@ -416,7 +408,7 @@ def _conv_shift_rows(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
         s0, d0, n = segs[si]
         ys = out2[:, d0 : d0 + n]
         conv_gemm(cw, 0, b2, offs, s0, n, ys)
-        bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
+        K.bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
 
     parallel_chunks(len(segs), one)
 

@@ -354,7 +354,7 @@ def conv(buf: np.ndarray, filters: list[np.ndarray], bias: np.ndarray, act, out:
         # 17 slots of max(C, O) x n floats: V[k] in slot k + 1, M[k] in slot k -- GEMM k
         # writes over V[k - 1], which GEMM k - 1 has consumed (half the memory of V + M)
         sl = cmax * n
-        vm = _scratch("wino_vm", 17 * cmax * per)[: 17 * sl]
+        vm = _scratch("work", 17 * cmax * per)[: 17 * sl]
         input_transform_cpu(buf, ntx, j0, j1, vm, sl, sl)
         for k in range(16):
             G.tap_gemm(filters[k], o, vm[(k + 1) * sl : (k + 1) * sl + c * n].reshape(c, n), zero, 0, n,
