@@ -71,6 +71,11 @@ POOLS = [
     ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1,
                          count_include_pad=1)),
     ("AveragePool", dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)),
+    # stride 1 runs on the padded flat-grid kernel: asymmetric pads, no pads, 5x3 windows
+    ("AveragePool", dict(kernel_shape=[3, 2], strides=[1, 1], pads=[2, 0, 1, 1], count_include_pad=1)),
+    ("AveragePool", dict(kernel_shape=[3, 2], strides=[1, 1], pads=[2, 0, 1, 1], count_include_pad=0)),
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[1, 1])),
+    ("AveragePool", dict(kernel_shape=[5, 3], strides=[1, 1], pads=[2, 1, 2, 1], count_include_pad=0)),
 ]
 
 

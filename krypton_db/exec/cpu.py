@@ -443,6 +443,20 @@ def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, o
     parallel_chunks(-(-grid // qc), one)
 
 
+def avgpool_inverse_counts(hw, kernel, pads, out_hw, include_pad: bool) -> np.ndarray:
+    """1 / (the cells average pooling divides by) per output cell, flat [Ho * Wo] float32:
+    window cells inside the input, plus those in the declared padding when include_pad."""
+    def per_axis(n, k, lo, hi, m):
+        start = np.arange(m) - lo
+        if include_pad:
+            return np.minimum(start + k, n + hi) - np.maximum(start, -lo)
+        return np.minimum(start + k, n) - np.maximum(start, 0)
+
+    (h, w), (kh, kw), (t, l, b, r) = hw, kernel, pads
+    cy, cx = per_axis(h, kh, t, b, out_hw[0]), per_axis(w, kw, l, r, out_hw[1])
+    return np.ascontiguousarray((1.0 / np.outer(cy, cx)).reshape(-1), np.float32)
+
+
 def pool_cnhw(x: np.ndarray, node: Node, pads=None, out_hw=None, out: np.ndarray | None = None) -> np.ndarray:
     p = node.params
     x = np.ascontiguousarray(x, np.float32)
@@ -455,6 +469,10 @@ def pool_cnhw(x: np.ndarray, node: Node, pads=None, out_hw=None, out: np.ndarray
     sh, sw = p["stride"]
     is_max = node.op is Op.MAXPOOL
     inc = bool(p.get("count_include_pad", False))
+    if not is_max and sh == sw == 1 and ho + kh - 1 <= x.shape[2] + t + b and wo + kw - 1 <= x.shape[3] + l + r:
+        inv = avgpool_inverse_counts(x.shape[2:], (kh, kw), (t, l, b, r), (ho, wo), inc)
+        parallel_ranges(c * n, lambda lo, hi: K.avgpool_s1_cnhw_cpu(x, kh, kw, t, l, inv, lo, hi, out), 4)
+        return out
     parallel_ranges(c * n, lambda lo, hi: K.pool_cnhw_cpu(x, kh, kw, sh, sw, t, l, b, r, is_max, inc,
                                                            lo, hi, out), 4)
     return out

@@ -465,6 +465,49 @@ def depthwise_conv_cpu(x, w, b, sh, sw, dh, dw, pt, pl, code, a0, a1, lo, hi, ou
 
 
 @njit(nogil=True, cache=True)
+def avgpool_s1_cnhw_cpu(x, kh, kw, pt, pl, inv, lo, hi, out):
+    """Stride-1 average pooling over the (c, n) planes lo..hi-1 of x[C, N, H, W]: out = (window
+    sum) * inv, inv [Ho * Wo] the per-cell reciprocal divisor (count_include_pad or not).
+
+    Inception's branch pools (3x3, stride 1, on 17x17 and 8x8 maps) have rows too short for
+    per-row loops (``pool_cnhw_cpu`` spent its time in loop overhead); as in
+    ``depthwise_conv_cpu`` each plane is copied into a zero-padded buffer of row width wp, and
+    the separable sums are single long loops over that flat grid: horizontal window sums, then
+    vertical sums of kh rows (grid columns >= Wo are dropped)."""
+    n_, h, wd = x.shape[1], x.shape[2], x.shape[3]
+    ho, wo = out.shape[2], out.shape[3]
+    wp = max(pl + wd, wo + kw - 1)
+    hp = max(pt + h, ho + kh - 1)
+    pad = np.zeros(hp * wp + kw, np.float32)
+    hs = np.zeros(hp * wp, np.float32)
+    acc = np.empty(ho * wp, np.float32)
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    uh = np.uint64(hp * wp)
+    ua = np.uint64(ho * wp)
+    uwp = np.uint64(wp)
+    for cn in range(lo, hi):
+        for y in range(h):  # the padding cells stay 0 from the allocation
+            _copy_at(pad, (pt + y) * wp + pl, xf, (cn * h + y) * wd, wd)
+        for g in range(uh):
+            hs[g] = pad[g]
+        for j in range(1, kw):
+            uj = np.uint64(j)
+            for g in range(uh):
+                hs[g] += pad[g + uj]
+        for g in range(ua):
+            acc[g] = hs[g]
+        for i in range(1, kh):
+            ui = np.uint64(i) * uwp
+            for g in range(ua):
+                acc[g] += hs[g + ui]
+        ob = np.uint64(cn * ho * wo)
+        for oy in range(np.uint64(ho)):
+            for ox in range(np.uint64(wo)):
+                of[ob + oy * np.uint64(wo) + ox] = acc[oy * uwp + ox] * inv[oy * np.uint64(wo) + ox]
+
+
+@njit(nogil=True, cache=True)
 def pool_cnhw_cpu(x, kh, kw, sh, sw, pt, pl, pb, pr, is_max, include_pad, lo, hi, out):
     """Max / average pooling over the [H, W] planes lo..hi-1 (flat c*N + n) of x[C, N, H, W].
 

@@ -186,38 +186,61 @@ def depthwise_chwb_cpu(buf, w, b, sh, sw, dh, dw, code, a0, a1, out, lo, hi):
                     out[c, oy, ox, q] = K._act(out[c, oy, ox, q] + bc, code, a0, a1)
 
 
+# The pooling loops run over flat arrays with unsigned offsets: each (c, oy, ox) cell is B
+# contiguous queries, so the inner loops vectorize (4-D indexing with negative-index
+# wraparound did not: Inception3's patch pools ran 3-5x slower).
+
+
 @njit(**_NJ)
 def maxpool_chwb_cpu(buf, kh, kw, sh, sw, out, lo, hi):
-    ho, wo, nb = out.shape[1], out.shape[2], out.shape[3]
+    _, hr, wr, nb = buf.shape
+    ho, wo = out.shape[1], out.shape[2]
+    bf = buf.reshape(-1)
+    of = out.reshape(-1)
+    ub = np.uint64(nb)
     for c in range(lo, hi):
         for oy in range(ho):
             for ox in range(wo):
-                for q in range(nb):
-                    out[c, oy, ox, q] = -np.inf
+                o = np.uint64(((c * ho + oy) * wo + ox) * nb)
+                s0 = np.uint64(((c * hr + oy * sh) * wr + ox * sw) * nb)
+                for q in range(ub):
+                    of[o + q] = bf[s0 + q]
                 for i in range(kh):
                     for j in range(kw):
-                        for q in range(nb):
-                            v = buf[c, oy * sh + i, ox * sw + j, q]
-                            if v > out[c, oy, ox, q]:
-                                out[c, oy, ox, q] = v
+                        if i + j > 0:
+                            sij = np.uint64(((c * hr + oy * sh + i) * wr + ox * sw + j) * nb)
+                            for q in range(ub):
+                                v = bf[sij + q]
+                                cur = of[o + q]
+                                of[o + q] = v if v > cur else cur
 
 
 @njit(**_NJ)
 def avgpool_chwb_cpu(buf, inv_y, inv_x, kh, kw, sh, sw, out, lo, hi):
     """Average pool over zero-filled read-in contexts; the divisor of each query's window uses
     absolute coordinates (origin rloc[q]) exactly as the full kernel does."""
-    ho, wo, nb = out.shape[1], out.shape[2], out.shape[3]
+    _, hr, wr, nb = buf.shape
+    ho, wo = out.shape[1], out.shape[2]
+    bf = buf.reshape(-1)
+    of = out.reshape(-1)
+    iy = inv_y.reshape(-1)
+    ix = inv_x.reshape(-1)
+    ub = np.uint64(nb)
     for c in range(lo, hi):
         for oy in range(ho):
             for ox in range(wo):
-                for q in range(nb):
-                    out[c, oy, ox, q] = 0.0
+                o = np.uint64(((c * ho + oy) * wo + ox) * nb)
+                for q in range(ub):
+                    of[o + q] = 0.0
                 for i in range(kh):
                     for j in range(kw):
-                        for q in range(nb):
-                            out[c, oy, ox, q] += buf[c, oy * sh + i, ox * sw + j, q]
-                for q in range(nb):
-                    out[c, oy, ox, q] = out[c, oy, ox, q] * inv_y[oy, q] * inv_x[ox, q]
+                        sij = np.uint64(((c * hr + oy * sh + i) * wr + ox * sw + j) * nb)
+                        for q in range(ub):
+                            of[o + q] += bf[sij + q]
+                yb = np.uint64(oy * nb)
+                xb = np.uint64(ox * nb)
+                for q in range(ub):
+                    of[o + q] = of[o + q] * iy[yb + q] * ix[xb + q]
 
 
 @njit(**_NJ)
