@@ -30,7 +30,7 @@ from .errors import InputError
 from .hooks import OcclusionHooks
 from .images import color_to_input
 from .model import Model, softmax
-from .planner.batching import DEFAULT_MEMORY_BUDGET, batch_for, naive_bytes_per_query
+from .planner.batching import batch_for, naive_bytes_per_query
 
 
 def _pair(v, what: str) -> tuple[int, int]:
@@ -114,12 +114,14 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
 
 def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
-            memory_budget: int = DEFAULT_MEMORY_BUDGET, score: str = "prob", tau: float = 1.0,
+            memory_budget: int | None = None, score: str = "prob", tau: float = 1.0,
             device: str = "cpu", hooks: OcclusionHooks | None = None) -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
     ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
-    ``batch_size`` defaults to the largest batch whose buffers fit ``memory_budget`` bytes.
+    ``batch_size`` defaults to the largest batch whose buffers fit ``memory_budget`` bytes
+    (default None: 64 MiB in the incremental modes, 768 MiB for naive re-inference's
+    batches of 16; ``planner.batching.resolve_budget``).
     ``device="gpu"`` runs the same plans with the numba.cuda executor (clear error without a
     CUDA GPU / numba-cuda).
     ``hooks``: an :class:`~krypton_db.hooks.OcclusionHooks` (plan rewrite, per-step
@@ -135,7 +137,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
         tau = 1.0
     if score not in ("prob", "logit"):
         raise InputError(f"score must be 'prob' or 'logit', got {score!r}")
-    if memory_budget <= 0:
+    if memory_budget is not None and memory_budget <= 0:
         raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     if score == "logit":
         model = _logit_model(model)

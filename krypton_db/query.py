@@ -446,7 +446,7 @@ class Engine:
         that runs. bind -> plan_deltas -> apply_tau -> force_naive_from -> choose_batch ->
         lower."""
         from .exec.cpu import CpuPlan
-        from .planner.batching import batch_for, naive_bytes_per_query, peak_bytes_per_query
+        from .planner.batching import batch_for, naive_bytes_per_query, peak_bytes_per_query, resolve_budget
         from .planner.delta_plan import plan_occlusion
 
         bq = r.bq
@@ -468,7 +468,7 @@ class Engine:
         out.append(("choose_batch",
                     f"batch size {bs} for {r.positions} positions ({-(-r.positions // bs)} "
                     f"batches): {fmt_bytes_(per_q)} per query, budget "
-                    f"{fmt_bytes_(bq.memory_budget)}"
+                    f"{fmt_bytes_(resolve_budget(bq.mode, bq.memory_budget))}"
                     + (" (batch_size set)" if bq.batch_size else "")))
         out.append(("lower", None))
         return out

@@ -101,7 +101,8 @@ NAIVE_MAX_BATCH = 16  # full re-inference: batches of 16 occluded images (as ORT
 # Naive re-inference is the baseline the speedups are measured against: under the default
 # budget it gets room for its batches of 16 (VGG16 at 224: 16 x 38.5 MB), as in the benchmark
 # protocol. With the incremental modes' 64 MiB it ran one image per batch, 3x slower per
-# image, which inflated `krypton demo`'s "speedup over naive". An explicit budget applies.
+# image, which inflated `krypton demo`'s "speedup over naive". A budget given explicitly
+# (any value, the incremental default included) applies as given.
 NAIVE_DEFAULT_BUDGET = 768 << 20
 
 
@@ -111,14 +112,22 @@ def naive_bytes_per_query(graph) -> int:
     return 3 * 4 * max(math.prod(n.shape) for n in graph.nodes)
 
 
-def batch_for(mode: str, per_query: int, n_queries: int, memory_budget: int,
+def resolve_budget(mode: str, memory_budget: int | None) -> int:
+    """The batch memory budget of a run: the given one, else the mode's default
+    (``NAIVE_DEFAULT_BUDGET`` for naive re-inference, ``DEFAULT_MEMORY_BUDGET`` otherwise)."""
+    if memory_budget is not None:
+        return int(memory_budget)
+    return NAIVE_DEFAULT_BUDGET if mode == "naive" else DEFAULT_MEMORY_BUDGET
+
+
+def batch_for(mode: str, per_query: int, n_queries: int, memory_budget: int | None,
               batch_size: int | None = None) -> int:
     """The batch size a run uses (``occlude`` and EXPLAIN's physical plan alike): the given
-    ``batch_size`` (at most the number of queries), else ``choose_batch`` under the budget."""
+    ``batch_size`` (at most the number of queries), else ``choose_batch`` under the budget
+    (None: the mode's default, ``resolve_budget``)."""
     if batch_size:
         return int(max(1, min(batch_size, max(n_queries, 1))))
-    if mode == "naive" and memory_budget == DEFAULT_MEMORY_BUDGET:
-        memory_budget = NAIVE_DEFAULT_BUDGET
+    memory_budget = resolve_budget(mode, memory_budget)
     bs = choose_batch(per_query, n_queries, memory_budget,
                       NAIVE_MAX_BATCH if mode == "naive" else MAX_BATCH)
     return balanced(bs, n_queries)

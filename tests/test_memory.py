@@ -3,7 +3,9 @@ buffers, its slab is the liveness walk's peak, and EXPLAIN's batch is the batch 
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -118,6 +120,38 @@ def test_naive_baseline_gets_its_batches_of_16_under_the_default_budget():
     from krypton_db.planner import batching as B
 
     per_image = 40 << 20  # about VGG16's at 224 x 224 (3 x its largest activation)
-    assert B.batch_for("naive", per_image, 100, B.DEFAULT_MEMORY_BUDGET) == 16
+    assert B.batch_for("naive", per_image, 100, None) == 16
     assert B.batch_for("naive", per_image, 100, 100 << 20) == 2  # an explicit budget applies
-    assert B.batch_for("exact", per_image, 100, B.DEFAULT_MEMORY_BUDGET) == 1
+    # ... also when it equals the incremental default (it used to be widened)
+    assert B.batch_for("naive", per_image, 100, B.DEFAULT_MEMORY_BUDGET) == 1
+    assert B.batch_for("exact", per_image, 100, None) == 1
+
+
+_MMAP_PROBE = """
+import sys, numpy as np
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+if sys.argv[1] == 'pinned':
+    from krypton_db.heap import pin_mmap_threshold
+    pin_mmap_threshold()
+x = np.ones(5 << 20, np.float32); del x   # a 20 MB block freed: glibc raises its threshold to it
+r0 = rss()
+y = np.ones(2 << 20, np.float32); del y   # 8 MB, freed again
+print(rss() - r0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt / /proc (Linux)")
+def test_pinned_mmap_threshold_returns_freed_batch_buffers():
+    """With glibc's dynamic threshold an 8 MB buffer freed after a 20 MB one stays resident
+    (it came from the heap); with the threshold pinned (as the CPU executor does) it goes back
+    to the OS, so a run's peak RSS does not depend on the order its buffers were freed in."""
+    import subprocess
+
+    def grown(mode):
+        out = subprocess.run([sys.executable, "-c", _MMAP_PROBE, mode], capture_output=True, text=True,
+                             check=True, env={**os.environ, "KRYPTON_MMAP_THRESHOLD": "4194304"})
+        return int(out.stdout.strip())
+
+    assert grown("dynamic") > 6 << 20  # the probe sees glibc's behaviour at all
+    assert grown("pinned") < 1 << 20

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from ..graph import Graph, Node, Op
-from ..heap import return_freed_heap
+from ..heap import pin_mmap_threshold, return_freed_heap
 from . import gemm_cpu as G
 from . import kernels_cpu as K
 from . import winograd_cpu as W
@@ -628,6 +628,7 @@ class CpuExecutor:
     """Runs a graph on batches with numba kernels + BLAS, using all cores numba sees."""
 
     def __init__(self, graph: Graph, fuse: bool = True):
+        pin_mmap_threshold()  # a run's peak RSS, repeatably (krypton_db.heap)
         self.graph = graph
         self.plan = CpuPlan.lower(graph, fuse)
         self.jit_seconds: float | None = None

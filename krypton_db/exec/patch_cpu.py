@@ -113,18 +113,25 @@ def stitch_chwb_cpu(view, patch, ploc, out, lo, hi):
 def shift_epilogue_chwb_cpu(acc, o0, q0, q1, wr, wo, nb, b, code, a0, a1, out):
     """Write the valid columns (x < wo) of an accumulated block acc[O', q1-q0] (columns
     (oy, x, b) over a wr-wide grid; q0, q1 multiples of nb) with bias + activation into
-    out[o0 + o, oy, x, :]."""
+    out[o0 + o, oy, x, :] (out C-contiguous). The valid cells of one grid row are one
+    contiguous run in both, written by the vectorized ``_bias_act_at``."""
     t0 = q0 // nb
     t1 = q1 // nb
+    ho = out.shape[1]
+    of = out.reshape(-1)
     for o in range(acc.shape[0]):
         bo = b[o0 + o]
-        for t in range(t0, t1):
-            x = t % wr
-            if x < wo:
-                oy = t // wr
-                base = (t - t0) * nb
-                for q in range(nb):
-                    out[o0 + o, oy, x, q] = K._act(acc[o, base + q] + bo, code, a0, a1)
+        arow = acc[o]
+        t = t0
+        while t < t1:
+            oy = t // wr
+            x = t - oy * wr
+            run = min(wr - x, t1 - t)  # grid cells of this row inside the block
+            n = min(run, max(wo - x, 0))
+            if n > 0:
+                K._bias_act_at(of, (((o0 + o) * ho + oy) * wo + x) * nb, arow, (t - t0) * nb, n * nb,
+                               bo, code, a0, a1)
+            t += run
 
 
 @njit(**_NJ)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ...planner.batching import DEFAULT_MEMORY_BUDGET
+from ...planner.batching import DEFAULT_MEMORY_BUDGET, NAIVE_DEFAULT_BUDGET
 from .ast import Arg, OcclusionCall, Word
 from .errors import DslBindError
 
@@ -232,8 +232,9 @@ OPTIONS: dict[str, Option] = {
     "device": Option(_enum("device", ("cpu", "cuda", "gpu")), "cpu", "both", "executor device"),
     "batch_size": Option(lambda v: _pos_int(v, "batch_size", 1 << 16), None, "both",
                          "queries per batch (default: largest fitting memory_budget)"),
-    "memory_budget": Option(_bytes, DEFAULT_MEMORY_BUDGET, "both",
-                            "buffer memory per batch: bytes or '128MiB'"),
+    "memory_budget": Option(_bytes, None, "both",
+                            "buffer memory per batch: bytes or '128MiB' (default: "
+                            f"{DEFAULT_MEMORY_BUDGET >> 20}MiB, naive {NAIVE_DEFAULT_BUDGET >> 20}MiB)"),
     "score": Option(_enum("score", ("prob", "logit")), "prob", "both",
                     "heat-map value: softmax probability or raw logit"),
     # research switches and session behaviour
