@@ -123,3 +123,18 @@ def test_not_eligible_shapes(monkeypatch):
     assert W.eligible(p, 64, 1, (9, 11))  # 1.21x
     monkeypatch.setattr(W, "ENABLED", False)
     assert not W.eligible(p, 64, 1, (14, 14))
+
+
+@pytest.mark.parametrize("n,cap,align", [(1024, 480, 48), (1000, 480, 48), (7, 480, 48), (5000, 97, 16), (1, 10, 1)])
+def test_balanced_chunks_cover_and_keep_threads_busy(n, cap, align, monkeypatch):
+    """Chunks cover [0, n) exactly once, at most about ``cap`` wide, and their count is a
+    multiple of the thread count whenever there are enough aligned units for that (ResNet18's
+    7x7 layer4: 1024 Winograd columns were 3 chunks on 2 threads, one thread doing two)."""
+    monkeypatch.setattr(C, "num_threads", lambda: 2)
+    per, nch = C.balanced_chunks(n, cap, align)
+    assert per * (nch - 1) < n <= per * nch
+    assert per <= 1.5 * max(cap, align) + align or nch == 1
+    if n // align >= 2 and n > cap:
+        assert nch % 2 == 0
+    if per > align:
+        assert per % align == 0

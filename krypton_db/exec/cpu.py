@@ -131,19 +131,25 @@ def parallel_chunks(nchunks: int, fn) -> None:
 
 
 def balanced_chunks(n: int, cap: int, align: int = 1) -> tuple[int, int]:
-    """(units per chunk, chunk count) splitting n units into chunks of at most about ``cap``
-    units (a multiple of ``align`` where possible) with a chunk count that is a multiple of
-    the thread count, so no core idles through a last partial round: 1024 columns at a cap
-    of 480 are 4 chunks of 256 on 2 threads, not 3 of 384 (one thread doing two of them)."""
+    """(units per chunk, chunk count) splitting n units into chunks of about ``cap`` units
+    (up to 1.5x where aligned widths need it; a multiple of ``align`` where possible) with a
+    chunk count that is a multiple of the thread count, so no core idles through a last
+    partial round: 1024 Winograd columns at a cap of 480, aligned to 48, are 4 chunks of 288
+    on 2 threads, not 3 of 384 (one thread doing two of them)."""
     if n <= 0:
         return max(align, 1), 0
     t = num_threads()
-    nch = -(-n // max(cap, 1))
-    nch = min(-(-nch // t) * t, max(n // max(align, 1), 1))
-    per = -(-n // nch)
-    if per > align:
-        per = -(-per // align) * align
-    return per, -(-n // per)
+    a = max(align, 1)
+    nch = min(-(-(-(-n // max(cap, 1))) // t) * t, max(n // a, 1))
+    per0 = -(-n // nch)
+    if per0 > a:
+        per0 = -(-per0 // a) * a
+    # aligned widths can leave a chunk count off the thread multiple: look for the nearest
+    # aligned width (narrower first, then up to 1.5x wider) that lands on one
+    for per in list(range(per0, max(a, per0 // 2) - 1, -a)) + list(range(per0 + a, per0 * 3 // 2 + 1, a)):
+        if -(-n // per) % t == 0:
+            return per, -(-n // per)
+    return per0, -(-n // per0)
 
 
 def parallel_ranges(n: int, fn, min_size: int = 1) -> None:
