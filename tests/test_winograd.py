@@ -125,7 +125,8 @@ def test_not_eligible_shapes(monkeypatch):
     assert not W.eligible(p, 64, 1, (14, 14))
 
 
-@pytest.mark.parametrize("n,cap,align", [(1024, 480, 48), (1000, 480, 48), (7, 480, 48), (5000, 97, 16), (1, 10, 1)])
+@pytest.mark.parametrize("n,cap,align", [(1024, 480, 48), (1000, 480, 48), (7, 480, 48), (5000, 97, 16), (1, 10, 1),
+                                         (49, 481, 48)])
 def test_balanced_chunks_cover_and_keep_threads_busy(n, cap, align, monkeypatch):
     """Chunks cover [0, n) exactly once, at most about ``cap`` wide, and their count is a
     multiple of the thread count whenever there are enough aligned units for that (ResNet18's
@@ -138,3 +139,5 @@ def test_balanced_chunks_cover_and_keep_threads_busy(n, cap, align, monkeypatch)
         assert nch % 2 == 0
     if per > align:
         assert per % align == 0
+    if n < 2 * align:  # too few aligned units to split: one chunk, not align + a sliver
+        assert nch == 1

@@ -144,6 +144,8 @@ def balanced_chunks(n: int, cap: int, align: int = 1) -> tuple[int, int]:
     per0 = -(-n // nch)
     if per0 > a:
         per0 = -(-per0 // a) * a
+    if nch < t:  # fewer aligned units than threads: one chunk (49 columns are not 48 + 1)
+        return per0, -(-n // per0)
     # aligned widths can leave a chunk count off the thread multiple: look for the nearest
     # aligned width (narrower first, then up to 1.5x wider) that lands on one
     for per in list(range(per0, max(a, per0 // 2) - 1, -a)) + list(range(per0 + a, per0 * 3 // 2 + 1, a)):
