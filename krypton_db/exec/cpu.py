@@ -636,7 +636,7 @@ class CpuExecutor:
     """Runs a graph on batches with numba kernels + BLAS, using all cores numba sees."""
 
     def __init__(self, graph: Graph, fuse: bool = True):
-        pin_mmap_threshold()  # a run's peak RSS, repeatably (krypton_db.heap)
+        pin_mmap_threshold()  # freed batch buffers back to the OS (krypton_db.heap)
         self.graph = graph
         self.plan = CpuPlan.lower(graph, fuse)
         self.jit_seconds: float | None = None
