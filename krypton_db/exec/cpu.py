@@ -138,20 +138,21 @@ def balanced_chunks(n: int, cap: int, align: int = 1) -> tuple[int, int]:
     on 2 threads, not 3 of 384 (one thread doing two of them)."""
     if n <= 0:
         return max(align, 1), 0
+    def ceil(x, y):
+        return -(-x // y)
+
     t = num_threads()
     a = max(align, 1)
-    nch = min(-(-(-(-n // max(cap, 1))) // t) * t, max(n // a, 1))
-    per0 = -(-n // nch)
-    if per0 > a:
-        per0 = -(-per0 // a) * a
+    nch = min(ceil(ceil(n, max(cap, 1)), t) * t, max(n // a, 1))
+    per0 = ceil(ceil(n, nch), a) * a if ceil(n, nch) > a else ceil(n, nch)
     if nch < t:  # fewer aligned units than threads: one chunk (49 columns are not 48 + 1)
-        return per0, -(-n // per0)
+        return per0, ceil(n, per0)
     # aligned widths can leave a chunk count off the thread multiple: look for the nearest
     # aligned width (narrower first, then up to 1.5x wider) that lands on one
-    for per in list(range(per0, max(a, per0 // 2) - 1, -a)) + list(range(per0 + a, per0 * 3 // 2 + 1, a)):
-        if -(-n // per) % t == 0:
-            return per, -(-n // per)
-    return per0, -(-n // per0)
+    for per in [*range(per0, max(a, per0 // 2) - 1, -a), *range(per0 + a, per0 * 3 // 2 + 1, a)]:
+        if ceil(n, per) % t == 0:
+            return per, ceil(n, per)
+    return per0, ceil(n, per0)
 
 
 def parallel_ranges(n: int, fn, min_size: int = 1) -> None:
@@ -452,17 +453,16 @@ def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, o
 
 
 def avgpool_inverse_counts(hw, kernel, pads, out_hw, include_pad: bool) -> np.ndarray:
-    """1 / (the cells average pooling divides by) per output cell, flat [Ho * Wo] float32:
-    window cells inside the input, plus those in the declared padding when include_pad."""
-    def per_axis(n, k, lo, hi, m):
-        start = np.arange(m) - lo
-        if include_pad:
-            return np.minimum(start + k, n + hi) - np.maximum(start, -lo)
-        return np.minimum(start + k, n) - np.maximum(start, 0)
+    """1 / (the cells average pooling divides by) per output cell, flat [Ho * Wo] float32, for
+    stride 1: the patch route's separable per-axis divisors (``patch_cpu.avg_divisors_cpu``)
+    for one read-in context whose origin is the padded map's corner."""
+    from . import patch_cpu as P
 
     (h, w), (kh, kw), (t, l, b, r) = hw, kernel, pads
-    cy, cx = per_axis(h, kh, t, b, out_hw[0]), per_axis(w, kw, l, r, out_hw[1])
-    return np.ascontiguousarray((1.0 / np.outer(cy, cx)).reshape(-1), np.float32)
+    origin = np.array([[-t, -l]], np.int64)
+    iy = P.avg_divisors_cpu(origin, 0, out_hw[0], 1, kh, h, t, b, include_pad)[:, 0]
+    ix = P.avg_divisors_cpu(origin, 1, out_hw[1], 1, kw, w, l, r, include_pad)[:, 0]
+    return np.ascontiguousarray(np.outer(iy, ix).reshape(-1), np.float32)
 
 
 def pool_cnhw(x: np.ndarray, node: Node, pads=None, out_hw=None, out: np.ndarray | None = None) -> np.ndarray:
