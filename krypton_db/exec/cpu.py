@@ -174,8 +174,9 @@ def _scratch(key: str, size: int) -> np.ndarray:
     ``dense_in`` / ``dense_out`` (the calling thread's whole-batch transposes of one dense conv:
     CHWB read-in, Winograd band, phase planes, and their outputs), ``work`` (one parallel
     chunk's im2col columns, shifted-GEMM accumulator or Winograd V/M slots), ``acc`` (beside
-    ``work`` in the shifted-window conv) and ``gemm_bp`` / ``gemm_tile`` (inside the tap GEMM,
-    which any of the others may call). Keeping one buffer per call site held ResNet18's
+    ``work`` in the shifted-window conv), ``gemm_bp`` / ``gemm_tile`` (inside the tap GEMM,
+    which any of the others may call) and ``gather_blk`` / ``gather_patch`` (the gather's
+    16-query blocks). Keeping one buffer per call site held ResNet18's
     exact run ~14 MB more for buffers never live together."""
     d = getattr(_TLS, "bufs", None)
     if d is None:
@@ -624,6 +625,12 @@ class BufferLedger:
             elif keep:
                 self.owned.setdefault(name, []).append(a)
         self.handed.clear()
+
+    def own(self, name: str, a: np.ndarray) -> None:
+        """Buffer ``a``, handed out during the current step, belongs to value ``name`` (not
+        to the step's output): it goes back at ``name``'s release."""
+        if self.handed.pop(id(a), None) is not None:
+            self.owned.setdefault(name, []).append(a)
 
     def release(self, name: str, live) -> None:
         live = list(live)

@@ -183,6 +183,7 @@ class IncrementalExecutor:
         # Buffers of a batch come from an arena and go back at their value's last use: a
         # fresh np.empty of tens of MB is mmapped and page-faulted (kernel-zeroed) on first
         # touch, which cost the gathers, epilogues and concats of a batch as much as 30%.
+        self._stitched: dict[str, np.ndarray] = {}  # per batch: value -> its stitched full tensors
         self._arena = PlannedArena()
         self._ledger = BufferLedger(self._arena)
         self._alloc = self._ledger.alloc
@@ -198,9 +199,17 @@ class IncrementalExecutor:
         return outs[self.graph.output]
 
     def _full(self, name: str, st, b: int) -> np.ndarray:
-        if isinstance(st, Patch):
-            return P.stitch(self.views[name], st.val, st.loc, alloc=self._alloc)
-        return st
+        """The full tensors of a value: a patch stitched into its view, once per batch (a
+        value read by two dense steps, e.g. ResNet's layer3 output by layer4.0's conv1 and
+        downsample, is stitched for the first and reused by the second). The stitched
+        buffer belongs to the value and goes back at its last use."""
+        if not isinstance(st, Patch):
+            return st
+        full = self._stitched.get(name)
+        if full is None:
+            full = self._stitched[name] = P.stitch(self.views[name], st.val, st.loc, alloc=self._alloc)
+            self._ledger.own(name, full)
+        return full
 
     def run_batch(self, positions: np.ndarray, patch_values: np.ndarray) -> np.ndarray:
         """positions [B, 2] top-left corners; patch_values [C, ph, pw] (the occluded input
@@ -213,6 +222,7 @@ class IncrementalExecutor:
         ledger = self._ledger
         ledger.owned.clear()
         ledger.handed.clear()
+        self._stitched: dict[str, np.ndarray] = {}
         self._arena.begin(b)
         last = len(self.plan.steps) - 1
         for idx, ds in enumerate(self.plan.steps):
@@ -224,6 +234,7 @@ class IncrementalExecutor:
             for i in ds.node.inputs:  # values whose last reader ran: buffers back
                 if self._last_use.get(i) == idx and i in state:
                     del state[i]
+                    self._stitched.pop(i, None)
                     ledger.release(i, (v.val if isinstance(v, Patch) else v
                                        for v in state.values()))
             if self.profile:

@@ -22,76 +22,12 @@ from numba import njit
 
 from ..graph import Node, Op
 from . import cpu as C
+from . import gather_cpu as GC
 from . import kernels_cpu as K
 from . import winograd_cpu as W
 from .cpu import ConvWeights, _scratch, conv_gemm, parallel_chunks, parallel_ranges
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
-
-
-@njit(**_NJ)
-def gather_chwb_cpu(view, patch, ploc, rloc, fill, out, lo, hi):
-    """out[c, r, s, q] = cell (rloc[q] + (r, s)) of view[c] with query q's patch (patch[c, :, :,
-    q] at ploc[q]) applied; ``fill`` outside the tensor. Channels lo..hi.
-
-    Two phases per channel, both at memory speed: (1) per query, row segments of the view are
-    copied into an L2-resident [B, hR*wR] block (contiguous copies) and the patch is written
-    over them; (2) the block is transposed into out[c] ([hR*wR, B]) in 16 x 16 tiles. Flat
-    arrays with unsigned offsets: numba then emits no negative-index wraparound checks and
-    the copy loops vectorize (2x faster than 3-D/4-D indexing)."""
-    _, h, w = view.shape
-    hr, wr, nq = out.shape[1], out.shape[2], out.shape[3]
-    ph, pw = patch.shape[1], patch.shape[2]
-    npix = hr * wr
-    vf = view.reshape(-1)
-    pf = patch.reshape(-1)
-    of = out.reshape(-1)
-    tmp = np.empty(nq * npix, np.float32)
-    uw = np.uint64(w)
-    for c in range(lo, hi):
-        cbase = np.uint64(c) * np.uint64(h) * uw
-        for q in range(nq):
-            y0 = rloc[q, 0]
-            x0 = rloc[q, 1]
-            xa = min(max(-x0, 0), wr)
-            xb = max(min(w - x0, wr), xa)
-            tq = np.uint64(q * npix)
-            for r in range(hr):
-                y = y0 + r
-                tb = tq + np.uint64(r * wr)
-                if y < 0 or y >= h:
-                    for s in range(wr):
-                        tmp[tb + np.uint64(s)] = fill
-                    continue
-                for s in range(xa):
-                    tmp[tb + np.uint64(s)] = fill
-                vb = cbase + np.uint64(y) * uw + np.uint64(x0 + xa)
-                tb2 = tb + np.uint64(xa)
-                for s in range(xb - xa):
-                    tmp[tb2 + np.uint64(s)] = vf[vb + np.uint64(s)]
-                for s in range(xb, wr):
-                    tmp[tb + np.uint64(s)] = fill
-            py = ploc[q, 0] - y0
-            px = ploc[q, 1] - x0
-            i0 = max(py, 0)
-            i1 = min(py + ph, hr)
-            j0 = max(px, 0)
-            j1 = min(px + pw, wr)
-            for i in range(i0, i1):
-                # patch[c, i - py, j - px, q]: q innermost, stride nq between j
-                pb = ((np.uint64(c) * np.uint64(ph) + np.uint64(i - py)) * np.uint64(pw)) * np.uint64(nq) + np.uint64(q)
-                tb = tq + np.uint64(i * wr)
-                for j in range(j0, j1):
-                    tmp[tb + np.uint64(j)] = pf[pb + np.uint64((j - px) * nq)]
-        ob = np.uint64(c) * np.uint64(npix * nq)
-        for p0 in range(0, npix, 16):
-            p1 = min(p0 + 16, npix)
-            for q0 in range(0, nq, 16):
-                q1 = min(q0 + 16, nq)
-                for p in range(p0, p1):
-                    orow = ob + np.uint64(p * nq)
-                    for q in range(q0, q1):
-                        of[orow + np.uint64(q)] = tmp[np.uint64(q * npix + p)]
 
 
 @njit(**_NJ)
@@ -283,8 +219,7 @@ def gather(view, patch, ploc, rloc, size, fill, tail: int = 0, alloc=None) -> np
     n = c * size[0] * size[1] * nb
     flat = _new(alloc, (n + tail,))
     out = flat[:n].reshape(c, size[0], size[1], nb)
-    parallel_ranges(c, lambda lo, hi: gather_chwb_cpu(view, patch, ploc, rloc, np.float32(fill), out, lo, hi))
-    return out
+    return GC.gather(view, patch, ploc, rloc, size, fill, out)
 
 
 def stitch(view, patch, ploc, alloc=None) -> np.ndarray:

@@ -1,0 +1,52 @@
+"""The incremental executor's gather (``exec/gather_cpu.py``) against a plain numpy oracle:
+per query, the view with the patch pasted in, read at the read-in origin, fill outside."""
+
+import numpy as np
+import pytest
+
+from krypton_db.exec import gather_cpu as GC
+
+
+def oracle(view, patch, ploc, rloc, size, fill):
+    c, h, w = view.shape
+    hr, wr = size
+    ph, pw = patch.shape[1:3]
+    out = np.full((c, hr, wr, ploc.shape[0]), fill, np.float32)
+    for q in range(ploc.shape[0]):
+        full = np.full((c, h + 2 * hr, w + 2 * wr), fill, np.float32)  # a frame of fill
+        full[:, hr : hr + h, wr : wr + w] = view
+        y, x = ploc[q] + (hr, wr)
+        full[:, y : y + ph, x : x + pw] = patch[..., q]
+        y, x = rloc[q] + (hr, wr)
+        out[..., q] = full[:, y : y + hr, x : x + wr]
+    return out
+
+
+@pytest.mark.parametrize("c,h,w,size,ps,nq", [
+    (3, 20, 17, (9, 9), (4, 4), 37),      # B not a multiple of 16, non-square view
+    (16, 14, 14, (15, 15), (11, 11), 64),  # read-in wider than the view (fill on both sides)
+    (5, 30, 30, (19, 23), (7, 5), 16),     # rows longer than one 16-float move, non-square patch
+    (2, 9, 9, (9, 9), (9, 9), 17),         # the patch is the whole view
+    (4, 12, 12, (3, 2), (6, 6), 5),        # read-ins smaller than the patch (it is cropped)
+])
+@pytest.mark.parametrize("fill", [0.0, -np.inf])
+def test_gather_matches_oracle(c, h, w, size, ps, nq, fill):
+    rng = np.random.default_rng(c * 100 + nq)
+    view = rng.standard_normal((c, h, w), dtype=np.float32)
+    patch = rng.standard_normal((c, ps[0], ps[1], nq), dtype=np.float32)
+    ploc = np.stack([rng.integers(0, h - ps[0] + 1, nq), rng.integers(0, w - ps[1] + 1, nq)], 1)
+    # read-ins around the patch, some reaching past every border, some not touching the patch
+    rloc = ploc + rng.integers(-size[0], ps[0] + 1, (nq, 2))
+    out = np.empty((c, size[0], size[1], nq), np.float32)
+    GC.gather(view, patch, ploc, rloc, size, fill, out)
+    np.testing.assert_array_equal(out, oracle(view, patch, ploc, rloc, size, fill))
+
+
+def test_transpose_ragged_edges():
+    rng = np.random.default_rng(0)
+    for n, m in [(16, 16), (37, 50), (5, 3), (64, 225)]:
+        a = rng.standard_normal(n * m + 20, dtype=np.float32)
+        out = np.zeros(m * (n + 3) + 7, np.float32)
+        GC.transpose_cpu(a, 20, m, out, 7, n + 3, n, m)
+        got = out[7:].reshape(m, n + 3)[:, :n]
+        np.testing.assert_array_equal(got, a[20:].reshape(n, m).T)
