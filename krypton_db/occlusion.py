@@ -209,10 +209,14 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     t2 = time.perf_counter()
     n = flat.shape[0]
     outs = []
-    for i in range(0, n, bs):
-        outs.append(run(flat[i : i + bs]))
-        if hooks is not None:
-            hooks.batch_done(min(i + bs, n), n)
+    try:
+        for i in range(0, n, bs):
+            outs.append(run(flat[i : i + bs]))
+            if hooks is not None:
+                hooks.batch_done(min(i + bs, n), n)
+    finally:
+        if mode in ("exact", "approximate") and hasattr(inc, "close"):
+            inc.close()  # its batch arena stays with the model for the next run
     probs_all = np.concatenate(outs, axis=0)
     t3 = time.perf_counter()
     stats.update(batch_size=bs, bytes_per_query=per_q, prepare_s=t2 - t1, run_s=t3 - t2,

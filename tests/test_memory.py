@@ -67,6 +67,35 @@ def test_planned_arena_replays_without_overlap(seed):
     _play(arena, ops, 3)
 
 
+def test_smaller_batch_replays_the_plan_and_keeps_it():
+    """A run's last, smaller batch replays the full batches' plan (its buffers are no
+    larger); where it deviates it gets fresh arrays but the plan stays for the next run."""
+    ops = _script(np.random.default_rng(3))
+    arena = PlannedArena()
+    _play(arena, ops, 8)
+    slab = arena.allocated
+    _play(arena, ops, 5, scale=0.6)  # the smaller last batch: replayed, no allocation
+    assert arena.allocated == slab
+    _play(arena, ops, 5, scale=1.5)  # a smaller batch with larger buffers: fresh arrays ...
+    _play(arena, ops, 8)  # ... and the full batch still replays its plan
+    assert arena.allocated == slab
+    _play(arena, ops, 9)  # a larger batch re-plans
+    assert arena.allocated > slab
+
+
+def test_occlude_keeps_the_batch_arena_for_the_next_run(tiny_nets):
+    m, img = tiny_nets["resnet"]
+    first = occlude(m, img, patch=4, stride=3, batch_size=8)
+    arena = m.executor._inc_arena
+    assert arena is not None and arena.slab_bytes > 0
+    allocated = arena.allocated
+    again = occlude(m, img, patch=4, stride=3, batch_size=8)  # replays from its first batch
+    assert m.executor._inc_arena is arena and arena.allocated == allocated
+    np.testing.assert_array_equal(first.probs, again.probs)
+    m.executor.release_buffers()
+    assert m.executor._inc_arena is None
+
+
 def test_planned_arena_slab_is_the_liveness_peak():
     arena = PlannedArena()
     # a lives [0, 2], b [1, 3], c [4, 5] (after a and b are released): peak a + b

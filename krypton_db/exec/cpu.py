@@ -649,6 +649,26 @@ class CpuExecutor:
         self.jit_seconds: float | None = None
         self._arena = _Arena()
         self._run_lock = threading.Lock()
+        self._inc_arena = None  # the incremental executor's batch arena between runs
+        self._inc_lock = threading.Lock()
+
+    def checkout_arena(self):
+        """The batch arena the last incremental run on this model left (None if none, or if
+        a concurrent run holds it: that one then gets a fresh arena)."""
+        with self._inc_lock:
+            a, self._inc_arena = self._inc_arena, None
+        return a
+
+    def checkin_arena(self, arena) -> None:
+        with self._inc_lock:
+            self._inc_arena = arena
+
+    def release_buffers(self) -> None:
+        """Drop the buffers kept between runs (dense and incremental arenas)."""
+        with self._inc_lock:
+            self._inc_arena = None
+        self._arena.clear()
+        return_freed_heap()
 
     def warmup(self) -> float:
         """Compile (or load from the numba cache) every kernel this plan uses; returns seconds."""
