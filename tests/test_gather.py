@@ -50,3 +50,23 @@ def test_transpose_ragged_edges():
         GC.transpose_cpu(a, 20, m, out, 7, n + 3, n, m)
         got = out[7:].reshape(m, n + 3)[:, :n]
         np.testing.assert_array_equal(got, a[20:].reshape(n, m).T)
+
+
+@pytest.mark.parametrize("c,n,h,w", [(3, 27, 17, 17), (2, 64, 7, 7), (5, 5, 9, 20)])
+def test_layout_transposes_match_numpy(c, n, h, w):
+    """CNHW <-> CHWB around the dense CHWB convs, on bands of rows with a zero frame."""
+    from krypton_db.exec import transpose_cpu as TR
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((c, n, h, w), dtype=np.float32)
+    ylo, yhi, pt, pl = 2, h - 1, 1, 2  # rows 2..h-2 of x, one zero row above, two columns left
+    buf = np.full((c, yhi - ylo + 3, w + 3, n), np.nan, np.float32)
+    TR.cnhw_to_chwb_cpu(x, ylo, yhi, pt, pl, buf, 0, c)
+    want = np.zeros_like(buf)
+    want[:, pt : pt + yhi - ylo, pl : pl + w] = x[:, :, ylo:yhi].transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(buf, want)
+    y = rng.standard_normal((c, 3, w, n), dtype=np.float32)  # a band of 3 output rows at row 2
+    out = np.zeros((c, n, h, w), np.float32)
+    TR.chwb_to_cnhw_cpu(y, out, 2, 0, c)
+    np.testing.assert_array_equal(out[:, :, 2:5], y.transpose(0, 3, 1, 2))
+    assert not out[:, :, :2].any() and not out[:, :, 5:].any()

@@ -24,6 +24,7 @@ import numpy as np
 from ..graph import Graph, Node, Op
 from ..heap import pin_mmap_threshold, return_freed_heap
 from . import gemm_cpu as G
+from . import transpose_cpu as TR
 from . import kernels_cpu as K
 from . import winograd_cpu as W
 
@@ -369,10 +370,10 @@ def _conv_via_chwb(x, node, cw, act, tl, ho, wo, out):
     hr, wr = ho + dh * (kh - 1), wo + dw * (kw - 1)
     o = out.shape[0]
     buf = _scratch("dense_in", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
-    parallel_ranges(c, lambda lo, hi: K.cnhw_to_chwb_cpu(x, tl[0], tl[1], buf, lo, hi))
+    parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, 0, h, tl[0], tl[1], buf, lo, hi))
     y = P.conv_chwb(buf, node, cw, act, (ho, wo), alloc=lambda shape: _scratch(
         "dense_out", o * ho * wo * n)[: o * ho * wo * n].reshape(shape))
-    parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, out, lo, hi))
+    parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
 
 
 WINO_BAND_FLOATS = 1 << 21  # CHWB input band per step of the dense Winograd path (8 MiB)
@@ -395,13 +396,11 @@ def _conv_winograd(x, cw, act, tl, ho, wo, out):
         ylo, yhi = max(oy0 - t, 0), min(oy1 + 2 - t, h)
         hr = oy1 - oy0 + 2
         buf = _scratch("dense_in", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
-        xb = x[:, :, ylo:yhi, :]
         pt = ylo - (oy0 - t)
-        parallel_ranges(c, lambda lo, hi: K.cnhw_to_chwb_cpu(xb, pt, l, buf, lo, hi))
+        parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, ylo, yhi, pt, l, buf, lo, hi))
         y = _scratch("dense_out", o * (oy1 - oy0) * wo * n)[: o * (oy1 - oy0) * wo * n].reshape(o, oy1 - oy0, wo, n)
         W.conv(buf, filters, cw.bias, act, y)
-        ob = out[:, :, oy0:oy1, :]
-        parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, ob, lo, hi))
+        parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
 
 
 def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
@@ -418,7 +417,7 @@ def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
     parallel_ranges(c, lambda lo, hi: K.polyphase_cnhw_cpu(x, tl[0], tl[1], sh, sw, phases, planes, lo, hi))
     y = _scratch("dense_out", o * ho * wo * n)[: o * ho * wo * n].reshape(o, ho, wo, n)
     P.conv_rows(planes.reshape(c, -1), cw, offs, ho, wo, wp, n, act, y.reshape(o, -1))
-    parallel_ranges(o, lambda lo, hi: K.chwb_to_cnhw_cpu(y, out, lo, hi))
+    parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
 
 
 def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out):

@@ -12,120 +12,20 @@ addresses: the gather is a transpose at heart. Per channel:
    copied over its read-in (contiguous again);
 3. the block is transposed into ``out[c]`` ([hR*wR, B]).
 
-The transposes run on 16 x 16 tiles held in sixteen 16-lane vectors (four rounds of two-source
-shuffles, emitted as LLVM IR: numba has no vector types, and its scalar transpose loop, the
-previous kernel, moved 1-1.5 values per cycle). Measured on the 2-core AVX-512 target: 8 G
-values/s per core for the transpose; hardware gathers (``vgatherdps``, tried first) reached
-3.9 G/s, no better than the scalar kernel on real batches.
+The transposes and moves are ``transpose_cpu``'s vector kernels (the previous gather, a
+scalar transpose, moved 1-1.5 values per cycle; hardware gathers, ``vgatherdps``, tried
+before this, were no faster than it on real batches).
 """
 
 from __future__ import annotations
 
-import llvmlite.ir as ir
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 from .cpu import _scratch, parallel_ranges
+from .transpose_cpu import T, _move, transpose_cpu
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
-
-T = 16  # tile side: 16 floats per vector on AVX-512 (LLVM splits them into halves on AVX2)
-
-
-def _rounds() -> list[tuple[int, list[int], list[int]]]:
-    """The transpose network: in round s (s = 8, 4, 2, 1), rows i and i + s (bit s of i clear)
-    swap their off-diagonal s x s blocks, i.e. row i keeps the first s lanes of every 2s-lane
-    group and takes row i+s's first s lanes after them; row i+s gets the second halves. After
-    the four rounds, row i holds column i. Shuffle masks index a's lanes 0..15, b's 16..31."""
-    out = []
-    s = T // 2
-    while s >= 1:
-        lo, hi = [], []
-        for lane in range(T):
-            g, w = divmod(lane, 2 * s)
-            lo.append(g * 2 * s + w if w < s else T + g * 2 * s + w - s)
-            hi.append(g * 2 * s + s + w if w < s else T + g * 2 * s + w)
-        out.append((s, lo, hi))
-        s //= 2
-    return out
-
-
-_ROUNDS = _rounds()
-
-
-@intrinsic
-def _transpose16(typingctx, src, soff, sld, dst, doff, dld):
-    """dst[doff + j*dld + i] = src[soff + i*sld + j] for i, j < 16 (a 16 x 16 tile; rows of
-    either side at any float offset)."""
-    sig = types.void(src, soff, sld, dst, doff, dld)
-
-    def codegen(context, builder, sig, args):
-        src, soff, sld, dst, doff, dld = args
-        vt = ir.VectorType(ir.FloatType(), T)
-        mt = ir.VectorType(ir.IntType(32), T)
-        sp = builder.gep(context.make_array(sig.args[0])(context, builder, src).data, [soff])
-        dp = builder.gep(context.make_array(sig.args[3])(context, builder, dst).data, [doff])
-        rows = [builder.load(builder.bitcast(builder.gep(sp, [builder.mul(sld, ir.Constant(sld.type, i))]),
-                                             vt.as_pointer()), align=4) for i in range(T)]
-        for s, lo, hi in _ROUNDS:
-            new = list(rows)
-            for i in range(T):
-                if not i & s:
-                    new[i] = builder.shuffle_vector(rows[i], rows[i + s], ir.Constant(mt, lo))
-                    new[i + s] = builder.shuffle_vector(rows[i], rows[i + s], ir.Constant(mt, hi))
-            rows = new
-        for i in range(T):
-            ptr = builder.gep(dp, [builder.mul(dld, ir.Constant(dld.type, i))])
-            builder.store(rows[i], builder.bitcast(ptr, vt.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _move16(typingctx, src, soff, dst, doff):
-    """dst[doff : doff + 16] = src[soff : soff + 16]: one unaligned vector load and store."""
-    sig = types.void(src, soff, dst, doff)
-
-    def codegen(context, builder, sig, args):
-        src, soff, dst, doff = args
-        vt = ir.VectorType(ir.FloatType(), T)
-        sp = builder.gep(context.make_array(sig.args[0])(context, builder, src).data, [soff])
-        dp = builder.gep(context.make_array(sig.args[2])(context, builder, dst).data, [doff])
-        val = builder.load(builder.bitcast(sp, vt.as_pointer()), align=4)
-        builder.store(val, builder.bitcast(dp, vt.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(**_NJ)
-def _move(src, soff, dst, doff, n):
-    """dst[doff : doff + n] = src[soff : soff + n] in whole 16-float moves: the last one reads
-    and writes up to 15 floats past the run (callers keep 16 floats of slack after both
-    buffers and write a block's runs in increasing address order, so each overrun is
-    overwritten by the runs after it). Masked moves instead (exact lengths) ran at ~9 cycles
-    per run on Zen 5."""
-    for k in range(0, n, T):
-        _move16(src, soff + k, dst, doff + k)
-
-
-@njit(**_NJ)
-def transpose_cpu(src, soff, sld, dst, doff, dld, n, m):
-    """dst[doff + j*dld + i] = src[soff + i*sld + j] for i < n, j < m: full 16 x 16 tiles in
-    vectors, the ragged right / bottom edges scalar."""
-    n16 = n // T * T
-    m16 = m // T * T
-    for i0 in range(0, n16, T):
-        for j0 in range(0, m16, T):
-            _transpose16(src, soff + i0 * sld + j0, sld, dst, doff + j0 * dld + i0, dld)
-    for i in range(n16):
-        for j in range(m16, m):
-            dst[doff + j * dld + i] = src[soff + i * sld + j]
-    for i in range(n16, n):
-        for j in range(m):
-            dst[doff + j * dld + i] = src[soff + i * sld + j]
 
 
 @njit(**_NJ)
@@ -133,8 +33,7 @@ def gather_chwb_cpu(vf, vshape, pt, pl, pf, pshape, ploc, rloc, out, blk, pbl, l
     """Channels lo..hi of the gather (module docstring). ``vf`` is the flat [C, H', W']
     (``vshape``) view with the fill around it, the tensor's origin at (pt, pl); ``pf`` the
     flat patch [C, ph, pw, B] (``pshape``); ``blk`` / ``pbl`` the caller's [16 * hR*wR] /
-    [16 * ph*pw] scratch. ``vf``, ``blk`` and ``pbl`` have 16 floats of slack at the end (see
-    ``_move``); the patch is read by the transpose only, within bounds."""
+    [16 * ph*pw] scratch."""
     hv, wv = vshape[1], vshape[2]
     hr, wr, nq = out.shape[1], out.shape[2], out.shape[3]
     ph, pw = pshape[1], pshape[2]
@@ -178,17 +77,17 @@ def gather(view: np.ndarray, patch: np.ndarray, ploc: np.ndarray, rloc: np.ndarr
     pb = max(0, int(rloc[:, 0].max()) + hr - h)
     pl = max(0, -int(rloc[:, 1].min()))
     pr = max(0, int(rloc[:, 1].max()) + wr - w)
-    # a frame of fill (the row copies need no bounds tests) and 16 floats of slack after it
+    # a frame of fill: the row copies need no bounds tests
     hv, wv = h + pt + pb, w + pl + pr
-    flat = np.full(c * hv * wv + T, fill, np.float32)
-    vpad = flat[: c * hv * wv].reshape(c, hv, wv)
+    flat = np.full(c * hv * wv, fill, np.float32)
+    vpad = flat.reshape(c, hv, wv)
     vpad[:, pt : pt + h, pl : pl + w] = view
-    patch_flat = np.ascontiguousarray(patch, np.float32).reshape(-1)  # read by whole tiles only
+    patch_flat = np.ascontiguousarray(patch, np.float32).reshape(-1)
     ploc = np.ascontiguousarray(ploc, np.int64)
 
     def run(lo, hi):
         gather_chwb_cpu(flat, vpad.shape, pt, pl, patch_flat, patch.shape, ploc, rloc, out,
-                        _scratch("gather_blk", T * hr * wr + T), _scratch("gather_patch", T * ph * pw + T), lo, hi)
+                        _scratch("gather_blk", T * hr * wr), _scratch("gather_patch", T * ph * pw), lo, hi)
 
     parallel_ranges(c, run)
     return out

@@ -290,24 +290,6 @@ def im2col_chunk_cpu(x, c0, cg, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, j0, j1, 
 
 
 @njit(nogil=True, cache=True)
-def cnhw_to_chwb_cpu(x, pt, pl, buf, lo, hi):
-    """buf[c, r, s, n] = x[c, n, r - pt, s - pl], zero outside x (channels lo..hi)."""
-    n_, h, w = x.shape[1], x.shape[2], x.shape[3]
-    hr, wr = buf.shape[1], buf.shape[2]
-    for c in range(lo, hi):
-        for r in range(hr):
-            y = r - pt
-            for s in range(wr):
-                xx = s - pl
-                if y < 0 or y >= h or xx < 0 or xx >= w:
-                    for n in range(n_):
-                        buf[c, r, s, n] = 0.0
-                else:
-                    for n in range(n_):
-                        buf[c, r, s, n] = x[c, n, y, xx]
-
-
-@njit(nogil=True, cache=True)
 def polyphase_cnhw_cpu(x, pt, pl, sh, sw, phases, out, lo, hi):
     """out[c, k, y, xx, n] = x[c, n, y*sh + p - pt, xx*sw + q - pl] for phase k = (p, q) =
     phases[k], zero outside x (channels lo..hi): the CHWB phase planes of a strided conv."""
@@ -327,17 +309,6 @@ def polyphase_cnhw_cpu(x, pt, pl, sh, sw, phases, out, lo, hi):
                     else:
                         for n in range(n_):
                             out[c, k, y, xx, n] = x[c, n, yy, xs]
-
-
-@njit(nogil=True, cache=True)
-def chwb_to_cnhw_cpu(y, out, lo, hi):
-    """out[o, n, r, s] = y[o, r, s, n] (channels lo..hi)."""
-    ho, wo, n_ = y.shape[1], y.shape[2], y.shape[3]
-    for o in range(lo, hi):
-        for n in range(n_):
-            for r in range(ho):
-                for s in range(wo):
-                    out[o, n, r, s] = y[o, r, s, n]
 
 
 @njit(nogil=True, cache=True)
