@@ -70,3 +70,17 @@ def test_layout_transposes_match_numpy(c, n, h, w):
     TR.chwb_to_cnhw_cpu(y, out, 2, 0, c)
     np.testing.assert_array_equal(out[:, :, 2:5], y.transpose(0, 3, 1, 2))
     assert not out[:, :, :2].any() and not out[:, :, 5:].any()
+
+
+@pytest.mark.parametrize("c,h,w,ps,nq", [(3, 14, 14, (14, 14), 37), (4, 9, 12, (5, 7), 16), (2, 7, 7, (3, 3), 5)])
+def test_stitch_matches_numpy(c, h, w, ps, nq):
+    rng = np.random.default_rng(nq)
+    view = rng.standard_normal((c, h, w), dtype=np.float32)
+    patch = rng.standard_normal((c, ps[0], ps[1], nq), dtype=np.float32)
+    ploc = np.stack([rng.integers(0, h - ps[0] + 1, nq), rng.integers(0, w - ps[1] + 1, nq)], 1)
+    out = np.empty((c, nq, h, w), np.float32)
+    GC.stitch(view, patch, ploc, out)
+    want = np.repeat(view[:, None], nq, axis=1)
+    for q, (y, x) in enumerate(ploc):
+        want[:, q, y : y + ps[0], x : x + ps[1]] = patch[..., q]
+    np.testing.assert_array_equal(out, want)

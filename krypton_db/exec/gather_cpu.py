@@ -91,3 +91,43 @@ def gather(view: np.ndarray, patch: np.ndarray, ploc: np.ndarray, rloc: np.ndarr
 
     parallel_ranges(c, run)
     return out
+
+
+@njit(**_NJ)
+def stitch_chwb_cpu(vf, h, w, pf, pshape, ploc, out, pbl, lo, hi):
+    """out[c, q] = view[c] (flat ``vf``, h x w) with patch[c, :, :, q] (flat ``pf``,
+    ``pshape``) at ploc[q], channels lo..hi: per 16 queries the patch columns are transposed
+    to [16, ph*pw] (``pbl``), then each query's map is the view's copy with its patch rows
+    moved over it (a patch covering the map skips the copy)."""
+    nq = out.shape[1]
+    ph, pw = pshape[1], pshape[2]
+    ppix = ph * pw
+    hw = h * w
+    of = out.reshape(-1)
+    full = ph == h and pw == w
+    for c in range(lo, hi):
+        for q0 in range(0, nq, T):
+            g = min(T, nq - q0)
+            transpose_cpu(pf, c * ppix * nq + q0, nq, pbl, 0, ppix, ppix, g)
+            for q in range(q0, q0 + g):
+                ob = (c * nq + q) * hw
+                if not full:
+                    _move(vf, c * hw, of, ob, hw)
+                ob += ploc[q, 0] * w + ploc[q, 1]
+                for i in range(ph):
+                    _move(pbl, (q - q0) * ppix + i * pw, of, ob + i * w, pw)
+
+
+def stitch(view: np.ndarray, patch: np.ndarray, ploc: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out [C, B, H, W]: per query q, ``view`` [C, H, W] with ``patch[..., q]`` at ``ploc[q]``."""
+    c, h, w = view.shape
+    vf = np.ascontiguousarray(view, np.float32).reshape(-1)
+    patch = np.ascontiguousarray(patch, np.float32)
+    ploc = np.ascontiguousarray(ploc, np.int64)
+
+    def run(lo, hi):
+        stitch_chwb_cpu(vf, h, w, patch.reshape(-1), patch.shape, ploc, out,
+                        _scratch("gather_patch", T * patch.shape[1] * patch.shape[2]), lo, hi)
+
+    parallel_ranges(c, run)
+    return out

@@ -31,21 +31,6 @@ _NJ = dict(cache=True, nogil=True, fastmath=False)
 
 
 @njit(**_NJ)
-def stitch_chwb_cpu(view, patch, ploc, out, lo, hi):
-    """out[c, q] (CNHW full tensor per query) = view[c] with patch[c, :, :, q] at ploc[q]."""
-    nq = out.shape[1]
-    ph, pw = patch.shape[1], patch.shape[2]
-    for c in range(lo, hi):
-        for q in range(nq):
-            out[c, q] = view[c]
-            py = ploc[q, 0]
-            px = ploc[q, 1]
-            for r in range(ph):
-                for s in range(pw):
-                    out[c, q, py + r, px + s] = patch[c, r, s, q]
-
-
-@njit(**_NJ)
 def shift_epilogue_chwb_cpu(acc, o0, q0, q1, wr, wo, nb, b, code, a0, a1, out):
     """Write the valid columns (x < wo) of an accumulated block acc[O', q1-q0] (columns
     (oy, x, b) over a wr-wide grid; q0, q1 multiples of nb) with bias + activation into
@@ -223,10 +208,10 @@ def gather(view, patch, ploc, rloc, size, fill, tail: int = 0, alloc=None) -> np
 
 
 def stitch(view, patch, ploc, alloc=None) -> np.ndarray:
+    """Full tensors [C, B, H, W] (CNHW): per query, the view with its patch pasted in."""
     c = view.shape[0]
     out = _new(alloc, (c, ploc.shape[0]) + view.shape[1:])
-    parallel_ranges(c, lambda lo, hi: stitch_chwb_cpu(view, patch, ploc, out, lo, hi))
-    return out
+    return GC.stitch(view, patch, ploc, out)
 
 
 SHIFT_MAX_WASTE = 0.6
