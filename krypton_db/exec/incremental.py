@@ -189,6 +189,8 @@ class IncrementalExecutor:
         # fresh np.empty of tens of MB is mmapped and page-faulted (kernel-zeroed) on first
         # touch, which cost the gathers, epilogues and concats of a batch as much as 30%.
         self._stitched: dict[str, np.ndarray] = {}  # per batch: value -> its stitched full tensors
+        self._state: dict[str, object] = {}  # the running batch's values (run_batch)
+        self._idx = -1  # the running step
         # the executor's arena from the previous run (planned slab, no page faults), if free
         self._arena = getattr(self.ex, "checkout_arena", lambda: None)() or PlannedArena()
         self._ledger = BufferLedger(self._arena)
@@ -231,7 +233,9 @@ class IncrementalExecutor:
         self._stitched: dict[str, np.ndarray] = {}
         self._arena.begin(b)
         last = len(self.plan.steps) - 1
+        self._state = state
         for idx, ds in enumerate(self.plan.steps):
+            self._idx = idx
             ins = [state[i] for i in ds.node.inputs]
             t0 = time.perf_counter()
             y = state[ds.out_name] = self._step(ds, ins, b)
@@ -280,6 +284,7 @@ class IncrementalExecutor:
         fill = -np.inf if node.op is Op.MAXPOOL else 0.0
         buf = P.gather(self.views[src], pin.val, pin.loc, rloc, rsize, fill,
                        P.window_tail(node, pin.loc.shape[0]), alloc=self._alloc)
+        self._release_if_last(src)  # the read-in holds what the layer needs: the output may reuse it
         if node.op is Op.CONV:
             y = P.conv_chwb(buf, node, step.prep, act_spec(ds.fused), size, alloc=self._alloc)
         elif node.op is Op.MAXPOOL:
@@ -288,13 +293,29 @@ class IncrementalExecutor:
             y = P.avgpool_chwb(buf, node, rloc, self.graph[src].shape[1:], size, alloc=self._alloc)
         return Patch(oloc, y)
 
+    def _release_if_last(self, name: str) -> None:
+        """Give a value's buffers back before the running step allocates its output, when
+        that step is the value's last reader and no longer needs it (the gather copied it).
+        ResNet18's batch slab peaks at layer3.1.add, whose identity input was held beside its
+        gathered copy, the other input and the output.)"""
+        state = self._state
+        if self._last_use.get(name) == self._idx and name in state:
+            del state[name]
+            self._stitched.pop(name, None)
+            self._ledger.release(name, (v.val if isinstance(v, Patch) else v for v in state.values()))
+
     def _merge(self, ds, step, ins: list[Patch], b: int) -> Patch:
         node = ds.node
         loc, (bh, bw) = union_box(node, [p.loc for p in ins], [p.size for p in ins])
         # an input whose patch already is the union box at every query needs no gather
-        bufs = [p.val if p.size == (bh, bw) and np.array_equal(p.loc, loc)
-                else P.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0, alloc=self._alloc)
-                for name, p in zip(node.inputs, ins)]
+        bufs = []
+        for name, p in zip(node.inputs, ins):
+            if p.size == (bh, bw) and np.array_equal(p.loc, loc):
+                bufs.append(p.val)
+            else:
+                bufs.append(P.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0, alloc=self._alloc))
+                if node.inputs.count(name) == 1:
+                    self._release_if_last(name)  # copied into the box: the output may reuse it
         return Patch(loc, self.ex._exec(step, bufs, alloc=self._alloc))
 
     def close(self) -> None:
