@@ -70,7 +70,6 @@ def gather(view: np.ndarray, patch: np.ndarray, ploc: np.ndarray, rloc: np.ndarr
     query's patch (``patch`` [C, ph, pw, B] at ``ploc``) applied, ``fill`` outside the tensor."""
     c, h, w = view.shape
     hr, wr = size
-    nq = ploc.shape[0]
     ph, pw = patch.shape[1], patch.shape[2]
     rloc = np.ascontiguousarray(rloc, np.int64)
     pt = max(0, -int(rloc[:, 0].min()))

@@ -43,6 +43,19 @@ def _rounds() -> list[tuple[int, list[int], list[int]]]:
 _ROUNDS = _rounds()
 
 
+def _shuffle_transpose(builder, rows: list) -> list:
+    """The 16 row vectors of a tile -> its 16 column vectors (``_rounds``' network)."""
+    mt = ir.VectorType(ir.IntType(32), T)
+    for s, lo, hi in _ROUNDS:
+        new = list(rows)
+        for i in range(T):
+            if not i & s:
+                new[i] = builder.shuffle_vector(rows[i], rows[i + s], ir.Constant(mt, lo))
+                new[i + s] = builder.shuffle_vector(rows[i], rows[i + s], ir.Constant(mt, hi))
+        rows = new
+    return rows
+
+
 @intrinsic
 def _transpose16(typingctx, src, soff, sld, dst, doff, dld):
     """dst[doff + j*dld + i] = src[soff + i*sld + j] for i, j < 16 (a 16 x 16 tile; rows of
@@ -52,18 +65,11 @@ def _transpose16(typingctx, src, soff, sld, dst, doff, dld):
     def codegen(context, builder, sig, args):
         src, soff, sld, dst, doff, dld = args
         vt = ir.VectorType(ir.FloatType(), T)
-        mt = ir.VectorType(ir.IntType(32), T)
         sp = builder.gep(context.make_array(sig.args[0])(context, builder, src).data, [soff])
         dp = builder.gep(context.make_array(sig.args[3])(context, builder, dst).data, [doff])
         rows = [builder.load(builder.bitcast(builder.gep(sp, [builder.mul(sld, ir.Constant(sld.type, i))]),
                                              vt.as_pointer()), align=4) for i in range(T)]
-        for s, lo, hi in _ROUNDS:
-            new = list(rows)
-            for i in range(T):
-                if not i & s:
-                    new[i] = builder.shuffle_vector(rows[i], rows[i + s], ir.Constant(mt, lo))
-                    new[i + s] = builder.shuffle_vector(rows[i], rows[i + s], ir.Constant(mt, hi))
-            rows = new
+        rows = _shuffle_transpose(builder, rows)
         for i in range(T):
             ptr = builder.gep(dp, [builder.mul(dld, ir.Constant(dld.type, i))])
             builder.store(rows[i], builder.bitcast(ptr, vt.as_pointer()), align=4)
@@ -104,7 +110,6 @@ def _transpose16p(typingctx, src, soff, sld, dst, doff, dld, nr, nc):
     def codegen(context, builder, sig, args):
         src, soff, sld, dst, doff, dld, nr, nc = args
         vt = ir.VectorType(ir.FloatType(), T)
-        mt = ir.VectorType(ir.IntType(32), T)
         ld, st = _masked_ops(builder)
         four = ir.Constant(ir.IntType(32), 4)
         sp = builder.gep(context.make_array(sig.args[0])(context, builder, src).data, [soff])
@@ -116,13 +121,7 @@ def _transpose16p(typingctx, src, soff, sld, dst, doff, dld, nr, nc):
             r = builder.select(builder.icmp_signed("<", ir.Constant(nr.type, i), nr), ir.Constant(nr.type, i), last)
             ptr = builder.bitcast(builder.gep(sp, [builder.mul(sld, r)]), vt.as_pointer())
             rows.append(builder.call(ld, [ptr, four, cols, ir.Constant(vt, [0.0] * T)]))
-        for s, lo, hi in _ROUNDS:
-            new = list(rows)
-            for i in range(T):
-                if not i & s:
-                    new[i] = builder.shuffle_vector(rows[i], rows[i + s], ir.Constant(mt, lo))
-                    new[i + s] = builder.shuffle_vector(rows[i], rows[i + s], ir.Constant(mt, hi))
-            rows = new
+        rows = _shuffle_transpose(builder, rows)
         lanes = _lanes_below(builder, nr)
         for j in range(T):
             with builder.if_then(builder.icmp_signed("<", ir.Constant(nc.type, j), nc)):
