@@ -59,7 +59,6 @@ def test_chwb_patch_route(cin, cout, hw, n, monkeypatch):
     x = rng.normal(size=(n, cin) + hw).astype(np.float32)
     buf = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # [C, h, w, B]
     monkeypatch.setattr(W, "CHUNK_FLOATS", 1 << 14)  # many column chunks, partial tiles per chunk
-    monkeypatch.setattr(W, "MIN_BATCH", 1)  # small batches keep the test fast
     calls = []
     real = W.conv
     monkeypatch.setattr(W, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
@@ -85,7 +84,6 @@ def test_dense_route_with_fused_activation(op, params, pads, hw, band, monkeypat
     g = _conv_graph(16, 24, hw, pads, rng, act=(op, params))
     x = rng.normal(size=(6, 16) + hw).astype(np.float32)
     monkeypatch.setattr(C, "WINO_BAND_FLOATS", band)
-    monkeypatch.setattr(W, "MIN_BATCH", 1)
     calls = []
     real = W.conv
     monkeypatch.setattr(W, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
@@ -122,8 +120,6 @@ def test_not_eligible_shapes(monkeypatch):
     assert not W.eligible(dict(p, kernel=(1, 3)), 64, 1, (14, 14))
     assert W.eligible(p, 64, 1, (7, 7))  # 8x8 tiles for 7x7: 1.31x the work
     assert not W.eligible(p, 64, 1, (5, 5))  # 6x6 tiles: 1.44x
-    assert W.eligible(p, 64, 1, (14, 14), batch=W.MIN_BATCH) and W.eligible(p, 64, 1, (14, 14), batch=64)
-    assert not W.eligible(p, 64, 1, (14, 14), batch=W.MIN_BATCH - 1)  # transforms vectorize over B
     assert W.eligible(p, 64, 1, (9, 11))  # 1.21x
     monkeypatch.setattr(W, "ENABLED", False)
     assert not W.eligible(p, 64, 1, (14, 14))

@@ -326,7 +326,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
 
             parallel_chunks(-(-ncols // qc), one)
             return out
-        if W.eligible(p, c, g, (ho, wo), n):
+        if W.eligible(p, c, g, (ho, wo)):
             _conv_winograd(x, cw, act, (t, l), ho, wo, out)
             return out
         if by_phase_planes(p) and c >= POLYPHASE_MIN_C:

@@ -235,7 +235,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
                                                              code, a0, a1, out, lo, hi))
         return out
     cg, og = c // g, o // g
-    if W.eligible(p, c, g, (ho, wo), nb):
+    if W.eligible(p, c, g, (ho, wo)):
         W.conv(buf, cw.winograd(), cw.bias, act, out)
         return out
     if C.by_phase_planes(p):

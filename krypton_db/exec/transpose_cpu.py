@@ -164,14 +164,7 @@ def _move(src, soff, dst, doff, n):
 @njit(**_NJ)
 def transpose_cpu(src, soff, sld, dst, doff, dld, n, m):
     """dst[doff + j*dld + i] = src[soff + i*sld + j] for i < n, j < m: 16 x 16 tiles in
-    vectors, the ragged right / bottom edges as masked partial tiles. A single row or column
-    that is contiguous on both sides (a batch of one: CHWB is CHW) is a plain move."""
-    if n == 1 and dld == 1:
-        _move(src, soff, dst, doff, m)
-        return
-    if m == 1 and sld == 1:
-        _move(src, soff, dst, doff, n)
-        return
+    vectors, the ragged right / bottom edges as masked partial tiles."""
     for i0 in range(0, n, T):
         nr = min(T, n - i0)
         for j0 in range(0, m, T):

@@ -136,21 +136,12 @@ ENABLED = os.environ.get("KRYPTON_WINOGRAD", "1") != "0"
 MAX_TILE_WASTE = 1.35
 
 
-# Below this batch the transforms, vectorized over the batch (CHWB: B innermost), run mostly
-# in scalar remainders: at batch 1 VGG16's features.7 took 25.7 ms by Winograd vs 11.1 direct,
-# ResNet18's layer4 convs 4.7 vs 1.7 ms; from 16 on Winograd wins (7.6 vs 9.6, 0.53 vs 0.80).
-MIN_BATCH = 16
-
-
-def eligible(node_params: dict, c: int, groups: int, out_hw, batch: int | None = None) -> bool:
+def eligible(node_params: dict, c: int, groups: int, out_hw) -> bool:
     """Whether a conv with these params, ``c`` input channels and output size ``out_hw``
     runs as Winograd F(2x2, 3x3): 3x3, stride 1, dilation 1, one group, >= MIN_CHANNELS
-    input channels, tile padding <= MAX_TILE_WASTE, a batch (when given) of at least
-    MIN_BATCH, and Winograd enabled."""
+    input channels, tile padding <= MAX_TILE_WASTE, and Winograd enabled."""
     p = node_params
     ho, wo = out_hw
-    if batch is not None and batch < MIN_BATCH:
-        return False
     return (ENABLED and tuple(p["kernel"]) == (3, 3) and tuple(p["stride"]) == (1, 1)
             and tuple(p["dilation"]) == (1, 1) and groups == 1 and c >= MIN_CHANNELS and ho * wo > 0
             and 4 * (-(-ho // 2)) * (-(-wo // 2)) <= MAX_TILE_WASTE * ho * wo)
