@@ -205,7 +205,7 @@ class IncrementalExecutor:
         self._state: dict[str, object] = {}  # the running batch's values (run_batch)
         self._idx = -1  # the running step
         # the executor's arena from the previous run (planned slab, no page faults), if free
-        self._arena = getattr(self.ex, "checkout_arena", lambda: None)() or PlannedArena()
+        self._arena = self.ex.checkout_arena() or PlannedArena()
         self._ledger = BufferLedger(self._arena)
         self._alloc = self._ledger.alloc
         self._last_use = self.ex._last_use()  # the delta plan's steps are the CPU plan's
@@ -243,7 +243,7 @@ class IncrementalExecutor:
         ledger = self._ledger
         ledger.owned.clear()
         ledger.handed.clear()
-        self._stitched: dict[str, np.ndarray] = {}
+        self._stitched = {}
         self._arena.begin(b)
         last = len(self.plan.steps) - 1
         self._state = state
@@ -255,11 +255,7 @@ class IncrementalExecutor:
             # the graph output leaves the arena with the caller
             ledger.adopt(ds.out_name, y.val if isinstance(y, Patch) else y, keep=idx < last)
             for i in ds.node.inputs:  # values whose last reader ran: buffers back
-                if self._last_use.get(i) == idx and i in state:
-                    del state[i]
-                    self._stitched.pop(i, None)
-                    ledger.release(i, (v.val if isinstance(v, Patch) else v
-                                       for v in state.values()))
+                self._release_if_last(i)
             if self.profile:
                 name = ds.node.name
                 self.step_secs[name] = self.step_secs.get(name, 0.0) + time.perf_counter() - t0
@@ -307,10 +303,10 @@ class IncrementalExecutor:
         return Patch(oloc, y)
 
     def _release_if_last(self, name: str) -> None:
-        """Give a value's buffers back before the running step allocates its output, when
-        that step is the value's last reader and no longer needs it (the gather copied it).
-        ResNet18's batch slab peaks at layer3.1.add, whose identity input was held beside its
-        gathered copy, the other input and the output.)"""
+        """Give a value's buffers back if the running step is its last reader: after the
+        step, or already before the step allocates its output once a gather has copied what
+        it needs (ResNet18's batch slab peaked at layer3.1.add, whose identity input was held
+        beside its gathered copy, the other input and the output)."""
         state = self._state
         if self._last_use.get(name) == self._idx and name in state:
             del state[name]
@@ -333,8 +329,7 @@ class IncrementalExecutor:
 
     def close(self) -> None:
         """Hand the batch arena back to the CPU executor for the model's next run."""
-        if hasattr(self.ex, "checkin_arena"):
-            self.ex.checkin_arena(self._arena)
+        self.ex.checkin_arena(self._arena)
 
     def bytes_per_query(self) -> int:
         """Peak buffer bytes one query holds while a batch runs (liveness walk over the
