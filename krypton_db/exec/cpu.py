@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numba
@@ -650,6 +651,7 @@ class CpuExecutor:
         self._run_lock = threading.Lock()
         self._inc_arena = None  # the incremental executor's batch arena between runs
         self._inc_lock = threading.Lock()
+        self.view_memo: dict | None = None  # materialized views shared in ``shared_views``
 
     def checkout_arena(self):
         """The batch arena the last incremental run on this model left (None if none, or if
@@ -661,6 +663,24 @@ class CpuExecutor:
     def checkin_arena(self, arena) -> None:
         with self._inc_lock:
             self._inc_arena = arena
+
+    @contextmanager
+    def shared_views(self):
+        """A scope in which incremental runs on the same input share one materialization:
+        adaptive drill-down's two stages explain one image, and the second reuses the first's
+        materialized views (every step's output for the original image) instead of running the
+        full inference again. Outside the scope nothing is kept (a run's views go with it), so
+        repeated explanations of an image each materialize their own, as measured."""
+        with self._inc_lock:
+            outer = self.view_memo is not None
+            if not outer:
+                self.view_memo = {}
+        try:
+            yield
+        finally:
+            if not outer:
+                with self._inc_lock:
+                    self.view_memo = None
 
     def release_buffers(self) -> None:
         """Drop the buffers kept between runs (dense and incremental arenas)."""
