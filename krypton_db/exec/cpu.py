@@ -201,7 +201,7 @@ class ConvWeights:
     w4: np.ndarray
     taps: list[np.ndarray] | None = None  # per group [kh*kw, O/g, C/g] (shifted-window GEMMs)
     packs: list[np.ndarray] | None = None  # per group, ``gemm_cpu.pack_weights(mats[g])``
-    wino: list[np.ndarray] | None = None  # ``winograd_cpu.transform_filters(w4)``
+    wino: np.ndarray | None = None  # ``winograd_cpu.transform_filters(w4)``: [16, ...]
 
     @classmethod
     def of(cls, node: Node) -> "ConvWeights":
@@ -220,7 +220,7 @@ class ConvWeights:
                                               .reshape(kh * kw, og, cg)) for i in range(g)]
         return self.taps
 
-    def winograd(self) -> list[np.ndarray]:
+    def winograd(self) -> np.ndarray:
         if self.wino is None:
             self.wino = W.transform_filters(self.w4)
         return self.wino

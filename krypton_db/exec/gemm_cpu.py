@@ -207,7 +207,10 @@ def tap_gemm_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumulate,
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
-    """1-D float32 view over a 2-D view's memory, from its first element to its last."""
+    """1-D float32 view over a 2-D view's memory, from its first element to its last (a
+    contiguous one by ``reshape``, ~20x cheaper than ``as_strided``)."""
+    if a.flags.c_contiguous:
+        return a.reshape(-1)
     return np.lib.stride_tricks.as_strided(a, ((a.shape[0] - 1) * (a.strides[0] // 4) + a.shape[1],), (4,))
 
 
