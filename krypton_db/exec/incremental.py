@@ -19,6 +19,7 @@ back inside the tensor, so every query in a batch has the same patch size.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -77,7 +78,7 @@ class PlannedArena:
         return ok
 
     def get(self, shape) -> np.ndarray:
-        n = max(int(np.prod(shape)), 1)
+        n = max(math.prod(shape), 1)  # (np.prod on a tuple: 0.8% of a ResNet18 run)
         k = len(self._sizes)
         plan = self._plan
         if self._follows(("g", k)) and n <= plan[2][k] and k in plan[3]:
