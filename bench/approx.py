@@ -68,21 +68,21 @@ def _u8(a: np.ndarray) -> np.ndarray:
     return (np.clip((a - lo) / max(hi - lo, 1e-9), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def real_images() -> tuple[list, list[str]]:
+def head_ct_slices() -> tuple[list, list[str]]:
+    """The real axial head-CT slices among pydicom's bundled test files (PIL 'L') and their
+    descriptions; none without pydicom."""
     from PIL import Image
 
-    imgs = [kdb.sample_image("mri").convert("L")]
-    names = ["mri (matplotlib s1045.ima.gz, real brain MRI)"]
     try:
         import pydicom
-
-        d = Path(pydicom.__file__).parent / "data" / "test_files"
-        for f in HEAD_CT:
-            if (d / f).is_file():
-                imgs.append(Image.fromarray(_u8(pydicom.dcmread(d / f).pixel_array)))
-                names.append(f"{f} (pydicom {pydicom.__version__} test file, real head CT)")
     except ImportError:
-        names.append("(pydicom not installed: head CT slices skipped; pip install pydicom)")
+        return [], []
+    d = Path(pydicom.__file__).parent / "data" / "test_files"
+    imgs, names = [], []
+    for f in HEAD_CT:
+        if (d / f).is_file():
+            imgs.append(Image.fromarray(_u8(pydicom.dcmread(d / f).pixel_array)))
+            names.append(f"{f} (pydicom {pydicom.__version__} test file, real head CT)")
     return imgs, names
 
 
@@ -164,10 +164,9 @@ def head_ct_sample(quick: bool):
     """A second domain, outside the model's training distribution (brain MRI): the two real
     axial head-CT slices among pydicom's test files, each with label-preserving variants
     (quick: the originals plus one variant); empty without pydicom."""
-    bases, names = real_images()
-    cts = bases[1:]
+    cts, names = head_ct_slices()
     if not cts:
-        return [], "(pydicom not installed: head CT domain skipped)"
+        return [], "(pydicom not installed: head CT domain skipped; pip install pydicom)"
     kinds = ["orig", "hflip"] if quick else ["orig", "hflip", "rot+8", "crop90"]
     per = [dict(variants(b)) for b in cts]
     sample = []
@@ -175,7 +174,7 @@ def head_ct_sample(quick: bool):
         for j in range(len(cts)):
             b = (j + ki) % len(cts)
             sample.append((f"ct{b + 1}:{k}", per[b][k].convert("RGB")))
-    return sample[:3] if quick else sample, "; ".join(names[1:])
+    return sample[:3] if quick else sample, "; ".join(names)
 
 
 def ort_naive(m, sess, image, patch, stride, batch=16):

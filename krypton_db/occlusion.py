@@ -215,7 +215,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             if hooks is not None:
                 hooks.batch_done(min(i + bs, n), n)
     finally:
-        if mode in ("exact", "approximate") and hasattr(inc, "close"):
+        if mode in ("exact", "approximate"):
             inc.close()  # its batch arena stays with the model for the next run
     probs_all = np.concatenate(outs, axis=0)
     t3 = time.perf_counter()

@@ -298,8 +298,8 @@ def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", p
             per_image[i, j] = ssim(ex.probs, ap.probs)
     means = per_image.mean(axis=0)
     coeffs = [float(c) for c in np.polyfit(taus, means, 2)]
-    measured_fit = {t: float(v) for t, v in zip(taus, means)}
-    tau = choose_tau(coeffs, target_ssim, taus, measured=measured_fit)
+    mean_ssim = {t: float(v) for t, v in zip(taus, means)}
+    tau = choose_tau(coeffs, target_ssim, taus, measured=mean_ssim)
     measured = []
     for im in held:
         ex = occlude(model, im, mode="exact", **common)
@@ -308,7 +308,7 @@ def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", p
         measured.append(ssim(ex.probs, ap.probs))
     return TuneResult(
         model=model.name, domain=domain, tau=tau, target_ssim=target_ssim, coeffs=coeffs,
-        taus=list(taus), mean_ssim={t: float(v) for t, v in zip(taus, means)},
+        taus=list(taus), mean_ssim=mean_ssim,
         ssim_per_image=per_image, fit_images=len(fit), heldout_images=len(held),
         predicted_ssim=float(np.polyval(coeffs, tau)),
         heldout_ssim=float(np.mean(measured)) if measured else None,

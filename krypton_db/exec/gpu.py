@@ -481,7 +481,7 @@ _window_out = window_locations
 
 class GpuIncrementalExecutor:
     """Runs a delta plan for batches of patch positions against device-resident materialized
-    views; the interface of ``IncrementalExecutor`` (``materialize``, ``run_batch``)."""
+    views; the interface of ``IncrementalExecutor`` (``materialize``, ``run_batch``, ``close``)."""
 
     def __init__(self, delta_plan, executor: GpuExecutor | None = None):
         self.plan = delta_plan
@@ -514,6 +514,10 @@ class GpuIncrementalExecutor:
         from ..planner.batching import peak_bytes_per_query
 
         return peak_bytes_per_query(self.plan, "gpu")
+
+    def close(self) -> None:
+        """End of a run: nothing is kept between runs on the device (the CPU executor keeps
+        its batch arena here)."""
 
     # -- metadata pass (host, index math only) -------------------------------------------------
     def _meta(self, positions: np.ndarray, patch_size):

@@ -347,7 +347,7 @@ def output_transform_cpu(mf, m0, mplane, ntx, j0, j1, bias, code, a0, a1, out):
             t += 1
 
 
-def conv(buf: np.ndarray, filters: list[np.ndarray], bias: np.ndarray, act, out: np.ndarray) -> None:
+def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.ndarray) -> None:
     """3x3 stride-1 convolution (padding 0) of buf [C, hR, wR, B] into out [O, ho, wo, B]
     (ho <= hR - 2, wo <= wR - 2) with bias + activation; ``filters`` from
     ``transform_filters``."""
