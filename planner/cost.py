@@ -19,7 +19,8 @@ for full inference (materializing the views, naive re-inference):
 - FC MACs            fully connected products (a batch-sized GEMM, different efficiency)
 - (Winograd convs)   3x3 stride-1 convs count the GEMM MACs Winograd F(2x2, 3x3) executes
                      (16 per 2x2 output tile and channel pair, not 36) and their transforms'
-                     traffic as elements moved
+                     traffic as elements moved; 1x7 / 7x1 / 1x3 / 3x1 convs likewise for the
+                     1-D F(4, r) (``winograd1d_cpu``: 10 products per 4 outputs, not 28)
 - elements moved     memory-bound kernels: read-in gathers, stitches, pooling inputs,
                      pointwise / merge outputs
 - c_step             a fixed cost per step and batch (Python dispatch, thread-pool wakeups)
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 4  # bump when the features change: older calibrations fall back to the defaults
+VERSION = 5  # bump when the features change: older calibrations fall back to the defaults
 FEATURES = ("conv_macs", "conv_acc", "dense_conv_macs", "fc_macs", "moved", "step")
 NQ = len(FEATURES) - 1  # per-query features (the last one is per step and batch)
 # rough constants of a 2-core AVX2 machine, used until CALIBRATE runs (seconds per unit)
@@ -85,6 +86,7 @@ def _elems(shape) -> int:
 
 def _op_features(node, graph, macs: int, in_elems: int, out_elems: int,
                  dense: bool, out_hw=None) -> np.ndarray:
+    from krypton_db.exec import winograd1d_cpu as W1
     from krypton_db.exec import winograd_cpu as W
     from krypton_db.graph import Op
 
@@ -100,6 +102,16 @@ def _op_features(node, graph, macs: int, in_elems: int, out_elems: int,
             tiles = -(-ho // 2) * -(-wo // 2)
             macs = macs * 16 * tiles / (9 * ho * wo)
             f[4] += 16 * tiles * (c + node.shape[0])
+        elif W1.eligible(node.params, c, g, (ho, wo)):
+            # 1-D Winograd F(m, r): alpha = m + r - 1 products per m outputs along the filter
+            # axis instead of m * r, the last tile padded whole, + its transforms' traffic
+            ax = W1.filter_axis(node.params)
+            r = node.params["kernel"][ax]
+            m = W1.POINTS[r][0]
+            n_ax, n_other = (ho, wo) if ax == 0 else (wo, ho)
+            tiles = -(-n_ax // m) * n_other
+            macs = macs * (m + r - 1) * tiles / (r * ho * wo)
+            f[4] += (m + r - 1) * tiles * (c + node.shape[0])
         f[2 if dense else 0] += macs
         f[1] += macs / max(cg, 1)
     elif node.op is Op.GEMM:

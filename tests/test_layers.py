@@ -201,15 +201,17 @@ def test_small_map_convs_through_chwb(cin, cout, hw, n, k, pads, dil):
     g = Graph([x_node, conv], "c")
     x = rng.normal(size=(n, cin) + hw).astype(np.float32)
     calls = []
+    from krypton_db.exec import winograd1d_cpu as W1
     from krypton_db.exec import winograd_cpu as W
 
-    real, wino = C._conv_via_chwb, W.ENABLED
+    real, wino, wino1 = C._conv_via_chwb, W.ENABLED, W1.ENABLED
     C._conv_via_chwb = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
-    W.ENABLED = False  # 3x3 stride-1 convs otherwise take the Winograd route (test_winograd.py)
+    # 3x3 and 1x7 stride-1 convs otherwise take the Winograd routes (test_winograd*.py)
+    W.ENABLED = W1.ENABLED = False
     try:
         got = C.CpuExecutor(g).predict(x)
     finally:
-        C._conv_via_chwb, W.ENABLED = real, wino
+        C._conv_via_chwb, W.ENABLED, W1.ENABLED = real, wino, wino1
     assert calls, "the CHWB route was not taken"
     want = reference.run(g, x)["c"]
     assert rel_err(got, want) <= 1e-5

@@ -69,7 +69,22 @@ def wide_like():
     return head(net, y, 16, 9, 11), (19, 22)
 
 
-NETS = {"vgg": vgg_like, "resnet": resnet_like, "inception": inception_like, "wide": wide_like}
+def factorized_like():
+    """Inception's factorized convs with >= 16 channels: the 1-D Winograd route (1x7 / 7x1 /
+    1x3 / 3x1, patches whose lengths are not a multiple of its 4-wide tiles, a 1x7 patch that
+    runs on swapped axes, whole-map convs stitched dense)."""
+    net = Net((1, 3, 21, 18), seed=5)
+    y = net.op("Relu", [net.conv("input", 3, 16, stride=(2, 2), pads=(0, 0, 0, 0))])  # 10 x 8
+    a = net.op("Relu", [net.conv(y, 16, 16, k=(1, 7), pads=(0, 3, 0, 3))])
+    a = net.op("Relu", [net.conv(a, 16, 20, k=(7, 1), pads=(3, 0, 3, 0))])
+    b = net.op("Relu", [net.conv(y, 16, 16, k=(3, 1), pads=(1, 0, 1, 0))])
+    b = net.conv(b, 16, 20, k=(1, 3), pads=(0, 1, 0, 1))
+    y = net.op("Concat", [a, b], axis=1)  # 40 channels
+    return head(net, y, 40, 10, 8), (21, 18)
+
+
+NETS = {"vgg": vgg_like, "resnet": resnet_like, "inception": inception_like, "wide": wide_like,
+        "factorized": factorized_like}
 
 
 @pytest.fixture(params=list(NETS))
@@ -89,6 +104,24 @@ def test_exact_equals_naive_small(small, patch, stride):
     assert a.probs.shape == b.probs.shape and a.target == b.target
     assert np.abs(a.all_probs - b.all_probs).max() <= 1e-5
     assert a.probs.std() > 1e-5  # the patch position matters: the heat map is not flat
+
+
+def test_factorized_convs_take_the_1d_winograd_route(tmp_path, monkeypatch):
+    """On the factorized net, exact mode runs its 1x7 / 7x1 / 1x3 / 3x1 patches through
+    ``winograd1d_cpu`` (both filter directions) and still equals naive re-inference."""
+    from krypton_db.exec import winograd1d_cpu as W1
+
+    model, (h, w) = factorized_like()
+    onnx.save(model, tmp_path / "f.onnx")
+    m = kdb.load_model(tmp_path / "f.onnx")
+    img = np.random.default_rng(8).random((h, w, 3)).astype(np.float32)
+    a = occlude(m, img, patch=5, stride=4, mode="naive")
+    shapes = []
+    real = W1.conv
+    monkeypatch.setattr(W1, "conv", lambda buf, *r: (shapes.append(buf.shape), real(buf, *r))[1])
+    b = occlude(m, img, patch=5, stride=4, mode="exact")
+    assert np.abs(a.probs - b.probs).max() <= 1e-5
+    assert len(shapes) >= 4 * 2  # four convs, materialization + at least one batch
 
 
 def test_corners_edges_centre_and_colour(small):

@@ -28,6 +28,7 @@ from . import gemm_cpu as G
 from . import transpose_cpu as TR
 from . import kernels_cpu as K
 from . import winograd_cpu as W
+from . import winograd1d_cpu as W1
 
 _ACT = {
     Op.RELU: K.ACT_RELU, Op.CLIP: K.ACT_CLIP, Op.LEAKY_RELU: K.ACT_LEAKY,
@@ -202,6 +203,7 @@ class ConvWeights:
     taps: list[np.ndarray] | None = None  # per group [kh*kw, O/g, C/g] (shifted-window GEMMs)
     packs: list[np.ndarray] | None = None  # per group, ``gemm_cpu.pack_weights(mats[g])``
     wino: np.ndarray | None = None  # ``winograd_cpu.transform_filters(w4)``: [16, ...]
+    wino1d: tuple | None = None  # ``winograd1d_cpu.transform_filters(w4)``
 
     @classmethod
     def of(cls, node: Node) -> "ConvWeights":
@@ -224,6 +226,11 @@ class ConvWeights:
         if self.wino is None:
             self.wino = W.transform_filters(self.w4)
         return self.wino
+
+    def winograd1d(self) -> tuple:
+        if self.wino1d is None:
+            self.wino1d = W1.transform_filters(self.w4)
+        return self.wino1d
 
     def packed(self, gi: int) -> np.ndarray:
         if self.packs is None:
@@ -279,6 +286,22 @@ def _cols_chunk(ncols: int, per_col: int, budget: int) -> int:
     return max(16, min(qc, max(ncols, 1)))
 
 
+GEMM_MAX_COLS = 8192
+
+
+def _gemm_cols_chunk(ncols: int) -> int:
+    """Columns per chunk of a 1x1 conv (a plain GEMM on the input, no per-chunk scratch):
+    two chunks per thread (up to GEMM_MAX_COLS wide), whole micro-tiles (a multiple of
+    ``gemm_cpu.NR``). Measured on Inception3's 17x17 / 8x8 1x1 convs at batch 27 (2-core
+    AVX-512): 336-370 -> 369-388 GFLOP/s against ``_cols_chunk``'s ~400-column chunks, whose
+    ragged last micro-tile and per-chunk weight passes cost ~8%."""
+    t = num_threads()
+    nch = max(2 * t, -(-ncols // GEMM_MAX_COLS))
+    nch = -(-nch // t) * t
+    qc = -(-ncols // nch)
+    return max(16, min(-(-qc // G.NR) * G.NR, ncols))
+
+
 def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0), np.float32(0)),
               pads=None, out: np.ndarray | None = None) -> np.ndarray:
     """Convolution of a CNHW batch; ``pads`` overrides the node's padding (incremental plans
@@ -315,7 +338,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
     with K.single_threaded_blas():
         if kh == kw == 1 and sh == sw == 1 and t == l == b == r == 0:
             x2 = x.reshape(c, ncols)
-            qc = _cols_chunk(ncols, cg + og, IM2COL_BUDGET)
+            qc = _gemm_cols_chunk(ncols)
 
             def one(ci):
                 j0 = ci * qc
@@ -329,6 +352,9 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
             return out
         if W.eligible(p, c, g, (ho, wo)):
             _conv_winograd(x, cw, act, (t, l), ho, wo, out)
+            return out
+        if W1.eligible(p, c, g, (ho, wo)):
+            _conv_winograd1d(x, p, cw, act, (t, l), ho, wo, out)
             return out
         if by_phase_planes(p) and c >= POLYPHASE_MIN_C:
             _conv_polyphase(x, cw, act, (t, l), kh, kw, sh, sw, ho, wo, out)
@@ -402,6 +428,33 @@ def _conv_winograd(x, cw, act, tl, ho, wo, out):
         y = _scratch("dense_out", o * (oy1 - oy0) * wo * n)[: o * (oy1 - oy0) * wo * n].reshape(o, oy1 - oy0, wo, n)
         W.conv(buf, filters, cw.bias, act, y)
         parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
+
+
+def _conv_winograd1d(x, p, cw, act, tl, ho, wo, out):
+    """r x 1 or 1 x r stride-1 conv of a CNHW batch by 1-D Winograd (``winograd1d_cpu``): x
+    is transposed into a zero-framed buffer with the filter's axis outermost -- CHWB
+    [C, ho + r - 1, wo, N] for r x 1, [C, wo + r - 1, ho, N] for 1 x r -- convolved there, and
+    the [O, ho, wo, N] / [O, wo, ho, N] result transposed back into ``out``."""
+    c, n, h, w = x.shape
+    o = out.shape[0]
+    t, l = tl
+    kh, kw = p["kernel"]
+    packed = cw.winograd1d()
+    if W1.filter_axis(p) == 0:
+        shape, oshape = (c, ho + kh - 1, wo, n), (o, ho, wo, n)
+    else:
+        shape, oshape = (c, wo + kw - 1, ho, n), (o, wo, ho, n)
+    size, osize = c * shape[1] * shape[2] * n, o * oshape[1] * oshape[2] * n
+    buf = _scratch("dense_in", size)[:size].reshape(shape)
+    y = _scratch("dense_out", osize)[:osize].reshape(oshape)
+    if W1.filter_axis(p) == 0:
+        parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, 0, h, t, l, buf, lo, hi))
+        W1.conv(buf, packed, cw.bias, act, y)
+        parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
+    else:
+        parallel_ranges(c, lambda lo, hi: TR.cnhw_to_cwhb_cpu(x, t, l, buf, lo, hi))
+        W1.conv(buf, packed, cw.bias, act, y)
+        parallel_ranges(o, lambda lo, hi: TR.cwhb_to_cnhw_cpu(y, out, lo, hi))
 
 
 def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):

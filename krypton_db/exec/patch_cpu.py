@@ -25,6 +25,7 @@ from . import cpu as C
 from . import gather_cpu as GC
 from . import kernels_cpu as K
 from . import winograd_cpu as W
+from . import winograd1d_cpu as W1
 from .cpu import ConvWeights, _scratch, conv_gemm, parallel_chunks, parallel_ranges
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
@@ -237,6 +238,14 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
     cg, og = c // g, o // g
     if W.eligible(p, c, g, (ho, wo)):
         W.conv(buf, cw.winograd(), cw.bias, act, out)
+        return out
+    if W1.eligible(p, c, g, (ho, wo)):
+        if W1.filter_axis(p) == 0:  # r x 1: the read-in is the layout the kernel runs on
+            W1.conv(buf, cw.winograd1d(), cw.bias, act, out)
+        else:  # 1 x r: on the read-in with rows and columns swapped, and back
+            yt = np.empty((o, wo, ho, nb), np.float32)
+            W1.conv(np.ascontiguousarray(buf.transpose(0, 2, 1, 3)), cw.winograd1d(), cw.bias, act, yt)
+            out[...] = yt.transpose(0, 2, 1, 3)
         return out
     if C.by_phase_planes(p):
         phases, offs, hp, wp = polyphase_taps(kh, kw, sh, sw, ho, wo, nb)

@@ -208,3 +208,38 @@ def chwb_to_cnhw_cpu(y, out, oy0, lo, hi):
     of = out.reshape(-1)
     for o in range(lo, hi):
         transpose_cpu(yf, o * p * n_, n_, of, o * n_ * h * wo + oy0 * wo, h * wo, p, n_)
+
+
+@njit(**_NJ)
+def cnhw_to_cwhb_cpu(x, pt, pl, buf, lo, hi):
+    """buf[c, s, r, n] = x[c, n, r - pt, s - pl] where the source cell exists, else 0
+    (channels lo..hi): a CNHW tensor (C-contiguous) as a zero-framed column-major block
+    [C, wR, hR, N] (the layout of a 1 x r conv's 1-D Winograd: the filter axis outermost),
+    one [N, W] -> [W, N] transpose per row."""
+    n_, h, w = x.shape[1], x.shape[2], x.shape[3]
+    wr, hr = buf.shape[1], buf.shape[2]
+    xf = x.reshape(-1)
+    bf = buf.reshape(-1)
+    for c in range(lo, hi):
+        for s in range(wr):
+            b0 = (c * wr + s) * hr * n_
+            if s < pl or s >= pl + w:
+                bf[b0 : b0 + hr * n_] = 0.0
+                continue
+            bf[b0 : b0 + pt * n_] = 0.0
+            bf[b0 + (pt + h) * n_ : b0 + hr * n_] = 0.0
+        for y in range(h):
+            transpose_cpu(xf, (c * n_ * h + y) * w, h * w, bf, ((c * wr + pl) * hr + pt + y) * n_, hr * n_, n_, w)
+
+
+@njit(**_NJ)
+def cwhb_to_cnhw_cpu(y, out, lo, hi):
+    """out[o, n, r, s] = y[o, s, r, n] (channels lo..hi; both C-contiguous): the inverse
+    layout change of ``cnhw_to_cwhb_cpu`` without frame, one [W, N] -> [N, W] transpose per
+    output row."""
+    wo, ho, n_ = y.shape[1], y.shape[2], y.shape[3]
+    yf = y.reshape(-1)
+    of = out.reshape(-1)
+    for o in range(lo, hi):
+        for r in range(ho):
+            transpose_cpu(yf, (o * wo * ho + r) * n_, ho * n_, of, o * n_ * ho * wo + r * wo, ho * wo, wo, n_)

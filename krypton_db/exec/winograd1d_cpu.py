@@ -1,0 +1,241 @@
+"""One-dimensional Winograd F(m, r) for r x 1 and 1 x r convolutions on CHWB-like buffers
+(stride 1, dilation 1, one group): Inception's factorized 1x7 / 7x1 and 1x3 / 3x1 layers.
+
+Why: Inception3 spends 45% of an exact explanation's multiply-adds in 1x7 / 7x1 convs and 7%
+in 1x3 / 3x1 ones, all on whole 17x17 / 8x8 maps. Computed directly each output costs r
+multiply-adds per input channel; F(m, r) computes m outputs along the filter's axis from
+alpha = m + r - 1 inputs with alpha products per channel pair (Lavin & Gray 2016, the 1-D
+case of ``winograd_cpu``'s F(2x2, 3x3)): F(4, 7) does 10 products for 28, 2.8x fewer
+(2.4x on a 17-row map, whose 5 tiles compute 20 rows), F(4, 3) 2x on 8 rows. As in
+the 2-D case the products over the channels are alpha independent GEMMs
+``M[k] = U[k] (O x C) @ V[k] (C x columns)`` on ``gemm_cpu``'s tap GEMM.
+
+The transforms are Toom-Cook's for the interpolation points in ``POINTS`` plus the point at
+infinity: ``A^T`` (m x alpha), ``G`` (alpha x r) in closed form, ``B^T`` (alpha x alpha) the
+unique solution of ``sum_t A^T[j, t] G[t, k] B^T[t, i] = [i == j + k]`` (solved in float64
+and checked). Points were chosen for float32 accuracy: on a 7x1 conv of post-ReLU inputs
+with 192 channels, F(4, 7) with +-3/4 as its last pair errs by 5e-6 of the largest output
+against float64 (+-4: 1.9e-5; F(2, 7): 1.2e-6, but 1.2-1.35x slower on Inception3's convs);
+F(4, 3) is the 1-D F(4x4, 3x3)'s, ~4x the direct error. On the zoo Inception3 the
+probabilities stay within 3.7e-6 of ONNX Runtime's (1.7e-6 direct).
+
+Layout: the filter's axis is the buffer's second one: ``buf [C, A, L, B]`` with the conv
+running along A, and (L, B) one contiguous run of ``L * B`` floats per row. A 7x1 conv on a
+CHWB read-in is that layout as is (A = rows, L = columns); a 1x7 conv runs on the transposed
+[C, W, H, B] buffer the dense path builds (``cpu._conv_winograd1d``). GEMM column
+j = (tile row t) * L * B + l, so both transforms are loops over contiguous runs.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+from numba import njit
+
+from . import gemm_cpu as G
+from . import kernels_cpu as K
+from . import winograd_cpu as W2
+
+_NJ = dict(cache=True, nogil=True, fastmath=False)
+
+# m per filter length, and the finite interpolation points (alpha - 1 of them)
+POINTS = {
+    7: (4, (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 0.75, -0.75)),
+    3: (4, (0.0, 1.0, -1.0, 2.0, -2.0)),
+}
+MIN_CHANNELS = 16  # as for F(2x2, 3x3): thinner GEMMs (K = C) lose more than the products saved
+# KRYPTON_WINOGRAD1D=0: these convs run direct (for comparison: bench, research)
+ENABLED = os.environ.get("KRYPTON_WINOGRAD1D", "1") != "0" and W2.ENABLED
+# whole m-row tiles: a 17-row map with m = 4 computes 20 rows (1.18x); above this ratio the
+# saving is gone
+MAX_TILE_WASTE = 1.35
+CHUNK_FLOATS = W2.CHUNK_FLOATS  # V / M scratch per column chunk and thread
+
+
+@lru_cache(maxsize=None)
+def transforms(m: int, r: int, points: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A^T [m, alpha], G [alpha, r], B^T [alpha, alpha]) in float64 for F(m, r)."""
+    a = m + r - 1
+    pts = np.asarray(points, np.float64)
+    if pts.size != a - 1 or len(set(points)) != pts.size:
+        raise ValueError(f"F({m}, {r}) needs {a - 1} distinct finite points, got {points}")
+    at = np.zeros((m, a))
+    g = np.zeros((a, r))
+    for i, p in enumerate(pts):
+        ni = np.prod([p - q for q in pts if q != p])
+        at[:, i] = p ** np.arange(m)
+        g[i] = p ** np.arange(r) / ni
+    at[m - 1, a - 1] = 1.0
+    g[a - 1, r - 1] = 1.0
+    # sum_t AT[j, t] G[t, k] BT[t, i] = [i == j + k]: one linear system in BT's a*a entries
+    coef = np.einsum("jt,tk->jkt", at, g).reshape(m * r, a)
+    sys_ = np.zeros((m * r, a, a, a))  # (j, k), i, (t, i')
+    for i in range(a):
+        sys_[:, i, :, i] = coef
+    rhs = np.zeros((m, r, a))
+    for j in range(m):
+        for k in range(r):
+            rhs[j, k, j + k] = 1.0
+    lhs = sys_.reshape(m * r * a, a * a)
+    bt = np.linalg.lstsq(lhs, rhs.reshape(-1), rcond=None)[0]
+    if np.abs(lhs @ bt - rhs.reshape(-1)).max() > 1e-9:
+        raise ValueError(f"no Toom-Cook B^T for F({m}, {r}) with points {points}")
+    bt = bt.reshape(a, a)
+    bt[np.abs(bt) < 1e-12] = 0.0  # exact zeros: the transforms skip them
+    return at, g, bt
+
+
+def filter_axis(node_params: dict) -> int | None:
+    """0 for an r x 1 conv (along rows), 1 for 1 x r (along columns), None otherwise."""
+    kh, kw = node_params["kernel"]
+    if kw == 1 and kh in POINTS:
+        return 0
+    if kh == 1 and kw in POINTS:
+        return 1
+    return None
+
+
+def eligible(node_params: dict, c: int, groups: int, out_hw) -> bool:
+    """Whether a conv runs as 1-D Winograd: r x 1 or 1 x r with r in ``POINTS``, stride 1,
+    dilation 1, one group, >= MIN_CHANNELS input channels, tile padding <= MAX_TILE_WASTE."""
+    p = node_params
+    ax = filter_axis(p)
+    if not ENABLED or ax is None or groups != 1 or c < MIN_CHANNELS:
+        return False
+    if tuple(p["stride"]) != (1, 1) or tuple(p["dilation"]) != (1, 1):
+        return False
+    n = out_hw[ax]
+    m = POINTS[p["kernel"][ax]][0]
+    return n > 0 and out_hw[1 - ax] > 0 and m * (-(-n // m)) <= MAX_TILE_WASTE * n
+
+
+def transform_filters(w4: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [O, C, r, 1] or [O, C, 1, r] -> (the alpha ``gemm_cpu``-packed U[k] = (G g)[k] [O, C]
+    stacked [alpha, panels, C * MR], A^T and B^T as float32)."""
+    o, c, kh, kw = w4.shape
+    r = kh if kw == 1 else kw
+    m, pts = POINTS[r]
+    at, g, bt = transforms(m, r, pts)
+    u = np.einsum("ki,oci->koc", g, w4.reshape(o, c, r).astype(np.float64))
+    first = G.pack_weights(np.ascontiguousarray(u[0], np.float32))
+    out = np.empty((u.shape[0],) + first.shape, np.float32)
+    out[0] = first
+    for k in range(1, u.shape[0]):
+        out[k] = G.pack_weights(np.ascontiguousarray(u[k], np.float32))
+    return out, at.astype(np.float32), bt.astype(np.float32)
+
+
+@njit(**_NJ)
+def input_transform_cpu(buf, m, bt, j0, j1, vf, v0, vplane):
+    """vf[v0 + k * vplane + c * n + j - j0] = sum_i B^T[k, i] d_i for columns j in [j0, j1)
+    (n = j1 - j0), j = t * L * B + l: d_i = buf[c, m * t + i] at flat offset l of the row
+    (rows past the buffer read as 0)."""
+    nc, ha, nl, nb = buf.shape
+    a = bt.shape[0]
+    run = nl * nb
+    n = j1 - j0
+    bf = buf.reshape(-1)
+    for c in range(nc):
+        cb = c * ha * run
+        vb = v0 + c * n
+        t = j0 // run
+        while t * run < j1:
+            l0 = max(j0 - t * run, 0)
+            l1 = min(j1 - t * run, run)
+            ln = l1 - l0
+            col = t * run + l0 - j0
+            for k in range(a):
+                dst = np.uint64(vb + k * vplane + col)
+                first = True
+                for i in range(a):
+                    cf = bt[k, i]
+                    row = m * t + i
+                    if cf == 0.0 or row >= ha:
+                        continue
+                    s = np.uint64(cb + row * run + l0)
+                    if first:
+                        for q in range(np.uint64(ln)):
+                            vf[dst + q] = cf * bf[s + q]
+                        first = False
+                    else:
+                        for q in range(np.uint64(ln)):
+                            vf[dst + q] += cf * bf[s + q]
+                if first:
+                    for q in range(np.uint64(ln)):
+                        vf[dst + q] = 0.0
+            t += 1
+
+
+@njit(**_NJ)
+def output_transform_cpu(mf, m0, mplane, at, j0, j1, bias, code, a0, a1, out):
+    """out[o, m * t + jj, l] = act(sum_k A^T[jj, k] M[k][o, j - j0] + bias[o]) for columns
+    j = t * L * B + l in [j0, j1), M[k][o][q] at mf[m0 + k * mplane + o * n + q] (rows past
+    out's are dropped)."""
+    no, ho, nl, nb = out.shape
+    m, a = at.shape
+    run = nl * nb
+    n = j1 - j0
+    of = out.reshape(-1)
+    for o in range(no):
+        bo = bias[o]
+        mb = m0 + o * n
+        t = j0 // run
+        while t * run < j1:
+            l0 = max(j0 - t * run, 0)
+            l1 = min(j1 - t * run, run)
+            un = np.uint64(l1 - l0)
+            col = t * run + l0 - j0
+            for jj in range(m):
+                row = m * t + jj
+                if row >= ho:
+                    break
+                dst = np.uint64((o * ho + row) * run + l0)
+                for q in range(un):
+                    of[dst + q] = bo
+                for k in range(a):
+                    cf = at[jj, k]
+                    if cf == 0.0:
+                        continue
+                    s = np.uint64(mb + k * mplane + col)
+                    for q in range(un):
+                        of[dst + q] += cf * mf[s + q]
+                if code == 1:
+                    for q in range(un):
+                        v = of[dst + q]
+                        of[dst + q] = v if v > 0.0 else np.float32(0.0)
+                elif code != 0:
+                    for q in range(un):
+                        of[dst + q] = K._act(of[dst + q], code, a0, a1)
+            t += 1
+
+
+def conv(buf: np.ndarray, packed, bias: np.ndarray, act, out: np.ndarray) -> None:
+    """Convolution along axis 1 (padding 0) of buf [C, A, L, B] into out [O, Ao, L, B]
+    (Ao <= A - r + 1) with bias + activation; ``packed`` from ``transform_filters``."""
+    from .cpu import _scratch, balanced_chunks, parallel_chunks  # (cpu imports this module)
+
+    filters, at, bt = packed
+    c = buf.shape[0]
+    o, ho, nl, nb = out.shape
+    if buf.shape[2:] != out.shape[2:]:
+        raise ValueError(f"winograd1d: buffer {buf.shape} and output {out.shape} differ off the filter axis")
+    m, a = at.shape
+    ncols = -(-ho // m) * nl * nb
+    cmax = max(c, o)
+    per, nchunks = balanced_chunks(ncols, max(G.NR, CHUNK_FLOATS // ((a + 1) * cmax)), G.NR)
+    code, a0, a1 = act
+
+    def one(ci):
+        j0 = ci * per
+        j1 = min(j0 + per, ncols)
+        n = j1 - j0
+        # a + 1 slots: V[k] in slot k + 1, M[k] in slot k (GEMM k overwrites the consumed V[k - 1])
+        sl = cmax * n
+        vm = _scratch("work", (a + 1) * cmax * per)[: (a + 1) * sl]
+        input_transform_cpu(buf, m, bt, j0, j1, vm, sl, sl)
+        W2.gemms_cpu(filters, o, c, vm, sl, n, _scratch("gemm_bp", G.KC * G.NC), _scratch("gemm_tile", G.MR * G.NR))
+        output_transform_cpu(vm, 0, sl, at, j0, j1, bias, code, a0, a1, out)
+
+    parallel_chunks(nchunks, one)
