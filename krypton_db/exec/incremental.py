@@ -306,9 +306,14 @@ class IncrementalExecutor:
         oloc, rloc, rsize = window_locations(node, pin.loc, pin.size, size)
         src = node.inputs[0]
         fill = -np.inf if node.op is Op.MAXPOOL else 0.0
-        buf = P.gather(self.views[src], pin.val, pin.loc, rloc, rsize, fill,
-                       P.window_tail(node, pin.loc.shape[0]), alloc=self._alloc)
-        self._release_if_last(src)  # the read-in holds what the layer needs: the output may reuse it
+        if tuple(rsize) == tuple(pin.size) and np.array_equal(rloc, pin.loc):
+            # the read-in is the patch itself (1x1 stride-1 convs): no gather; the input is
+            # released after the step, as for any step
+            buf = pin.val
+        else:
+            buf = P.gather(self.views[src], pin.val, pin.loc, rloc, rsize, fill,
+                           P.window_tail(node, pin.loc.shape[0]), alloc=self._alloc)
+            self._release_if_last(src)  # the read-in holds what the layer needs: the output may reuse it
         if node.op is Op.CONV:
             y = P.conv_chwb(buf, node, step.prep, act_spec(ds.fused), size, alloc=self._alloc)
         elif node.op is Op.MAXPOOL:
