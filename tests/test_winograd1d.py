@@ -145,3 +145,16 @@ def test_eligible_shapes(monkeypatch):
     assert W1.eligible(p, 64, 1, (17, 7))  # 7 in 8: 1.14x
     monkeypatch.setattr(W1, "ENABLED", False)
     assert not W1.eligible(p, 160, 1, (17, 17))
+
+
+def test_other_points_run_the_generic_transforms(monkeypatch):
+    """With points other than the baked-in ones (here F(2, 7)), the transforms loop over the
+    coefficient arrays instead of the vector bodies; same results."""
+    monkeypatch.setitem(W1.POINTS, 7, (2, (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5)))
+    rng = np.random.default_rng(12)
+    g = _conv_graph(24, 16, (11, 9), (7, 1), (3, 0, 3, 0), rng, act=(Op.RELU, {}))
+    x = rng.normal(size=(5, 24, 11, 9)).astype(np.float32)
+    calls = _spy(monkeypatch)
+    got = C.CpuExecutor(g).predict(x)
+    assert calls
+    assert rel_err(got, reference.run(g, x)[g.output]) <= 1e-5

@@ -31,12 +31,16 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+import llvmlite.ir as ir
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from . import gemm_cpu as G
 from . import kernels_cpu as K
 from . import winograd_cpu as W2
+from .transpose_cpu import T as VL
+from .transpose_cpu import _lanes_below, _masked_ops
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
@@ -51,7 +55,10 @@ ENABLED = os.environ.get("KRYPTON_WINOGRAD1D", "1") != "0" and W2.ENABLED
 # whole m-row tiles: a 17-row map with m = 4 computes 20 rows (1.18x); above this ratio the
 # saving is gone
 MAX_TILE_WASTE = 1.35
-CHUNK_FLOATS = W2.CHUNK_FLOATS  # V / M scratch per column chunk and thread
+# V / M scratch per column chunk and thread (floats): 4 Mi (winograd_cpu's) made ~1150-column
+# chunks whose 10 V / M slots spill the L2; 1 Mi: Inception3's 17x17 1x7 / 7x1 convs 3-9%
+# faster, the 8x8 ones unchanged (512 Ki: those 20% slower)
+CHUNK_FLOATS = 1 << 20
 
 
 @lru_cache(maxsize=None)
@@ -127,11 +134,91 @@ def transform_filters(w4: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return out, at.astype(np.float32), bt.astype(np.float32)
 
 
+def _linear_vec(coef: np.ndarray):
+    """An intrinsic for VL lanes of ``y = coef @ x`` (coef [R, A] baked in as constants):
+    ``f(src, s0, sst, dst, d0, dst_st, nl, nin, nout, bias, relu)`` reads
+    x_i = src[s0 + i * sst + lane] (i < nin; rows past nin are zero and not read), writes
+    act(y_k + bias) to dst[d0 + k * dst_st + lane] for k < nout, lanes < nl (masked loads and
+    stores: nothing past a run's end is touched). The transforms' inner loops over the
+    coefficient arrays ran as ~70 passes over each row run; this keeps the A inputs in
+    registers (numba has no vector types, hence the IR, as in ``winograd_cpu``)."""
+    rows, cols = coef.shape
+    cf = [[float(np.float32(coef[k, i])) for i in range(cols)] for k in range(rows)]
+
+    @intrinsic
+    def vec(typingctx, src, s0, sst, dst, d0, dst_st, nl, nin, nout, bias, relu):
+        sig = types.void(src, s0, sst, dst, d0, dst_st, nl, nin, nout, bias, relu)
+
+        def codegen(context, builder, sig, args):
+            src, s0, sst, dst, d0, dst_st, nl, nin, nout, bias, relu = args
+            vt = ir.VectorType(ir.FloatType(), VL)
+            mt = ir.VectorType(ir.IntType(1), VL)
+            ld, st = _masked_ops(builder)
+            four = ir.Constant(ir.IntType(32), 4)
+            zero = ir.Constant(vt, [0.0] * VL)
+            lanes = _lanes_below(builder, nl)
+            none = ir.Constant(mt, [0] * VL)
+            sp = context.make_array(sig.args[0])(context, builder, src).data
+            dp = context.make_array(sig.args[3])(context, builder, dst).data
+            xs = []
+            for i in range(cols):
+                mask = builder.select(builder.icmp_signed("<", ir.Constant(nin.type, i), nin), lanes, none)
+                off = builder.add(s0, builder.mul(sst, ir.Constant(sst.type, i)))
+                ptr = builder.bitcast(builder.gep(sp, [off]), vt.as_pointer())
+                xs.append(builder.call(ld, [ptr, four, mask, zero]))
+            undef = ir.Constant(vt, ir.Undefined)
+            bv = builder.shuffle_vector(builder.insert_element(undef, bias, ir.Constant(ir.IntType(32), 0)), undef,
+                                        ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL))
+            use_relu = builder.icmp_signed("!=", relu, ir.Constant(relu.type, 0))
+            for k in range(rows):
+                acc = None
+                for i in range(cols):
+                    c = cf[k][i]
+                    if c == 0.0:
+                        continue
+                    term = xs[i] if c == 1.0 else builder.fmul(ir.Constant(vt, [c] * VL), xs[i])
+                    acc = term if acc is None else builder.fadd(acc, term)
+                v = builder.fadd(acc if acc is not None else zero, bv)
+                v = builder.select(use_relu, builder.select(builder.fcmp_ordered(">", v, zero), v, zero), v)
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(nout.type, k), nout)):
+                    off = builder.add(d0, builder.mul(dst_st, ir.Constant(dst_st.type, k)))
+                    builder.call(st, [v, builder.bitcast(builder.gep(dp, [off]), vt.as_pointer()), four, lanes])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return vec
+
+
+_AT7, _G7, _BT7 = transforms(POINTS[7][0], 7, POINTS[7][1])
+_AT3, _G3, _BT3 = transforms(POINTS[3][0], 3, POINTS[3][1])
+_IN7, _OUT7 = _linear_vec(_BT7), _linear_vec(_AT7)
+_IN3, _OUT3 = _linear_vec(_BT3), _linear_vec(_AT3)
+_A7, _A3 = _BT7.shape[0], _BT3.shape[0]
+
+
+@njit(inline="always")
+def _in_vec(a, src, s0, sst, dst, d0, dst_st, nl, nin):
+    if a == _A7:
+        _IN7(src, s0, sst, dst, d0, dst_st, nl, nin, _A7, np.float32(0.0), 0)
+    else:
+        _IN3(src, s0, sst, dst, d0, dst_st, nl, nin, _A3, np.float32(0.0), 0)
+
+
+@njit(inline="always")
+def _out_vec(a, src, s0, sst, dst, d0, dst_st, nl, nout, bias, relu):
+    if a == _A7:
+        _OUT7(src, s0, sst, dst, d0, dst_st, nl, _A7, nout, bias, relu)
+    else:
+        _OUT3(src, s0, sst, dst, d0, dst_st, nl, _A3, nout, bias, relu)
+
+
 @njit(**_NJ)
-def input_transform_cpu(buf, m, bt, j0, j1, vf, v0, vplane):
+def input_transform_cpu(buf, m, bt, j0, j1, vf, v0, vplane, vec):
     """vf[v0 + k * vplane + c * n + j - j0] = sum_i B^T[k, i] d_i for columns j in [j0, j1)
     (n = j1 - j0), j = t * L * B + l: d_i = buf[c, m * t + i] at flat offset l of the row
-    (rows past the buffer read as 0)."""
+    (rows past the buffer read as 0). ``vec``: bt is the baked-in B^T of its r (``_IN7`` /
+    ``_IN3``), VL lanes at a time; else loops over bt's entries."""
     nc, ha, nl, nb = buf.shape
     a = bt.shape[0]
     run = nl * nb
@@ -146,6 +233,14 @@ def input_transform_cpu(buf, m, bt, j0, j1, vf, v0, vplane):
             l1 = min(j1 - t * run, run)
             ln = l1 - l0
             col = t * run + l0 - j0
+            if vec:
+                nin = min(a, ha - m * t)
+                q = l0
+                while q < l1:
+                    _in_vec(a, bf, cb + m * t * run + q, run, vf, vb + col + q - l0, vplane, min(VL, l1 - q), nin)
+                    q += VL
+                t += 1
+                continue
             for k in range(a):
                 dst = np.uint64(vb + k * vplane + col)
                 first = True
@@ -169,10 +264,11 @@ def input_transform_cpu(buf, m, bt, j0, j1, vf, v0, vplane):
 
 
 @njit(**_NJ)
-def output_transform_cpu(mf, m0, mplane, at, j0, j1, bias, code, a0, a1, out):
+def output_transform_cpu(mf, m0, mplane, at, j0, j1, bias, code, a0, a1, out, vec):
     """out[o, m * t + jj, l] = act(sum_k A^T[jj, k] M[k][o, j - j0] + bias[o]) for columns
     j = t * L * B + l in [j0, j1), M[k][o][q] at mf[m0 + k * mplane + o * n + q] (rows past
-    out's are dropped)."""
+    out's are dropped). ``vec``: at is the baked-in A^T (``_OUT7`` / ``_OUT3``), used for no
+    activation and ReLU."""
     no, ho, nl, nb = out.shape
     m, a = at.shape
     run = nl * nb
@@ -187,6 +283,15 @@ def output_transform_cpu(mf, m0, mplane, at, j0, j1, bias, code, a0, a1, out):
             l1 = min(j1 - t * run, run)
             un = np.uint64(l1 - l0)
             col = t * run + l0 - j0
+            if vec and code <= 1:
+                nout = min(m, ho - m * t)
+                q = l0
+                while q < l1:
+                    _out_vec(a, mf, mb + col + q - l0, mplane, of, (o * ho + m * t) * run + q, run,
+                             min(VL, l1 - q), nout, bo, code)
+                    q += VL
+                t += 1
+                continue
             for jj in range(m):
                 row = m * t + jj
                 if row >= ho:
@@ -222,6 +327,10 @@ def conv(buf: np.ndarray, packed, bias: np.ndarray, act, out: np.ndarray) -> Non
     if buf.shape[2:] != out.shape[2:]:
         raise ValueError(f"winograd1d: buffer {buf.shape} and output {out.shape} differ off the filter axis")
     m, a = at.shape
+    r = a - m + 1
+    # the vector bodies bake in POINTS' transforms as of import: used only when these are they
+    vec = r in (3, 7) and np.array_equal(bt, (_BT7 if r == 7 else _BT3).astype(np.float32)) \
+        and np.array_equal(at, (_AT7 if r == 7 else _AT3).astype(np.float32))
     ncols = -(-ho // m) * nl * nb
     cmax = max(c, o)
     per, nchunks = balanced_chunks(ncols, max(G.NR, CHUNK_FLOATS // ((a + 1) * cmax)), G.NR)
@@ -234,8 +343,8 @@ def conv(buf: np.ndarray, packed, bias: np.ndarray, act, out: np.ndarray) -> Non
         # a + 1 slots: V[k] in slot k + 1, M[k] in slot k (GEMM k overwrites the consumed V[k - 1])
         sl = cmax * n
         vm = _scratch("work", (a + 1) * cmax * per)[: (a + 1) * sl]
-        input_transform_cpu(buf, m, bt, j0, j1, vm, sl, sl)
+        input_transform_cpu(buf, m, bt, j0, j1, vm, sl, sl, vec)
         W2.gemms_cpu(filters, o, c, vm, sl, n, _scratch("gemm_bp", G.KC * G.NC), _scratch("gemm_tile", G.MR * G.NR))
-        output_transform_cpu(vm, 0, sl, at, j0, j1, bias, code, a0, a1, out)
+        output_transform_cpu(vm, 0, sl, at, j0, j1, bias, code, a0, a1, out, vec)
 
     parallel_chunks(nchunks, one)
