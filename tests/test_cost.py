@@ -11,6 +11,7 @@ from scipy.optimize import nnls as scipy_nnls  # installed with scikit-image (te
 from test_occlusion import NETS
 
 import krypton_db as kdb
+from krypton_db.exec import winograd1d_cpu as W1
 from krypton_db.exec import winograd_cpu as W
 from krypton_db.planner import cost
 from krypton_db.planner.explain import physical_steps
@@ -44,6 +45,7 @@ def test_features_cover_every_profiled_step(tiny_nets, name):
     feats = cost.step_features(plan)
     assert [n for n, _ in feats] == [ds.node.name for ds, _ in physical_steps(plan)]
     assert set(secs) == {n for n, _ in feats} and sizes == [2, 1]
+    w1_convs = []
     for (n, f), (ds, ks) in zip(feats, physical_steps(plan)):
         assert f[cost.NQ] == 1.0 and (f[: cost.NQ] >= 0).all()
         if ds.node.op.name == "CONV":  # conv MACs are the kernels' executed MACs
@@ -51,10 +53,18 @@ def test_features_cover_every_profiled_step(tiny_nets, name):
             macs = ds.macs_inc if patch else ds.macs_full
             node = ds.node
             ho, wo = ds.out_size if patch else node.shape[1:]
-            if W.eligible(node.params, m.graph[node.inputs[0]].shape[0], node.params["groups"], (ho, wo)):
+            c = m.graph[node.inputs[0]].shape[0]
+            if W.eligible(node.params, c, node.params["groups"], (ho, wo)):
                 macs = macs * 16 * (-(-ho // 2)) * (-(-wo // 2)) / (9 * ho * wo)  # Winograd
+            elif W1.eligible(node.params, c, node.params["groups"], (ho, wo)):
+                # 1-D F(4, r): 4 + r - 1 products per 4 outputs along the filter axis
+                kh, kw = node.params["kernel"]
+                tiles = -(-ho // 4) * wo if kw == 1 else -(-wo // 4) * ho
+                macs = macs * (3 + max(kh, kw)) * tiles / (max(kh, kw) * ho * wo)
+                w1_convs.append(n)
             assert f[0 if patch else 2] == pytest.approx(macs, rel=1e-12)
             assert f[2 if patch else 0] == 0
+    assert bool(w1_convs) == (name == "factorized")  # its 1-D Winograd convs were counted as such
 
 
 def test_predict_scales_with_positions_and_plan(tiny_nets):
