@@ -70,6 +70,22 @@ def test_layout_transposes_match_numpy(c, n, h, w):
     TR.chwb_to_cnhw_cpu(y, out, 2, 0, c)
     np.testing.assert_array_equal(out[:, :, 2:5], y.transpose(0, 3, 1, 2))
     assert not out[:, :, :2].any() and not out[:, :, 5:].any()
+    # no frame left or right (an r x 1 conv's read-in): one transpose per channel
+    buf = np.full((c, yhi - ylo + 4, w, n), np.nan, np.float32)
+    TR.cnhw_to_chwb_cpu(x, ylo, yhi, 3, 0, buf, 0, c)
+    want = np.zeros_like(buf)
+    want[:, 3 : 3 + yhi - ylo] = x[:, :, ylo:yhi].transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(buf, want)
+    # the CWHB layout of a 1 x r conv (filter axis outermost) and back
+    cw = np.full((c, w + 4, h + 1, n), np.nan, np.float32)
+    TR.cnhw_to_cwhb_cpu(x, 1, 3, cw, 0, c)
+    want = np.zeros_like(cw)
+    want[:, 3 : 3 + w, 1 : 1 + h] = x.transpose(0, 3, 2, 1)
+    np.testing.assert_array_equal(cw, want)
+    yc = rng.standard_normal((c, w, h, n), dtype=np.float32)
+    out = np.full((c, n, h, w), np.nan, np.float32)
+    TR.cwhb_to_cnhw_cpu(yc, out, 0, c)
+    np.testing.assert_array_equal(out, yc.transpose(0, 3, 2, 1))
 
 
 @pytest.mark.parametrize("c,h,w,ps,nq", [(3, 14, 14, (14, 14), 37), (4, 9, 12, (5, 7), 16), (2, 7, 7, (3, 3), 5)])

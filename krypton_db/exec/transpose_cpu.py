@@ -185,6 +185,16 @@ def cnhw_to_chwb_cpu(x, ylo, yhi, pt, pl, buf, lo, hi):
     xf = x.reshape(-1)
     bf = buf.reshape(-1)
     rows = yhi - ylo
+    if pl == 0 and wr == w:
+        # no frame left or right (an r x 1 conv's read-in): the rows of a channel are one
+        # [N, rows * W] -> [rows * W, N] transpose (whole 16 x 16 tiles; row by row, a
+        # 17-wide map was 4 tiles per row, 3 of them masked slivers)
+        for c in range(lo, hi):
+            b0 = c * hr * wr * n_
+            bf[b0 : b0 + pt * wr * n_] = 0.0
+            bf[b0 + (pt + rows) * wr * n_ : b0 + hr * wr * n_] = 0.0
+            transpose_cpu(xf, (c * n_ * h + ylo) * w, h * w, bf, b0 + pt * wr * n_, n_, n_, rows * w)
+        return
     for c in range(lo, hi):
         for r in range(hr):
             b0 = (c * hr + r) * wr * n_
