@@ -20,6 +20,23 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
+def assert_switch_gives_direct(monkeypatch, module, g, x) -> None:
+    """A Winograd module (``winograd_cpu`` / ``winograd1d_cpu``) switched off via its
+    ``ENABLED`` flag is not called, and both routes equal the float64 reference."""
+    from krypton_db.exec import cpu as C
+    from krypton_db.exec import reference
+
+    got_w = C.CpuExecutor(g).predict(x)
+    monkeypatch.setattr(module, "ENABLED", False)
+    calls = []
+    real = module.conv
+    monkeypatch.setattr(module, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    got_d = C.CpuExecutor(g).predict(x)
+    assert not calls
+    want = reference.run(g, x)[g.output]
+    assert rel_err(got_w, want) <= 1e-5 and rel_err(got_d, want) <= 1e-5
+
+
 @pytest.fixture(scope="session")
 def tiny_nets(tmp_path_factory):
     """name -> (model, image [H, W, 3] in [0, 1]) for the small VGG-, ResNet- and

@@ -5,7 +5,7 @@ direct convolution it replaces (KRYPTON_WINOGRAD=0)."""
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import assert_switch_gives_direct, rel_err
 
 from krypton_db.exec import cpu as C
 from krypton_db.exec import reference
@@ -99,15 +99,7 @@ def test_switch_off_gives_the_direct_convolution(monkeypatch):
     rng = np.random.default_rng(3)
     g = _conv_graph(32, 32, (12, 12), (1, 1, 1, 1), rng, act=(Op.RELU, {}))
     x = rng.normal(size=(4, 32, 12, 12)).astype(np.float32)
-    got_w = C.CpuExecutor(g).predict(x)
-    monkeypatch.setattr(W, "ENABLED", False)
-    calls = []
-    real = W.conv
-    monkeypatch.setattr(W, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    got_d = C.CpuExecutor(g).predict(x)
-    assert not calls
-    want = reference.run(g, x)[g.output]
-    assert rel_err(got_w, want) <= 1e-5 and rel_err(got_d, want) <= 1e-5
+    assert_switch_gives_direct(monkeypatch, W, g, x)
 
 
 def test_not_eligible_shapes(monkeypatch):

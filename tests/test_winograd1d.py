@@ -6,7 +6,7 @@ vector, several column chunks, fused activations, and the switch back to the dir
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import assert_switch_gives_direct, rel_err
 
 from krypton_db.exec import cpu as C
 from krypton_db.exec import reference
@@ -122,13 +122,7 @@ def test_switch_off_gives_the_direct_convolution(monkeypatch):
     rng = np.random.default_rng(3)
     g = _conv_graph(32, 32, (12, 12), (1, 7), (0, 3, 0, 3), rng, act=(Op.RELU, {}))
     x = rng.normal(size=(4, 32, 12, 12)).astype(np.float32)
-    got_w = C.CpuExecutor(g).predict(x)
-    monkeypatch.setattr(W1, "ENABLED", False)
-    calls = _spy(monkeypatch)
-    got_d = C.CpuExecutor(g).predict(x)
-    assert not calls
-    want = reference.run(g, x)[g.output]
-    assert rel_err(got_w, want) <= 1e-5 and rel_err(got_d, want) <= 1e-5
+    assert_switch_gives_direct(monkeypatch, W1, g, x)
 
 
 def test_eligible_shapes(monkeypatch):
