@@ -12,6 +12,7 @@ the model's own NCHW/[N, K] batches.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -302,6 +303,25 @@ def _gemm_cols_chunk(ncols: int) -> int:
     return max(16, min(-(-qc // G.NR) * G.NR, ncols))
 
 
+def conv1x1(x2: np.ndarray, cw: ConvWeights, g: int, act, out2: np.ndarray) -> None:
+    """A 1x1 stride-1 conv as the GEMM ``out2 [O, cols] = act(W @ x2 [C, cols] + bias)`` per
+    group, on the input as it lies (CNHW batch or CHWB read-in), column chunks in parallel."""
+    code, a0, a1 = act
+    cg, og = x2.shape[0] // g, out2.shape[0] // g
+    ncols = x2.shape[1]
+    qc = _gemm_cols_chunk(ncols)
+
+    def one(ci):
+        j0 = ci * qc
+        j1 = min(j0 + qc, ncols)
+        for gi in range(g):
+            ys = out2[gi * og : (gi + 1) * og, j0:j1]
+            conv_gemm(cw, gi, x2[gi * cg : (gi + 1) * cg], (0,), j0, j1 - j0, ys)
+            K.bias_act_rows_cpu(ys, cw.bias[gi * og : (gi + 1) * og], code, a0, a1)
+
+    parallel_chunks(-(-ncols // qc), one)
+
+
 def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0), np.float32(0)),
               pads=None, out: np.ndarray | None = None) -> np.ndarray:
     """Convolution of a CNHW batch; ``pads`` overrides the node's padding (incremental plans
@@ -337,18 +357,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
     bias = cw.bias
     with K.single_threaded_blas():
         if kh == kw == 1 and sh == sw == 1 and t == l == b == r == 0:
-            x2 = x.reshape(c, ncols)
-            qc = _gemm_cols_chunk(ncols)
-
-            def one(ci):
-                j0 = ci * qc
-                j1 = min(j0 + qc, ncols)
-                for gi in range(g):
-                    ys = out2[gi * og : (gi + 1) * og, j0:j1]
-                    conv_gemm(cw, gi, x2[gi * cg : (gi + 1) * cg], (0,), j0, j1 - j0, ys)
-                    K.bias_act_rows_cpu(ys, bias[gi * og : (gi + 1) * og], code, a0, a1)
-
-            parallel_chunks(-(-ncols // qc), one)
+            conv1x1(x.reshape(c, ncols), cw, g, act, out2)
             return out
         if W.eligible(p, c, g, (ho, wo)):
             _conv_winograd(x, cw, act, (t, l), ho, wo, out)
@@ -439,21 +448,22 @@ def _conv_winograd1d(x, p, cw, act, tl, ho, wo, out):
     o = out.shape[0]
     t, l = tl
     kh, kw = p["kernel"]
-    packed = cw.winograd1d()
-    if W1.filter_axis(p) == 0:
+    rows = W1.filter_axis(p) == 0
+    if rows:
         shape, oshape = (c, ho + kh - 1, wo, n), (o, ho, wo, n)
     else:
         shape, oshape = (c, wo + kw - 1, ho, n), (o, wo, ho, n)
-    size, osize = c * shape[1] * shape[2] * n, o * oshape[1] * oshape[2] * n
+    size, osize = math.prod(shape), math.prod(oshape)
     buf = _scratch("dense_in", size)[:size].reshape(shape)
     y = _scratch("dense_out", osize)[:osize].reshape(oshape)
-    if W1.filter_axis(p) == 0:
+    if rows:
         parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, 0, h, t, l, buf, lo, hi))
-        W1.conv(buf, packed, cw.bias, act, y)
-        parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
     else:
         parallel_ranges(c, lambda lo, hi: TR.cnhw_to_cwhb_cpu(x, t, l, buf, lo, hi))
-        W1.conv(buf, packed, cw.bias, act, y)
+    W1.conv(buf, cw.winograd1d(), cw.bias, act, y)
+    if rows:
+        parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
+    else:
         parallel_ranges(o, lambda lo, hi: TR.cwhb_to_cnhw_cpu(y, out, lo, hi))
 
 

@@ -143,6 +143,17 @@ def pack_weights(w: np.ndarray) -> np.ndarray:
     return np.concatenate(blocks).reshape(npan, k * MR)
 
 
+def pack_stack(u: np.ndarray) -> np.ndarray:
+    """``pack_weights`` of each matrix u[k] [M, K] (any float dtype), stacked as
+    [len(u), panels, K * MR] (the Winograd transforms' filters: one packed U per product)."""
+    first = pack_weights(np.ascontiguousarray(u[0], np.float32))
+    out = np.empty((len(u),) + first.shape, np.float32)
+    out[0] = first
+    for k in range(1, len(u)):
+        out[k] = pack_weights(np.ascontiguousarray(u[k], np.float32))
+    return out
+
+
 @njit(**_NJ)
 def _pack_block(src, offs, ldb, col, k0, kc, ncols, bp):
     """Pack B rows k0 .. k0+kc (row k = c * T + t is src[c * ldb + offs[t] + col :]) over

@@ -254,21 +254,11 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
         conv_rows(ph.reshape(c, -1), cw, offs, ho, wo, wp, nb, act, out.reshape(o, -1))
         return out
     if kh == kw == 1 and sh == sw == 1 and g == 1 and (hr, wr) == (ho, wo):
-        # a 1x1 conv is one GEMM on the read-in as it lies: output columns written in place
+        # a 1x1 conv is one GEMM on the read-in as it lies, output columns written in place
         # (the shifted-window route's scratch + epilogue pass cost 1x1 patches ~2x: Inception3's
         # Mixed_6b 1x1 patch convs ran at 165-220 GFLOP/s)
-        ncols = ho * wo * nb
-        b2, out2 = buf.reshape(c, -1), out.reshape(o, ncols)
-        qc = C._gemm_cols_chunk(ncols)
-
-        def one1(ci):
-            j0 = ci * qc
-            j1 = min(j0 + qc, ncols)
-            ys = out2[:, j0:j1]
-            conv_gemm(cw, 0, b2, (0,), j0, j1 - j0, ys)
-            K.bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
-
-        parallel_chunks(-(-ncols // qc), one1)
+        with K.single_threaded_blas():
+            C.conv1x1(buf.reshape(c, -1), cw, 1, act, out.reshape(o, -1))
         return out
     with K.single_threaded_blas():
         # shifted-window GEMMs need K = C large enough for BLAS to be efficient

@@ -118,20 +118,16 @@ def eligible(node_params: dict, c: int, groups: int, out_hw) -> bool:
     return n > 0 and out_hw[1 - ax] > 0 and m * (-(-n // m)) <= MAX_TILE_WASTE * n
 
 
-def transform_filters(w4: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def transform_filters(w4: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """W [O, C, r, 1] or [O, C, 1, r] -> (the alpha ``gemm_cpu``-packed U[k] = (G g)[k] [O, C]
-    stacked [alpha, panels, C * MR], A^T and B^T as float32)."""
+    stacked [alpha, panels, C * MR], A^T and B^T as float32, whether the vector bodies apply:
+    they bake in the transforms of ``POINTS`` as of import)."""
     o, c, kh, kw = w4.shape
     r = kh if kw == 1 else kw
     m, pts = POINTS[r]
     at, g, bt = transforms(m, r, pts)
     u = np.einsum("ki,oci->koc", g, w4.reshape(o, c, r).astype(np.float64))
-    first = G.pack_weights(np.ascontiguousarray(u[0], np.float32))
-    out = np.empty((u.shape[0],) + first.shape, np.float32)
-    out[0] = first
-    for k in range(1, u.shape[0]):
-        out[k] = G.pack_weights(np.ascontiguousarray(u[k], np.float32))
-    return out, at.astype(np.float32), bt.astype(np.float32)
+    return G.pack_stack(u), at.astype(np.float32), bt.astype(np.float32), _BAKED.get(r) == (m, pts)
 
 
 def _linear_vec(coef: np.ndarray):
@@ -190,8 +186,9 @@ def _linear_vec(coef: np.ndarray):
     return vec
 
 
-_AT7, _G7, _BT7 = transforms(POINTS[7][0], 7, POINTS[7][1])
-_AT3, _G3, _BT3 = transforms(POINTS[3][0], 3, POINTS[3][1])
+_BAKED = dict(POINTS)  # the transforms the vector bodies are built from
+_AT7, _, _BT7 = transforms(POINTS[7][0], 7, POINTS[7][1])
+_AT3, _, _BT3 = transforms(POINTS[3][0], 3, POINTS[3][1])
 _IN7, _OUT7 = _linear_vec(_BT7), _linear_vec(_AT7)
 _IN3, _OUT3 = _linear_vec(_BT3), _linear_vec(_AT3)
 _A7, _A3 = _BT7.shape[0], _BT3.shape[0]
@@ -321,16 +318,12 @@ def conv(buf: np.ndarray, packed, bias: np.ndarray, act, out: np.ndarray) -> Non
     (Ao <= A - r + 1) with bias + activation; ``packed`` from ``transform_filters``."""
     from .cpu import _scratch, balanced_chunks, parallel_chunks  # (cpu imports this module)
 
-    filters, at, bt = packed
+    filters, at, bt, vec = packed
     c = buf.shape[0]
     o, ho, nl, nb = out.shape
     if buf.shape[2:] != out.shape[2:]:
         raise ValueError(f"winograd1d: buffer {buf.shape} and output {out.shape} differ off the filter axis")
     m, a = at.shape
-    r = a - m + 1
-    # the vector bodies bake in POINTS' transforms as of import: used only when these are they
-    vec = r in (3, 7) and np.array_equal(bt, (_BT7 if r == 7 else _BT3).astype(np.float32)) \
-        and np.array_equal(at, (_AT7 if r == 7 else _AT3).astype(np.float32))
     ncols = -(-ho // m) * nl * nb
     cmax = max(c, o)
     per, nchunks = balanced_chunks(ncols, max(G.NR, CHUNK_FLOATS // ((a + 1) * cmax)), G.NR)

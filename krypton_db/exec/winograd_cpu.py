@@ -151,12 +151,7 @@ def transform_filters(w4: np.ndarray) -> np.ndarray:
     """W [O, C, 3, 3] -> the 16 ``gemm_cpu``-packed matrices U[k] [O, C] (k = 4 * row + col of
     G g G^T), computed in float64, stacked as [16, panels, C * MR] (``[k]`` is one packed U)."""
     u = np.einsum("ai,ocij,bj->aboc", _G, w4.astype(np.float64), _G)  # [4, 4, O, C]
-    first = G.pack_weights(np.ascontiguousarray(u[0, 0], np.float32))
-    out = np.empty((16,) + first.shape, np.float32)
-    out[0] = first
-    for k in range(1, 16):
-        out[k] = G.pack_weights(np.ascontiguousarray(u[k // 4, k % 4], np.float32))
-    return out
+    return G.pack_stack(u.reshape((16,) + u.shape[2:]))
 
 
 @njit(**_NJ)
