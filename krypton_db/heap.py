@@ -26,9 +26,11 @@ MMAP_THRESHOLD = 4 << 20
 _pinned = False
 
 
-def return_freed_heap() -> None:
-    """``gc.collect()``, then glibc ``malloc_trim(0)``."""
-    gc.collect()
+def return_freed_heap(collect: bool = True) -> None:
+    """``gc.collect()`` (unless ``collect`` is False: a full collection costs tens of ms in a
+    process holding a model's objects), then glibc ``malloc_trim(0)``."""
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

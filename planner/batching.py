@@ -5,7 +5,7 @@ buffers live at once while a batch runs (``peak_bytes_per_query``: a liveness wa
 physical steps, like a register allocator's -- each step's output and transient gather /
 stitch buffers are allocated, and a value is freed after its last reader, as the executors'
 arenas do). The batch is the largest that keeps that peak within the memory budget, capped
-(beyond ~64 queries the GEMMs are already large -- measured: no faster at 128 -- and bigger
+(beyond ~48 queries the GEMMs are already large -- measured: no faster at 64 or 128 -- and bigger
 batches only add memory) and never larger than the number of queries.
 """
 
@@ -17,9 +17,12 @@ import math
 # (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128; with the Winograd /
 # tap-GEMM kernels Inception3 runs 3% faster at 64 MiB (batch 27) than at 128 MiB (batch 54)
 # and VGG16 as fast), and a smaller budget keeps exact mode's peak RSS low (Inception3: 738
-# vs 905 MB; bench/RESULTS.md, `exact`).
+# vs 905 MB; bench/RESULTS.md, `exact`). The cap: ResNet18 (the one zoo model it binds, at 0.6
+# MB per query) ran 2.68-2.80 s per explanation at batch 48 vs 2.84-2.95 s at 64 (alternating
+# processes), with a peak RSS 14 MB lower (446 vs 460 MB); batch 40 was slower (3.1-3.6 s:
+# the gathers and layout transposes take 16 queries per vector block).
 DEFAULT_MEMORY_BUDGET = 64 << 20
-MAX_BATCH = 64
+MAX_BATCH = 48
 
 
 def choose_batch(bytes_per_query: int, n_queries: int, memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -27,7 +30,7 @@ def choose_batch(bytes_per_query: int, n_queries: int, memory_budget: int = DEFA
     """Batch size under a memory budget.
 
     >>> choose_batch(4 << 20, 2704, 512 << 20)
-    64
+    48
     >>> choose_batch(16 << 20, 2704, 512 << 20)
     32
     >>> choose_batch(16 << 20, 5, 512 << 20)

@@ -469,19 +469,32 @@ def _conv_winograd1d(x, p, cw, act, tl, ho, wo, out):
 
 def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
     """Strided conv of a CNHW batch over the input's phase planes (``patch_cpu.polyphase_taps``):
-    the planes [C, phases, hp, wp, N] are built once (zero padding included), each output row
-    is one tap GEMM into a CHWB scratch [O, ho, wo, N], transposed back into ``out``."""
+    per band of output rows, the band's planes [C, phases, hp, wp, N] are built (zero padding
+    included), each output row is one tap GEMM into a CHWB scratch [O, rows, wo, N], transposed
+    back into ``out``. Bands bound the scratch as in ``_conv_winograd`` (ResNet18's
+    layer4.0.conv1 at batch 64: 16 MB of planes in one piece)."""
     from . import patch_cpu as P
 
     c, n = x.shape[:2]
     o = out.shape[0]
-    phases, offs, hp, wp = P.polyphase_taps(kh, kw, sh, sw, ho, wo, n)
-    size = c * len(phases) * hp * wp * n
-    planes = _scratch("dense_in", size)[:size].reshape(c, len(phases), hp, wp, n)
-    parallel_ranges(c, lambda lo, hi: K.polyphase_cnhw_cpu(x, tl[0], tl[1], sh, sw, phases, planes, lo, hi))
-    y = _scratch("dense_out", o * ho * wo * n)[: o * ho * wo * n].reshape(o, ho, wo, n)
-    P.conv_rows(planes.reshape(c, -1), cw, offs, ho, wo, wp, n, act, y.reshape(o, -1))
-    parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
+    t, l = tl
+    nph = len({(i % sh, j % sw) for i in range(kh) for j in range(kw)})
+    wp = wo + (kw - 1) // sw
+    per_row = c * nph * wp * n
+    rows = max(1, min(ho, WINO_BAND_FLOATS // max(per_row, 1) - (kh - 1) // sh))
+    nb = -(-ho // rows)
+    rows = -(-ho // nb)  # even bands: 7 rows are 4 + 3, not 6 + 1
+    for oy0 in range(0, ho, rows):
+        oy1 = min(oy0 + rows, ho)
+        phases, offs, hp, wp = P.polyphase_taps(kh, kw, sh, sw, oy1 - oy0, wo, n)
+        size = c * len(phases) * hp * wp * n
+        planes = _scratch("dense_in", size)[:size].reshape(c, len(phases), hp, wp, n)
+        pt = t - oy0 * sh  # the band's first plane row is input row oy0 * sh + p - t
+        parallel_ranges(c, lambda lo, hi: K.polyphase_cnhw_cpu(x, pt, l, sh, sw, phases, planes, lo, hi))
+        osz = o * (oy1 - oy0) * wo * n
+        y = _scratch("dense_out", osz)[:osz].reshape(o, oy1 - oy0, wo, n)
+        P.conv_rows(planes.reshape(c, -1), cw, offs, oy1 - oy0, wo, wp, n, act, y.reshape(o, -1))
+        parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
 
 
 def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph import Op
+from ..heap import return_freed_heap
 from . import patch_cpu as P
 from ..planner.batching import peak_bytes_per_query
 from ..planner.explain import whole_map_runs_dense
@@ -115,6 +116,10 @@ class PlannedArena:
         total, offsets = min((_place(sorted(end, key=order), sizes, start, end) for order in orders),
                              key=lambda r: r[0])
         self._plan = None  # drop the old slab before allocating the new one
+        # the recorded batch's freed buffers below glibc's mmap threshold stay resident on the
+        # heap, and the slab does not reuse them: hand them back first (ResNet18: peak -8 MB;
+        # no gc pass: the batch's buffers are plain arrays, freed by reference counting)
+        return_freed_heap(collect=False)
         slab = np.empty(max(total, 1), np.float32)
         self.allocated += slab.nbytes
         self.slab_bytes = slab.nbytes

@@ -121,10 +121,12 @@ def _out_tile_vec(typingctx, mf, s, plane, bias, relu, of, q00, ub, rstride, ful
 
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 
-# V / M scratch per column chunk and thread (floats; 16 MiB): the 16 packed filters of the
-# layer are read once per chunk, so chunks are as wide as this allows (480 columns at 512
-# channels; 96 made the 512-channel GEMMs 25% slower)
-CHUNK_FLOATS = 1 << 22
+# V / M scratch per column chunk and thread (floats; 8 MiB): the 16 packed filters of the
+# layer are read once per chunk, so chunks are as wide as this allows (240 columns at 512
+# channels; 96 made the 512-channel GEMMs 25% slower). 16 MiB (480 columns) measured no
+# faster in exact mode (ResNet18 2.61-2.82 vs 2.65-2.91 s, VGG16 1.78-1.96 vs 1.84-2.04 s per
+# explanation, alternating processes) and held ResNet18's peak RSS 13 MB higher.
+CHUNK_FLOATS = 1 << 21
 MIN_CHANNELS = 16  # below this the 16 GEMMs are too thin (K = C) to beat the direct conv
 
 
