@@ -14,14 +14,16 @@ from __future__ import annotations
 import math
 
 # Bytes of per-batch buffers. Past a few dozen queries per batch the GEMMs are large enough
-# (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128; with the Winograd /
-# tap-GEMM kernels Inception3 runs 3% faster at 64 MiB (batch 27) than at 128 MiB (batch 54)
-# and VGG16 as fast), and a smaller budget keeps exact mode's peak RSS low (Inception3: 738
-# vs 905 MB; bench/RESULTS.md, `exact`). The cap: ResNet18 (the one zoo model it binds, at 0.6
-# MB per query) ran 2.68-2.80 s per explanation at batch 48 vs 2.84-2.95 s at 64 (alternating
-# processes), with a peak RSS 14 MB lower (446 vs 460 MB); batch 40 was slower (3.1-3.6 s:
-# the gathers and layout transposes take 16 queries per vector block).
-DEFAULT_MEMORY_BUDGET = 64 << 20
+# (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128), and a bounded
+# budget keeps exact mode's peak RSS low. Measured in one process, alternating batch sizes
+# (2026-11-26, 2-core AVX-512): Inception3 (2.4 MB per query) ran 4.8-5.2 s per explanation
+# at batch 48 vs 5.0-5.6 s at 27 (the 64 MiB budget's batch) in three interleaved series,
+# 4.8 at 54, 5.0-5.2 at 64 (a last batch of 4), 5.5-6.0 at 16; its peak RSS at 48 is 741 MB
+# (ORT-naive's: ~880). The cap: ResNet18 (0.9 MB per query) ran 2.68-2.80 s at batch 48 vs
+# 2.84-2.95 s at 64 (alternating processes) with a peak RSS 14 MB lower (446 vs 460 MB);
+# batch 40 was slower (3.1-3.6 s: the gathers and layout transposes take 16 queries per
+# vector block). So 128 MiB and 48: every zoo model's exact run is at batch 48.
+DEFAULT_MEMORY_BUDGET = 128 << 20
 MAX_BATCH = 48
 
 
@@ -103,7 +105,7 @@ def _phase_planes(node, c: int, out_size) -> int:
 NAIVE_MAX_BATCH = 16  # full re-inference: batches of 16 occluded images (as ORT-naive runs)
 # Naive re-inference is the baseline the speedups are measured against: under the default
 # budget it gets room for its batches of 16 (VGG16 at 224: 16 x 38.5 MB), as in the benchmark
-# protocol. With the incremental modes' 64 MiB it ran one image per batch, 3x slower per
+# protocol. With a 64 MiB budget it ran one image per batch, 3x slower per
 # image, which inflated `krypton demo`'s "speedup over naive". A budget given explicitly
 # (any value, the incremental default included) applies as given.
 NAIVE_DEFAULT_BUDGET = 768 << 20
