@@ -120,7 +120,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
 
     ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
     ``batch_size`` defaults to the largest batch whose buffers fit ``memory_budget`` bytes
-    (default None: 128 MiB in the incremental modes, 768 MiB for naive re-inference's
+    (default None: 160 MiB in the incremental modes, 768 MiB for naive re-inference's
     batches of 16; ``planner.batching.resolve_budget``).
     ``device="gpu"`` runs the same plans with the numba.cuda executor (clear error without a
     CUDA GPU / numba-cuda).

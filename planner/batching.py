@@ -16,14 +16,16 @@ import math
 # Bytes of per-batch buffers. Past a few dozen queries per batch the GEMMs are large enough
 # (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128), and a bounded
 # budget keeps exact mode's peak RSS low. Measured in one process, alternating batch sizes
-# (2026-11-26, 2-core AVX-512): Inception3 (2.4 MB per query) ran 4.8-5.2 s per explanation
-# at batch 48 vs 5.0-5.6 s at 27 (the 64 MiB budget's batch) in three interleaved series,
-# 4.8 at 54, 5.0-5.2 at 64 (a last batch of 4), 5.5-6.0 at 16; its peak RSS at 48 is 741 MB
-# (ORT-naive's: ~880). The cap: ResNet18 (0.9 MB per query) ran 2.68-2.80 s at batch 48 vs
-# 2.84-2.95 s at 64 (alternating processes) with a peak RSS 14 MB lower (446 vs 460 MB);
-# batch 40 was slower (3.1-3.6 s: the gathers and layout transposes take 16 queries per
-# vector block). So 128 MiB and 48: every zoo model's exact run is at batch 48.
-DEFAULT_MEMORY_BUDGET = 128 << 20
+# (2026-11-26, 2-core AVX-512; seconds per explanation, medians of 3):
+#   Inception3 (2.4 MB per query): 48: 4.79-5.17 / 54: 4.77 / 64: 5.19 (a last batch of 4)
+#              / 36: 4.97 / 27 (a 64 MiB budget's batch): 5.00-5.63 / 16: 5.87;
+#   ResNet18 (0.9 MB per query):   48: 2.85 / 44: 3.39 / 40: 3.44 / 32: 3.20 (and 2.68-2.80 s at
+#              48 vs 2.84-2.95 s at 64 in alternating processes, peak RSS 446 vs 460 MB);
+#   VGG16 (3.2 MB per query):      48: 1.99 / 40 (a 128 MiB budget's batch): 2.10 / 32: 2.07.
+# Batches that fill whole 48-column micro-tiles of the GEMMs (the batch is the innermost axis
+# of the patch layout) run best. So: the cap 48, and a budget (160 MiB) that lets each zoo
+# model reach it; peak RSS at 48 stays below ORT-naive's (bench/RESULTS.md, `exact`).
+DEFAULT_MEMORY_BUDGET = 160 << 20
 MAX_BATCH = 48
 
 

@@ -153,7 +153,7 @@ def test_naive_baseline_gets_its_batches_of_16_under_the_default_budget():
     assert B.batch_for("naive", per_image, 100, None) == 16
     assert B.batch_for("naive", per_image, 100, 100 << 20) == 2  # an explicit budget applies
     # ... also when it equals the incremental default (it used to be widened)
-    want = B.DEFAULT_MEMORY_BUDGET // per_image  # 3 at 128 MiB
+    want = B.DEFAULT_MEMORY_BUDGET // per_image  # 4 at 160 MiB
     assert 1 <= want < 16
     assert B.batch_for("naive", per_image, 100, B.DEFAULT_MEMORY_BUDGET) == want
     assert B.batch_for("exact", per_image, 100, None) == want
