@@ -191,6 +191,11 @@ def _scratch(key: str, size: int) -> np.ndarray:
     return b[:size]
 
 
+def _scratch_as(key: str, shape) -> np.ndarray:
+    """``_scratch`` shaped as ``shape`` (C-contiguous)."""
+    return _scratch(key, math.prod(shape)).reshape(shape)
+
+
 # -- convolution ---------------------------------------------------------------------------------
 
 
@@ -405,10 +410,9 @@ def _conv_via_chwb(x, node, cw, act, tl, ho, wo, out):
     dh, dw = node.params["dilation"]
     hr, wr = ho + dh * (kh - 1), wo + dw * (kw - 1)
     o = out.shape[0]
-    buf = _scratch("dense_in", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
+    buf = _scratch_as("dense_in", (c, hr, wr, n))
     parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, 0, h, tl[0], tl[1], buf, lo, hi))
-    y = P.conv_chwb(buf, node, cw, act, (ho, wo), alloc=lambda shape: _scratch(
-        "dense_out", o * ho * wo * n)[: o * ho * wo * n].reshape(shape))
+    y = P.conv_chwb(buf, node, cw, act, (ho, wo), alloc=lambda shape: _scratch_as("dense_out", shape))
     parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
 
 
@@ -431,10 +435,10 @@ def _conv_winograd(x, cw, act, tl, ho, wo, out):
         oy1 = min(oy0 + rows, ho)
         ylo, yhi = max(oy0 - t, 0), min(oy1 + 2 - t, h)
         hr = oy1 - oy0 + 2
-        buf = _scratch("dense_in", c * hr * wr * n)[: c * hr * wr * n].reshape(c, hr, wr, n)
+        buf = _scratch_as("dense_in", (c, hr, wr, n))
         pt = ylo - (oy0 - t)
         parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, ylo, yhi, pt, l, buf, lo, hi))
-        y = _scratch("dense_out", o * (oy1 - oy0) * wo * n)[: o * (oy1 - oy0) * wo * n].reshape(o, oy1 - oy0, wo, n)
+        y = _scratch_as("dense_out", (o, oy1 - oy0, wo, n))
         W.conv(buf, filters, cw.bias, act, y)
         parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
 
@@ -454,8 +458,8 @@ def _conv_winograd1d(x, p, cw, act, tl, ho, wo, out):
     else:
         shape, oshape = (c, wo + kw - 1, ho, n), (o, wo, ho, n)
     size, osize = math.prod(shape), math.prod(oshape)
-    buf = _scratch("dense_in", size)[:size].reshape(shape)
-    y = _scratch("dense_out", osize)[:osize].reshape(oshape)
+    buf = _scratch_as("dense_in", shape)
+    y = _scratch_as("dense_out", oshape)
     if rows:
         parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, 0, h, t, l, buf, lo, hi))
     else:
@@ -478,9 +482,8 @@ def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
     c, n = x.shape[:2]
     o = out.shape[0]
     t, l = tl
-    nph = len({(i % sh, j % sw) for i in range(kh) for j in range(kw)})
-    wp = wo + (kw - 1) // sw
-    per_row = c * nph * wp * n
+    used, _, wp = P.phase_planes(kh, kw, sh, sw, 1, wo)
+    per_row = c * len(used) * wp * n
     rows = max(1, min(ho, WINO_BAND_FLOATS // max(per_row, 1) - (kh - 1) // sh))
     nb = -(-ho // rows)
     rows = -(-ho // nb)  # even bands: 7 rows are 4 + 3, not 6 + 1
@@ -488,11 +491,11 @@ def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
         oy1 = min(oy0 + rows, ho)
         phases, offs, hp, wp = P.polyphase_taps(kh, kw, sh, sw, oy1 - oy0, wo, n)
         size = c * len(phases) * hp * wp * n
-        planes = _scratch("dense_in", size)[:size].reshape(c, len(phases), hp, wp, n)
+        planes = _scratch_as("dense_in", (c, len(phases), hp, wp, n))
         pt = t - oy0 * sh  # the band's first plane row is input row oy0 * sh + p - t
         parallel_ranges(c, lambda lo, hi: K.polyphase_cnhw_cpu(x, pt, l, sh, sw, phases, planes, lo, hi))
         osz = o * (oy1 - oy0) * wo * n
-        y = _scratch("dense_out", osz)[:osz].reshape(o, oy1 - oy0, wo, n)
+        y = _scratch_as("dense_out", (o, oy1 - oy0, wo, n))
         P.conv_rows(planes.reshape(c, -1), cw, offs, oy1 - oy0, wo, wp, n, act, y.reshape(o, -1))
         parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
 
@@ -560,7 +563,7 @@ def pool_cnhw(x: np.ndarray, node: Node, pads=None, out_hw=None, out: np.ndarray
         return out
     if (is_max and (sh > 1 or sw > 1) and t == l == b == r == 0 and wo < CHWB_POOL_MAX_WO and n >= 16
             and (ho - 1) * sh + kh <= x.shape[2] and (wo - 1) * sw + kw <= x.shape[3]):  # (not ceil mode's)
-        _maxpool_via_chwb(x, kh, kw, sh, sw, out)
+        _maxpool_via_chwb(x, node, out)
         return out
     parallel_ranges(c * n, lambda lo, hi: K.pool_cnhw_cpu(x, kh, kw, sh, sw, t, l, b, r, is_max, inc,
                                                            lo, hi, out), 4)
@@ -573,15 +576,13 @@ def pool_cnhw(x: np.ndarray, node: Node, pads=None, out_hw=None, out: np.ndarray
 CHWB_POOL_MAX_WO = 16
 
 
-def _maxpool_via_chwb(x, kh, kw, sh, sw, out):
+def _maxpool_via_chwb(x, node, out):
     from . import patch_cpu as P
 
     c, n, h, w = x.shape
-    o_, ho, wo = out.shape[0], out.shape[2], out.shape[3]
-    buf = _scratch("dense_in", c * h * w * n)[: c * h * w * n].reshape(c, h, w, n)
+    buf = _scratch_as("dense_in", (c, h, w, n))
     parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, 0, h, 0, 0, buf, lo, hi))
-    y = _scratch("dense_out", c * ho * wo * n)[: c * ho * wo * n].reshape(c, ho, wo, n)
-    parallel_ranges(c, lambda lo, hi: P.maxpool_chwb_cpu(buf, kh, kw, sh, sw, y, lo, hi))
+    y = P.maxpool_chwb(buf, node, out.shape[2:], alloc=lambda shape: _scratch_as("dense_out", shape))
     parallel_ranges(c, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
 
 

@@ -320,15 +320,21 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
     return out
 
 
+def phase_planes(kh, kw, sh, sw, ho, wo):
+    """(the phases (p, q) a stride-(sh, sw) kh x kw conv's taps use, sorted; the planes' hp, wp
+    for an ho x wo output)."""
+    used = sorted({(i % sh, j % sw) for i in range(kh) for j in range(kw)})
+    return used, ho + (kh - 1) // sh, wo + (kw - 1) // sw
+
+
 def polyphase_taps(kh, kw, sh, sw, ho, wo, nb):
     """A stride-(sh, sw) convolution (dilation 1) is a stride-1 one over the input's phase
     planes P_pq[y, x] = in[y*sh + p, x*sw + q]: tap (i, j) reads plane (i % sh, j % sw) at
     (oy + i // sh, ox + j // sw). Returns (the phases the taps use [n, 2], each tap's column
     offset into the flattened [phase, hp, wp, B] planes, hp, wp): the convolution is then
     ``gemm_cpu``'s tap GEMM over output rows, without the kh*kw / (sh*sw) larger im2col."""
-    used = sorted({(i % sh, j % sw) for i in range(kh) for j in range(kw)})
+    used, hp, wp = phase_planes(kh, kw, sh, sw, ho, wo)
     slot = {p: k for k, p in enumerate(used)}
-    hp, wp = ho + (kh - 1) // sh, wo + (kw - 1) // sw
     offs = np.array([(slot[(i % sh, j % sw)] * hp * wp + (i // sh) * wp + j // sw) * nb
                      for i in range(kh) for j in range(kw)], np.int64)
     return np.array(used, np.int64).reshape(-1, 2), offs, hp, wp
