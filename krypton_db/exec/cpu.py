@@ -457,7 +457,6 @@ def _conv_winograd1d(x, p, cw, act, tl, ho, wo, out):
         shape, oshape = (c, ho + kh - 1, wo, n), (o, ho, wo, n)
     else:
         shape, oshape = (c, wo + kw - 1, ho, n), (o, wo, ho, n)
-    size, osize = math.prod(shape), math.prod(oshape)
     buf = _scratch_as("dense_in", shape)
     y = _scratch_as("dense_out", oshape)
     if rows:
@@ -490,11 +489,9 @@ def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
     for oy0 in range(0, ho, rows):
         oy1 = min(oy0 + rows, ho)
         phases, offs, hp, wp = P.polyphase_taps(kh, kw, sh, sw, oy1 - oy0, wo, n)
-        size = c * len(phases) * hp * wp * n
         planes = _scratch_as("dense_in", (c, len(phases), hp, wp, n))
         pt = t - oy0 * sh  # the band's first plane row is input row oy0 * sh + p - t
         parallel_ranges(c, lambda lo, hi: K.polyphase_cnhw_cpu(x, pt, l, sh, sw, phases, planes, lo, hi))
-        osz = o * (oy1 - oy0) * wo * n
         y = _scratch_as("dense_out", (o, oy1 - oy0, wo, n))
         P.conv_rows(planes.reshape(c, -1), cw, offs, oy1 - oy0, wo, wp, n, act, y.reshape(o, -1))
         parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
@@ -637,6 +634,8 @@ class CpuPlan:
 
     graph: Graph
     steps: list[Step] = field(default_factory=list)
+    # value -> (the concat it is written into, its first channel there): ``concat_slots``
+    slots: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @classmethod
     def lower(cls, graph: Graph, fuse: bool = True) -> "CpuPlan":
@@ -661,10 +660,44 @@ class CpuPlan:
             if node.op is Op.GEMM:
                 prep = np.ascontiguousarray(node.weights["W"].T, np.float32)
             steps.append(Step(node, fused, prep))
-        return cls(graph, steps)
+        plan = cls(graph, steps)
+        plan.slots = concat_slots(plan)
+        return plan
 
     def out_name(self, step: Step) -> str:
         return step.fused.name if step.fused is not None else step.node.name
+
+
+# ops whose ``CpuExecutor._exec`` writes a 4-D output into the buffer its ``alloc`` hands out
+_WRITES_INTO_ALLOC = {Op.CONV, Op.MAXPOOL, Op.AVGPOOL, Op.CONCAT, Op.ADD, Op.AFFINE, *_ACT}
+
+
+def concat_slots(plan: CpuPlan) -> dict[str, tuple[str, int]]:
+    """Concat elision (as in ML compilers' memory planning): a channel concat of CNHW values
+    is a stack of contiguous channel slices, so a value whose only reader is one concat can
+    be written by its producer straight into its slice of the concat's buffer, and the
+    concat copies nothing. Returns {value: (concat value, first channel)} for every such
+    value: one producer step that writes into its ``alloc`` buffer, read once by one 4-D
+    concat, not the graph output. Nested concats (Inception3's Mixed_7b / 7c branches) chain:
+    the inner concat's buffer is itself a slice of the outer one. Inception3 copied ~1.2 GB
+    per explanation in its whole-map concats, single-threaded (~3% of the run)."""
+    g = plan.graph
+    cons = g.consumers()
+    producer = {plan.out_name(s): s for s in plan.steps}
+    slots: dict[str, tuple[str, int]] = {}
+    for s in plan.steps:
+        node = s.node
+        if node.op is not Op.CONCAT or len(node.shape) != 3:
+            continue
+        c0 = 0
+        for name in node.inputs:
+            src = producer.get(name)
+            if (src is not None and src.node.op in _WRITES_INTO_ALLOC and name != g.output
+                    and cons.get(name, []) == [node.name] and node.inputs.count(name) == 1
+                    and len(g[name].shape) == 3):
+                slots[name] = (plan.out_name(s), c0)
+            c0 += g[name].shape[0]
+    return slots
 
 
 def _to_internal(x: np.ndarray) -> np.ndarray:
@@ -678,6 +711,20 @@ def _to_external(x: np.ndarray) -> np.ndarray:
         out[...] = x.transpose(1, 0, 2, 3)
         return out
     return x
+
+
+def concat_into(ins: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """Channel concat of CNHW values into ``out``; an input already in its slice of ``out``
+    (written there by its producer, ``concat_slots``) is not copied, the others are copied
+    with the channels split over the threads."""
+    c0 = 0
+    for v in ins:
+        dst = out[c0 : c0 + v.shape[0]]
+        c0 += v.shape[0]
+        if v.__array_interface__["data"][0] == dst.__array_interface__["data"][0] and v.strides == dst.strides:
+            continue
+        parallel_ranges(v.shape[0], lambda lo, hi, v=v, dst=dst: np.copyto(dst[lo:hi], v[lo:hi]))
+    return out
 
 
 class _Arena:
@@ -705,10 +752,48 @@ class BufferLedger:
     ones its output lives in (returns the step's scratch); ``release`` after a value's last
     reader returns its buffers, unless a value still alive views them."""
 
-    def __init__(self, arena):
+    def __init__(self, arena, plan: CpuPlan | None = None):
         self.arena = arena
         self.handed: dict[int, np.ndarray] = {}
         self.owned: dict[str, list[np.ndarray]] = {}
+        self.slots = plan.slots if plan is not None else {}
+        self._channels = {q: plan.graph[q].shape[0] for q, _ in self.slots.values()} if plan else {}
+        self._pending: dict[str, np.ndarray] = {}  # concat value -> its buffer, being filled
+
+    def reset(self) -> None:
+        self.owned.clear()
+        self.handed.clear()
+        self._pending.clear()
+
+    def out_alloc(self, name: str):
+        """The output allocator of the step producing ``name``: a slice of a concat's buffer
+        where ``name`` has a slot there (``concat_slots``; the buffer, taken from the arena
+        at its first slice, belongs to the concat), that concat's buffer for the concat
+        itself, otherwise ``alloc``."""
+        if name not in self.slots and name not in self._pending:
+            return self.alloc
+        return lambda shape: self._slot_or_alloc(name, tuple(shape))
+
+    def _slot_or_alloc(self, name: str, shape: tuple) -> np.ndarray:
+        buf = self._pending.pop(name, None)  # a concat whose inputs filled their slices
+        if buf is not None and buf.shape == shape:
+            return buf
+        slot = self.slots.get(name)
+        if slot is None:
+            return self.alloc(shape)
+        q, c0 = slot
+        cbuf = self._pending.get(q)
+        if cbuf is None:
+            full = (self._channels[q],) + shape[1:]
+            if q in self.slots:  # nested: the concat's own buffer is a slice of the outer one
+                cbuf = self._slot_or_alloc(q, full)
+            else:
+                cbuf = self.arena.get(full)
+                self.owned.setdefault(q, []).append(cbuf)
+            self._pending[q] = cbuf
+        if cbuf.shape[1:] != shape[1:] or c0 + shape[0] > cbuf.shape[0]:
+            return self.alloc(shape)  # not the planned shape: the concat copies this one
+        return cbuf[c0 : c0 + shape[0]]
 
     def alloc(self, shape) -> np.ndarray:
         a = self.arena.get(shape)
@@ -814,11 +899,11 @@ class CpuExecutor:
         if g.input.name in want:
             result[g.input.name] = np.asarray(batch, np.float32)
         last_use = self._last_use()
-        ledger = BufferLedger(self._arena)
+        ledger = BufferLedger(self._arena, self.plan)
         for idx, step in enumerate(self.plan.steps):
             t0 = time.perf_counter() if profile or step_secs is not None else 0.0
             name = self.plan.out_name(step)
-            y = self._exec(step, [vals[i] for i in step.node.inputs], alloc=ledger.alloc)
+            y = self._exec(step, [vals[i] for i in step.node.inputs], alloc=ledger.out_alloc(name))
             if profile:
                 step.secs += time.perf_counter() - t0
             if step_secs is not None:
@@ -887,7 +972,7 @@ class CpuExecutor:
         if op is Op.CONCAT:
             if alloc and all(v.ndim == 4 for v in ins):
                 shape = (sum(v.shape[0] for v in ins),) + ins[0].shape[1:]
-                return np.concatenate(ins, axis=0, out=alloc(shape))
+                return concat_into(ins, alloc(shape))
             return np.concatenate(ins, axis=0)
         if op is Op.LRN:
             out = np.empty_like(x)

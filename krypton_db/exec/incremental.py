@@ -213,7 +213,7 @@ class IncrementalExecutor:
         self._idx = -1  # the running step
         # the executor's arena from the previous run (planned slab, no page faults), if free
         self._arena = self.ex.checkout_arena() or PlannedArena()
-        self._ledger = BufferLedger(self._arena)
+        self._ledger = BufferLedger(self._arena, self.ex.plan)
         self._alloc = self._ledger.alloc
         self._last_use = self.ex._last_use()  # the delta plan's steps are the CPU plan's
 
@@ -248,7 +248,9 @@ class IncrementalExecutor:
             return st
         full = self._stitched.get(name)
         if full is None:
-            full = self._stitched[name] = P.stitch(self.views[name], st.val, st.loc, alloc=self._alloc)
+            # stitched straight into its slice of a concat's buffer where it has one
+            full = self._stitched[name] = P.stitch(self.views[name], st.val, st.loc,
+                                                   alloc=self._ledger.out_alloc(name))
             self._ledger.own(name, full)
         return full
 
@@ -261,8 +263,7 @@ class IncrementalExecutor:
                                    np.float32)
         state: dict[str, object] = {g.input.name: Patch(positions.astype(np.int64), val)}
         ledger = self._ledger
-        ledger.owned.clear()
-        ledger.handed.clear()
+        ledger.reset()
         self._stitched = {}
         self._arena.begin(b)
         last = len(self.plan.steps) - 1
@@ -299,7 +300,7 @@ class IncrementalExecutor:
         if kind == "merge" and patches and len(node.shape) == 3:
             return self._merge(ds, step, ins, b)
         full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
-        return self.ex._exec(step, full, alloc=self._alloc)
+        return self.ex._exec(step, full, alloc=self._ledger.out_alloc(ds.out_name))
 
     def _window(self, ds, step, pin: Patch) -> Patch:
         node = ds.node
