@@ -48,6 +48,43 @@ def test_tap_offsets_and_accumulate(c, taps):
     np.testing.assert_array_equal(out[:, 7 + ncols :], base[:, 7 + ncols :])
 
 
+_ACTS = {  # kernels_cpu codes -> (a0, a1, float64 reference)
+    0: (0.0, 0.0, lambda v: v),
+    1: (0.0, 0.0, lambda v: np.maximum(v, 0.0)),
+    2: (-0.5, 0.75, lambda v: np.clip(v, -0.5, 0.75)),
+    3: (0.1, 0.0, lambda v: np.where(v >= 0, v, 0.1 * v)),
+    4: (0.0, 0.0, lambda v: 1.0 / (1.0 + np.exp(-v))),
+    5: (0.2, 0.5, lambda v: np.clip(0.2 * v + 0.5, 0.0, 1.0)),
+    6: (0.0, 0.0, lambda v: v * np.clip(v / 6.0 + 0.5, 0.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("code", sorted(_ACTS))
+@pytest.mark.parametrize("m,ncols,accumulate", [(G.MR, G.NR, False), (2 * G.MR + 3, G.NC + G.NR + 3, False),
+                                                (G.MR + 1, 2 * G.NR - 5, True)])
+def test_fused_bias_activation(code, m, ncols, accumulate):
+    """The epilogue act(out + bias) applied in the tiles' last K block equals the plain GEMM
+    followed by the activation, at full and edge tiles, over two K blocks, accumulating into
+    a strided view; columns outside the view untouched."""
+    rng = np.random.default_rng(code * 100 + m)
+    k = G.KC + 9
+    a0, a1, f = _ACTS[code]
+    w = rng.standard_normal((m, k)).astype(np.float32) / 8
+    src = rng.standard_normal((k, ncols + 4)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    base = rng.standard_normal((m, ncols + 6)).astype(np.float32)
+    out = base.copy()
+    view = out[:, 3 : 3 + ncols]
+    G.tap_gemm(G.pack_weights(w), m, src, np.zeros(1, np.int64), 1, ncols, view, accumulate=accumulate,
+               bias=bias, act=(code, np.float32(a0), np.float32(a1)))
+    pre = _ref(w, src, [0], 1, ncols) + bias[:, None]
+    if accumulate:
+        pre += base[:, 3 : 3 + ncols]
+    np.testing.assert_allclose(view, f(pre), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(out[:, :3], base[:, :3])
+    np.testing.assert_array_equal(out[:, 3 + ncols :], base[:, 3 + ncols :])
+
+
 def test_reads_past_the_source_are_refused():
     w = np.ones((8, 4), np.float32)
     src = np.ones((4, 50), np.float32)

@@ -264,19 +264,25 @@ GEMM = os.environ.get("KRYPTON_GEMM", "own")
 
 
 def conv_gemm(cw: ConvWeights, gi: int, src: np.ndarray, offs, col0: int, ncols: int, ys: np.ndarray,
-              accumulate: bool = False) -> None:
+              accumulate: bool = False, act=None) -> None:
     """``ys[:, :ncols] (+)= sum_t W_t @ src[:, col0 + offs[t] : col0 + offs[t] + ncols]`` for
     group ``gi`` of a conv: W_t is tap t's [O/g, C/g] matrix (one tap, offs = (0,): the plain
-    GEMM ``W[O/g, C/g*kh*kw] @ src`` of an im2col or 1x1 conv)."""
+    GEMM ``W[O/g, C/g*kh*kw] @ src`` of an im2col or 1x1 conv). With ``act`` (``act_spec``)
+    the epilogue ``ys = act(ys + bias)`` follows (in the GEMM's tiles on our own GEMM)."""
     if ncols <= 0:
         return
+    m = ys.shape[0]
+    bias = cw.bias[gi * m : (gi + 1) * m] if act is not None else None
     if GEMM != "openblas" or not K.HAVE_BLAS:
-        G.tap_gemm(cw.packed(gi), ys.shape[0], src, np.asarray(offs, np.int64), col0, ncols, ys, accumulate)
+        G.tap_gemm(cw.packed(gi), m, src, np.asarray(offs, np.int64), col0, ncols, ys, accumulate,
+                   bias=bias, act=act)
         return
     mats = [cw.mats[gi]] if len(offs) == 1 else cw.tap_mats()[gi]
     for k, off in enumerate(offs):
         K.gemm(mats[k], src[:, col0 + off : col0 + off + ncols], ys[:, :ncols],
                1.0 if (k > 0 or accumulate) else 0.0)
+    if act is not None:
+        K.bias_act_rows_cpu(ys[:, :ncols], bias, *act)
 
 
 def _cols_chunk(ncols: int, per_col: int, budget: int) -> int:
@@ -311,7 +317,6 @@ def _gemm_cols_chunk(ncols: int) -> int:
 def conv1x1(x2: np.ndarray, cw: ConvWeights, g: int, act, out2: np.ndarray) -> None:
     """A 1x1 stride-1 conv as the GEMM ``out2 [O, cols] = act(W @ x2 [C, cols] + bias)`` per
     group, on the input as it lies (CNHW batch or CHWB read-in), column chunks in parallel."""
-    code, a0, a1 = act
     cg, og = x2.shape[0] // g, out2.shape[0] // g
     ncols = x2.shape[1]
     qc = _gemm_cols_chunk(ncols)
@@ -321,8 +326,7 @@ def conv1x1(x2: np.ndarray, cw: ConvWeights, g: int, act, out2: np.ndarray) -> N
         j1 = min(j0 + qc, ncols)
         for gi in range(g):
             ys = out2[gi * og : (gi + 1) * og, j0:j1]
-            conv_gemm(cw, gi, x2[gi * cg : (gi + 1) * cg], (0,), j0, j1 - j0, ys)
-            K.bias_act_rows_cpu(ys, cw.bias[gi * og : (gi + 1) * og], code, a0, a1)
+            conv_gemm(cw, gi, x2[gi * cg : (gi + 1) * cg], (0,), j0, j1 - j0, ys, act=act)
 
     parallel_chunks(-(-ncols // qc), one)
 
@@ -359,7 +363,6 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
     og = o // g
     ncols = n * ho * wo
     out2 = out.reshape(o, ncols)
-    bias = cw.bias
     with K.single_threaded_blas():
         if kh == kw == 1 and sh == sw == 1 and t == l == b == r == 0:
             conv1x1(x.reshape(c, ncols), cw, g, act, out2)
@@ -392,8 +395,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
             for gi in range(g):
                 K.im2col_chunk_cpu(x, gi * cg, cg, kh, kw, sh, sw, dh, dw, t, l, ho, wo, j0, j1, cols)
                 ys = out2[gi * og : (gi + 1) * og, j0:j1]
-                conv_gemm(cw, gi, cols, (0,), 0, j1 - j0, ys)
-                K.bias_act_rows_cpu(ys, bias[gi * og : (gi + 1) * og], code, a0, a1)
+                conv_gemm(cw, gi, cols, (0,), 0, j1 - j0, ys, act=act)
 
         parallel_chunks(-(-ncols // qc), one)
     return out

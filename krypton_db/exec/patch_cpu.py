@@ -313,8 +313,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
             for gi in range(g):
                 im2col_chwb_cpu(buf, gi * cg, cg, kh, kw, sh, sw, dh, dw, ho, wo, p0, p1, cols)
                 ys = out2[gi * og : (gi + 1) * og, p0 * nb : p1 * nb]
-                conv_gemm(cw, gi, cols, (0,), 0, (p1 - p0) * nb, ys)
-                K.bias_act_rows_cpu(ys, cw.bias[gi * og : (gi + 1) * og], code, a0, a1)
+                conv_gemm(cw, gi, cols, (0,), 0, (p1 - p0) * nb, ys, act=act)
 
         parallel_chunks(nchunks, one)
     return out
@@ -345,7 +344,6 @@ def conv_rows(src, cw, offs, ho, wo, wp, nb, act, out2):
     out2[:, oy*wo*nb : (oy+1)*wo*nb] = act(sum_t W_t @ src[:, oy*wp*nb + offs[t] :] + bias),
     rows spread over the threads (split into segments when the row count would leave a thread
     idle at the end: ResNet's 7 rows on 2 threads are 14 half rows, not 4 + 3 rows)."""
-    code, a0, a1 = act
     t = C.num_threads()
     if wo * nb < GRID_MAX_ROW_COLS and (wp == wo or wp <= GRID_MAX_WASTE * wo):
         _conv_grid(src, cw, offs, ho, wo, wp, nb, act, out2)
@@ -357,8 +355,7 @@ def conv_rows(src, cw, offs, ho, wo, wp, nb, act, out2):
         oy, k = divmod(si, nseg)
         x0, x1 = bounds[k], bounds[k + 1]
         ys = out2[:, (oy * wo + x0) * nb : (oy * wo + x1) * nb]
-        conv_gemm(cw, 0, src, offs, (oy * wp + x0) * nb, (x1 - x0) * nb, ys)
-        K.bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
+        conv_gemm(cw, 0, src, offs, (oy * wp + x0) * nb, (x1 - x0) * nb, ys, act=act)
 
     parallel_chunks(ho * nseg, one)
 
@@ -437,7 +434,6 @@ def _conv_shift_rows(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     output row are contiguous in the gathered buffer at every tap, so each segment's GEMMs
     read exactly the valid columns (no wr - wo overhang: 2 of 14 columns at VGG16's 12x12
     patches) and write straight into ``out`` ([O, ho, wo, B], bias + activation in place)."""
-    code, a0, a1 = act
     c = buf.shape[0]
     o = out.shape[0]
     b2 = np.ascontiguousarray(buf).reshape(c, hr * wr * nb)
@@ -450,8 +446,7 @@ def _conv_shift_rows(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     def one(si):
         s0, d0, n = segs[si]
         ys = out2[:, d0 : d0 + n]
-        conv_gemm(cw, 0, b2, offs, s0, n, ys)
-        K.bias_act_rows_cpu(ys, cw.bias, code, a0, a1)
+        conv_gemm(cw, 0, b2, offs, s0, n, ys, act=act)
 
     parallel_chunks(len(segs), one)
 
