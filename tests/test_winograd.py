@@ -13,6 +13,15 @@ from krypton_db.exec import winograd_cpu as W
 from krypton_db.graph import Graph, Node, Op
 
 
+@pytest.fixture(autouse=True)
+def _f2x2_only(monkeypatch):
+    """These tests pin F(2x2, 3x3); F(4x4, 3x3), which takes wide convs, has its own
+    (tests/test_winograd4.py)."""
+    from krypton_db.exec import winograd4_cpu as W4
+
+    monkeypatch.setattr(W4, "ENABLED", False)
+
+
 def _conv_graph(cin, cout, hw, pads, rng, act=None):
     w = (rng.normal(size=(cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
     b = rng.normal(size=cout).astype(np.float32)

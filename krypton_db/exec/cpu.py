@@ -28,6 +28,7 @@ from ..heap import pin_mmap_threshold, return_freed_heap
 from . import gemm_cpu as G
 from . import transpose_cpu as TR
 from . import kernels_cpu as K
+from . import winograd4_cpu as W4
 from . import winograd_cpu as W
 from . import winograd1d_cpu as W1
 
@@ -210,6 +211,7 @@ class ConvWeights:
     packs: list[np.ndarray] | None = None  # per group, ``gemm_cpu.pack_weights(mats[g])``
     wino: np.ndarray | None = None  # ``winograd_cpu.transform_filters(w4)``: [16, ...]
     wino1d: tuple | None = None  # ``winograd1d_cpu.transform_filters(w4)``
+    wino4: np.ndarray | None = None  # ``winograd4_cpu.transform_filters(w4)``: [36, ...]
 
     @classmethod
     def of(cls, node: Node) -> "ConvWeights":
@@ -232,6 +234,20 @@ class ConvWeights:
         if self.wino is None:
             self.wino = W.transform_filters(self.w4)
         return self.wino
+
+    def winograd4(self) -> np.ndarray:
+        if self.wino4 is None:
+            self.wino4 = W4.transform_filters(self.w4)
+        return self.wino4
+
+    def winograd3x3(self, c: int, out_hw):
+        """(the Winograd kernel module, its filters) for this 3x3 stride-1 conv with ``c``
+        input channels and output size ``out_hw``: F(4x4, 3x3) where ``winograd4_cpu``
+        takes it, else F(2x2, 3x3)."""
+        p = {"kernel": (3, 3), "stride": (1, 1), "dilation": (1, 1)}
+        if W4.eligible(p, c, self.w4.shape[0], len(self.mats), out_hw):
+            return W4, self.winograd4()
+        return W, self.winograd()
 
     def winograd1d(self) -> tuple:
         if self.wino1d is None:
@@ -422,17 +438,19 @@ WINO_BAND_FLOATS = 1 << 21  # CHWB input band per step of the dense Winograd pat
 
 
 def _conv_winograd(x, cw, act, tl, ho, wo, out):
-    """3x3 stride-1 conv of a CNHW batch by Winograd F(2x2, 3x3) on CHWB bands: output rows
-    [oy0, oy1) need input rows [oy0 - t, oy1 + 2 - t) (zero outside), transposed into a
-    zero-padded band [C, oy1 - oy0 + 2, wo + 2, N]; the band's output [O, rows, wo, N] is
-    transposed back into ``out``. Bands bound the scratch at any map size (an even row count,
-    so Winograd's 2x2 tiles never straddle two bands)."""
+    """3x3 stride-1 conv of a CNHW batch by Winograd F(4x4, 3x3) or F(2x2, 3x3)
+    (``ConvWeights.winograd3x3``) on CHWB bands: output rows [oy0, oy1) need input rows
+    [oy0 - t, oy1 + 2 - t) (zero outside), transposed into a zero-padded band
+    [C, oy1 - oy0 + 2, wo + 2, N]; the band's output [O, rows, wo, N] is transposed back into
+    ``out``. Bands bound the scratch at any map size (a row count that is a multiple of the
+    tile's, so Winograd's tiles never straddle two bands)."""
     c, n, h, w = x.shape
     o = out.shape[0]
     t, l = tl
     wr = wo + 2
-    rows = max(2, min(ho + ho % 2, WINO_BAND_FLOATS // max(c * wr * n, 1) // 2 * 2))
-    filters = cw.winograd()
+    kern, filters = cw.winograd3x3(c, (ho, wo))
+    tr = 4 if kern is W4 else 2
+    rows = max(tr, min(-(-ho // tr) * tr, WINO_BAND_FLOATS // max(c * wr * n, 1) // tr * tr))
     for oy0 in range(0, ho, rows):
         oy1 = min(oy0 + rows, ho)
         ylo, yhi = max(oy0 - t, 0), min(oy1 + 2 - t, h)
@@ -441,7 +459,7 @@ def _conv_winograd(x, cw, act, tl, ho, wo, out):
         pt = ylo - (oy0 - t)
         parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, ylo, yhi, pt, l, buf, lo, hi))
         y = _scratch_as("dense_out", (o, oy1 - oy0, wo, n))
-        W.conv(buf, filters, cw.bias, act, y)
+        kern.conv(buf, filters, cw.bias, act, y)
         parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
 
 

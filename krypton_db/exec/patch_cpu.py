@@ -272,7 +272,8 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
         return out
     cg, og = c // g, o // g
     if W.eligible(p, c, g, (ho, wo)):
-        W.conv(buf, cw.winograd(), cw.bias, act, out)
+        kern, filters = cw.winograd3x3(c, (ho, wo))  # F(4x4, 3x3) or F(2x2, 3x3)
+        kern.conv(buf, filters, cw.bias, act, out)
         return out
     if W1.eligible(p, c, g, (ho, wo)):
         if W1.filter_axis(p) == 0:  # r x 1: the read-in is the layout the kernel runs on
