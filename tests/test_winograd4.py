@@ -100,10 +100,12 @@ def test_dense_route_with_fused_activation(op, params, pads, hw, band, monkeypat
 
 def test_routing(monkeypatch):
     """F(4x4) takes 3x3 stride-1 convs of >= 64 channels in and out where its padded tiles
-    still save more than its transforms cost; the others stay F(2x2) (or direct); switched
-    off, F(2x2) takes them all."""
+    still save more than its transforms cost and its filters fit the per-conv cap; the others
+    stay F(2x2) (or direct); switched off, F(2x2) takes them all."""
     p = dict(kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
-    assert W4.eligible(p, 64, 64, 1, (14, 14)) and W4.eligible(p, 512, 512, 1, (7, 7))
+    assert W4.eligible(p, 64, 64, 1, (14, 14)) and W4.eligible(p, 256, 256, 1, (7, 7))
+    # 512 x 512: its 36 transformed matrices would take 37.7 MB (``MAX_FILTER_BYTES``)
+    assert not W4.eligible(p, 512, 512, 1, (7, 7)) and W4.eligible(p, 448, 256, 1, (8, 8))
     assert W4.eligible(p, 64, 64, 1, (56, 56)) and W4.eligible(p, 128, 256, 1, (13, 11))
     assert W4.eligible(p, 64, 64, 1, (13, 13)) and W4.eligible(p, 64, 64, 1, (11, 11))
     assert not W4.eligible(p, 32, 64, 1, (14, 14)) and not W4.eligible(p, 64, 32, 1, (14, 14))
