@@ -187,3 +187,41 @@ def test_pinned_mmap_threshold_returns_freed_batch_buffers():
 
     assert grown("dynamic") > 6 << 20  # the probe sees glibc's behaviour at all
     assert grown("pinned") < 1 << 20
+
+
+def test_step_scratch_takes_dense_transposes_from_the_allocator():
+    """Inside ``cpu.step_scratch`` a dense conv's whole-batch transposes (``dense_in`` /
+    ``dense_out``) come from the given allocator (the incremental executor's batch arena),
+    not the thread's persistent scratch; a band loop reuses its first buffer; the result is
+    the same. Run on a fresh thread, whose persistent scratch starts empty."""
+    import threading
+
+    from test_winograd import _conv_graph
+
+    from krypton_db.exec import cpu as C
+    from krypton_db.exec import reference
+    from krypton_db.graph import Op
+
+    rng = np.random.default_rng(4)
+    g = _conv_graph(32, 32, (14, 10), (1, 1, 1, 1), rng, act=(Op.RELU, {}))
+    x = rng.normal(size=(5, 32, 14, 10)).astype(np.float32)
+    ex = C.CpuExecutor(g)
+    step = ex.plan.steps[0]
+    xi = np.ascontiguousarray(x.transpose(1, 0, 2, 3))
+    got, asked, persistent = {}, [], {}
+
+    def alloc(shape):
+        asked.append(tuple(shape))
+        return np.empty(shape, np.float32)
+
+    def body():
+        with C.step_scratch(alloc):
+            got["y"] = ex._exec(step, [xi])
+        persistent.update(getattr(C._TLS, "bufs", {}))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert len(asked) == 2 and not {"dense_in", "dense_out"} & set(persistent)
+    want = reference.run(g, x)[g.output]
+    np.testing.assert_allclose(got["y"].transpose(1, 0, 2, 3), want, rtol=1e-4, atol=1e-4)

@@ -193,8 +193,46 @@ def _scratch(key: str, size: int) -> np.ndarray:
 
 
 def _scratch_as(key: str, shape) -> np.ndarray:
-    """``_scratch`` shaped as ``shape`` (C-contiguous)."""
+    """``_scratch`` shaped as ``shape`` (C-contiguous); inside ``step_scratch`` the
+    whole-batch keys (``dense_in`` / ``dense_out``) come from that step's allocator."""
+    step = getattr(_TLS, "step", None)
+    if step is not None and key in _STEP_KEYS:
+        return step.get(key, shape)
     return _scratch(key, math.prod(shape)).reshape(shape)
+
+
+_STEP_KEYS = ("dense_in", "dense_out")
+
+
+class _StepScratch:
+    """One step's ``dense_in`` / ``dense_out`` buffers from an allocator (a band loop reuses
+    the first band's buffer)."""
+
+    def __init__(self, alloc):
+        self.alloc = alloc
+        self.bufs: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, shape) -> np.ndarray:
+        n = math.prod(shape)
+        b = self.bufs.get(key)
+        if b is None or b.size < n:
+            b = self.bufs[key] = self.alloc((n,))
+        return b[:n].reshape(shape)
+
+
+@contextmanager
+def step_scratch(alloc):
+    """Within this scope the calling thread's dense convs and pools take their whole-batch
+    transpose buffers from ``alloc`` instead of the thread's persistent scratch: the
+    incremental executor passes its batch arena's allocator, so those buffers share the
+    planned slab with the batch's other dead buffers (ResNet18's layer4 held 12 MB of
+    persistent ``dense_in`` / ``dense_out`` beside the slab)."""
+    prev = getattr(_TLS, "step", None)
+    _TLS.step = _StepScratch(alloc)
+    try:
+        yield
+    finally:
+        _TLS.step = prev
 
 
 # -- convolution ---------------------------------------------------------------------------------

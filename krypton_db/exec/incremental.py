@@ -30,7 +30,7 @@ from ..heap import return_freed_heap
 from . import patch_cpu as P
 from ..planner.batching import peak_bytes_per_query
 from ..planner.explain import whole_map_runs_dense
-from .cpu import BufferLedger, CpuExecutor, _to_external, act_spec
+from .cpu import BufferLedger, CpuExecutor, _to_external, act_spec, step_scratch
 
 
 class PlannedArena:
@@ -300,7 +300,8 @@ class IncrementalExecutor:
         if kind == "merge" and patches and len(node.shape) == 3:
             return self._merge(ds, step, ins, b)
         full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
-        return self.ex._exec(step, full, alloc=self._ledger.out_alloc(ds.out_name))
+        with step_scratch(self._alloc):  # transposes' scratch from the batch arena, returned at adopt
+            return self.ex._exec(step, full, alloc=self._ledger.out_alloc(ds.out_name))
 
     def _window(self, ds, step, pin: Patch) -> Patch:
         node = ds.node
