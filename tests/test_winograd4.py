@@ -56,6 +56,7 @@ def test_transforms_compute_the_correlation():
     (64, 80, (16, 14), 17),    # 14 x 12: batch past one vector with a remainder
     (96, 64, (6, 6), 48),      # 4 x 4: one tile, three whole vectors
     (128, 64, (15, 16), 3),    # 13 x 14, several column chunks
+    (192, 192, (9, 9), 48),    # 7 x 7 at the widest square conv the filter cap admits
 ])
 def test_chwb_patch_route(cin, cout, hw, n, monkeypatch):
     from krypton_db.exec import patch_cpu as P
@@ -103,9 +104,10 @@ def test_routing(monkeypatch):
     still save more than its transforms cost and its filters fit the per-conv cap; the others
     stay F(2x2) (or direct); switched off, F(2x2) takes them all."""
     p = dict(kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
-    assert W4.eligible(p, 64, 64, 1, (14, 14)) and W4.eligible(p, 256, 256, 1, (7, 7))
-    # 512 x 512: its 36 transformed matrices would take 37.7 MB (``MAX_FILTER_BYTES``)
-    assert not W4.eligible(p, 512, 512, 1, (7, 7)) and W4.eligible(p, 448, 256, 1, (8, 8))
+    assert W4.eligible(p, 64, 64, 1, (14, 14)) and W4.eligible(p, 192, 192, 1, (7, 7))
+    # 256 x 256 / 512 x 512: 36 transformed matrices take 9.4 / 37.7 MB (``MAX_FILTER_BYTES``)
+    assert not W4.eligible(p, 256, 256, 1, (7, 7)) and not W4.eligible(p, 512, 512, 1, (7, 7))
+    assert W4.eligible(p, 128, 384, 1, (8, 8)) and not W4.eligible(p, 448, 384, 1, (8, 8))
     assert W4.eligible(p, 64, 64, 1, (56, 56)) and W4.eligible(p, 128, 256, 1, (13, 11))
     assert W4.eligible(p, 64, 64, 1, (13, 13)) and W4.eligible(p, 64, 64, 1, (11, 11))
     assert not W4.eligible(p, 32, 64, 1, (14, 14)) and not W4.eligible(p, 64, 32, 1, (14, 14))

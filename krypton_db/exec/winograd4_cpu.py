@@ -36,11 +36,12 @@ ENABLED = os.environ.get("KRYPTON_WINOGRAD4", "1") != "0" and W2.ENABLED
 # at least this many input channels (the GEMMs' K) and output channels
 MIN_CHANNELS = 64
 # Transformed filters per conv at most this many bytes (36 matrices O x C, 2.25x F(2x2)'s):
-# wider convs stay F(2x2). 512 x 512 convs (ResNet18's layer4, VGG16's last six) would hold
-# 37.7 MB each instead of 16.8: with them, ResNet18's exact run was 10% faster still (2.42x
-# ORT-naive instead of 2.11-2.2x) but peaked at 535 MB against ORT-naive's 483 (the exact
-# benchmark's line: no more memory than naive re-inference); with this cap 476 MB.
-MAX_FILTER_BYTES = 16 << 20
+# wider convs stay F(2x2). The exact benchmark's line is no more peak memory than naive
+# re-inference (ORT-naive: 470-488 MB on ResNet18). With every 3x3 conv on F(4x4) ResNet18's
+# exact run was 2.42x ORT-naive but peaked at 535 MB (its 512 x 512 layer4 convs hold 37.7 MB
+# each instead of 16.8); up to 16 MiB (256 x 256 included) 2.34x at 475 MB; up to 8 MiB
+# (192 x 192 and below) ~3.5% slower at ~460 MB, which leaves a margin run to run.
+MAX_FILTER_BYTES = 8 << 20
 # F(4x4) takes a conv when its GEMM multiply-adds times this are below F(2x2)'s (both pad
 # the output to whole tiles: 7x7 is 8x8 for both, 14x14 16x16 here). Its transforms cost
 # more per product: on 512 channels at batch 48, 7x7 ran 12.3 ms vs 19.7 (F(2x2)), 14x14
