@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 5  # bump when the features change: older calibrations fall back to the defaults
+VERSION = 6  # bump when the features change: older calibrations fall back to the defaults
 FEATURES = ("conv_macs", "conv_acc", "dense_conv_macs", "fc_macs", "moved", "step")
 NQ = len(FEATURES) - 1  # per-query features (the last one is per step and batch)
 # rough constants of a 2-core AVX2 machine, used until CALIBRATE runs (seconds per unit)
