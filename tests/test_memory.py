@@ -189,17 +189,18 @@ def test_pinned_mmap_threshold_returns_freed_batch_buffers():
     assert grown("pinned") < 1 << 20
 
 
-def test_step_scratch_takes_dense_transposes_from_the_allocator():
+def test_step_scratch_takes_dense_transposes_from_the_allocator(monkeypatch):
     """Inside ``cpu.step_scratch`` a dense conv's whole-batch transposes (``dense_in`` /
     ``dense_out``) come from the given allocator (the incremental executor's batch arena),
-    not the thread's persistent scratch; a band loop reuses its first buffer; the result is
-    the same. Run on a fresh thread, whose persistent scratch starts empty."""
+    not the thread's persistent scratch; a loop over several bands reuses its first buffers;
+    the result is the same. Run on a fresh thread, whose persistent scratch starts empty."""
     import threading
 
     from test_winograd import _conv_graph
 
     from krypton_db.exec import cpu as C
     from krypton_db.exec import reference
+    from krypton_db.exec import winograd_cpu as W
     from krypton_db.graph import Op
 
     rng = np.random.default_rng(4)
@@ -208,7 +209,7 @@ def test_step_scratch_takes_dense_transposes_from_the_allocator():
     ex = C.CpuExecutor(g)
     step = ex.plan.steps[0]
     xi = np.ascontiguousarray(x.transpose(1, 0, 2, 3))
-    got, asked, persistent = {}, [], {}
+    got, asked, persistent, bands = {}, [], {}, []
 
     def alloc(shape):
         asked.append(tuple(shape))
@@ -219,9 +220,50 @@ def test_step_scratch_takes_dense_transposes_from_the_allocator():
             got["y"] = ex._exec(step, [xi])
         persistent.update(getattr(C._TLS, "bufs", {}))
 
+    monkeypatch.setattr(C, "WINO_BAND_FLOATS", 32 * 6 * 12 * 5)  # 6-row bands: 14 rows in 3
+    real = W.conv
+    monkeypatch.setattr(W, "conv", lambda *a, **kw: (bands.append(1), real(*a, **kw))[1])
     t = threading.Thread(target=body)
     t.start()
     t.join()
+    assert len(bands) == 3
+    # one dense_in and one dense_out for the whole band loop (the first band's, reused)
     assert len(asked) == 2 and not {"dense_in", "dense_out"} & set(persistent)
     want = reference.run(g, x)[g.output]
     np.testing.assert_allclose(got["y"].transpose(1, 0, 2, 3), want, rtol=1e-4, atol=1e-4)
+
+
+def test_shifted_patch_conv_reads_its_own_slice_of_a_slab():
+    """A 5x5 patch conv on a few queries takes the shifted-window route, which reads the
+    gathered read-in through the spare tail after it. Replayed batches hand the read-in out
+    as a slice of the arena's slab, at any offset (numpy collapses view chains: ``buf.base``
+    is the slab), so the route must start at the read-in's own first element."""
+    from krypton_db.exec import cpu as C
+    from krypton_db.exec import patch_cpu as P
+    from krypton_db.exec import reference
+    from krypton_db.graph import Graph, Node, Op
+
+    rng = np.random.default_rng(6)
+    c, o, hr, wr, nb = 16, 8, 12, 13, 3
+    w = (rng.normal(size=(o, c, 5, 5)) / 20).astype(np.float32)
+    b = rng.normal(size=o).astype(np.float32)
+    nodes = [Node("x", Op.INPUT, (), {}, {}, (c, hr, wr)),
+             Node("k", Op.CONV, ("x",), dict(kernel=(5, 5), stride=(1, 1), pads=(0, 0, 0, 0), dilation=(1, 1),
+                                             groups=1), {"W": w, "B": b}, (o, hr - 4, wr - 4))]
+    g = Graph(nodes, "k")
+    x = rng.normal(size=(nb, c, hr, wr)).astype(np.float32)
+    n, tail = c * hr * wr * nb, 4 * nb
+    slab = rng.normal(size=5000 + n + tail).astype(np.float32)  # other buffers' data around it
+    buf = slab[5000 : 5000 + n].reshape(c, hr, wr, nb)
+    buf[...] = x.transpose(1, 2, 3, 0)
+    assert buf.base is slab
+    calls = []
+    real = P._conv_shift
+    P._conv_shift = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
+    try:
+        got = P.conv_chwb(buf, g["k"], C.ConvWeights.of(g["k"]), C.act_spec(None), (hr - 4, wr - 4))
+    finally:
+        P._conv_shift = real
+    assert calls, "the shifted-window route was not taken"
+    want = reference.run(g, x)["k"].transpose(1, 2, 3, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -272,7 +272,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
         return out
     cg, og = c // g, o // g
     if W.eligible(p, c, g, (ho, wo)):
-        kern, filters = cw.winograd3x3(c, (ho, wo))  # F(4x4, 3x3) or F(2x2, 3x3)
+        kern, filters = cw.winograd3x3(p, c, (ho, wo))  # F(4x4, 3x3) or F(2x2, 3x3)
         kern.conv(buf, filters, cw.bias, act, out)
         return out
     if W1.eligible(p, c, g, (ho, wo)):
@@ -394,6 +394,23 @@ def _conv_grid(src, cw, offs, ho, wo, wp, nb, act, out2):
     parallel_chunks(nchunks, one)
 
 
+def _with_tail(buf: np.ndarray, n: int) -> np.ndarray:
+    """The n floats from ``buf``'s first element on, as a 1-D view of the memory ``buf`` lives
+    in (the gather leaves a tail of spare floats after it) where that memory holds them, else
+    a zero-padded copy. ``buf.base`` is the *owner* of the memory: an arena slab, of which
+    ``buf`` may be any slice (numpy collapses view chains), so the view starts at buf's own
+    offset into it, not at the owner's start."""
+    base = buf.base
+    if base is not None and buf.flags.c_contiguous and isinstance(base, np.ndarray) and base.dtype == np.float32 \
+            and base.flags.c_contiguous:
+        off, rem = divmod(buf.__array_interface__["data"][0] - base.__array_interface__["data"][0], 4)
+        if rem == 0 and 0 <= off and off + n <= base.size:
+            return base.reshape(-1)[off : off + n]
+    flat = np.zeros(n, np.float32)
+    flat[: buf.size] = buf.reshape(-1)
+    return flat
+
+
 def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     c = buf.shape[0]
     o = out.shape[0]
@@ -405,10 +422,7 @@ def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     # the gathered buffer owns a tail of spare floats after its last channel (see gather), so
     # the overhanging reads of dropped columns stay inside the allocation
     tail = (kw - 1) * dw * nb
-    flat = buf.base
-    if flat is None or flat.size < c * chan + tail or not buf.flags.c_contiguous:
-        flat = np.zeros(c * chan + tail, np.float32)
-        flat[: c * chan] = buf.reshape(-1)
+    flat = _with_tail(buf, c * chan + tail)
     b2 = np.lib.stride_tricks.as_strided(flat, (c, chan + tail), (chan * 4, 4))
     offs = np.array([(i * dh * wr + j * dw) * nb for i in range(kh) for j in range(kw)], np.int64)
     ncols = ho * wr * nb
