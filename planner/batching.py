@@ -78,6 +78,8 @@ def peak_bytes_per_query(plan, device: str = "cpu") -> int:
             transient += sum(chans) * ds.out_size[0] * ds.out_size[1]
         if "StitchFull" in ks:
             transient += sum(math.prod(g[i].shape) for i in node.inputs)
+        if not patch_out and device == "cpu":
+            transient += _dense_transposes(g, node)
         peak = max(peak, live + transient + out)
         live += out
         size[ds.out_name] = out
@@ -85,6 +87,26 @@ def peak_bytes_per_query(plan, device: str = "cpu") -> int:
             if last.get(i) == idx:
                 live -= size.pop(i, 0)
     return 4 * peak
+
+
+def _dense_transposes(g, node) -> int:
+    """Floats per query of a dense CPU conv's or strided max pool's whole-batch transposes
+    (``cpu``'s ``dense_in`` / ``dense_out``, which an incremental step takes from its batch
+    arena, ``cpu.step_scratch``): the zero-padded input and the output, whole -- the bands cap
+    them on large maps, so this bounds them. Routes without them (depthwise, 1x1 stride-1,
+    im2col / shifted-window chunks in per-thread scratch) are counted too: an upper bound."""
+    from krypton_db.graph import Op
+
+    p = node.params
+    if node.op is Op.CONV and len(node.shape) == 3:
+        c, h, w = g[node.inputs[0]].shape
+        t, l, b, r = p["pads"]
+        if p["groups"] > 1 or (tuple(p["kernel"]) == (1, 1) and tuple(p["stride"]) == (1, 1) and not any(p["pads"])):
+            return 0
+        return c * (h + t + b) * (w + l + r) + math.prod(node.shape)
+    if node.op is Op.MAXPOOL and len(node.shape) == 3 and tuple(p["stride"]) != (1, 1):
+        return math.prod(g[node.inputs[0]].shape) + math.prod(node.shape)
+    return 0
 
 
 def _phase_planes(node, c: int, out_size) -> int:

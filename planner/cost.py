@@ -19,8 +19,9 @@ for full inference (materializing the views, naive re-inference):
 - FC MACs            fully connected products (a batch-sized GEMM, different efficiency)
 - (Winograd convs)   3x3 stride-1 convs count the GEMM MACs Winograd executes (F(4x4, 3x3):
                      36 per 4x4 output tile and channel pair, not 144; F(2x2, 3x3): 16 per
-                     2x2 tile, not 36) and their transforms' traffic as elements moved; 1x7 / 7x1 / 1x3 / 3x1 convs likewise for the
-                     1-D F(4, r) (``winograd1d_cpu``: 10 products per 4 outputs, not 28)
+                     2x2 tile, not 36) and their transforms' traffic as elements moved;
+                     1x7 / 7x1 / 1x3 / 3x1 convs likewise for the 1-D F(4, r)
+                     (``winograd1d_cpu``: 10 products per 4 outputs, not 28)
 - elements moved     memory-bound kernels: read-in gathers, stitches, pooling inputs,
                      pointwise / merge outputs
 - c_step             a fixed cost per step and batch (Python dispatch, thread-pool wakeups)
@@ -97,7 +98,7 @@ def _op_features(node, graph, macs: int, in_elems: int, out_elems: int,
         g = node.params.get("groups", 1)
         cg = c // g
         ho, wo = out_hw if out_hw is not None else node.shape[1:]
-        if W4.eligible(node.params, c, node.shape[0], g, (ho, wo)):
+        if W4.eligible(node.params, c=c, o=node.shape[0], groups=g, out_hw=(ho, wo)):
             # Winograd F(4x4, 3x3): 36 products per 4x4 output tile instead of 144
             tiles = -(-ho // 4) * -(-wo // 4)
             macs = macs * 36 * tiles / (9 * ho * wo)

@@ -131,3 +131,22 @@ def test_winograd_convs_count_the_macs_they_execute(tiny_nets, monkeypatch):
         assert on[name][k] == pytest.approx(off[name][k] * ratio)
         assert on[name][4] > off[name][4]  # the transforms' traffic
     assert seen >= 2, "the wide net's Winograd convs"
+
+
+def test_f4x4_winograd_convs_count_the_macs_they_execute(monkeypatch):
+    """A 3x3 stride-1 conv of >= 64 channels within the filter cap runs as Winograd F(4x4,
+    3x3): 36 GEMM products per 4x4 output tile (7x7 padded to 8x8), counted so; with F(4x4)
+    off, F(2x2)'s 16 per 2x2 tile."""
+    from test_winograd import _conv_graph
+
+    from krypton_db.exec import winograd4_cpu as W4
+
+    g = _conv_graph(64, 64, (7, 7), (1, 1, 1, 1), np.random.default_rng(0))
+    node = g["c"]
+    direct = node.macs
+    f4 = cost._op_features(node, g, direct, 64 * 49, 64 * 49, dense=True)
+    assert f4[2] == pytest.approx(direct * 36 * 4 / (9 * 49))
+    monkeypatch.setattr(W4, "ENABLED", False)
+    f2 = cost._op_features(node, g, direct, 64 * 49, 64 * 49, dense=True)
+    assert f2[2] == pytest.approx(direct * 16 * 16 / (9 * 49))
+    assert f4[4] < f2[4] * 2.25  # transforms' traffic: 36 x 4 tiles vs 16 x 16

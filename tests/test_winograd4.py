@@ -1,7 +1,7 @@
 """Winograd F(4x4, 3x3) (exec/winograd4_cpu.py) against the float64 numpy reference executor:
 its filter transform, the patch (CHWB) and dense (CNHW, banded) routes, outputs that are not
 a multiple of 4 (edge tiles), batches that are not a multiple of the vector width, every
-activation code, the routing between it and F(2x2, 3x3), and its accuracy bound."""
+activation code (and none), the routing between it and F(2x2, 3x3), and its accuracy bound."""
 
 import numpy as np
 import pytest
@@ -80,6 +80,8 @@ def test_chwb_patch_route(cin, cout, hw, n, monkeypatch):
     (Op.LEAKY_RELU, {"alpha": 0.1}),
     (Op.SIGMOID, {}),
     (Op.HARD_SWISH, {}),
+    (Op.HARD_SIGMOID, {"alpha": 0.2, "beta": 0.5}),
+    (None, None),
 ])
 @pytest.mark.parametrize("pads,hw,band", [((1, 1, 1, 1), (11, 13), 1 << 21), ((1, 1, 1, 1), (21, 10), 1 << 14),
                                           ((0, 2, 1, 0), (9, 9), 1 << 14)])
@@ -87,7 +89,7 @@ def test_dense_route_with_fused_activation(op, params, pads, hw, band, monkeypat
     """Whole-map convs through CHWB bands (multiples of 4 rows); small bands force several
     bands and a partial last one."""
     rng = np.random.default_rng(7)
-    g = _conv_graph(64, 64, hw, pads, rng, act=(op, params))
+    g = _conv_graph(64, 64, hw, pads, rng, act=None if op is None else (op, params))
     x = rng.normal(size=(6, 64) + hw).astype(np.float32)
     monkeypatch.setattr(C, "WINO_BAND_FLOATS", band)
     calls = _spy(monkeypatch, W4)

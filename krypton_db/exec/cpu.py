@@ -2,9 +2,12 @@
 
 Lowering (``CpuPlan``): each graph node becomes one step; a CONV or ADD followed by its only
 consumer being a pointwise activation is fused (the activation runs in the GEMM epilogue
-while the output block is still in cache). Convolutions are lowered to chunked im2col + BLAS
-sgemm (numpy's OpenBLAS; ``threadpoolctl`` shows its kernel), depthwise convolutions to a
-direct numba kernel, 1x1 stride-1 convolutions to a plain GEMM on the input itself.
+while the output tile is still in cache). Convolutions run on ``gemm_cpu``'s tap GEMM
+(``conv_cnhw``: 1x1 stride-1 as a plain GEMM on the input itself, 3x3 stride-1 as Winograd
+F(4x4, 3x3) / F(2x2, 3x3), 1 x r / r x 1 as 1-D Winograd, strided ones over phase planes,
+the rest shifted-window or im2col), depthwise convolutions on a direct numba kernel. A value
+read only by one channel concat is written into its slice of the concat's buffer
+(``concat_slots``).
 
 Feature maps are CNHW (see ``kernels_cpu``); vectors are [N, K]. ``run`` takes and returns
 the model's own NCHW/[N, K] batches.
@@ -177,11 +180,12 @@ def _scratch(key: str, size: int) -> np.ndarray:
 
     Keys are roles, not call sites, so buffers that are never live at once share memory:
     ``dense_in`` / ``dense_out`` (the calling thread's whole-batch transposes of one dense conv:
-    CHWB read-in, Winograd band, phase planes, and their outputs), ``work`` (one parallel
-    chunk's im2col columns, shifted-GEMM accumulator or Winograd V/M slots), ``acc`` (beside
-    ``work`` in the shifted-window conv), ``gemm_bp`` / ``gemm_tile`` (inside the tap GEMM,
-    which any of the others may call) and ``gather_blk`` / ``gather_patch`` (the gather's
-    16-query blocks). Keeping one buffer per call site held ResNet18's
+    CHWB read-in, Winograd band, phase planes, and their outputs; inside ``step_scratch``
+    they come from the incremental batch arena instead), ``work`` (one parallel chunk's
+    im2col columns, shifted-GEMM accumulator or Winograd V/M slots), ``acc`` (beside ``work``
+    in the shifted-window conv), ``wino4_tmp`` (F(4x4, 3x3)'s per-tile staging),
+    ``gemm_bp`` / ``gemm_tile`` (inside the tap GEMM, which any of the others may call) and
+    ``gather_blk`` / ``gather_patch`` (the gather's 16-query blocks). Keeping one buffer per call site held ResNet18's
     exact run ~14 MB more for buffers never live together."""
     d = getattr(_TLS, "bufs", None)
     if d is None:
@@ -278,12 +282,11 @@ class ConvWeights:
             self.wino4 = W4.transform_filters(self.w4)
         return self.wino4
 
-    def winograd3x3(self, c: int, out_hw):
-        """(the Winograd kernel module, its filters) for this 3x3 stride-1 conv with ``c``
-        input channels and output size ``out_hw``: F(4x4, 3x3) where ``winograd4_cpu``
-        takes it, else F(2x2, 3x3)."""
-        p = {"kernel": (3, 3), "stride": (1, 1), "dilation": (1, 1)}
-        if W4.eligible(p, c, self.w4.shape[0], len(self.mats), out_hw):
+    def winograd3x3(self, params: dict, c: int, out_hw):
+        """(the Winograd kernel module, its filters) for this conv (node ``params``, ``c``
+        input channels, output size ``out_hw``; one ``winograd_cpu.eligible`` accepts):
+        F(4x4, 3x3) where ``winograd4_cpu`` takes it, else F(2x2, 3x3)."""
+        if W4.eligible(params, c=c, o=self.w4.shape[0], groups=len(self.mats), out_hw=out_hw):
             return W4, self.winograd4()
         return W, self.winograd()
 
@@ -422,7 +425,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
             conv1x1(x.reshape(c, ncols), cw, g, act, out2)
             return out
         if W.eligible(p, c, g, (ho, wo)):
-            _conv_winograd(x, cw, act, (t, l), ho, wo, out)
+            _conv_winograd(x, p, cw, act, (t, l), ho, wo, out)
             return out
         if W1.eligible(p, c, g, (ho, wo)):
             _conv_winograd1d(x, p, cw, act, (t, l), ho, wo, out)
@@ -475,7 +478,7 @@ def _conv_via_chwb(x, node, cw, act, tl, ho, wo, out):
 WINO_BAND_FLOATS = 1 << 21  # CHWB input band per step of the dense Winograd path (8 MiB)
 
 
-def _conv_winograd(x, cw, act, tl, ho, wo, out):
+def _conv_winograd(x, p, cw, act, tl, ho, wo, out):
     """3x3 stride-1 conv of a CNHW batch by Winograd F(4x4, 3x3) or F(2x2, 3x3)
     (``ConvWeights.winograd3x3``) on CHWB bands: output rows [oy0, oy1) need input rows
     [oy0 - t, oy1 + 2 - t) (zero outside), transposed into a zero-padded band
@@ -486,7 +489,7 @@ def _conv_winograd(x, cw, act, tl, ho, wo, out):
     o = out.shape[0]
     t, l = tl
     wr = wo + 2
-    kern, filters = cw.winograd3x3(c, (ho, wo))
+    kern, filters = cw.winograd3x3(p, c, (ho, wo))
     tr = 4 if kern is W4 else 2
     rows = max(tr, min(-(-ho // tr) * tr, WINO_BAND_FLOATS // max(c * wr * n, 1) // tr * tr))
     for oy0 in range(0, ho, rows):
@@ -779,10 +782,14 @@ def concat_into(ins: list[np.ndarray], out: np.ndarray) -> np.ndarray:
     for v in ins:
         dst = out[c0 : c0 + v.shape[0]]
         c0 += v.shape[0]
-        if v.__array_interface__["data"][0] == dst.__array_interface__["data"][0] and v.strides == dst.strides:
-            continue
-        parallel_ranges(v.shape[0], lambda lo, hi, v=v, dst=dst: np.copyto(dst[lo:hi], v[lo:hi]))
+        if not _in_slot(v, dst):
+            parallel_ranges(v.shape[0], lambda lo, hi, v=v, dst=dst: np.copyto(dst[lo:hi], v[lo:hi]))
     return out
+
+
+def _in_slot(v: np.ndarray, dst: np.ndarray) -> bool:
+    """Whether ``v`` already is the slice ``dst`` (same first element and strides)."""
+    return v.__array_interface__["data"][0] == dst.__array_interface__["data"][0] and v.strides == dst.strides
 
 
 class _Arena:
@@ -806,9 +813,12 @@ class _Arena:
 
 class BufferLedger:
     """Which arena buffers hold which value during one run, shared by the dense and the
-    incremental executor: ``alloc`` hands out arena buffers; ``adopt`` after a step keeps the
-    ones its output lives in (returns the step's scratch); ``release`` after a value's last
-    reader returns its buffers, unless a value still alive views them."""
+    incremental executor: ``alloc`` hands out arena buffers; ``out_alloc(name)`` is the
+    allocator of the step producing ``name`` (a slice of a concat's buffer where the plan
+    gives ``name`` a slot: the concat owns that buffer from its first slice on); ``adopt``
+    after a step keeps the buffers its output lives in (returns the step's scratch);
+    ``release`` after a value's last reader returns its buffers, unless a value still alive
+    views them."""
 
     def __init__(self, arena, plan: CpuPlan | None = None):
         self.arena = arena
@@ -992,8 +1002,9 @@ class CpuExecutor:
         return self.run(batch)[self.graph.output]
 
     def _exec(self, step: Step, ins: list[np.ndarray], alloc=None) -> np.ndarray:
-        """One step on internal-layout inputs. ``alloc(shape)`` provides conv / pool output
-        buffers (the run's arena); by default they are fresh arrays."""
+        """One step on internal-layout inputs. ``alloc(shape)`` provides the step's 4-D output
+        buffer (the run's arena, or a concat's slice: ``BufferLedger.out_alloc``) for the ops
+        in ``_WRITES_INTO_ALLOC``; by default they are fresh arrays."""
         node = step.node
         op = node.op
         x = ins[0]

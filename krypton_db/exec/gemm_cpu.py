@@ -262,10 +262,9 @@ def tap_gemm(wp: np.ndarray, m: int, src: np.ndarray, offs: np.ndarray, col0: in
     from .cpu import _scratch  # the executor's per-thread work buffers (cpu imports this module)
 
     bp, tile = _scratch("gemm_bp", KC * NC), _scratch("gemm_tile", MR * NR)
-    if bias is None:
-        tap_gemm_cpu(wp, m, _flat(src), offs, src.strides[0] // 4, col0, ncols, _flat(out), 0,
-                     out.strides[0] // 4, accumulate, bp, tile)
-        return
+    if act is not None and bias is None:
+        raise ValueError("tap_gemm: an activation needs the bias it is fused with")
     code, a0, a1 = act if act is not None else (0, np.float32(0.0), np.float32(0.0))
     tap_gemm_act_cpu(wp, m, _flat(src), offs, src.strides[0] // 4, col0, ncols, _flat(out), 0,
-                     out.strides[0] // 4, accumulate, bp, tile, bias, code, a0, a1, True)
+                     out.strides[0] // 4, accumulate, bp, tile, _NO_BIAS if bias is None else bias,
+                     code, a0, a1, bias is not None)

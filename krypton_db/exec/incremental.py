@@ -243,7 +243,9 @@ class IncrementalExecutor:
         """The full tensors of a value: a patch stitched into its view, once per batch (a
         value read by two dense steps, e.g. ResNet's layer3 output by layer4.0's conv1 and
         downsample, is stitched for the first and reused by the second). The stitched
-        buffer belongs to the value and goes back at its last use."""
+        buffer belongs to the value and goes back at its last use -- unless the value has a
+        slot in a concat (``cpu.concat_slots``): then it is stitched into that slice, and the
+        concat owns the buffer."""
         if not isinstance(st, Patch):
             return st
         full = self._stitched.get(name)

@@ -316,28 +316,17 @@ def output_transform_cpu(mf, m0, mplane, at, j0, j1, bias, code, a0, a1, out, ve
 def conv(buf: np.ndarray, packed, bias: np.ndarray, act, out: np.ndarray) -> None:
     """Convolution along axis 1 (padding 0) of buf [C, A, L, B] into out [O, Ao, L, B]
     (Ao <= A - r + 1) with bias + activation; ``packed`` from ``transform_filters``."""
-    from .cpu import _scratch, balanced_chunks, parallel_chunks  # (cpu imports this module)
-
     filters, at, bt, vec = packed
     c = buf.shape[0]
     o, ho, nl, nb = out.shape
     if buf.shape[2:] != out.shape[2:]:
         raise ValueError(f"winograd1d: buffer {buf.shape} and output {out.shape} differ off the filter axis")
     m, a = at.shape
-    ncols = -(-ho // m) * nl * nb
-    cmax = max(c, o)
-    per, nchunks = balanced_chunks(ncols, max(G.NR, CHUNK_FLOATS // ((a + 1) * cmax)), G.NR)
     code, a0, a1 = act
 
-    def one(ci):
-        j0 = ci * per
-        j1 = min(j0 + per, ncols)
-        n = j1 - j0
-        # a + 1 slots: V[k] in slot k + 1, M[k] in slot k (GEMM k overwrites the consumed V[k - 1])
-        sl = cmax * n
-        vm = _scratch("work", (a + 1) * cmax * per)[: (a + 1) * sl]
+    def body(j0, j1, vm, sl):
         input_transform_cpu(buf, m, bt, j0, j1, vm, sl, sl, vec)
-        W2.gemms_cpu(filters, o, c, vm, sl, n, _scratch("gemm_bp", G.KC * G.NC), _scratch("gemm_tile", G.MR * G.NR))
+        W2.gemms(filters, o, c, vm, sl, j1 - j0)
         output_transform_cpu(vm, 0, sl, at, j0, j1, bias, code, a0, a1, out, vec)
 
-    parallel_chunks(nchunks, one)
+    W2.run_chunks(-(-ho // m) * nl * nb, a, max(c, o), CHUNK_FLOATS, body)

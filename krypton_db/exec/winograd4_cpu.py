@@ -23,7 +23,6 @@ import os
 import numpy as np
 from numba import njit
 
-from . import gemm_cpu as G
 from . import kernels_cpu as K
 from . import winograd1d_cpu as W1
 from . import winograd_cpu as W2
@@ -32,7 +31,8 @@ from .transpose_cpu import T as VL
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
 # KRYPTON_WINOGRAD4=0: F(2x2, 3x3) everywhere (for comparison: bench, research)
-ENABLED = os.environ.get("KRYPTON_WINOGRAD4", "1") != "0" and W2.ENABLED
+# (and only where F(2x2, 3x3) itself is enabled: ``eligible`` asks ``winograd_cpu.eligible``)
+ENABLED = os.environ.get("KRYPTON_WINOGRAD4", "1") != "0"
 # at least this many input channels (the GEMMs' K) and output channels
 MIN_CHANNELS = 64
 # Transformed filters per conv at most this many bytes (36 matrices O x C, 2.25x F(2x2)'s):
@@ -40,7 +40,8 @@ MIN_CHANNELS = 64
 # re-inference (ORT-naive: 470-488 MB on ResNet18). With every 3x3 conv on F(4x4) ResNet18's
 # exact run was 2.42x ORT-naive but peaked at 535 MB (its 512 x 512 layer4 convs hold 37.7 MB
 # each instead of 16.8); up to 16 MiB (256 x 256 included) 2.34x at 475 MB; up to 8 MiB
-# (192 x 192 and below) ~3.5% slower at ~460 MB, which leaves a margin run to run.
+# (192 x 192 and below) ~3.5% slower at 454 MB, which leaves a margin run to run. A conv whose
+# patches pick F(2x2) and whose whole map picks F(4x4) keeps both filter sets (not counted).
 MAX_FILTER_BYTES = 8 << 20
 # F(4x4) takes a conv when its GEMM multiply-adds times this are below F(2x2)'s (both pad
 # the output to whole tiles: 7x7 is 8x8 for both, 14x14 16x16 here). Its transforms cost
@@ -75,8 +76,7 @@ def eligible(node_params: dict, c: int, o: int, groups: int, out_hw) -> bool:
 def transform_filters(w4: np.ndarray) -> np.ndarray:
     """W [O, C, 3, 3] -> the 36 ``gemm_cpu``-packed U[k] = (G g G^T)[k] [O, C] (k = 6 * row +
     col), computed in float64, stacked as [36, panels, C * MR]."""
-    u = np.einsum("ai,ocij,bj->aboc", _G, w4.astype(np.float64), _G)  # [6, 6, O, C]
-    return G.pack_stack(u.reshape((_A * _A,) + u.shape[2:]))
+    return W2.transform_filters(w4, _G)
 
 
 @njit(**_NJ)
@@ -155,27 +155,17 @@ def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.nd
     """3x3 stride-1 convolution (padding 0) of buf [C, hR, wR, B] into out [O, ho, wo, B]
     (ho <= hR - 2, wo <= wR - 2) with bias + activation; ``filters`` from
     ``transform_filters``."""
-    from .cpu import _scratch, balanced_chunks, parallel_chunks  # (cpu imports this module)
+    from .cpu import _scratch  # (cpu imports this module)
 
-    c, hr, wr, nb = buf.shape
+    c, nb = buf.shape[0], buf.shape[3]
     o, ho, wo, _ = out.shape
     code, a0, a1 = act
-    nty, ntx = -(-ho // _M), -(-wo // _M)
-    ncols = nty * ntx * nb
-    cmax = max(c, o)
-    slots = _A * _A + 1
-    per, nchunks = balanced_chunks(ncols, max(G.NR, CHUNK_FLOATS // (slots * cmax)), G.NR)
+    ntx = -(-wo // _M)
 
-    def one(ci):
-        j0 = ci * per
-        j1 = min(j0 + per, ncols)
-        n = j1 - j0
-        # 37 slots: V[k] in slot k + 1, M[k] in slot k (GEMM k overwrites the consumed V[k - 1])
-        sl = cmax * n
-        vm = _scratch("work", slots * cmax * per)[: slots * sl]
+    def body(j0, j1, vm, sl):
         tmp = _scratch("wino4_tmp", _A * _A * VL)
         input_transform_cpu(buf, ntx, j0, j1, vm, sl, sl, tmp)
-        W2.gemms_cpu(filters, o, c, vm, sl, n, _scratch("gemm_bp", G.KC * G.NC), _scratch("gemm_tile", G.MR * G.NR))
+        W2.gemms(filters, o, c, vm, sl, j1 - j0)
         output_transform_cpu(vm, 0, sl, ntx, j0, j1, bias, code, a0, a1, out, tmp)
 
-    parallel_chunks(nchunks, one)
+    W2.run_chunks(-(-ho // _M) * ntx * nb, len(filters), max(c, o), CHUNK_FLOATS, body)

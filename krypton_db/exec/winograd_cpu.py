@@ -28,7 +28,6 @@ from numba import njit
 
 import llvmlite.ir as ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import gemm_cpu as G
@@ -149,18 +148,32 @@ def eligible(node_params: dict, c: int, groups: int, out_hw) -> bool:
             and 4 * (-(-ho // 2)) * (-(-wo // 2)) <= MAX_TILE_WASTE * ho * wo)
 
 
-def transform_filters(w4: np.ndarray) -> np.ndarray:
-    """W [O, C, 3, 3] -> the 16 ``gemm_cpu``-packed matrices U[k] [O, C] (k = 4 * row + col of
-    G g G^T), computed in float64, stacked as [16, panels, C * MR] (``[k]`` is one packed U)."""
-    u = np.einsum("ai,ocij,bj->aboc", _G, w4.astype(np.float64), _G)  # [4, 4, O, C]
-    return G.pack_stack(u.reshape((16,) + u.shape[2:]))
+def transform_filters(w4: np.ndarray, g: np.ndarray = _G) -> np.ndarray:
+    """W [O, C, 3, 3] -> the alpha^2 ``gemm_cpu``-packed matrices U[k] [O, C] (k = alpha * row
+    + col of G g G^T; G [alpha, 3]: F(2x2, 3x3)'s by default, alpha = 4), computed in float64
+    one k at a time (a [alpha, alpha, O, C] float64 temporary was 75 MB for a 512 x 512
+    F(4x4) conv), stacked as [alpha^2, panels, C * MR] (``[k]`` is one packed U)."""
+    o, c = w4.shape[:2]
+    w = w4.reshape(o * c, 9).astype(np.float64)
+    a = g.shape[0]
+
+    def u(k):  # U[k] = sum_ij G[row, i] G[col, j] w[:, :, i, j], a matrix-vector product
+        return G.pack_weights((w @ np.outer(g[k // a], g[k % a]).reshape(9)).reshape(o, c).astype(np.float32))
+
+    first = u(0)
+    out = np.empty((a * a,) + first.shape, np.float32)
+    out[0] = first
+    for k in range(1, a * a):
+        out[k] = u(k)
+    return out
 
 
 @njit(**_NJ)
 def gemms_cpu(filters, o, c, vm, sl, n, bp, tile):
-    """The 16 GEMMs of one column chunk: M[k] (slot k of ``vm``, [O, n]) = U[k] @ V[k] (slot
-    k + 1, [C, n]), slots ``sl`` floats apart. One call instead of 16 Python-level tap_gemm
-    calls (their argument checks and views were ~3% of a ResNet18 explanation)."""
+    """The GEMMs of one column chunk (one per transformed filter: 16 here, 36 for F(4x4, 3x3),
+    alpha for the 1-D ones): M[k] (slot k of ``vm``, [O, n]) = U[k] @ V[k] (slot k + 1,
+    [C, n]), slots ``sl`` floats apart. One call instead of Python-level tap_gemm calls (their
+    argument checks and views were ~3% of a ResNet18 explanation)."""
     zero = np.zeros(1, np.int64)
     for k in range(filters.shape[0]):
         G.tap_gemm_cpu(filters[k], o, vm, zero, n, (k + 1) * sl, n, vm, k * sl, n, False, bp, tile)
@@ -348,26 +361,42 @@ def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.nd
     """3x3 stride-1 convolution (padding 0) of buf [C, hR, wR, B] into out [O, ho, wo, B]
     (ho <= hR - 2, wo <= wR - 2) with bias + activation; ``filters`` from
     ``transform_filters``."""
-    from .cpu import _scratch, balanced_chunks, parallel_chunks  # (cpu imports this module)
-
-    c, hr, wr, nb = buf.shape
+    c, nb = buf.shape[0], buf.shape[3]
     o, ho, wo, _ = out.shape
     code, a0, a1 = act
-    nty, ntx = -(-ho // 2), -(-wo // 2)
-    ncols = nty * ntx * nb
-    cmax = max(c, o)
-    per, nchunks = balanced_chunks(ncols, max(G.NR, CHUNK_FLOATS // (17 * cmax)), G.NR)
+    ntx = -(-wo // 2)
+
+    def body(j0, j1, vm, sl):
+        input_transform_cpu(buf, ntx, j0, j1, vm, sl, sl)
+        gemms(filters, o, c, vm, sl, j1 - j0)
+        output_transform_cpu(vm, 0, sl, ntx, j0, j1, bias, code, a0, a1, out)
+
+    run_chunks(-(-ho // 2) * ntx * nb, len(filters), max(c, o), CHUNK_FLOATS, body)
+
+
+def gemms(filters, o: int, c: int, vm, sl: int, n: int) -> None:
+    """``gemms_cpu`` with the calling thread's GEMM scratch."""
+    from .cpu import _scratch  # (cpu imports this module)
+
+    gemms_cpu(filters, o, c, vm, sl, n, _scratch("gemm_bp", G.KC * G.NC), _scratch("gemm_tile", G.MR * G.NR))
+
+
+def run_chunks(ncols: int, nprod: int, cmax: int, chunk_floats: int, body) -> None:
+    """The Winograd drivers' common frame (2-D F(2x2) / F(4x4), 1-D F(m, r)): the ``ncols``
+    GEMM columns in balanced chunks of whole micro-tiles (about ``chunk_floats`` of V / M
+    scratch each), spread over the threads; ``body(j0, j1, vm, sl)`` transforms, multiplies
+    and transforms back columns [j0, j1) in ``vm``: nprod + 1 slots of ``sl`` = max(C, O) x n
+    floats, V[k] in slot k + 1 and M[k] in slot k (GEMM k writes over V[k - 1], which GEMM
+    k - 1 has consumed: half the memory of V + M)."""
+    from .cpu import _scratch, balanced_chunks, parallel_chunks  # (cpu imports this module)
+
+    slots = nprod + 1
+    per, nchunks = balanced_chunks(ncols, max(G.NR, chunk_floats // (slots * cmax)), G.NR)
 
     def one(ci):
         j0 = ci * per
         j1 = min(j0 + per, ncols)
-        n = j1 - j0
-        # 17 slots of max(C, O) x n floats: V[k] in slot k + 1, M[k] in slot k -- GEMM k
-        # writes over V[k - 1], which GEMM k - 1 has consumed (half the memory of V + M)
-        sl = cmax * n
-        vm = _scratch("work", 17 * cmax * per)[: 17 * sl]
-        input_transform_cpu(buf, ntx, j0, j1, vm, sl, sl)
-        gemms_cpu(filters, o, c, vm, sl, n, _scratch("gemm_bp", G.KC * G.NC), _scratch("gemm_tile", G.MR * G.NR))
-        output_transform_cpu(vm, 0, sl, ntx, j0, j1, bias, code, a0, a1, out)
+        sl = cmax * (j1 - j0)
+        body(j0, j1, _scratch("work", slots * cmax * per)[: slots * sl], sl)
 
     parallel_chunks(nchunks, one)
