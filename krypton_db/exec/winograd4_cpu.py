@@ -79,6 +79,14 @@ def transform_filters(w4: np.ndarray) -> np.ndarray:
     return W2.transform_filters(w4, _G)
 
 
+@njit(inline="always")
+def _tile_span(t, ntx, nb, j0, j1):
+    """Tile t's top-left output cell (4ty, 4tx), its queries [b0, b1) inside the column range
+    [j0, j1) (columns j = t * B + b), and the column offset of its b = 0 in the chunk."""
+    ty = t // ntx
+    return 4 * ty, 4 * (t - ty * ntx), max(j0 - t * nb, 0), min(j1 - t * nb, nb), t * nb - j0
+
+
 @njit(**_NJ)
 def input_transform_cpu(buf, ntx, j0, j1, vf, v0, vplane, tmp):
     """vf[v0 + k * vplane + c * n + j - j0] = (B^T d B)[k] (n = j1 - j0) for columns
@@ -93,10 +101,7 @@ def input_transform_cpu(buf, ntx, j0, j1, vf, v0, vplane, tmp):
         vb = v0 + c * n
         t = j0 // nb
         while t * nb < j1:
-            ty = t // ntx
-            y0, x0 = 4 * ty, 4 * (t - ty * ntx)
-            b0, b1 = max(j0 - t * nb, 0), min(j1 - t * nb, nb)
-            col = t * nb - j0
+            y0, x0, b0, b1, col = _tile_span(t, ntx, nb, j0, j1)
             nin = min(_A, hr - y0)
             q = b0
             while q < b1:
@@ -126,10 +131,7 @@ def output_transform_cpu(mf, m0, mplane, ntx, j0, j1, bias, code, a0, a1, out, t
         mb = m0 + o * n
         t = j0 // nb
         while t * nb < j1:
-            ty = t // ntx
-            y0, x0 = 4 * ty, 4 * (t - ty * ntx)
-            b0, b1 = max(j0 - t * nb, 0), min(j1 - t * nb, nb)
-            col = t * nb - j0
+            y0, x0, b0, b1, col = _tile_span(t, ntx, nb, j0, j1)
             rows = min(_M, ho - y0)
             cols = min(_M, wo - x0)
             q = b0
