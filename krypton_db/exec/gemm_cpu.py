@@ -145,14 +145,18 @@ def pack_weights(w: np.ndarray) -> np.ndarray:
     return np.concatenate(blocks).reshape(npan, k * MR)
 
 
-def pack_stack(u: np.ndarray) -> np.ndarray:
+def pack_stack(u, n: int | None = None) -> np.ndarray:
     """``pack_weights`` of each matrix u[k] [M, K] (any float dtype), stacked as
-    [len(u), panels, K * MR] (the Winograd transforms' filters: one packed U per product)."""
-    first = pack_weights(np.ascontiguousarray(u[0], np.float32))
-    out = np.empty((len(u),) + first.shape, np.float32)
+    [n, panels, K * MR] (the Winograd transforms' filters: one packed U per product). ``u``:
+    an array (n = len(u)) or a function k -> u[k] with ``n`` given, which builds one matrix
+    at a time."""
+    get = u if callable(u) else u.__getitem__
+    n = len(u) if n is None else n
+    first = pack_weights(np.ascontiguousarray(get(0), np.float32))
+    out = np.empty((n,) + first.shape, np.float32)
     out[0] = first
-    for k in range(1, len(u)):
-        out[k] = pack_weights(np.ascontiguousarray(u[k], np.float32))
+    for k in range(1, n):
+        out[k] = pack_weights(np.ascontiguousarray(get(k), np.float32))
     return out
 
 

@@ -158,14 +158,9 @@ def transform_filters(w4: np.ndarray, g: np.ndarray = _G) -> np.ndarray:
     a = g.shape[0]
 
     def u(k):  # U[k] = sum_ij G[row, i] G[col, j] w[:, :, i, j], a matrix-vector product
-        return G.pack_weights((w @ np.outer(g[k // a], g[k % a]).reshape(9)).reshape(o, c).astype(np.float32))
+        return (w @ np.outer(g[k // a], g[k % a]).reshape(9)).reshape(o, c)
 
-    first = u(0)
-    out = np.empty((a * a,) + first.shape, np.float32)
-    out[0] = first
-    for k in range(1, a * a):
-        out[k] = u(k)
-    return out
+    return G.pack_stack(u, a * a)
 
 
 @njit(**_NJ)
