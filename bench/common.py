@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: machine line, medians, ORT sessions, peak RSS."""
+"""Shared benchmark helpers: machine line, medians, ORT sessions, peak RSS, the oracle check."""
 
 from __future__ import annotations
 
@@ -8,6 +8,34 @@ import resource
 import statistics
 import subprocess
 import time
+
+
+# a benchmark whose output differs from its oracle by more than this reports no time
+ORACLE_TOL = 1e-4
+
+
+def cpu_isa() -> str:
+    """The widest vector ISA the kernels can use here: AVX-512 (avx512f) or AVX2."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+
+
+def check_oracle(what: str, got, want, tol: float = ORACLE_TOL) -> float:
+    """Max abs difference of ``got`` from the oracle's ``want``; exits the benchmark (no time
+    is reported) when it exceeds ``tol`` or the shapes differ."""
+    import numpy as np
+
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise SystemExit(f"ORACLE CHECK FAILED: {what}: shape {got.shape} vs the oracle's {want.shape}")
+    err = float(np.abs(got - want).max()) if got.size else 0.0
+    if not err <= tol:  # also catches NaN
+        raise SystemExit(f"ORACLE CHECK FAILED: {what}: max |diff| {err:.3g} > {tol:g}; no time reported")
+    return err
 
 
 def machine_line() -> str:
@@ -35,7 +63,7 @@ def machine_line() -> str:
                                 text=True, check=False).stdout.strip()
     except OSError:
         commit = "?"
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy "
+    return (f"{cpu} ({cpu_isa()}), {os.cpu_count()} cores, Python {platform.python_version()}, numpy "
             f"{np.__version__} (BLAS {blas}), numba {numba.__version__}, onnxruntime "
             f"{ort.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, "
             f"conv GEMM {os.environ.get('KRYPTON_GEMM', 'own')}, commit {commit}")

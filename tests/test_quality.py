@@ -67,6 +67,7 @@ def real_maps():
     return ex, ap
 
 
+@pytest.mark.slow
 def test_equals_skimage_on_real_heat_maps(real_maps):
     ex, ap = real_maps
     assert ex.probs.shape == (9, 9) and ex.probs.std() > 1e-4

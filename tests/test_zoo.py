@@ -37,6 +37,7 @@ def _dims(value_info):
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
+@pytest.mark.slow
 def test_zoo_path_caches(saved, cache):
     name, path, _ = saved
     assert path.parent == cache / "zoo" and path.is_file()
@@ -45,6 +46,7 @@ def test_zoo_path_caches(saved, cache):
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_checker_and_structure(saved):
     name, path, model = saved
     onnx.checker.check_model(str(path), full_check=True)
@@ -77,6 +79,7 @@ def test_checker_and_structure(saved):
     assert len(labels) == 1000 and labels[0] == "class_0" and labels[-1] == "class_999"
 
 
+@pytest.mark.slow
 def test_inference(saved):
     name, path, _ = saved
     h, w = zoo.input_size(name)
