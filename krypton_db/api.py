@@ -7,12 +7,15 @@ the occlusion driver).
 
 from __future__ import annotations
 
-import hashlib
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from . import options
 from .errors import InputError
+from .hooks import OcclusionHooks
 from .model import Model, load_model
 from .occlusion import HeatMap
 from .occlusion import occlude as _occlude
@@ -99,25 +102,49 @@ def _resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) ->
             f"tuned fit ({domain}, target SSIM {target_ssim:g})")
 
 
-def _image_name(image) -> str:
-    if isinstance(image, (str, Path)):
-        return Path(image).name
-    from .images import to_pil
+# keyword arguments of occlude() passed through to the occlusion driver
+_RUN_OPTIONS = ("batch_size", "memory_budget", "score", "device")
 
-    px = np.asarray(to_pil(image).convert("RGB"), np.uint8)
-    return "image-" + hashlib.sha256(px.tobytes()).hexdigest()[:12]
+
+def check_occlude_args(model: Model, given: dict) -> dict:
+    """Every option of one ``occlude`` call through the shared checks of
+    :mod:`krypton_db.options` (the language's ``occlusion(...)`` uses the same ones): types,
+    ranges, finiteness, units ('128MiB'), numpy scalars accepted; the rules across options;
+    then the checks that need the model (patch and positions inside the input, colour
+    channels, target class). ``given`` maps option names to the caller's values (None: not
+    set). Returns the normalized values of every query option; raises ``InputError``."""
+    vals = {}
+    for name in options.QUERY_OPTIONS:
+        if name in ("model", "image"):
+            continue
+        v = given.get(name)
+        vals[name] = options.OPTIONS[name].default if v is None else options.check(name, v)
+    options.check_combination(vals, {k for k, v in given.items() if v is not None})
+    c, h, w = model.graph.input_shape
+    options.check_against_model(vals, c, h, w)
+    if vals["target"] is not None:
+        model.class_index(vals["target"])
+    if vals["device"] == "cuda":
+        vals["device"] = "gpu"  # one numba.cuda executor under both names
+    return vals
 
 
 def occlude(model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, catalog=None,
             image_name: str | None = None, tau: float | None = None,
             target_ssim: float | None = None, domain: str = "default", drilldown=None,
-            **kw) -> HeatMap:
+            hooks=None, **kw) -> HeatMap:
     """Occlusion heat map (see :func:`krypton_db.occlusion.occlude` for the semantics).
 
-    ``catalog``: a :class:`~krypton_db.catalog.Catalog` or session (from ``connect``) to
-    record the run in (model and image registered on first use); the run id lands in
-    ``heatmap.stats['run_id']``.
+    Every argument is checked before anything runs, by the same rules as the query
+    language's ``occlusion(...)`` (:mod:`krypton_db.options`); a bad value is an
+    ``InputError`` naming the argument and what it takes. Further keyword arguments:
+    ``batch_size``, ``memory_budget`` (bytes or a size such as ``'128MiB'``), ``score``
+    (``'prob'`` | ``'logit'``), ``device`` (``'cpu'`` | ``'gpu'``).
+
+    ``catalog``: a :class:`~krypton_db.catalog.Catalog`, a session (from ``connect``) or the
+    path of a catalog file, to record the run in (model and image registered on first use);
+    the run id lands in ``heatmap.stats['run_id']``.
 
     ``mode="approximate"``: projective-field thresholding with ``tau``; without ``tau`` the
     tau tuned for (model name, ``domain``) is read from ``catalog`` (see :func:`tune`);
@@ -132,49 +159,112 @@ def occlude(model, image, patch=16, stride=4, color=0.0, target=None, mode: str 
     ``hooks``: an :class:`~krypton_db.hooks.OcclusionHooks` (plan rewrite, per-step profiling,
     materialization time, per-batch progress); with drill-down it serves both stages.
     """
+    unknown = sorted(set(kw) - set(_RUN_OPTIONS))
+    if unknown:
+        raise InputError(options.unknown_option(unknown[0], _RUN_OPTIONS) + " (and the named "
+                         "parameters of occlude)")
+    if hooks is not None and not isinstance(hooks, OcclusionHooks):
+        raise InputError(f"hooks must be an OcclusionHooks, got {type(hooks).__name__}")
+    if image_name is not None:
+        options.check("image", image_name)
     m = _model(model)
-    tau, tau_source = _resolve_tau(m, mode, tau, target_ssim, domain, catalog)
+    opts = check_occlude_args(m, dict(
+        patch=patch, stride=stride, color=color, target=target, mode=mode, region=region,
+        positions=positions, all_classes=all_classes, tau=tau, target_ssim=target_ssim,
+        domain=domain, drilldown=drilldown, **kw))
+    with _opened(catalog) as cat:
+        return _occlude_checked(m, image, opts, cat, image_name, hooks)
+
+
+@contextmanager
+def _opened(catalog):
+    """The catalog to record into: None, a Catalog, a session's catalog, or a path opened
+    (and closed) here. Opening first means a bad path fails before any computation."""
+    from .catalog import Catalog
+
+    if catalog is None or isinstance(catalog, Catalog):
+        yield catalog
+        return
+    cat = getattr(catalog, "catalog", None)
+    if isinstance(cat, Catalog):
+        yield cat
+        return
+    if isinstance(catalog, (str, os.PathLike)):
+        with Catalog(catalog) as cat:
+            yield cat
+        return
+    raise InputError(f"catalog must be a path, a Catalog or a session from krypton_db.connect(), "
+                     f"got {type(catalog).__name__}")
+
+
+def _occlude_checked(m: Model, image, opts: dict, cat, image_name, hooks) -> HeatMap:
+    """One occlusion run with checked options (``check_occlude_args``), recorded in ``cat``."""
+    tau, tau_source = _resolve_tau(m, opts["mode"], opts["tau"], opts["target_ssim"],
+                                   opts["domain"], cat)
+    hm = run_checked(m, image, dict(opts, tau=tau), hooks, opts["drilldown"], tau_source)
+    if cat is not None and opts["positions"] is None:
+        record_run(cat, m, image, hm, image_name=image_name, color=opts["color"],
+                   region=opts["region"], domain=opts["domain"])
+    return hm
+
+
+def run_checked(m: Model, image, opts: dict, hooks=None, drilldown=None,
+                tau_source: str | None = None) -> HeatMap:
+    """Compute one occlusion call whose options were checked (``check_occlude_args`` or the
+    language's binder): ``opts`` holds patch, stride, color, target, mode, region, positions,
+    all_classes, tau and the run options. Reads and records nothing in any catalog."""
+    mode, positions, region, color = opts["mode"], opts["positions"], opts["region"], opts["color"]
+    tau = opts.get("tau") or 1.0
     dd = _drilldown_settings(drilldown)
+    run_kw = {k: opts[k] for k in _RUN_OPTIONS if opts.get(k) is not None}
     if dd is not None:
         from .planner.approx import drilldown as _drilldown
 
-        if positions is not None:
-            raise InputError("drilldown runs on the stride grid; it cannot take positions=")
-        hm = _drilldown(m, image, patch=patch, stride=stride, r=dd["r"], speedup=dd["speedup"],
-                        color=color, target=target, mode=mode, region=region, tau=tau,
-                        all_classes=all_classes, **kw)
+        hm = _drilldown(m, image, patch=opts["patch"], stride=opts["stride"], r=dd["r"],
+                        speedup=dd["speedup"], color=color, target=opts["target"], mode=mode,
+                        region=region, tau=tau, all_classes=opts["all_classes"], hooks=hooks,
+                        **run_kw)
     else:
-        hm = _occlude(m, image, patch=patch, stride=stride, color=color, target=target,
-                      mode=mode, region=region, positions=positions, all_classes=all_classes,
-                      tau=tau, **kw)
+        hm = _occlude(m, image, patch=opts["patch"], stride=opts["stride"], color=color,
+                      target=opts["target"], mode=mode, region=region,
+                      positions=None if positions is None else np.asarray(positions, np.int64),
+                      all_classes=opts["all_classes"], tau=tau, hooks=hooks, **run_kw)
     if tau_source is not None:
         hm.stats["tau_source"] = tau_source
-    if catalog is not None and positions is None:
-        cat = getattr(catalog, "catalog", catalog)
-        if m.name not in cat.models():
-            cat.register_model(m)
-        name = image_name or _image_name(image)
-        if name not in cat.images():
-            cat.register_image(image, name)
-        settings = dict(patch=list(hm.patch), stride=list(hm.stride),
-                        color=np.asarray(color, float).tolist(), region=region, score=hm.score)
-        if mode == "approximate":
-            settings.update(tau=hm.stats["tau"], tau_source=tau_source, domain=domain)
-        if dd is not None:
-            d = hm.stats["drilldown"]
-            settings["drilldown"] = dict(r=d["r"], speedup=d["speedup_target"],
-                                         stride1=d["stride1"])
-        timings = {k: hm.stats[k] for k in ("jit_s", "prepare_s", "run_s", "total_s")}
-        timings["batch_size"] = hm.stats["batch_size"]
-        if dd is not None:
-            d = hm.stats["drilldown"]
-            timings.update(stage1_s=d["stage1_s"], stage2_s=d["stage2_s"],
-                           stage1_positions=d["stage1_positions"],
-                           stage2_positions=d["stage2_positions"])
-        hm.stats["run_id"] = cat.record_run(
-            m.name, name, mode, settings, hm.target, timings, hm.probs,
-            positions=(hm.positions[:, 0, 0], hm.positions[0, :, 1]), all_probs=hm.all_probs)
     return hm
+
+
+def record_run(cat, model: Model, image, hm: HeatMap, image_name: str | None = None,
+               color=0.0, region=None, domain: str = "default") -> int:
+    """Record one finished run in the catalog, in one transaction: the model and image
+    versions it used (registered on first use, content-addressed: the same content reuses its
+    row, other content under a used name becomes a new version; without ``image_name`` any
+    image with the same pixels is reused, else the file name or ``image-<hash>`` names it),
+    the settings, timings and heat map. Sets and returns ``hm.stats['run_id']``."""
+    settings = dict(patch=list(hm.patch), stride=list(hm.stride),
+                    color=np.asarray(color, float).tolist(), region=region, score=hm.score)
+    if hm.mode == "approximate":
+        settings.update(tau=hm.stats["tau"], tau_source=hm.stats.get("tau_source"), domain=domain)
+    timings = {k: hm.stats[k] for k in ("jit_s", "prepare_s", "run_s", "total_s")}
+    timings["batch_size"] = hm.stats["batch_size"]
+    d = hm.stats.get("drilldown")
+    if d is not None:
+        settings["drilldown"] = dict(r=d["r"], speedup=d["speedup_target"], stride1=d["stride1"])
+        timings.update(stage1_s=d["stage1_s"], stage2_s=d["stage2_s"],
+                       stage1_positions=d["stage1_positions"],
+                       stage2_positions=d["stage2_positions"])
+    with cat.transaction():
+        model_id = cat.register_model(model, replace=True)
+        image_id = cat.register_image(image, image_name, replace=True,
+                                      default_name=_file_name(image))
+        hm.stats["run_id"] = cat.record_run(
+            model_id, image_id, hm.mode, settings, hm.target, timings, hm.probs,
+            positions=(hm.positions[:, 0, 0], hm.positions[0, :, 1]), all_probs=hm.all_probs)
+    return hm.stats["run_id"]
+
+
+def _file_name(image) -> str | None:
+    return Path(image).name if isinstance(image, (str, Path)) else None
 
 
 def _drilldown_settings(drilldown) -> dict | None:

@@ -3,19 +3,29 @@
 Invariants:
 - Every write is one transaction (BEGIN ... COMMIT, ROLLBACK on any exception), so a crash or
   error mid-write leaves no partial rows: a run row exists iff all its heatmap rows do.
+- History is never rewritten. Models and images are content-addressed: a model version is
+  the hash of its ONNX file, preprocessing and labels, an image version the hash of its
+  pixels. Registering the same content under a name reuses that row; other content under a
+  used name becomes the next version of the name (``CREATE OR REPLACE`` too); a run refers to
+  the exact versions it used, so old runs keep theirs. Plain lookups by name see the latest.
+- The file is held only while a statement reads or writes it: the catalog lives in an
+  in-memory DuckDB connection (session state: temporary tables, settings, registrations) that
+  ATTACHes the file for one statement or one write and DETACHes it after. Long computations
+  hold no lock, so several processes can explain into one catalog, and a reader waits at most
+  for one write. A lock that cannot be had within ``lock_timeout`` seconds is a clear
+  ``CatalogBusyError``; the file's own problems (a directory, not a DuckDB file, read-only, a
+  DuckDB database that is not a krypton catalog) are each one clear ``CatalogError``.
 - User-facing strings (model, image names, labels, paths, JSON settings) only ever reach
   DuckDB as prepared-statement parameters, never inside SQL text.
 - Plain tables and plain types only (INTEGER, BIGINT, FLOAT, VARCHAR, VARCHAR[], INTEGER[],
   BLOB, TIMESTAMP; JSON kept as VARCHAR text), so the DuckDB CLI reads the file as is.
-  Referential integrity is kept by this API rather than FOREIGN KEY clauses, because DuckDB
-  refuses to update any row referenced by a foreign key (``replace=True`` needs that).
-- ``meta.schema_version`` names the layout; opening a file with another version fails loudly.
+  Referential integrity is kept by this API rather than FOREIGN KEY clauses.
+- ``meta.schema_version`` names the layout; older layouts are migrated in one transaction
+  when opened read-write, newer ones refused.
 
 Location: ``Catalog(path)``; ``path=None`` uses ``$KRYPTON_DB`` if set, else the platform data
 directory (``$XDG_DATA_HOME`` or ``~/.local/share`` on Linux, ``~/Library/Application Support``
 on macOS, ``%LOCALAPPDATA%`` on Windows) + ``krypton_db/catalog.duckdb``; ``":memory:"`` works.
-DuckDB allows one read-write process *or* many read-only processes per file: open with
-``read_only=True`` to share a catalog between readers.
 """
 
 from __future__ import annotations
@@ -24,7 +34,12 @@ import hashlib
 import json
 import math
 import os
+import re
+import stat
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -33,12 +48,11 @@ import pyarrow as pa
 
 from .errors import InputError, KryptonError
 
-SCHEMA_VERSION = 2
-# Version 2 added the ``tuned_tau`` table (additive): a version-1 file opened read-write is
-# migrated in place (table created, version bumped, one transaction); opened read-only it is
-# read as is and simply has no tuned tau values.
-MIGRATIONS = {
-    1: """
+SCHEMA_VERSION = 3
+DEFAULT_LOCK_TIMEOUT = 30.0  # seconds a statement waits for another process's write
+ALIAS = "krypton_catalog"  # the attached file's database name
+
+_TUNED_TAU = """
 CREATE TABLE IF NOT EXISTS tuned_tau (
     model_name VARCHAR NOT NULL,
     domain VARCHAR NOT NULL,
@@ -49,15 +63,13 @@ CREATE TABLE IF NOT EXISTS tuned_tau (
     created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
     UNIQUE (model_name, domain)
 );
-""",
-}
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
-CREATE SEQUENCE IF NOT EXISTS models_id_seq START 1;
-CREATE TABLE IF NOT EXISTS models (
+"""
+_MODELS = """
+CREATE TABLE models (
     id INTEGER PRIMARY KEY DEFAULT nextval('models_id_seq'),
-    name VARCHAR NOT NULL UNIQUE,
+    name VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 VARCHAR NOT NULL,
     source VARCHAR NOT NULL,
     preprocessing VARCHAR NOT NULL,
     input_shape INTEGER[] NOT NULL,
@@ -65,8 +77,47 @@ CREATE TABLE IF NOT EXISTS models (
     labels VARCHAR[] NOT NULL,
     num_classes INTEGER NOT NULL,
     macs BIGINT NOT NULL,
-    registered_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+    registered_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    UNIQUE (name, version)
 );
+"""
+_IMAGES = """
+CREATE TABLE images (
+    id INTEGER PRIMARY KEY DEFAULT nextval('images_id_seq'),
+    name VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    path VARCHAR,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    channels INTEGER NOT NULL,
+    sha256 VARCHAR NOT NULL,
+    pixels BLOB NOT NULL,
+    registered_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    UNIQUE (name, version)
+);
+"""
+# Version 2 added ``tuned_tau``; version 3 made models and images versioned and content-
+# addressed (name no longer unique: (name, version) is; a sha256 per model). A version-2 file
+# is migrated in place: the two tables rebuilt with version 1 for every row (ids kept, so
+# runs keep pointing at them; models get sha256 'unknown': the file they came from may have
+# changed since, and the next registration under the name compares against that).
+MIGRATIONS = {
+    1: _TUNED_TAU,
+    2: "ALTER TABLE models RENAME TO models_v2;" + _MODELS + """
+INSERT INTO models SELECT id, name, 1, 'unknown', source, preprocessing, input_shape, layout,
+    labels, num_classes, macs, registered_at FROM models_v2;
+DROP TABLE models_v2;
+ALTER TABLE images RENAME TO images_v2;""" + _IMAGES + """
+INSERT INTO images SELECT id, name, 1, path, width, height, channels, sha256, pixels,
+    registered_at FROM images_v2;
+DROP TABLE images_v2;
+""",
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+CREATE SEQUENCE IF NOT EXISTS models_id_seq START 1;
+""" + _MODELS + """
 CREATE TABLE IF NOT EXISTS model_layers (
     model_id INTEGER NOT NULL,
     ordinal INTEGER NOT NULL,
@@ -79,17 +130,7 @@ CREATE TABLE IF NOT EXISTS model_layers (
     PRIMARY KEY (model_id, ordinal)
 );
 CREATE SEQUENCE IF NOT EXISTS images_id_seq START 1;
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY DEFAULT nextval('images_id_seq'),
-    name VARCHAR NOT NULL UNIQUE,
-    path VARCHAR,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    channels INTEGER NOT NULL,
-    sha256 VARCHAR NOT NULL,
-    pixels BLOB NOT NULL,
-    registered_at TIMESTAMP NOT NULL DEFAULT current_timestamp
-);
+""" + _IMAGES + """
 CREATE SEQUENCE IF NOT EXISTS runs_id_seq START 1;
 CREATE TABLE IF NOT EXISTS runs (
     id BIGINT PRIMARY KEY DEFAULT nextval('runs_id_seq'),
@@ -111,7 +152,7 @@ CREATE TABLE IF NOT EXISTS heatmap_probs (
     run_id BIGINT NOT NULL, y INTEGER NOT NULL, x INTEGER NOT NULL, class INTEGER NOT NULL,
     prob FLOAT NOT NULL
 );
-""" + MIGRATIONS[1]
+""" + _TUNED_TAU
 
 TABLES = ("meta", "models", "model_layers", "images", "runs", "heatmaps", "heatmap_probs",
           "tuned_tau")
@@ -119,6 +160,10 @@ TABLES = ("meta", "models", "model_layers", "images", "runs", "heatmaps", "heatm
 
 class CatalogError(KryptonError, ValueError):
     """The catalog file is missing, of another schema version, or a name is unknown/taken."""
+
+
+class CatalogBusyError(CatalogError):
+    """Another process (or session) held the catalog longer than the lock timeout."""
 
 
 def default_path() -> str:
@@ -159,60 +204,260 @@ def to_json(obj) -> str:
     return json.dumps(clean(obj), sort_keys=True, allow_nan=False)
 
 
-class Catalog:
-    """A handle on one catalog database (see the module docstring for the invariants)."""
+_FILE_DIGESTS: dict[tuple, str] = {}
 
-    def __init__(self, path: str | os.PathLike | None = None, read_only: bool = False):
+
+def model_digest(model) -> str:
+    """The content address of a model: sha256 of its ONNX file, preprocessing and labels (the
+    file's own hash is cached per (path, size, mtime))."""
+    p = Path(model.source).expanduser().resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _FILE_DIGESTS[key] = h.hexdigest()
+    meta = to_json({"preprocessing": model.spec.to_dict(), "labels": list(model.labels)})
+    return hashlib.sha256(f"{_FILE_DIGESTS[key]}:{meta}".encode()).hexdigest()
+
+
+def image_digest(px: np.ndarray) -> str:
+    """The content address of stored pixels (shape and bytes)."""
+    h, w = px.shape[:2]
+    c = 1 if px.ndim == 2 else px.shape[2]
+    return hashlib.sha256(f"{h}x{w}x{c}:".encode() + np.ascontiguousarray(px).tobytes()).hexdigest()
+
+
+# One lock per catalog file in this process: DuckDB refuses to attach a file twice in one
+# process, so two sessions of one process take turns like two processes do.
+_PATH_LOCKS: dict[str, threading.RLock] = {}
+_PATH_LOCKS_GUARD = threading.Lock()
+
+
+def _path_lock(path: str) -> threading.RLock:
+    with _PATH_LOCKS_GUARD:
+        return _PATH_LOCKS.setdefault(path, threading.RLock())
+
+
+def _check_file(path: Path, read_only: bool) -> None:
+    """The file's own problems, each one clear error before DuckDB sees it."""
+    if path.is_dir():
+        raise CatalogError(f"catalog path {str(path)!r} is a directory; give a file such as "
+                           f"{str(path / 'catalog.duckdb')!r}")
+    if not path.exists():
+        if read_only:
+            raise CatalogError(f"no catalog at {str(path)!r} to open read-only")
+        if not path.parent.is_dir():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CatalogError(f"cannot create the folder of catalog {str(path)!r}: "
+                                   f"{exc.strerror}") from None
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise CatalogError(f"cannot read catalog {str(path)!r}: {exc.strerror}") from None
+    if head[8:12] != b"DUCK":
+        raise CatalogError(f"{str(path)!r} is not a DuckDB database file, so not a krypton_db "
+                           "catalog; give a new file name or an existing catalog")
+    if not read_only and not (path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)):
+        raise CatalogError(f"catalog file {str(path)!r} is read-only; open it with read_only=True "
+                           "(krypton shell --read-only) or make it writable")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class Catalog:
+    """A handle on one catalog database (see the module docstring for the invariants).
+
+    ``connection()`` attaches the file for the duration of a ``with`` block (re-entrant);
+    ``con`` attaches it until :meth:`release` or :meth:`close` (for direct SQL by the caller).
+    ``allow_foreign=True`` adds krypton's tables to a DuckDB database that is not a catalog
+    yet (refused by default)."""
+
+    def __init__(self, path: str | os.PathLike | None = None, read_only: bool = False,
+                 lock_timeout: float | None = None, allow_foreign: bool = False):
         self.path = str(path) if path is not None else default_path()
         self.read_only = read_only
-        memory = self.path == ":memory:"
-        if not memory and not read_only:
-            Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        if read_only and (memory or not Path(self.path).expanduser().is_file()):
-            raise CatalogError(f"no catalog at {self.path!r} to open read-only")
-        target = self.path if memory else str(Path(self.path).expanduser())
-        self.con = duckdb.connect(target, read_only=read_only)
+        self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else float(lock_timeout)
+        self._memory = self.path == ":memory:"
+        if self._memory and read_only:
+            raise CatalogError("an in-memory catalog cannot be opened read-only")
+        self._file = None if self._memory else Path(self.path).expanduser().resolve()
+        if self._file is not None:
+            _check_file(self._file, read_only)
+            self._lock = _path_lock(str(self._file))
+        self._db = duckdb.connect(":memory:")  # session state; the file is attached per use
+        self._depth = 0  # nesting of connection() blocks
+        self._tx_depth = 0
+        self._attached = False
+        self._pinned = False
         try:
-            self._check_schema()
+            with self.connection():
+                self._check_schema(allow_foreign)
         except BaseException:
-            self.con.close()
+            self.close()
             raise
 
+    # -- attaching the file --------------------------------------------------------------------
+    def _attach(self) -> None:
+        if self._memory or self._attached:
+            return
+        deadline = time.monotonic() + self.lock_timeout
+        if not self._lock.acquire(timeout=self.lock_timeout):
+            raise CatalogBusyError(f"catalog {self.path!r} is in use by another session of this "
+                                   f"process for more than {self.lock_timeout:g} s")
+        try:
+            delay = 0.01
+            while True:
+                try:
+                    self._db.execute(f"ATTACH ? AS {ALIAS}" + (" (READ_ONLY)" if self.read_only
+                                                               else ""), [str(self._file)])
+                    break
+                except duckdb.IOException as exc:
+                    held = re.search(r"Conflicting lock is held in (.*?) \(PID (\d+)\)", str(exc))
+                    if "lock" not in str(exc).lower():
+                        raise CatalogError(f"cannot open catalog {self.path!r}: "
+                                           f"{_one_line(exc)}") from None
+                    if time.monotonic() >= deadline:
+                        who = f" (PID {held.group(2)}, {held.group(1)})" if held else ""
+                        raise CatalogBusyError(
+                            f"catalog {self.path!r} is locked by another process{who} for more "
+                            f"than {self.lock_timeout:g} s; it holds the file only while it "
+                            "writes, so retry, or raise lock_timeout") from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.25)
+                except duckdb.Error as exc:
+                    if "already attached" in str(exc):
+                        raise CatalogBusyError(
+                            f"catalog {self.path!r} is held open by another catalog object or "
+                            "session in this thread (e.g. through .con); use that one or close "
+                            "it first") from None
+                    raise CatalogError(f"cannot open catalog {self.path!r}: {_one_line(exc)}") \
+                        from None
+            self._db.execute(f"USE {ALIAS}")
+            self._attached = True
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _detach(self) -> None:
+        if self._memory or not self._attached:
+            return
+        try:
+            self._db.execute("USE memory")
+            self._db.execute(f"DETACH {ALIAS}")
+        finally:
+            self._attached = False
+            self._lock.release()
+
+    @contextmanager
+    def connection(self):
+        """The DuckDB connection with the catalog file attached for the ``with`` block (the
+        outermost block detaches it again unless ``con`` pinned it)."""
+        if self._db is None:
+            raise CatalogError(f"catalog {self.path!r} is closed")
+        if self._depth == 0:
+            self._attach()
+        self._depth += 1
+        try:
+            yield self._db
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and not self._pinned and self._tx_depth == 0:
+                self._detach()
+
+    @contextmanager
+    def suspended(self):
+        """Detach the file for a long computation inside a ``connection()`` block (other
+        processes may write meanwhile); re-attached afterwards. Session state stays."""
+        if self._tx_depth:
+            raise RuntimeError("cannot suspend the catalog inside a transaction")
+        was = self._attached and not self._pinned
+        if was:
+            self._detach()
+        try:
+            yield
+        finally:
+            if was:
+                self._attach()
+
+    @property
+    def db(self) -> duckdb.DuckDBPyConnection:
+        """The session's in-memory connection; the file is reachable through it only inside
+        ``connection()`` (or while ``con`` holds it)."""
+        if self._db is None:
+            raise CatalogError(f"catalog {self.path!r} is closed")
+        return self._db
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The connection with the file attached until :meth:`release` / :meth:`close`."""
+        if self._db is None:
+            raise CatalogError(f"catalog {self.path!r} is closed")
+        self._attach()
+        self._pinned = True
+        return self._db
+
+    def release(self) -> None:
+        """Undo ``con``: the file is detached when no block uses it."""
+        self._pinned = False
+        if self._depth == 0 and self._tx_depth == 0:
+            self._detach()
+
     # -- lifecycle ---------------------------------------------------------------------------
-    def _check_schema(self) -> None:
-        has_meta = self.con.sql(
-            "SELECT count(*) FROM duckdb_tables() "
-            "WHERE schema_name = 'main' AND table_name = 'meta'"
-        ).fetchall()[0][0]
-        if not has_meta:
+    def _check_schema(self, allow_foreign: bool) -> None:
+        con = self._db
+        if not self._has_table("meta"):
+            others = [r[0] for r in con.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                "ORDER BY 1").fetchall()]
+            if others and not allow_foreign:
+                shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+                raise CatalogError(f"{self.path!r} is a DuckDB database but not a krypton_db "
+                                   f"catalog (tables: {shown}); give another file, or "
+                                   "allow_foreign=True to add krypton's tables to it")
             if self.read_only:
                 raise CatalogError(f"{self.path!r} is not a krypton_db catalog (no meta table)")
             with self._transaction():
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
-                        self.con.execute(stmt)
-                self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                                 [str(SCHEMA_VERSION)])
+                        con.execute(stmt)
+                con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
             return
-        row = self.con.sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-        version = int(row[0][0]) if row else None
+        row = con.sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        version = int(row[0][0]) if row and str(row[0][0]).isdigit() else None
         if version in MIGRATIONS and not self.read_only:
             with self._transaction():
                 for v in range(version, SCHEMA_VERSION):
                     for stmt in MIGRATIONS[v].split(";"):
                         if stmt.strip():
-                            self.con.execute(stmt)
-                self.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
-                                 [str(SCHEMA_VERSION)])
+                            con.execute(stmt)
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                            [str(SCHEMA_VERSION)])
             return
         if version in MIGRATIONS and self.read_only:
-            return  # an older, compatible layout: readable as is
+            raise CatalogError(f"catalog {self.path!r} has schema version {version}; open it "
+                               f"read-write once to migrate it to version {SCHEMA_VERSION}")
         if version != SCHEMA_VERSION:
             raise CatalogError(f"catalog {self.path!r} has schema version {version}; this "
                                f"krypton_db reads version {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        self.con.close()
+        if self._db is None:
+            return
+        self._pinned = False
+        try:
+            self._detach()
+        finally:
+            self._db.close()
+            self._db = None
 
     def __enter__(self) -> "Catalog":
         return self
@@ -220,63 +465,79 @@ class Catalog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    class _Tx:
-        def __init__(self, con):
-            self.con = con
-
-        def __enter__(self):
-            self.con.begin()
-
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is None:
-                self.con.commit()
-            else:
-                self.con.rollback()
-            return False
-
-    def _transaction(self) -> "Catalog._Tx":
+    @contextmanager
+    def _transaction(self):
+        """One transaction around the block (re-entrant: an inner block joins the outer one,
+        which commits or rolls back everything)."""
         if self.read_only:
             raise CatalogError("catalog opened read-only")
-        return Catalog._Tx(self.con)
+        with self.connection() as con:
+            outer = self._tx_depth == 0
+            if outer:
+                con.begin()
+            self._tx_depth += 1
+            try:
+                yield con
+            except BaseException:
+                self._tx_depth -= 1
+                if outer:
+                    con.rollback()
+                raise
+            else:
+                self._tx_depth -= 1
+                if outer:
+                    con.commit()
+
+    transaction = _transaction
 
     def _one(self, sql: str, params: list) -> tuple | None:
-        rows = self.con.execute(sql, params).fetchall()
+        with self.connection() as con:
+            rows = con.execute(sql, params).fetchall()
         return rows[0] if rows else None
+
+    def _all(self, sql: str, params: list | None = None) -> list[tuple]:
+        with self.connection() as con:
+            return con.execute(sql, params or []).fetchall()
 
     def _insert_arrow(self, table: str, select_list: str, arrow: pa.Table, params: list) -> None:
         """INSERT INTO <table> SELECT <select_list> FROM <arrow> (our fixed SQL text)."""
         name = f"__krypton_rows_{id(arrow):x}"
-        self.con.register(name, arrow)
-        try:
-            self.con.execute(f'INSERT INTO {table} SELECT {select_list} FROM "{name}"', params)
-        finally:
-            self.con.unregister(name)
+        with self.connection() as con:
+            con.register(name, arrow)
+            try:
+                con.execute(f'INSERT INTO {table} SELECT {select_list} FROM "{name}"', params)
+            finally:
+                con.unregister(name)
+
+    def _next_version(self, table: str, name: str) -> int:
+        row = self._one(f"SELECT coalesce(max(version), 0) FROM {table} WHERE name = ?", [name])
+        return int(row[0]) + 1
 
     # -- models ------------------------------------------------------------------------------
     def register_model(self, model, name: str | None = None, replace: bool = False) -> int:
-        """Store a :class:`~krypton_db.model.Model` (its source path, preprocessing, labels
-        and layer table); returns the model id."""
+        """Store a :class:`~krypton_db.model.Model` version (its source path, preprocessing,
+        labels and layer table); returns its id. The same content under ``name`` reuses the
+        row; other content under a registered name needs ``replace=True`` and becomes the
+        next version (older versions and their runs stay)."""
         name = name or model.name
         g = model.graph
-        values = [str(Path(model.source).expanduser().resolve()), to_json(model.spec.to_dict()),
-                  list(g.input_shape), model.layout, list(model.labels), g.num_classes, g.macs]
+        digest = model_digest(model)
+        values = [digest, str(Path(model.source).expanduser().resolve()),
+                  to_json(model.spec.to_dict()), list(g.input_shape), model.layout,
+                  list(model.labels), g.num_classes, g.macs]
         with self._transaction():
-            row = self._one("SELECT id FROM models WHERE name = ?", [name])
-            if row and not replace:
-                raise CatalogError(f"model {name!r} is already registered "
-                                   "(replace=True updates it)")
-            if row:
-                model_id = row[0]
-                self.con.execute(
-                    "UPDATE models SET source = ?, preprocessing = ?, input_shape = ?, layout = ?, "
-                    "labels = ?, num_classes = ?, macs = ?, registered_at = current_timestamp "
-                    "WHERE id = ?", values + [model_id])
-                self.con.execute("DELETE FROM model_layers WHERE model_id = ?", [model_id])
-            else:
-                model_id = self._one(
-                    "INSERT INTO models (name, source, preprocessing, input_shape, layout, labels, "
-                    "num_classes, macs) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                    [name] + values)[0]
+            same = self._one("SELECT id FROM models WHERE name = ? AND sha256 = ? "
+                             "ORDER BY version DESC LIMIT 1", [name, digest])
+            if same is not None:
+                return int(same[0])
+            version = self._next_version("models", name)
+            if version > 1 and not replace:
+                raise CatalogError(f"model {name!r} is already registered with other content "
+                                   "(replace=True / CREATE OR REPLACE registers a new version)")
+            model_id = self._one(
+                "INSERT INTO models (name, version, sha256, source, preprocessing, input_shape, "
+                "layout, labels, num_classes, macs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "RETURNING id", [name, version] + values)[0]
             layers = pa.table({
                 "ordinal": pa.array(range(len(g.nodes)), pa.int32()),
                 "node_name": [n.name for n in g.nodes],
@@ -290,25 +551,44 @@ class Catalog:
                                "output_shape, macs", layers, [model_id])
         return int(model_id)
 
-    def get_model(self, name: str):
-        """The registered model, reloaded from its source with the stored preprocessing/labels."""
+    def model_id(self, name: str, version: int | None = None) -> int:
+        """The id of ``name``'s latest (or given) version."""
+        row = self._one("SELECT id FROM models WHERE name = ? AND (? IS NULL OR version = ?) "
+                        "ORDER BY version DESC LIMIT 1", [name, version, version])
+        if row is None:
+            raise CatalogError(f"no model named {name!r}"
+                               + (f" with version {version}" if version else "") + " in the catalog")
+        return int(row[0])
+
+    def get_model(self, name: str, version: int | None = None):
+        """The registered model (latest version, or ``version``), reloaded from its source
+        with the stored preprocessing / labels; refused when its file changed since."""
         from .model import load_model
 
-        row = self._one("SELECT source, preprocessing, labels FROM models WHERE name = ?", [name])
-        if row is None:
-            raise CatalogError(f"no model named {name!r} in the catalog")
-        source, pre, labels = row
-        return load_model(source, preprocess=json.loads(pre), labels=list(labels), name=name)
+        mid = self.model_id(name, version)
+        source, pre, labels, digest, v = self._one(
+            "SELECT source, preprocessing, labels, sha256, version FROM models WHERE id = ?", [mid])
+        m = load_model(source, preprocess=json.loads(pre), labels=list(labels), name=name)
+        if digest != "unknown" and model_digest(m) != digest:
+            raise CatalogError(f"model {name!r} version {v}: its file {source!r} changed since it "
+                               "was registered; register the new file with CREATE OR REPLACE MODEL")
+        return m
 
     def models(self) -> list[str]:
-        return [r[0] for r in self.con.sql("SELECT name FROM models ORDER BY id").fetchall()]
+        """Registered model names (each once, in registration order)."""
+        return [r[0] for r in self._all("SELECT name FROM models GROUP BY name ORDER BY min(id)")]
 
     # -- images ------------------------------------------------------------------------------
-    def register_image(self, image, name: str, replace: bool = False) -> int:
-        """Store an image (path / PIL image / array) as raw 8-bit pixels + sha256; returns id."""
+    def register_image(self, image, name: str | None = None, replace: bool = False,
+                       default_name: str | None = None) -> int:
+        """Store an image (path / PIL image / array) as raw 8-bit pixels + sha256; returns the
+        id of its version. The same pixels under ``name`` reuse the row; other pixels under a
+        registered name need ``replace=True`` and become its next version. ``name=None``
+        reuses any image with the same pixels, else registers them as ``default_name`` (or
+        ``image-<hash>``)."""
         from .images import to_pil
 
-        if not isinstance(name, str) or not name:
+        if name is not None and (not isinstance(name, str) or not name):
             raise InputError("image name must be a non-empty string")
         path = str(Path(image).expanduser().resolve()) if isinstance(image, (str, Path)) else None
         img = to_pil(image)
@@ -317,40 +597,52 @@ class Catalog:
         px = np.ascontiguousarray(np.asarray(img, np.uint8))
         h, w = px.shape[:2]
         c = 1 if px.ndim == 2 else px.shape[2]
-        blob = px.tobytes()
-        digest = hashlib.sha256(f"{h}x{w}x{c}:".encode() + blob).hexdigest()
-        values = [path, w, h, c, digest, blob]
+        digest = image_digest(px)
         with self._transaction():
-            row = self._one("SELECT id FROM images WHERE name = ?", [name])
-            if row and not replace:
-                raise CatalogError(f"image {name!r} is already registered "
-                                   "(replace=True updates it)")
-            if row:
-                self.con.execute("UPDATE images SET path = ?, width = ?, height = ?, channels = ?, "
-                                 "sha256 = ?, pixels = ?, registered_at = current_timestamp "
-                                 "WHERE id = ?", values + [row[0]])
-                return int(row[0])
-            return int(self._one("INSERT INTO images (name, path, width, height, channels, sha256, "
-                                 "pixels) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                                 [name] + values)[0])
+            if name is None:
+                same = self._one("SELECT id FROM images WHERE sha256 = ? ORDER BY id LIMIT 1",
+                                 [digest])
+                if same is not None:
+                    return int(same[0])
+                name = default_name or "image-" + digest[:12]
+            same = self._one("SELECT id FROM images WHERE name = ? AND sha256 = ? "
+                             "ORDER BY version DESC LIMIT 1", [name, digest])
+            if same is not None:
+                return int(same[0])
+            version = self._next_version("images", name)
+            if version > 1 and not replace:
+                raise CatalogError(f"image {name!r} is already registered with other pixels "
+                                   "(replace=True / CREATE OR REPLACE registers a new version)")
+            return int(self._one(
+                "INSERT INTO images (name, version, path, width, height, channels, sha256, pixels) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                [name, version, path, w, h, c, digest, px.tobytes()])[0])
 
-    def get_image(self, name: str) -> np.ndarray:
-        """The stored pixels, uint8 ``[H, W]`` or ``[H, W, C]``."""
-        row = self._one("SELECT height, width, channels, pixels FROM images WHERE name = ?", [name])
+    def image_id(self, name: str, version: int | None = None) -> int:
+        row = self._one("SELECT id FROM images WHERE name = ? AND (? IS NULL OR version = ?) "
+                        "ORDER BY version DESC LIMIT 1", [name, version, version])
         if row is None:
-            raise CatalogError(f"no image named {name!r} in the catalog")
-        h, w, c, blob = row
+            raise CatalogError(f"no image named {name!r}"
+                               + (f" with version {version}" if version else "") + " in the catalog")
+        return int(row[0])
+
+    def get_image(self, name: str, version: int | None = None) -> np.ndarray:
+        """The stored pixels of the latest (or given) version, uint8 ``[H, W]`` or ``[H, W, C]``."""
+        h, w, c, blob = self._one("SELECT height, width, channels, pixels FROM images WHERE id = ?",
+                                  [self.image_id(name, version)])
         a = np.frombuffer(bytes(blob), np.uint8)
         return a.reshape((h, w) if c == 1 else (h, w, c)).copy()
 
     def images(self) -> list[str]:
-        return [r[0] for r in self.con.sql("SELECT name FROM images ORDER BY id").fetchall()]
+        """Registered image names (each once, in registration order)."""
+        return [r[0] for r in self._all("SELECT name FROM images GROUP BY name ORDER BY min(id)")]
 
     # -- runs and heatmaps ------------------------------------------------------------------
-    def record_run(self, model_name: str, image_name: str, mode: str, settings: dict,
+    def record_run(self, model: str | int, image: str | int, mode: str, settings: dict,
                    target, timings: dict, heatmap_2d: np.ndarray, positions=None,
                    all_probs: np.ndarray | None = None, status: str = "done") -> int:
-        """Store one occlusion run and its heatmap atomically; returns the run id.
+        """Store one occlusion run and its heatmap atomically; returns the run id. ``model``
+        and ``image`` are the ids of the versions used (or names: their latest versions).
 
         ``heatmap_2d[i, j]`` is the target probability with the patch at heatmap cell (i, j);
         ``positions = (ys, xs)`` gives the pixel row/column of each heatmap row/column
@@ -366,12 +658,14 @@ class Catalog:
         yy, xx = np.meshgrid(ys.astype(np.int32), xs.astype(np.int32), indexing="ij")
         cells = pa.table({"y": yy.ravel(), "x": xx.ravel(), "prob": hm.ravel()})
         with self._transaction():
-            m = self._one("SELECT id, labels FROM models WHERE name = ?", [model_name])
+            model_id = self.model_id(model) if isinstance(model, str) else int(model)
+            image_id = self.image_id(image) if isinstance(image, str) else int(image)
+            m = self._one("SELECT id, labels FROM models WHERE id = ?", [model_id])
             if m is None:
-                raise CatalogError(f"no model named {model_name!r} in the catalog")
-            im = self._one("SELECT id FROM images WHERE name = ?", [image_name])
+                raise CatalogError(f"no model with id {model_id} in the catalog")
+            im = self._one("SELECT id FROM images WHERE id = ?", [image_id])
             if im is None:
-                raise CatalogError(f"no image named {image_name!r} in the catalog")
+                raise CatalogError(f"no image with id {image_id} in the catalog")
             tgt = _class_index(target, list(m[1]))
             run_id = self._one(
                 "INSERT INTO runs (model_id, image_id, mode, settings, target_class, timings, "
@@ -407,8 +701,9 @@ class Catalog:
         shape = self._one("SELECT heatmap_h, heatmap_w FROM runs WHERE id = ?", [int(run_id)])
         if shape is None:
             raise CatalogError(f"no run {run_id} in the catalog")
-        t = self.con.sql("SELECT y, x, prob FROM heatmaps WHERE run_id = ?",
-                         params=[int(run_id)]).to_arrow_table()
+        with self.connection() as con:
+            t = con.sql("SELECT y, x, prob FROM heatmaps WHERE run_id = ?",
+                        params=[int(run_id)]).to_arrow_table()
         y, x = t.column("y").to_numpy(), t.column("x").to_numpy()
         ys, iy = np.unique(y, return_inverse=True)
         xs, ix = np.unique(x, return_inverse=True)
@@ -420,10 +715,11 @@ class Catalog:
 
     def run_info(self, run_id: int) -> dict:
         cols = ["id", "model", "image", "mode", "settings", "target_class", "timings", "status",
-                "created_at"]
+                "created_at", "model_version", "image_version", "model_id", "image_id"]
         row = self._one(
             "SELECT r.id, m.name, i.name, r.mode, r.settings, r.target_class, r.timings, r.status, "
-            "r.created_at FROM runs r JOIN models m ON m.id = r.model_id "
+            "r.created_at, m.version, i.version, m.id, i.id FROM runs r "
+            "JOIN models m ON m.id = r.model_id "
             "JOIN images i ON i.id = r.image_id WHERE r.id = ?", [int(run_id)])
         if row is None:
             raise CatalogError(f"no run {run_id} in the catalog")
@@ -444,8 +740,8 @@ class Catalog:
             raise InputError(f"tau must lie in (0, 1], got {tau!r}")
         values = [float(tau), float(target_ssim), to_json([float(c) for c in coeffs]),
                   to_json(details or {})]
-        with self._transaction():
-            self.con.execute(
+        with self._transaction() as con:
+            con.execute(
                 "INSERT INTO tuned_tau (model_name, domain, tau, target_ssim, coeffs, details) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model_name, domain) DO UPDATE SET "
                 "tau = excluded.tau, target_ssim = excluded.target_ssim, "
@@ -468,12 +764,13 @@ class Catalog:
         """All stored ``(model_name, domain, tau)``, sorted."""
         if not self._has_table("tuned_tau"):
             return []
-        return [(m, d, round(float(t), 6)) for m, d, t in self.con.sql(
-            "SELECT model_name, domain, tau FROM tuned_tau ORDER BY model_name, domain").fetchall()]
+        return [(m, d, round(float(t), 6)) for m, d, t in self._all(
+            "SELECT model_name, domain, tau FROM tuned_tau ORDER BY model_name, domain")]
 
     def _has_table(self, name: str) -> bool:
         return bool(self._one("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' "
-                              "AND table_name = ?", [name])[0])
+                              "AND database_name = current_database() AND table_name = ?",
+                              [name])[0])
 
 
 def _class_index(target, labels: list[str]) -> int | None:

@@ -7,21 +7,52 @@
 ``krypton classify MODEL IMAGE``   top classes of an image (MODEL: ONNX path, zoo:NAME, pkg:NAME)
 ``krypton sql -c "..."`` / ``krypton sql FILE``   run SQL + explanation statements on the catalog
 ``krypton shell``     interactive shell (multi-line statements ending in ';', .help, .quit)
-                      ``--catalog PATH`` for both (default: ``catalog.default_path()``)
+                      ``--catalog PATH`` for both (default: ``catalog.default_path()``),
+                      ``--read-only`` to open the catalog for reading only
+
+Errors: one line on stderr, ``krypton: error: ...`` (exit 2 for bad input, 1 for a failed
+statement in ``krypton sql``, 70 for an internal error), no traceback unless ``--debug``.
+Ctrl-C: ``krypton sql`` stops with one line and exit 130; the shell cancels the running
+statement and prompts again.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
-from .errors import KryptonError
+from .errors import InputError, KryptonError
+
+EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 70, 130
+# image formats the overlay can be written as (Pillow writers, chosen by suffix)
+OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def check_output_path(out: str) -> Path:
+    """Where the demo writes its overlay: a known image suffix in an existing, writable folder
+    (checked before the computation, not after it)."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() not in OVERLAY_SUFFIXES:
+        raise InputError(f"--out {out!r}: unknown image suffix {path.suffix or '(none)'!r}; "
+                         f"use one of {', '.join(OVERLAY_SUFFIXES)}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"--out {out!r}: folder {str(folder)!r} does not exist")
+    if path.is_dir():
+        raise InputError(f"--out {out!r} is a folder; give a file name such as heatmap.png")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--out {out!r}: folder {str(folder)!r} is not writable")
+    return path
 
 
 def _classify(model_src: str, image, top: int, label: str) -> int:
     import krypton_db as kdb
 
+    if top < 1:
+        raise InputError(f"--top must be a positive number of classes, got {top}")
     t0 = time.perf_counter()
     m = kdb.load_model(model_src)
     t1 = time.perf_counter()
@@ -40,6 +71,9 @@ def _classify(model_src: str, image, top: int, label: str) -> int:
 def _demo(out: str, stride: int) -> int:
     import numpy as np
 
+    out = check_output_path(out)
+    if stride < 1:
+        raise InputError(f"--stride must be a positive integer, got {stride}")
     import krypton_db as kdb
     from .heatmap import overlay_png
     from .occlusion import occlude
@@ -80,11 +114,7 @@ def _sql_or_shell(args) -> int:
     from .catalog import default_path
     from .session import connect
 
-    try:
-        session = connect(args.catalog or default_path())
-    except KryptonError as exc:
-        print(f"krypton: error: {exc}", file=sys.stderr)
-        return 2
+    session = connect(args.catalog or default_path(), read_only=args.read_only)
     with session:
         progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
         session.engine.options["progress"] = progress
@@ -96,9 +126,9 @@ def _sql_or_shell(args) -> int:
             try:
                 with open(args.file, encoding="utf-8") as f:
                     text = f.read()
-            except OSError as exc:
-                print(f"krypton: error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-                return 2
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}") \
+                    from None
         else:
             text = sys.stdin.read()
         return shell.run_script(session, text, timer=args.timer)
@@ -106,6 +136,7 @@ def _sql_or_shell(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="krypton", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="explain a real trained VGG16's prediction on a real brain MRI")
     d.add_argument("--out", default="krypton_demo_heatmap.png", help="overlay PNG path")
@@ -119,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         q = sub.add_parser(name, help=hlp)
         q.add_argument("--catalog", default=None,
                        help="catalog file (default: $KRYPTON_DB or the platform data dir)")
+        q.add_argument("--read-only", action="store_true",
+                       help="open the catalog for reading only (writes are refused)")
         q.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                        help="progress bar / spinner on stderr (auto: when stderr is a terminal)")
         if name == "sql":
@@ -126,21 +159,42 @@ def main(argv: list[str] | None = None) -> int:
             q.add_argument("file", nargs="?", default=None, help="script file ('-': stdin)")
             q.add_argument("--timer", action="store_true", help="print each statement's time")
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except KryptonError as exc:
+        if args.debug:
+            raise
+        print(f"krypton: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("krypton: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"krypton: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug "
+              "for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _run(args) -> int:
     if args.cmd in ("sql", "shell"):
         return _sql_or_shell(args)
-    try:
-        import krypton_db as kdb
+    import krypton_db as kdb
 
-        if args.cmd == "demo":
-            return _demo(args.out, args.stride)
-        img = args.image
-        label = img
-        if img.startswith("sample:"):
-            img = kdb.sample_image(img[7:])
-        return _classify(args.model, img, args.top, label)
-    except KryptonError as exc:
-        print(f"krypton: error: {exc}", file=sys.stderr)
-        return 2
+    if args.cmd == "demo":
+        return _demo(args.out, args.stride)
+    img = args.image
+    label = img
+    if img.startswith("sample:"):
+        img = kdb.sample_image(img[7:])
+    return _classify(args.model, img, args.top, label)
 
 
 if __name__ == "__main__":

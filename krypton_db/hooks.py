@@ -10,7 +10,9 @@ passed in explicitly (nothing global is patched, so concurrent runs do not inter
   full-inference executor in naive mode (the GPU one has no per-step timing);
 - ``materialize_s``: seconds spent materializing the views (exact / approximate), accumulated;
 - ``on_batch(done, total)``: called after each batch (every mode) with the positions done so
-  far and the positions of the run.
+  far and the positions of the run;
+- ``disabled_rules``: layer types (``Op`` values, e.g. ``"conv"``) whose delta rule is off in
+  this run's plan (``SET disable_rule``): those layers recompute in full.
 
 One hooks object may serve several runs: the accumulators add up.
 """
@@ -31,6 +33,7 @@ class OcclusionHooks:
     on_batch: Callable[[int, int], None] | None = None
     step_secs: dict[str, float] = field(default_factory=dict)
     materialize_s: float = 0.0
+    disabled_rules: frozenset = frozenset()
 
     def batch_done(self, done: int, total: int) -> None:
         if self.on_batch is not None:

@@ -30,7 +30,7 @@ def to_pil(image):
         if not path.is_file():
             raise InputError(f"image file not found: {path}")
         if path.suffix.lower() == ".npy":
-            return array_to_pil(np.load(path))
+            return array_to_pil(_load_npy(path))
         try:
             img = Image.open(path)
             img.load()
@@ -42,13 +42,38 @@ def to_pil(image):
             ) from None
     if isinstance(image, np.ndarray):
         return array_to_pil(image)
+    if hasattr(image, "__array__") and not isinstance(image, (bytes, str)):
+        return array_to_pil(np.asarray(image))
     raise InputError(f"unsupported image type {type(image).__name__}: give a path, PIL image or array")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A numeric .npy array (never a pickle: ``allow_pickle=False``)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"cannot read {path} as a .npy array ({exc}); save images with "
+                         "numpy.save of a numeric HxW, HxWx3 or 3xHxW array") from None
+
+
+def check_finite(a: np.ndarray, what: str) -> None:
+    """Refuse NaN / inf, naming the index of the first non-finite value."""
+    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+        idx = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise InputError(f"{what} has a non-finite value ({a[idx]}) at index {idx}; NaN and inf "
+                         "are not allowed")
 
 
 def array_to_pil(a: np.ndarray):
     from PIL import Image
 
     a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise InputError(f"unsupported image dtype {a.dtype}; give uint8, uint16 or float "
+                         "pixels")
+    if a.size == 0:
+        raise InputError(f"image array is empty (shape {a.shape})")
+    check_finite(a, "image")
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[2] not in (1, 3):
         a = a.transpose(1, 2, 0)  # CHW -> HWC
     if a.ndim == 3 and a.shape[2] == 1:

@@ -23,6 +23,7 @@ from .errors import InputError, ModelError
 from .graph import Graph, Op, Preprocess
 from .heap import return_freed_heap
 from .onnx_import import import_onnx
+from .options import check_preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,7 +100,12 @@ class Model:
                 f"batch shape {b.shape} does not match the model input "
                 f"[N, {', '.join(map(str, self.input_shape))}] ({self.layout})"
             )
+        if b.shape[0] == 0:
+            raise InputError("predict got an empty batch (N = 0); give at least one sample")
+        if not (np.issubdtype(b.dtype, np.floating) or np.issubdtype(b.dtype, np.integer)):
+            raise InputError(f"batch dtype {b.dtype} is not numeric; give float32 model inputs")
         b = b.astype(np.float32, copy=False)
+        images.check_finite(b, "batch")
         return np.ascontiguousarray(b.transpose(0, 3, 1, 2)) if self.layout == "NHWC" else b
 
     # -- inference -------------------------------------------------------------------------
@@ -198,10 +204,13 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
     if "krypton.preprocess" in meta:
         pre.update(json.loads(meta["krypton.preprocess"]))
     pre.update(pkg_pre)
-    pre.update(preprocess or {})
+    pre.update(check_preprocess(preprocess, c, fixed={"layout": layout, "size": [h, w],
+                                                      "channels": c}))
     pre["layout"], pre["size"], pre["channels"] = layout, [h, w], c
     spec = Preprocess.from_dict(pre)
     n = graph.num_classes
+    if labels is not None and (isinstance(labels, str) or not all(isinstance(v, str) for v in labels)):
+        raise ModelError("labels must be a list of strings, one per class")
     labs = list(labels) if labels is not None else _labels_from(meta, Path(path), n)
     if len(labs) != n:
         raise ModelError(f"{len(labs)} labels given for a model with {n} classes")

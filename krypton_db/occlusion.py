@@ -173,7 +173,8 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
         else:
             from .exec.incremental import IncrementalExecutor
 
-        plan = plan_occlusion(model.graph, (ph, pw), ex.plan, tau=tau)
+        plan = plan_occlusion(model.graph, (ph, pw), ex.plan, tau=tau,
+                              disabled=hooks.disabled_rules if hooks is not None else frozenset())
         if hooks is not None and hooks.plan_rewrite is not None:
             plan = hooks.plan_rewrite(plan)
         inc = IncrementalExecutor(plan, ex)

@@ -10,9 +10,9 @@ Invariants:
   never reach SQL text: names/paths go to the catalog API (prepared parameters), options are
   parsed by the grammar. The SQL around a call is the user's own and runs as written.
 - Research switches (:mod:`krypton_db.research`) are scoped to the session: ``SET
-  disable_rule`` fills the registry's process-wide ``DISABLED`` set only while this session's
-  statement plans/runs (under a lock) and restores it afterwards; ``SET naive_from`` is a
-  delta-plan rewrite passed to the run as a hook.
+  disable_rule`` is passed to each plan this session builds (``plan_occlusion(disabled=)``,
+  ``OcclusionHooks.disabled_rules``), ``SET naive_from`` is a delta-plan rewrite passed to
+  the run as a hook; nothing process-wide changes.
 - Runs are observed through ``occlude(..., hooks=OcclusionHooks(...))`` (:mod:`krypton_db.hooks`:
   per-step times, materialization time, per-batch progress, plan rewrite); nothing global is
   patched.
@@ -25,8 +25,10 @@ kind (create/set/show/explain/analyze/run); the cost model behind EXPLAIN's esti
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +37,12 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .errors import InputError, KryptonError
+from .errors import InputError, KryptonError, SqlError
 from .hooks import OcclusionHooks
 from .planner.cost import calibrate, cost_model_path, load_cost_model  # noqa: F401 (re-export)
+from .options import PREPROCESS_KEYS, OptionValueError, check_against_model, show
 from .progress import Progress
-from .research import ablation, force_naive_from, naive_from_rewrite, rule_switches
+from .research import ablation, force_naive_from, naive_from_rewrite
 from .sql.dsl import ast as A
 from .sql.dsl import DslBindError, DslError, bind_call, check_option, parse
 from .sql.dsl.binder import OPTIONS, SESSION_OPTIONS, BoundQuery
@@ -83,7 +86,9 @@ class Engine:
 
     @property
     def con(self):
-        return self.session.catalog.con
+        """The session connection; every statement runs inside ``catalog.connection()``,
+        which attaches the catalog file for it."""
+        return self.session.catalog.db
 
     # -- scripts ---------------------------------------------------------------------------------
     def iter_script(self, text: str, params=None):
@@ -93,7 +98,9 @@ class Engine:
         if len(stmts) > 1 and params is not None:
             raise InputError("query parameters need a single statement")
         for st in stmts:
-            yield st, self.execute(st, text, params)
+            with self.catalog.connection():
+                res = self.execute(st, text, params)
+            yield st, res
 
     def run_script(self, text: str, params=None):
         from .session import Result
@@ -116,7 +123,7 @@ class Engine:
                     return Result(self.con.sql(sql) if params is None else
                                   self.con.sql(sql, params=params))
                 except duckdb.Error as exc:
-                    raise self._unknown_setting(text, st, exc) or exc
+                    raise self._unknown_setting(text, st, exc) or SqlError(exc) from None
             return self._run_sql(st, text, params)
         handler = getattr(self, "_do_" + type(st).__name__.lower())
         return handler(st, text)
@@ -155,27 +162,18 @@ class Engine:
         from .model import load_model
 
         self._check_name(st.name, text, st.name_pos)
-        pre, labels = {}, None
+        pre, labels, at = {}, None, {}
         for a in st.options:
-            if a.name in ("mean", "std"):
-                v = a.value if isinstance(a.value, tuple) else (a.value,)
-                if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or (
-                        a.name == "std" and any(x <= 0 for x in v)):
-                    raise DslBindError(f"{a.name} must be a number or a tuple of numbers"
-                                       + (" > 0" if a.name == "std" else ""), text, a.value_pos)
-                pre[a.name] = [float(x) for x in v]
-            elif a.name == "scale":
-                v = a.value
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                    raise DslBindError("scale must be a positive number", text, a.value_pos)
-                pre["scale"] = float(a.value)
+            if a.name in PREPROCESS_KEYS:
+                pre[a.name] = a.value
+                at[a.name] = a.value_pos
             elif a.name == "labels":
                 if not isinstance(a.value, tuple) or not all(isinstance(x, str) for x in a.value):
                     raise DslBindError("labels must be a tuple of 'strings'", text, a.value_pos)
                 labels = [str(x) for x in a.value]
             else:
-                raise DslBindError(f"unknown model option {a.name!r}; options: labels, mean, "
-                                   "scale, std", text, a.pos)
+                raise DslBindError(f"unknown model option {a.name!r}; options: labels, "
+                                   f"{', '.join(PREPROCESS_KEYS)}", text, a.pos)
         if st.kind == "file":
             p = Path(st.source).expanduser()
             if not p.is_file():
@@ -187,19 +185,13 @@ class Engine:
             raise DslBindError(f"model {st.name!r} is already registered (CREATE OR REPLACE "
                                "MODEL replaces it)", text, st.name_pos)
         try:
-            if pre:
-                base = load_model(src)
-                c = base.graph.input_shape[0]
-                for k in ("mean", "std"):
-                    if k in pre and len(pre[k]) not in (1, c):
-                        raise InputError(f"{k} needs 1 or {c} values for this {c}-channel model")
-                    if k in pre and len(pre[k]) == 1:
-                        pre[k] = pre[k] * c
             m = load_model(src, preprocess=pre or None, labels=labels, name=st.name)
+        except OptionValueError as exc:  # the same preprocessing checks as load_model's
+            raise DslBindError(str(exc), text, at.get(exc.option, st.source_pos)) from None
         except KryptonError as exc:
             raise DslBindError(str(exc), text, st.source_pos) from None
-        self.catalog.register_model(m, st.name, replace=st.replace)
-        self._models[st.name] = m
+        model_id = self.catalog.register_model(m, st.name, replace=st.replace)
+        self._models[model_id] = m
         return self._rows(["model", "source", "input", "classes", "gmacs"],
                           [(st.name, src, "x".join(map(str, m.graph.input_shape)),
                             m.graph.num_classes, round(m.graph.macs / 1e9, 3))])
@@ -283,7 +275,7 @@ class Engine:
     def _do_show(self, st: A.Show, text: str):
         w = st.what
         if w == "OPTIONS":
-            rows = [(k, _show(self.options.get(k, o.default)), _show(o.default), o.scope, o.doc)
+            rows = [(k, show(self.options.get(k, o.default)), show(o.default), o.scope, o.doc)
                     for k, o in OPTIONS.items()]
             return self._rows(["option", "value", "default", "scope", "description"], rows)
         if w == "RULES":
@@ -295,7 +287,7 @@ class Engine:
                 if op is Op.INPUT:
                     continue
                 r = registry.DELTA_RULES.get(op)
-                off = op.value in self.options.get("disable_rule", ()) or op in registry.DISABLED
+                off = op.value in self.options.get("disable_rule", ())
                 rows.append((op.value, type(r).__name__ if r else "FullRecompute",
                              r.kind if r else "global", r.origin if r else "-",
                              "disabled" if off else ("active" if r else "missing")))
@@ -346,19 +338,26 @@ class Engine:
                             float(res.target_ssim))])
 
     # -- names -----------------------------------------------------------------------------------
+    def model(self, name: str):
+        """The loaded latest version of registered model ``name`` (as statements use it)."""
+        with self.catalog.connection():
+            return self._model(name, name, 0)
+
     def _model(self, name: str, text: str, pos: int):
-        m = self._models.get(name)
-        if m is not None:
-            return m
+        """The latest version of model ``name`` (loaded once per version and session)."""
         if name not in self.catalog.models():
             have = ", ".join(self.catalog.models()) or "none"
             raise DslBindError(f"unknown model {name!r} (registered: {have}); register it with "
                                f"CREATE MODEL {_ident_hint(name)} FROM '<file.onnx>'", text, pos)
+        model_id = self.catalog.model_id(name)
+        m = self._models.get(model_id)
+        if m is not None:
+            return m
         try:
             m = self.catalog.get_model(name)
         except KryptonError as exc:
             raise DslBindError(str(exc), text, pos) from None
-        self._models[name] = m
+        self._models[model_id] = m
         return m
 
     def _image(self, name: str, text: str, pos: int):
@@ -390,14 +389,12 @@ class Engine:
         if bq.image not in self.catalog.images():
             self._image(bq.image, bq.text, bq.arg_pos.get("image", bq.start))
         c, h, w = m.graph.input_shape
-        ph, pw = bq.patch
-        if ph > h or pw > w:
-            raise bq.error(f"patch {ph}x{pw} is larger than the model input {h}x{w}", "patch")
+        try:
+            check_against_model(dict(patch=bq.patch, positions=bq.positions, region=bq.region,
+                                     color=bq.color), c, h, w)
+        except OptionValueError as exc:
+            raise bq.error(str(exc), exc.option) from None
         if bq.positions is not None:
-            bad = [p for p in bq.positions if p[0] + ph > h or p[1] + pw > w]
-            if bad:
-                raise bq.error(f"positions {list(bad[:3])} put the {ph}x{pw} patch outside the "
-                               f"{h}x{w} input", "positions")
             n, grid = len(bq.positions), (1, len(bq.positions))
         else:
             try:
@@ -405,8 +402,6 @@ class Engine:
             except InputError as exc:
                 raise bq.error(str(exc), "region" if bq.region is not None else "patch") from None
             n = int(grid[0] * grid[1])
-        if isinstance(bq.color, tuple) and len(bq.color) not in (1, c):
-            raise bq.error(f"color needs 1 or {c} values for this {c}-channel model", "color")
         if bq.target is not None:
             try:
                 m.class_index(bq.target)
@@ -452,9 +447,10 @@ class Engine:
         bq = r.bq
         out: list[tuple[str, object]] = [("bind", self._bind_text(r))]
         cpu_plan = r.model.executor.plan if r.graph is r.model.graph else CpuPlan.lower(r.graph)
-        with rule_switches(self.options.get("disable_rule", ())):
-            p1 = plan_occlusion(r.graph, bq.patch, cpu_plan, tau=1.0)
-            p2 = p1 if r.tau >= 1.0 else plan_occlusion(r.graph, bq.patch, cpu_plan, tau=r.tau)
+        off = frozenset(self.options.get("disable_rule", ()))
+        p1 = plan_occlusion(r.graph, bq.patch, cpu_plan, tau=1.0, disabled=off)
+        p2 = p1 if r.tau >= 1.0 else plan_occlusion(r.graph, bq.patch, cpu_plan, tau=r.tau,
+                                                     disabled=off)
         out.append(("plan_deltas", p1))
         out.append(("apply_tau", p2))
         p3 = force_naive_from(p2, self.options.get("naive_from"))
@@ -576,10 +572,11 @@ class Engine:
         bq = r.bq
         # JIT apart: compile the executor's and the incremental kernels on one position first
         t0 = time.perf_counter()
-        with rule_switches(self.options.get("disable_rule", ())):
-            _occ(r.model, self.catalog.get_image(bq.image), patch=bq.patch, positions=[[0, 0]],
+        img = self.catalog.get_image(bq.image)
+        with self.catalog.suspended():
+            _occ(r.model, img, patch=bq.patch, positions=[[0, 0]],
                  mode="naive" if bq.mode == "naive" else "exact", score=bq.score,
-                 hooks=OcclusionHooks(plan_rewrite=self._plan_rewrite()))
+                 hooks=self._hooks())
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         hm, hooks = self._occlude(r, profile=True)
@@ -619,8 +616,9 @@ class Engine:
         sample = flat[idx]
         img = self.catalog.get_image(bq.image)
         hooks = OcclusionHooks(profile=True)
-        nv = _occ(r.model, img, patch=bq.patch, positions=sample, color=bq.color,
-                  target=hm.target, mode="naive", batch_size=k, score=bq.score, hooks=hooks)
+        with self.catalog.suspended():
+            nv = _occ(r.model, img, patch=bq.patch, positions=sample, color=bq.color,
+                      target=hm.target, mode="naive", batch_size=k, score=bq.score, hooks=hooks)
         full = {name: secs / k for name, secs in hooks.step_secs.items()}
         return sample, float(nv.stats["run_s"]) / k, full
 
@@ -644,42 +642,43 @@ class Engine:
 
     # -- running occlusion queries ---------------------------------------------------------------
     def _occlude_kwargs(self, r: Resolved) -> dict:
+        """The occlusion driver's arguments for a resolved call (the tau is the resolved one:
+        nothing is read from the catalog while the run computes)."""
         bq = r.bq
         kw = dict(patch=bq.patch, stride=bq.stride, color=bq.color, target=bq.target,
                   mode=bq.mode, region=bq.region,
                   positions=np.asarray(bq.positions, np.int64) if bq.positions else None,
                   all_classes=bq.all_classes, memory_budget=bq.memory_budget, score=bq.score,
-                  image_name=bq.image)
-        if bq.batch_size is not None:
-            kw["batch_size"] = bq.batch_size
+                  batch_size=bq.batch_size, device="gpu" if bq.device != "cpu" else "cpu")
         if bq.mode == "approximate":
-            kw.update(tau=bq.tau, target_ssim=bq.target_ssim, domain=bq.domain)
-        if bq.drilldown is not None:
-            kw["drilldown"] = dict(bq.drilldown) or True
-        if bq.device != "cpu":
-            kw["device"] = "gpu"  # 'cuda' and 'gpu' name the same numba.cuda executor
-        record = self.options.get("record_runs", True)
-        if record or (bq.mode == "approximate" and bq.tau is None):
-            kw["catalog"] = self.catalog
+            kw["tau"] = r.tau
         return kw
+
+    def _hooks(self, profile: bool = False, on_batch=None) -> OcclusionHooks:
+        """This session's research switches and observers for one run."""
+        return OcclusionHooks(plan_rewrite=self._plan_rewrite(), profile=profile,
+                              on_batch=on_batch,
+                              disabled_rules=frozenset(self.options.get("disable_rule", ())))
 
     def _plan_rewrite(self):
         return naive_from_rewrite(self.options.get("naive_from"))
 
     def _occlude(self, r: Resolved, profile: bool = False):
-        """Run one occlusion call: (heat map, the run's :class:`OcclusionHooks` holding
-        per-step seconds when ``profile``, materialization seconds)."""
+        """Compute one occlusion call with the catalog file detached (a long computation
+        holds no lock): (heat map, the run's :class:`OcclusionHooks` holding per-step seconds
+        when ``profile``, materialization seconds). Records nothing."""
         from . import api
 
         bq = r.bq
         img = self.catalog.get_image(bq.image)
         progress = Progress(f"occlusion({bq.model}, {bq.image})") \
             if self.options.get("progress") else None
-        hooks = OcclusionHooks(plan_rewrite=self._plan_rewrite(), profile=profile,
-                               on_batch=progress.update if progress is not None else None)
+        hooks = self._hooks(profile, progress.update if progress is not None else None)
+        kw = self._occlude_kwargs(r)
         try:
-            with rule_switches(self.options.get("disable_rule", ())):
-                hm = api.occlude(r.model, img, hooks=hooks, **self._occlude_kwargs(r))
+            with self.catalog.suspended():
+                hm = api.run_checked(r.model, img, kw, hooks, bq.drilldown,
+                                     tau_source=r.tau_note or None)
         except KryptonError as exc:
             raise bq.error(str(exc)) from None
         finally:
@@ -687,11 +686,12 @@ class Engine:
                 progress.close()
         return hm, hooks
 
-    def heatmap_table(self, bq: BoundQuery, hm) -> pa.Table:
+    def heatmap_table(self, r: Resolved, hm) -> pa.Table:
         """The heat-map relation (model, image, run_id, y, x, class, label, prob)."""
+        bq = r.bq
         pos = np.asarray(hm.positions).reshape(-1, 2).astype(np.int32)
         n = pos.shape[0]
-        labels = getattr(self._models.get(bq.model), "labels", None) or []
+        labels = r.model.labels
         run_id = hm.stats.get("run_id")
         if hm.all_probs is not None:
             k = hm.all_probs.shape[-1]
@@ -712,45 +712,86 @@ class Engine:
                          pa.array(lab.tolist(), pa.string()), pa.array(vals, pa.float32())],
                         schema=HEATMAP_SCHEMA)
 
-    def _run_sql(self, st: A.SqlStatement, text: str, params=None, precomputed=None):
-        """Run each occlusion(...) call, register its relation, rewrite, run in DuckDB."""
-        from .session import Result
+    def _rewrite(self, st: A.SqlStatement, text: str, names: list[str]) -> str:
+        """The statement's SQL with each ``occlusion(...)`` call replaced by ``names[i]``."""
         from .sqlviews import ident
 
-        bound = [bind_call(c, text, self.options) for c in st.calls]
-        resolved = [self.resolve(bq) for bq in bound]
-        names, pieces, pos = [], [], st.start
-        for i, (call, r) in enumerate(zip(st.calls, resolved)):
-            hm = precomputed[i] if precomputed else self._occlude(r)[0]
-            self._seq += 1
-            name = f"__krypton_occl_{self._seq}"
-            self.con.register(name, self.heatmap_table(r.bq, hm))
-            names.append(name)
+        pieces, pos = [], st.start
+        for call, name in zip(st.calls, names):
             pieces += [text[pos : call.start], ident(name)]
             pos = call.end
         pieces.append(text[pos : st.end])
-        sql = "".join(pieces)
-        if st.bare_call:
-            sql = f"SELECT * FROM {ident(names[0])}"
+        return f"SELECT * FROM {ident(names[0])}" if st.bare_call else "".join(pieces)
+
+    def _sql_error(self, exc: Exception, st: A.SqlStatement, text: str, names: list[str]):
+        """A DuckDB error in the SQL around the calls, with the internal relation names put
+        back as the calls they stand for, positioned at the statement."""
+        msg = " ".join(str(exc).split())
+        for k, name in enumerate(names):
+            call = "occlusion(...)" if len(names) == 1 else f"occlusion(...) #{k + 1}"
+            msg = re.sub(rf'"?{re.escape(name)}"?', call, msg)
+        return DslBindError(f"in the SQL around occlusion(...): {msg}", text, st.start)
+
+    def _prebind(self, st: A.SqlStatement, text: str, params) -> None:
+        """Bind the SQL around the calls (tables, columns, functions) against empty heat-map
+        relations before any occlusion runs: a typo fails in milliseconds, not after the run.
+        Errors DuckDB only finds while executing (casts, constraints) still come at the end."""
+        self._seq += 1
+        names = [f"__krypton_check_{self._seq}_{k}" for k in range(len(st.calls))]
+        empty = HEATMAP_SCHEMA.empty_table()
+        for name in names:
+            self.con.register(name, empty)
         try:
-            rel = self.con.sql(sql) if params is None else self.con.sql(sql, params=params)
-            table = rel.to_arrow_table() if rel is not None else None
+            sql = "EXPLAIN " + self._rewrite(st, text, names)
+            self.con.execute(sql) if params is None else self.con.execute(sql, params)
+        except (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException) as exc:
+            raise self._sql_error(exc, st, text, names) from None
+        except duckdb.Error:
+            pass  # not plannable empty (e.g. a statement EXPLAIN does not take): checked at run
+        finally:
+            for name in names:
+                self.con.unregister(name)
+
+    def _run_sql(self, st: A.SqlStatement, text: str, params=None, precomputed=None):
+        """Bind everything, compute each occlusion(...) call (catalog detached), then in one
+        transaction record the runs and run the statement's SQL over their heat maps: a
+        statement that fails records nothing."""
+        from . import api
+        from .session import Result
+
+        bound = [bind_call(c, text, self.options) for c in st.calls]
+        resolved = [self.resolve(bq) for bq in bound]
+        self._prebind(st, text, params)
+        hms = [precomputed[i] if precomputed else self._occlude(r)[0]
+               for i, r in enumerate(resolved)]
+        self._seq += 1
+        names = [f"__krypton_occl_{self._seq}_{k}" for k in range(len(st.calls))]
+        record = self.options.get("record_runs", True) and not self.catalog.read_only
+        try:
+            with (self.catalog.transaction() if record else contextlib.nullcontext()):
+                for r, hm in zip(resolved, hms):
+                    if record and r.bq.positions is None:
+                        api.record_run(self.catalog, r.model, self.catalog.get_image(r.bq.image),
+                                       hm, image_name=r.bq.image, color=r.bq.color,
+                                       region=r.bq.region, domain=r.bq.domain)
+                for name, r, hm in zip(names, resolved, hms):
+                    self.con.register(name, self.heatmap_table(r, hm))
+                sql = self._rewrite(st, text, names)
+                try:
+                    rel = self.con.sql(sql) if params is None else self.con.sql(sql, params=params)
+                    result = Result(rel)
+                except duckdb.Error as exc:
+                    raise self._sql_error(exc, st, text, names) from None
         finally:
             for n in names:
                 self.con.unregister(n)
-        return Result(self.con.from_arrow(table) if table is not None else None)
+        return result
 
 
 def fmt_bytes_(n) -> str:
     from .planner.explain import fmt_bytes
 
     return fmt_bytes(n)
-
-
-def _show(v) -> str:
-    from .sql.dsl.binder import _show as show
-
-    return show(v)
 
 
 def _ident_hint(name: str) -> str:
@@ -762,4 +803,4 @@ def _ident_hint(name: str) -> str:
 
 __all__ = ["DslError", "Engine", "HEATMAP_SCHEMA", "Progress", "ablation",
            "calibrate", "cost_model_path", "force_naive_from", "load_cost_model",
-           "rule_switches"]
+           ]

@@ -1,7 +1,9 @@
 """Research switches: take the IVM apart to measure what each piece buys.
 
-- :func:`rule_switches` -- disable the delta rules of some layer types while inside
-  (``SET disable_rule = 'conv'``): those layers recompute in full;
+- ``disable_rule`` -- the delta rules of some layer types off in one plan
+  (``SET disable_rule = 'conv'``; ``plan_occlusion(..., disabled={"conv"})``, or
+  ``occlude(..., hooks=OcclusionHooks(disabled_rules={"conv"}))``): those layers recompute in
+  full. It belongs to the plan, so concurrent runs in other threads are not affected;
 - :func:`force_naive_from` -- a delta-plan rewrite: from a layer on every step recomputes in
   full (``SET naive_from = 'conv3'``; pass it to ``occlude`` as
   ``hooks=OcclusionHooks(plan_rewrite=lambda p: force_naive_from(p, "conv3"))``);
@@ -12,30 +14,7 @@ The names stay importable from :mod:`krypton_db.query`.
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
 from dataclasses import replace
-
-# Guards the delta-rule registry's process-wide DISABLED set: statements of different
-# sessions in different threads that switch rules off plan and run one at a time.
-_LOCK = threading.RLock()
-
-
-@contextmanager
-def rule_switches(disabled: tuple[str, ...]):
-    """Disable the delta rules of the given layer types (``Op`` values) while inside; the
-    registry's ``DISABLED`` set is restored afterwards (held under a process-wide lock)."""
-    from .graph import Op
-    from .planner.ivm import registry
-
-    with _LOCK:
-        saved = set(registry.DISABLED)
-        registry.DISABLED.update(Op(v) for v in disabled)
-        try:
-            yield
-        finally:
-            registry.DISABLED.clear()
-            registry.DISABLED.update(saved)
 
 
 class _NaiveFromRule:
@@ -88,4 +67,4 @@ def ablation(session, text: str) -> list[tuple[str, str]]:
     return session.explain(t)
 
 
-__all__ = ["ablation", "force_naive_from", "naive_from_rewrite", "rule_switches"]
+__all__ = ["ablation", "force_naive_from", "naive_from_rewrite"]

@@ -6,38 +6,45 @@ exactly as given; values belong in ``params`` (prepared-statement parameters, ``
 ``$1``), never spliced into the text. Text using the explanation language (CREATE MODEL /
 IMAGE, SET of our options, ``occlusion(...)`` table functions, EXPLAIN of them; see
 ``krypton_db.sql.dsl``) is run by ``krypton_db.query.Engine``, statement by statement.
-Statements other than SELECT run at once; a plain SELECT comes back as a lazy DuckDB relation
-that runs when its rows are fetched (``fetchall`` / ``arrow``), and is always read out
-completely, so no half-read result blocks the connection. A statement over ``occlusion(...)``
-is run at once and its rows come back materialized (the heat map's Arrow registration is
-dropped when the statement ends).
+Every statement runs at once and its rows come back materialized (Arrow), because the catalog
+file is attached only while a statement runs (see :mod:`krypton_db.catalog`): between
+statements the session holds no lock, so other processes can read and write the catalog.
+Session state (temporary tables, DuckDB settings, our ``SET`` options) lives in the session's
+in-memory connection and survives between statements.
 """
 
 from __future__ import annotations
 
 import os
 
+import duckdb
 import pyarrow as pa
 
 from .catalog import Catalog
+from .errors import InputError, SqlError
 
 
 class Result:
-    """The outcome of one statement: rows, column names and an Arrow accessor."""
+    """The outcome of one statement, materialized: rows, column names and an Arrow accessor.
+    ``relation`` (a DuckDB relation or None) is read out at once."""
 
     def __init__(self, relation):
-        self.relation = relation  # a DuckDB relation, or None for statements without rows
+        self.table = relation.to_arrow_table() if relation is not None else None
 
     @property
     def columns(self) -> list[str]:
-        return list(self.relation.columns) if self.relation is not None else []
+        return list(self.table.column_names) if self.table is not None else []
 
     def fetchall(self) -> list[tuple]:
-        return self.relation.fetchall() if self.relation is not None else []
+        """The rows as tuples of Python values (DuckDB's conversions)."""
+        if self.table is None:
+            return []
+        with duckdb.connect() as con:
+            return con.from_arrow(self.table).fetchall()
 
     def arrow(self) -> pa.Table:
         """All rows as a ``pyarrow.Table`` (empty table for statements without rows)."""
-        return self.relation.to_arrow_table() if self.relation is not None else pa.table({})
+        return self.table if self.table is not None else pa.table({})
 
     def __repr__(self) -> str:
         return f"Result(columns={self.columns})"
@@ -46,8 +53,9 @@ class Result:
 class Session:
     """SQL access to a catalog; use as a context manager or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike | None = None, read_only: bool = False):
-        self.catalog = Catalog(path, read_only=read_only)
+    def __init__(self, path: str | os.PathLike | None = None, read_only: bool = False,
+                 **catalog_options):
+        self.catalog = Catalog(path, read_only=read_only, **catalog_options)
         self._engine = None
 
     @property
@@ -61,15 +69,25 @@ class Session:
 
     @property
     def con(self):
+        """The DuckDB connection with the catalog attached until ``release()`` (for direct
+        use; while it is held, other processes wait for the catalog)."""
         return self.catalog.con
+
+    def release(self) -> None:
+        """Give the catalog file back after using ``con``."""
+        self.catalog.release()
 
     def sql(self, text: str, params: list | dict | None = None) -> Result:
         """Run SQL and/or explanation statements; ``params`` bind ``?`` / ``$name`` markers.
         A script of several statements returns the last one's result."""
+        if not isinstance(text, str):
+            raise InputError(f"sql() takes the statement text as a str, got {type(text).__name__}")
         if not _uses_language(text):
-            if params is None:
-                return Result(self.con.sql(text))
-            return Result(self.con.sql(text, params=params))
+            try:
+                with self.catalog.connection() as con:
+                    return Result(con.sql(text) if params is None else con.sql(text, params=params))
+            except duckdb.Error as exc:
+                raise SqlError(exc) from None
         return self.engine.run_script(text, params)
 
     def explain(self, text: str, verbose: bool = False, analyze: bool = False,
@@ -119,6 +137,8 @@ def _uses_language(text: str) -> bool:
         t.kind == "word" and t.text.lower() == "occlusion" for t in c.tokens) for c in chunks)
 
 
-def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> Session:
-    """Open (creating if needed) the catalog at ``path`` (default: see ``catalog.default_path``)."""
-    return Session(path, read_only=read_only)
+def connect(path: str | os.PathLike | None = None, read_only: bool = False,
+            **catalog_options) -> Session:
+    """Open (creating if needed) the catalog at ``path`` (default: see ``catalog.default_path``);
+    ``lock_timeout=`` (seconds) and ``allow_foreign=`` go to :class:`~krypton_db.catalog.Catalog`."""
+    return Session(path, read_only=read_only, **catalog_options)

@@ -133,9 +133,11 @@ def tau_cap(node: Node, out: Size, in_size: Size, tau: float) -> tuple[Size, Siz
 
 
 def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None,
-                   tau: float = 1.0) -> DeltaPlan:
+                   tau: float = 1.0, disabled: frozenset = frozenset()) -> DeltaPlan:
     """Propagate the patch size through the graph with each layer's delta rule; with tau < 1
-    every windowed layer's output patch is capped (projective-field thresholding)."""
+    every windowed layer's output patch is capped (projective-field thresholding).
+    ``disabled``: layer types (``Op`` values such as ``"conv"``) whose rule is off in this
+    plan: those layers recompute in full (a research switch of one plan, never the process)."""
     if not (0.0 < tau <= 1.0):
         raise InputError(f"tau must lie in (0, 1], got {tau}")
     cpu_plan = cpu_plan or CpuPlan.lower(graph)
@@ -143,7 +145,7 @@ def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None,
     plan = DeltaPlan(graph, cpu_plan, tuple(patch), tau=float(tau))
     for st in cpu_plan.steps:
         node = st.node
-        rule = rule_for(node.op)
+        rule = rule_for(node.op, disabled)
         in_sizes = [sizes[i] for i in node.inputs]
         in_shapes = [graph[i].shape for i in node.inputs]
         out = rule.out_size(node, in_sizes, in_shapes)

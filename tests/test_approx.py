@@ -4,6 +4,7 @@ check, catalog round trip and reuse, bad settings); theoretical_speedup with tau
 migration that added the tuned_tau table."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,7 +12,7 @@ import pytest
 from onnx_builders import Net
 
 import krypton_db as kdb
-from krypton_db.catalog import SCHEMA_VERSION, Catalog
+from krypton_db.catalog import SCHEMA_VERSION, Catalog, CatalogError
 from krypton_db.errors import InputError
 from krypton_db.planner import approx
 from krypton_db.planner.delta_plan import plan_occlusion
@@ -297,7 +298,7 @@ def test_tune_stores_and_occlude_reuses(model, images, tmp_path):
         kdb.occlude(model, images[3], patch=4, stride=2, mode="approximate")
     with pytest.raises(InputError, match="not both"):
         kdb.occlude(model, images[3], patch=4, mode="approximate", tau=0.5, target_ssim=0.9)
-    with pytest.raises(InputError, match="applies to mode='approximate'"):
+    with pytest.raises(InputError, match="applies to mode 'approximate'"):
         kdb.occlude(model, images[3], patch=4, target_ssim=0.9)
 
 
@@ -340,12 +341,16 @@ def test_theoretical_speedup_accepts_tau():
 
 
 def test_catalog_migrates_version_1(tmp_path):
+    import duckdb
+
     path = tmp_path / "v1.duckdb"
-    with Catalog(path) as cat:  # make a version-1 file: no tuned_tau table
-        cat.con.execute("DROP TABLE tuned_tau")
-        cat.con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    with Catalog(path, read_only=True) as cat:
-        assert cat.tuned_tau("m") is None and cat.tuned_taus() == []
+    with duckdb.connect(str(path)) as con:  # a version-1 file: the old layout, no tuned_tau
+        for stmt in (Path(__file__).parent / "catalog_v2_schema.sql").read_text().split(";"):
+            if stmt.strip():
+                con.execute(stmt)
+        con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    with pytest.raises(CatalogError, match="open it read-write once to migrate it"):
+        Catalog(path, read_only=True)
     with Catalog(path) as cat:
         assert cat.con.sql("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]
         cat.save_tuned_tau("m", "default", 0.7, 0.9, [-1.0, 2.0, 0.1], {"n": 3})

@@ -140,7 +140,7 @@ def test_single_rules_by_regex(s):
     assert re.search(r"^Conv\.23\s+CONV\s+StitchFull -> FullConv2d$", p, re.M)
     assert re.search(r"^Add\.25\s+ADD\+RELU\s+StitchFull -> FullAdd\+Relu$", p, re.M)
     assert re.search(r"^GlobalAveragePool\.29\s+GLOBAL_AVGPOOL\s+FullGlobalAvgPool$", p, re.M)
-    gpu = E.physical_section(kdb.plan(s.engine._models["res"], 4), "exact", 36, 0, 36, "gpu").text()
+    gpu = E.physical_section(kdb.plan(s.engine.model("res"), 4), "exact", 36, 0, 36, "gpu").text()
     assert re.search(r"GatherUnionBox -> PatchAdd\+Relu$", gpu, re.M)  # the GPU keeps patches
     assert re.search(r"StitchFull -> FullGlobalAvgPool$", gpu, re.M)
     r18 = dict(s.explain(GOLDENS["resnet18"]))["physical_plan"]
@@ -230,7 +230,7 @@ def test_analyze_naive_and_ablation(s):
 def test_calibration_feeds_the_estimate(s, tmp_path, monkeypatch):
     path = tmp_path / "cost.json"
     monkeypatch.setenv("KRYPTON_COST_MODEL", str(path))
-    m = s.engine._models["vgg"]
+    m = s.engine.model("vgg")
     res = calibrate(((m, s.catalog.get_image("img")),), patches=(4, 8), batches=(2, 5))
     # 2 patch sizes x 2 batch sizes, one sample per physical step
     assert path.is_file() and res["samples"] == 4 * len(kdb.plan(m, 4).steps)

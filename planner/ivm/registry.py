@@ -43,7 +43,6 @@ class DeltaRule:
 
 
 DELTA_RULES: dict[Op, DeltaRule] = {}
-DISABLED: set[Op] = set()
 
 
 def register(op: Op):
@@ -68,9 +67,10 @@ FALLBACK = DeltaRule(op=Op.INPUT, kind="global", doc="no delta rule: full recomp
                      origin="planner/ivm/registry.py")
 
 
-def rule_for(op: Op) -> DeltaRule:
-    """The active rule for ``op`` (the full-recompute fallback when missing or disabled)."""
-    if op in DISABLED or op not in DELTA_RULES:
+def rule_for(op: Op, disabled: frozenset = frozenset()) -> DeltaRule:
+    """The active rule for ``op`` (the full-recompute fallback when missing, or disabled for
+    this plan: ``disabled`` holds ``Op`` members or their values, e.g. ``"conv"``)."""
+    if op in disabled or op.value in disabled or op not in DELTA_RULES:
         return FALLBACK
     return DELTA_RULES[op]
 

@@ -6,8 +6,10 @@ source line with a caret under it, so a shell user sees where a statement went w
 
 from __future__ import annotations
 
+from ...errors import KryptonError
 
-class DslError(ValueError):
+
+class DslError(KryptonError, ValueError):
     """A statement of the explanation language is malformed or names something invalid."""
 
     def __init__(self, message: str, text: str | None = None, pos: int | None = None):
