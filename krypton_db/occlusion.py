@@ -29,6 +29,7 @@ import numpy as np
 from .errors import InputError
 from .hooks import OcclusionHooks
 from .images import color_to_input
+from .interrupt import check_cancelled
 from .model import Model, softmax
 from .planner.batching import batch_for, naive_bytes_per_query
 
@@ -213,6 +214,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     try:
         for i in range(0, n, bs):
             outs.append(run(flat[i : i + bs]))
+            check_cancelled()  # Ctrl-C that a library swallowed still stops the run here
             if hooks is not None:
                 hooks.batch_done(min(i + bs, n), n)
     finally:
@@ -250,17 +252,15 @@ def _probs(model: Model, y: np.ndarray) -> np.ndarray:
     return y if model.ends_in_softmax or getattr(model, "_raw_scores", False) else softmax(y)
 
 
-_LOGIT_MODELS: dict[int, Model] = {}
-
-
 def _logit_model(model: Model) -> Model:
-    """The same model truncated at its pre-softmax node (cached per model object)."""
-    key = id(model)
-    if key not in _LOGIT_MODELS:
+    """The same model truncated at its pre-softmax node, cached on the model object itself
+    (a cache keyed by ``id(model)`` would hand a new model the truncation of a collected one)."""
+    lm = model.__dict__.get("_logit_twin")
+    if lm is None:
         from dataclasses import replace
 
         g = model.graph.truncated(model.graph.logits_node())
         lm = replace(model, graph=g, _executor=None)
         lm._raw_scores = True
-        _LOGIT_MODELS[key] = lm
-    return _LOGIT_MODELS[key]
+        model.__dict__["_logit_twin"] = lm
+    return lm

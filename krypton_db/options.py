@@ -296,10 +296,10 @@ SESSION_OPTIONS = frozenset(k for k, o in OPTIONS.items() if o.scope in ("both",
 QUERY_OPTIONS = tuple(k for k, o in OPTIONS.items() if o.scope in ("both", "query"))
 
 
-def unknown_option(name: str, allowed) -> str:
+def unknown_option(name: str, allowed, kind: str = "option") -> str:
     close = difflib.get_close_matches(name, list(allowed), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown option {name!r}{hint}; options: {', '.join(sorted(allowed))}"
+    return f"unknown {kind} {name!r}{hint}; {kind}s: {', '.join(sorted(allowed))}"
 
 
 def check(name: str, value):
@@ -391,7 +391,7 @@ def _check_preprocess_key(out: dict, key, value, channels: int, fixed: dict | No
                                    f"({fixed.get(key)!r}), got {value!r}", key)
         return
     if key not in PREPROCESS_KEYS:
-        raise OptionValueError("preprocess: " + unknown_option(str(key), PREPROCESS_KEYS), key)
+        raise OptionValueError(unknown_option(str(key), PREPROCESS_KEYS, "preprocess key"), key)
     v = plain(value)
     if key == "scale":
         x = _num(v, "preprocess scale")

@@ -40,7 +40,7 @@ import pyarrow as pa
 from .errors import InputError, KryptonError, SqlError
 from .hooks import OcclusionHooks
 from .planner.cost import calibrate, cost_model_path, load_cost_model  # noqa: F401 (re-export)
-from .options import PREPROCESS_KEYS, OptionValueError, check_against_model, show
+from .options import PREPROCESS_KEYS, OptionValueError, check_against_model, show, unknown_option
 from .progress import Progress
 from .research import ablation, force_naive_from, naive_from_rewrite
 from .sql.dsl import ast as A
@@ -172,8 +172,8 @@ class Engine:
                     raise DslBindError("labels must be a tuple of 'strings'", text, a.value_pos)
                 labels = [str(x) for x in a.value]
             else:
-                raise DslBindError(f"unknown model option {a.name!r}; options: labels, "
-                                   f"{', '.join(PREPROCESS_KEYS)}", text, a.pos)
+                raise DslBindError(unknown_option(a.name, ("labels",) + PREPROCESS_KEYS,
+                                                  "model option"), text, a.pos)
         if st.kind == "file":
             p = Path(st.source).expanduser()
             if not p.is_file():

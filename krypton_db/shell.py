@@ -4,7 +4,9 @@ The shell reads statements that may span lines until a top-level ``;`` (quotes a
 respected), keeps readline history in ``~/.krypton_history`` (``$KRYPTON_HISTORY``
 overrides), and understands dot commands when no statement is pending: ``.help``,
 ``.quit`` / ``.exit``, ``.tables``, ``.models``, ``.images``, ``.options``, ``.rules``.
-An error prints its message (with line, column and caret) and the shell goes on.
+An error prints its message (with line, column and caret) and the shell goes on. Ctrl-C
+while a statement runs cancels it (one line; a statement records its runs only when it
+completes) and the shell prompts again with its session (options, history) intact.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import duckdb
 
 from .errors import KryptonError
+from .interrupt import cancellable
 from .sql.dsl import DslError
 from .sql.dsl.scanner import is_complete
 
@@ -71,6 +74,11 @@ def format_result(res, max_rows: int = 40) -> str:
 def run_script(session, text: str, out=None, timer: bool = False) -> int:
     """Run every statement of ``text``, printing each result; 0 on success, 1 on an error."""
     out = out or sys.stdout
+    with cancellable():  # Ctrl-C cancels the statement (KeyboardInterrupt to the caller)
+        return _run_script(session, text, out, timer)
+
+
+def _run_script(session, text: str, out, timer: bool) -> int:
     try:
         t0 = time.perf_counter()
         for _, res in session.engine.iter_script(text):
@@ -84,6 +92,14 @@ def run_script(session, text: str, out=None, timer: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_cancellable(session, text: str, out) -> None:
+    """One statement of the shell; Ctrl-C cancels it and the session stays."""
+    try:
+        run_script(session, text, out)
+    except KeyboardInterrupt:
+        print("cancelled (a statement records its runs only when it completes)", file=out)
 
 
 def _history_path() -> str:
@@ -133,7 +149,7 @@ def run_shell(session, stdin=None, out=None) -> int:
                 if cmd == ".help":
                     print(HELP, file=out)
                 elif cmd in DOT:
-                    run_script(session, DOT[cmd] + ";", out)
+                    _run_cancellable(session, DOT[cmd] + ";", out)
                 else:
                     print(f"unknown command {cmd}; try .help", file=out)
                 continue
@@ -142,7 +158,7 @@ def run_shell(session, stdin=None, out=None) -> int:
                 buf = ""
                 continue
             if is_complete(buf):
-                run_script(session, buf, out)
+                _run_cancellable(session, buf, out)
                 buf = ""
             out.flush()
     finally:

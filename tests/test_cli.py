@@ -114,3 +114,79 @@ def test_shell_in_a_terminal(env):
     assert child.exitstatus == 0
     hist = (d / "history").read_text()
     assert "ORDER BY prob LIMIT 2;" in hist and ".help" in hist
+
+
+def _slow_net_files(d):
+    """A net and image whose naive-mode occlusion at stride 1 takes several seconds."""
+    from test_catalog_history import tiny_net
+
+    onnx.save(tiny_net(3, size=96, width=16), d / "big.onnx")
+    Image.fromarray((np.random.default_rng(2).random((96, 96, 3)) * 255).astype(np.uint8)).save(
+        d / "big.png")
+    return d / "big.onnx", d / "big.png"
+
+
+SLOW_QUERY = ("SELECT count(*) FROM occlusion('big', 'big', patch => 4, stride => 1, "
+              "mode => 'naive');")
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_shell_cancels_the_statement_and_keeps_the_session(env):
+    import pexpect
+
+    d, e = env
+    onnx_path, png = _slow_net_files(d)
+    cat = str(d / "ctrlc.duckdb")
+    child = pexpect.spawn(sys.executable, ["-m", "krypton_db", "shell", "--catalog", cat],
+                          env=e, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    try:
+        child.expect_exact("krypton> ")
+        child.sendline(f"CREATE MODEL big FROM '{onnx_path}'; CREATE IMAGE big FROM '{png}';")
+        child.expect_exact("krypton> ")
+        child.sendline("SET patch = 4;")
+        child.expect_exact("krypton> ")
+        child.sendline(SLOW_QUERY)
+        import time
+
+        time.sleep(2.0)  # inside the computation
+        child.sendintr()
+        child.expect_exact("cancelled")
+        child.expect_exact("krypton> ")
+        # the session goes on: its options are still set and a statement runs
+        child.sendline("SHOW OPTIONS;")
+        child.expect(r"patch\s*\|\s*\(4, 4\)")
+        child.expect_exact("krypton> ")
+        child.sendline("SELECT count(*) AS n FROM occlusion('big', 'big', stride => 46);")
+        child.expect_exact("(1 row)")
+        child.expect_exact("krypton> ")
+        child.sendline("SELECT count(*) AS runs FROM runs;")
+        child.expect(r"runs\s*\r?\n-+\r?\n1\s")  # the cancelled statement recorded nothing
+        child.expect_exact("krypton> ")
+        child.sendline(".quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_krypton_sql_exits_130_with_one_line(env):
+    import signal
+    import time
+
+    d, e = env
+    onnx_path, png = _slow_net_files(d)
+    cat = str(d / "ctrlc_sql.duckdb")
+    r = krypton(["sql", "--catalog", cat, "-c", f"CREATE MODEL big FROM '{onnx_path}'; "
+                 f"CREATE IMAGE big FROM '{png}'"], e)
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen([sys.executable, "-m", "krypton_db", "sql", "--catalog", cat, "-c",
+                          SLOW_QUERY], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(3.0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert err.strip() == "krypton: interrupted"
+    r = krypton(["sql", "--catalog", cat, "-c", "SELECT count(*) FROM runs"], e)
+    assert r.returncode == 0 and r.stdout.splitlines()[2].strip() == "0"

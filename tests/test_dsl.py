@@ -397,3 +397,48 @@ def test_device_cuda_without_gpu_is_a_clear_error(monkeypatch, tmp_path):
     s.sql("CREATE IMAGE a FROM SAMPLE 'astronaut'")
     with pytest.raises(Exception, match=r"device 'cuda' is not available: it needs a CUDA GPU"):
         s.sql("SELECT * FROM occlusion('z', 'a', patch => 64, stride => 80, device => 'cuda')")
+
+
+def test_research_switches_of_two_threads_do_not_mix(files):
+    """Two sessions in two threads, one with conv and max-pool rules off, run at the same time:
+    each plan has exactly its own session's switches, and both results equal naive."""
+    import threading
+
+    from krypton_db.hooks import OcclusionHooks
+    from krypton_db.occlusion import occlude
+
+    m = kdb.load_model(files / "small.onnx")
+    img = files / "scan_01.png"
+    naive = occlude(m, img, patch=5, stride=3, mode="naive")
+    seen: dict[str, list] = {"off": [], "on": []}
+    errors = []
+
+    def worker(key, disabled):
+        try:
+            for _ in range(12):
+                hooks = OcclusionHooks(disabled_rules=frozenset(disabled))
+                hm = occlude(m, img, patch=5, stride=3, hooks=hooks)
+                assert np.abs(hm.probs - naive.probs).max() <= 1e-5
+                plan = api.plan(m, 5) if not disabled else None
+                if plan is not None:
+                    assert all(type(st.rule).__name__ != "DeltaRule" for st in plan.steps
+                               if st.node.op.value in ("conv", "maxpool"))
+                seen[key].append(hm.stats["theoretical_speedup"])
+        except BaseException as exc:  # noqa: BLE001 - reported on the main thread
+            errors.append(exc)
+
+    with kdb.connect(":memory:") as s1:
+        s1.sql(f"CREATE MODEL tiny FROM '{files / 'small.onnx'}'; CREATE IMAGES FROM '{files}/*.png'")
+        s1.sql("SET disable_rule = 'conv, maxpool'")
+        threads = [threading.Thread(target=worker, args=("off", ("conv", "maxpool"))),
+                   threading.Thread(target=worker, args=("on", ()))]
+        for t in threads:
+            t.start()
+        for _ in range(6):  # the session's statements run meanwhile, with its switches
+            plan = dict(s1.explain("occlusion('tiny', 'scan_01', patch => 5)"))["delta_plan"]
+            assert plan.count("FullRecompute(disabled)") == 3
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    # rules off: every layer recomputes in full (speedup 1); on: the delta plan's speedup
+    assert set(seen["off"]) == {1.0} and len(set(seen["on"])) == 1 and seen["on"][0] > 1.0

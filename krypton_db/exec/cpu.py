@@ -107,10 +107,18 @@ class _Pool:
             err = None
             try:
                 fn(0)
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:  # noqa: BLE001 - incl. Ctrl-C on this (main) thread
                 err = e
-            for _ in range(1, nthreads):
-                r = self._done.get()
+            # Every worker must report before the pool is released, also when Ctrl-C lands
+            # while waiting: a report left in the queue would end the next call's wait early.
+            pending = nthreads - 1
+            while pending:
+                try:
+                    r = self._done.get()
+                except KeyboardInterrupt as e:
+                    err = err or e
+                    continue
+                pending -= 1
                 if err is None and r is not None:
                     err = r
             if err is not None:
