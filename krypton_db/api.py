@@ -58,8 +58,8 @@ def tune(model, images, target_ssim: float = 0.9, domain: str = "default", patch
     res = tune_tau(m, images, target_ssim=target_ssim, domain=domain, patch=patch,
                    stride=stride, **kw)
     if catalog is not None:
-        cat = getattr(catalog, "catalog", catalog)
-        cat.save_tuned_tau(m.name, domain, res.tau, res.target_ssim, res.coeffs, res.details())
+        with _opened(catalog) as cat:
+            cat.save_tuned_tau(m.name, domain, res.tau, res.target_ssim, res.coeffs, res.details())
     return res
 
 
@@ -86,11 +86,12 @@ def _resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) ->
     if catalog is None:
         raise InputError("mode='approximate' needs tau=... or catalog=... holding a tau tuned "
                          "for this model (krypton_db.tune(model, images, catalog=...))")
-    cat = getattr(catalog, "catalog", catalog)
-    rec = cat.tuned_tau(m.name, domain)
+    with _opened(catalog) as cat:
+        rec = cat.tuned_tau(m.name, domain)
+        tuned = cat.tuned_taus() if rec is None else None
     if rec is None:
         raise InputError(f"no tuned tau for model {m.name!r}, domain {domain!r} in the catalog "
-                         f"(tuned: {cat.tuned_taus() or 'none'}); run krypton_db.tune(model, "
+                         f"(tuned: {tuned or 'none'}); run krypton_db.tune(model, "
                          "images, domain=..., catalog=...) first, or pass tau=...")
     if target_ssim is None or abs(target_ssim - rec["target_ssim"]) < 1e-6:
         return rec["tau"], f"tuned ({domain}, target SSIM {rec['target_ssim']:g})"

@@ -294,12 +294,14 @@ class Engine:
             return self._rows(["op", "rule", "kind", "origin", "status"], rows)
         from .session import Result
 
-        sql = {"MODELS": "SELECT name, source, input_shape, num_classes, macs, registered_at "
-                         "FROM models ORDER BY id",
-               "IMAGES": "SELECT name, path, width, height, channels, registered_at FROM images "
-                         "ORDER BY id",
-               "RUNS": "SELECT r.id, m.name AS model, i.name AS image, r.mode, r.target_class, "
-                       "r.heatmap_h, r.heatmap_w, r.created_at FROM runs r JOIN models m ON "
+        # every version is listed (a name's latest is the one statements use)
+        sql = {"MODELS": "SELECT name, version, source, input_shape, num_classes, macs, "
+                         "left(sha256, 12) AS sha256, registered_at FROM models ORDER BY name, version",
+               "IMAGES": "SELECT name, version, path, width, height, channels, left(sha256, 12) "
+                         "AS sha256, registered_at FROM images ORDER BY name, version",
+               "RUNS": "SELECT r.id, m.name AS model, m.version AS model_version, i.name AS image, "
+                       "i.version AS image_version, r.mode, r.target_class, r.heatmap_h, "
+                       "r.heatmap_w, r.created_at FROM runs r JOIN models m ON "
                        "m.id = r.model_id JOIN images i ON i.id = r.image_id ORDER BY r.id"}[w]
         return Result(self.con.sql(sql))
 

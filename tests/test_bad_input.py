@@ -289,3 +289,24 @@ def test_cli_checks_arguments_before_computing(tmp_path):
     r = krypton(["sql", "--catalog", str(tmp_path), "-c", "SELECT 1"])
     assert r.returncode == 2 and r.stderr.startswith("krypton: error: catalog path")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_logit_runs_never_reuse_another_models_truncation(files, tmp_path):
+    """score='logit' truncates the model at its logits once per model object; a new model
+    object (even at the address of a collected one) gets its own."""
+    import gc
+
+    rng = np.random.default_rng(5)
+    x = rng.random((16, 16, 3)).astype(np.float32)
+    for seed in range(4):
+        net = Net((1, 3, 16, 16), seed=100 + seed, name="tiny")
+        f = net.op("Flatten", [net.op("Relu", [net.conv("input", 3, 2)])], axis=1)
+        onnx.save(net.model(net.op("Softmax", [net.gemm(f, 2 * 16 * 16, 3)], axis=1)),
+                  tmp_path / f"m{seed}.onnx")
+        m = kdb.load_model(tmp_path / f"m{seed}.onnx")
+        hm = kdb.occlude(m, x, patch=4, positions=[(0, 0)], score="logit", target=0)
+        occluded = m.preprocess(x)[None].copy()
+        occluded[0, :, 0:4, 0:4] = 0.0
+        assert abs(float(hm.probs[0, 0]) - float(m.logits(occluded)[0, 0])) <= 1e-5
+        del m, hm
+        gc.collect()

@@ -74,13 +74,19 @@ def test_default_catalog_and_old_subcommands(env):
         assert r.returncode == 0 and "usage: krypton " + sub in r.stdout
 
 
+def spawn_shell(catalog: str, env):
+    """``krypton shell`` in a real pseudo-terminal."""
+    import pexpect
+
+    return pexpect.spawn(sys.executable, ["-m", "krypton_db", "shell", "--catalog", catalog],
+                         env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+
+
 @pytest.mark.slow
 def test_shell_in_a_terminal(env):
     import pexpect
     d, e = env
-    cat = str(d / "shell.duckdb")
-    child = pexpect.spawn(sys.executable, ["-m", "krypton_db", "shell", "--catalog", cat],
-                          env=e, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    child = spawn_shell(str(d / "shell.duckdb"), e)
     try:
         child.expect_exact("krypton> ")
         child.sendline(f"CREATE MODEL tiny FROM '{d / 'small.onnx'}';")
@@ -132,13 +138,13 @@ SLOW_QUERY = ("SELECT count(*) FROM occlusion('big', 'big', patch => 4, stride =
 
 @pytest.mark.slow
 def test_ctrl_c_in_the_shell_cancels_the_statement_and_keeps_the_session(env):
+    import time
+
     import pexpect
 
     d, e = env
     onnx_path, png = _slow_net_files(d)
-    cat = str(d / "ctrlc.duckdb")
-    child = pexpect.spawn(sys.executable, ["-m", "krypton_db", "shell", "--catalog", cat],
-                          env=e, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    child = spawn_shell(str(d / "ctrlc.duckdb"), e)
     try:
         child.expect_exact("krypton> ")
         child.sendline(f"CREATE MODEL big FROM '{onnx_path}'; CREATE IMAGE big FROM '{png}';")
@@ -146,8 +152,6 @@ def test_ctrl_c_in_the_shell_cancels_the_statement_and_keeps_the_session(env):
         child.sendline("SET patch = 4;")
         child.expect_exact("krypton> ")
         child.sendline(SLOW_QUERY)
-        import time
-
         time.sleep(2.0)  # inside the computation
         child.sendintr()
         child.expect_exact("cancelled")
