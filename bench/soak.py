@@ -87,7 +87,7 @@ def main() -> None:
     print("| explanations | 1 | 50 | 100 | 200 | end | end vs 50 | max |")
     print("|---|---|---|---|---|---|---|---|")
     pick = [rss[0], at50, rss[min(99, len(rss) - 1)], rss[min(199, len(rss) - 1)], end]
-    print(f"| RSS (MiB) | " + " | ".join(f"{v:.1f}" for v in pick)
+    print("| RSS (MiB) | " + " | ".join(f"{v:.1f}" for v in pick)
           + f" | {100 * (end - at50) / at50:+.2f}% | {max(rss):.1f} |")
     print("flat (within 5%):", "yes" if abs(end - at50) / at50 < 0.05 else "NO")
 

@@ -23,7 +23,7 @@ from .errors import InputError, ModelError
 from .graph import Graph, Op, Preprocess
 from .heap import return_freed_heap
 from .onnx_import import import_onnx
-from .options import check_preprocess
+from .checks import check_preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

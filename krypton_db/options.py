@@ -6,76 +6,24 @@ one-line doc (``SHOW OPTIONS`` prints it). ``occlude(...)`` (``krypton_db.api``)
 so the same bad value gets the same message from both; the binder only adds the caret.
 
 Values arrive in two forms: the language's (int, float, str, tuple, dict, bool, None) and
-Python's (numpy scalars and arrays, lists, paths). :func:`plain` turns the second into the
-first before any check, so ``np.float32(0.5)`` or ``[(0, 0), (8, 8)]`` mean what they say.
-
-Invariant: a check raises :class:`OptionValueError` (an ``InputError``) naming the option, the
-value and what is allowed; it never lets a numpy or Python-internal exception through.
+Python's (numpy scalars and arrays, lists, paths). :func:`~krypton_db.checks.plain` turns the
+second into the first before any check, so ``np.float32(0.5)`` or ``[(0, 0), (8, 8)]`` mean
+what they say. The value checks themselves live in :mod:`krypton_db.checks`.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
-from .errors import InputError
+from .checks import (PREPROCESS_KEYS, OptionValueError, check_number, check_preprocess, plain,
+                     show, unknown_option)
 from .planner.batching import DEFAULT_MEMORY_BUDGET, NAIVE_DEFAULT_BUDGET
 
-
-class OptionValueError(InputError):
-    """An option's value is invalid; ``option`` names it (the language puts the caret there)."""
-
-    def __init__(self, message: str, option: str | None = None):
-        super().__init__(message)
-        self.option = option
-
-
-def plain(v):
-    """A Python API value in the language's terms: numpy scalars -> int / float / bool,
-    arrays and lists -> tuples (nested), paths -> str. Anything else is returned as is (and
-    the option's check refuses what it does not take)."""
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return plain(v.tolist())
-    if isinstance(v, (list, tuple)):
-        return tuple(plain(x) for x in v)
-    if isinstance(v, os.PathLike):
-        return os.fspath(v)
-    if isinstance(v, dict):
-        return {k: plain(x) for k, x in v.items()}
-    return v
-
-
-def show(v) -> str:
-    """A value as the language writes it (strings quoted, tuples in parentheses)."""
-    if isinstance(v, str) and type(v) is not str:  # the language's bare words
-        return str(v)
-    if isinstance(v, str):
-        return "'" + v.replace("'", "''") + "'"
-    if isinstance(v, tuple):
-        return "(" + ", ".join(show(x) for x in v) + ")"
-    if v is None:
-        return "NULL"
-    if isinstance(v, bool):
-        return "TRUE" if v else "FALSE"
-    if isinstance(v, (int, float, dict)):
-        return repr(v)
-    return f"a {type(v).__name__}"
-
-
-def _num(v, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise OptionValueError(f"{what} must be a number, got {show(v)}")
-    if not math.isfinite(v):
-        raise OptionValueError(f"{what} must be finite, got {v!r}")
-    return v
+__all__ = ["OPTIONS", "PREPROCESS_KEYS", "QUERY_OPTIONS", "SESSION_OPTIONS", "Option",
+           "OptionValueError", "check", "check_against_model", "check_combination",
+           "check_preprocess", "parse_bytes", "plain", "show", "unknown_option"]
 
 
 def _pos_int(v, what: str, hi: int = 1 << 20) -> int:
@@ -123,7 +71,7 @@ def _color(v):
         raise OptionValueError(f"color must be a number or one number per channel, got {show(v)}")
     out = []
     for x in vals:
-        x = float(_num(x, "color"))
+        x = float(check_number(x, "color"))
         if not 0.0 <= x <= 1.0:
             raise OptionValueError(f"color values must lie in [0, 1] (pixel scale, black = 0), "
                                    f"got {show(v)}")
@@ -153,7 +101,7 @@ def parse_bytes(v, what: str = "memory_budget") -> int:
             raise OptionValueError(f"{what} must be bytes or a size like '512MB', '128MiB', "
                                    f"'2GiB'; got {show(v)}")
         v = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
-    x = _num(v, what)
+    x = check_number(v, what)
     if not 1 <= x <= 1 << 44:
         raise OptionValueError(f"{what} must lie in [1 byte, 16 TiB], got {v!r}")
     return int(x)
@@ -219,7 +167,7 @@ def _drilldown(v):
     if "r" in v:
         out["r"] = _unit("drilldown r", optional=False)(v["r"])
     if "speedup" in v:
-        s = float(_num(v["speedup"], "drilldown speedup"))
+        s = float(check_number(v["speedup"], "drilldown speedup"))
         if s <= 0.0:
             raise OptionValueError(f"drilldown speedup (the target) must be a positive number, "
                                    f"got {v['speedup']!r}")
@@ -296,12 +244,6 @@ SESSION_OPTIONS = frozenset(k for k, o in OPTIONS.items() if o.scope in ("both",
 QUERY_OPTIONS = tuple(k for k, o in OPTIONS.items() if o.scope in ("both", "query"))
 
 
-def unknown_option(name: str, allowed, kind: str = "option") -> str:
-    close = difflib.get_close_matches(name, list(allowed), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {kind} {name!r}{hint}; {kind}s: {', '.join(sorted(allowed))}"
-
-
 def check(name: str, value):
     """The normalized value of option ``name`` (API or language value); OptionValueError."""
     try:
@@ -354,56 +296,3 @@ def check_against_model(vals: dict, channels: int, height: int, width: int) -> N
     if isinstance(color, tuple) and len(color) not in (1, channels):
         raise OptionValueError(f"color needs 1 or {channels} values for this {channels}-channel "
                                f"model, got {len(color)}", "color")
-
-
-# -- model preprocessing ---------------------------------------------------------------------------
-
-PREPROCESS_KEYS = ("mean", "scale", "std")
-_FIXED_BY_MODEL = ("channels", "layout", "size")  # read from the ONNX input, not settable
-
-
-def check_preprocess(pre, channels: int, fixed: dict | None = None) -> dict:
-    """A user's preprocessing (``load_model(preprocess=...)``, ``CREATE MODEL ... WITH``):
-    ``mean`` / ``std`` one number or one per channel (finite; std > 0), ``scale`` a finite
-    number > 0. Returns ``{key: value}`` with per-channel lists of ``channels`` floats.
-    ``fixed`` holds the model's size / layout / channels: a dict that repeats them (a stored
-    spec) is accepted, one that changes them is refused. OptionValueError names the key."""
-    if pre is None:
-        return {}
-    if not isinstance(pre, dict):
-        raise OptionValueError(f"preprocess must be a dict with keys {', '.join(PREPROCESS_KEYS)}, "
-                               f"got {type(pre).__name__}", "preprocess")
-    out = {}
-    for key, value in pre.items():
-        try:
-            _check_preprocess_key(out, key, value, channels, fixed)
-        except OptionValueError as exc:
-            exc.option = key
-            raise
-    return out
-
-
-def _check_preprocess_key(out: dict, key, value, channels: int, fixed: dict | None) -> None:
-    """Checks one key of a preprocessing dict; writes its normalized value into ``out``."""
-    if key in _FIXED_BY_MODEL:
-        if fixed is not None and plain(value) != plain(fixed.get(key)):
-            raise OptionValueError(f"preprocess {key} is fixed by the model's ONNX input "
-                                   f"({fixed.get(key)!r}), got {value!r}", key)
-        return
-    if key not in PREPROCESS_KEYS:
-        raise OptionValueError(unknown_option(str(key), PREPROCESS_KEYS, "preprocess key"), key)
-    v = plain(value)
-    if key == "scale":
-        x = _num(v, "preprocess scale")
-        if x <= 0:
-            raise OptionValueError(f"preprocess scale must be > 0, got {v!r}", key)
-        out[key] = float(x)
-        return
-    vals = v if isinstance(v, tuple) else (v,)
-    if len(vals) not in (1, channels):
-        raise OptionValueError(f"preprocess {key} needs 1 or {channels} values for this "
-                               f"{channels}-channel model, got {len(vals)}", key)
-    nums = [float(_num(x, f"preprocess {key}")) for x in vals]
-    if key == "std" and any(x <= 0 for x in nums):
-        raise OptionValueError(f"preprocess std values must be > 0, got {show(v)}", key)
-    out[key] = nums * channels if len(nums) == 1 else nums

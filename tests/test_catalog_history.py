@@ -21,7 +21,7 @@ from onnx_builders import Net
 from PIL import Image
 
 import krypton_db as kdb
-from krypton_db.catalog import SCHEMA_VERSION, Catalog, CatalogError
+from krypton_db.catalog import SCHEMA_VERSION, Catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 
