@@ -12,16 +12,15 @@ Invariants:
   in-memory DuckDB connection (session state: temporary tables, settings, registrations) that
   ATTACHes the file for one statement or one write and DETACHes it after. Long computations
   hold no lock, so several processes can explain into one catalog, and a reader waits at most
-  for one write. A lock that cannot be had within ``lock_timeout`` seconds is a clear
-  ``CatalogBusyError``; the file's own problems (a directory, not a DuckDB file, read-only, a
-  DuckDB database that is not a krypton catalog) are each one clear ``CatalogError``.
+  for one write (:mod:`krypton_db.catalog_file`: attaching, locks, the file's own
+  problems). A DuckDB database that is not a krypton catalog is refused unless asked.
 - User-facing strings (model, image names, labels, paths, JSON settings) only ever reach
   DuckDB as prepared-statement parameters, never inside SQL text.
 - Plain tables and plain types only (INTEGER, BIGINT, FLOAT, VARCHAR, VARCHAR[], INTEGER[],
   BLOB, TIMESTAMP; JSON kept as VARCHAR text), so the DuckDB CLI reads the file as is.
   Referential integrity is kept by this API rather than FOREIGN KEY clauses.
-- ``meta.schema_version`` names the layout; older layouts are migrated in one transaction
-  when opened read-write, newer ones refused.
+- ``meta.schema_version`` names the layout (:mod:`krypton_db.catalog_schema`); older layouts
+  are migrated in one transaction when opened read-write, newer ones refused.
 
 Location: ``Catalog(path)``; ``path=None`` uses ``$KRYPTON_DB`` if set, else the platform data
 directory (``$XDG_DATA_HOME`` or ``~/.local/share`` on Linux, ``~/Library/Application Support``
@@ -34,137 +33,19 @@ import hashlib
 import json
 import math
 import os
-import re
-import stat
 import sys
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .errors import InputError, KryptonError
+from .catalog_file import ALIAS, DEFAULT_LOCK_TIMEOUT, CatalogBusyError, CatalogError, CatalogFile
+from .catalog_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, TABLES
+from .errors import InputError
 
-SCHEMA_VERSION = 3
-DEFAULT_LOCK_TIMEOUT = 30.0  # seconds a statement waits for another process's write
-ALIAS = "krypton_catalog"  # the attached file's database name
-
-_TUNED_TAU = """
-CREATE TABLE IF NOT EXISTS tuned_tau (
-    model_name VARCHAR NOT NULL,
-    domain VARCHAR NOT NULL,
-    tau FLOAT NOT NULL,
-    target_ssim FLOAT NOT NULL,
-    coeffs VARCHAR NOT NULL,
-    details VARCHAR NOT NULL,
-    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
-    UNIQUE (model_name, domain)
-);
-"""
-_MODELS = """
-CREATE TABLE models (
-    id INTEGER PRIMARY KEY DEFAULT nextval('models_id_seq'),
-    name VARCHAR NOT NULL,
-    version INTEGER NOT NULL,
-    sha256 VARCHAR NOT NULL,
-    source VARCHAR NOT NULL,
-    preprocessing VARCHAR NOT NULL,
-    input_shape INTEGER[] NOT NULL,
-    layout VARCHAR NOT NULL,
-    labels VARCHAR[] NOT NULL,
-    num_classes INTEGER NOT NULL,
-    macs BIGINT NOT NULL,
-    registered_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
-    UNIQUE (name, version)
-);
-"""
-_IMAGES = """
-CREATE TABLE images (
-    id INTEGER PRIMARY KEY DEFAULT nextval('images_id_seq'),
-    name VARCHAR NOT NULL,
-    version INTEGER NOT NULL,
-    path VARCHAR,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    channels INTEGER NOT NULL,
-    sha256 VARCHAR NOT NULL,
-    pixels BLOB NOT NULL,
-    registered_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
-    UNIQUE (name, version)
-);
-"""
-# Version 2 added ``tuned_tau``; version 3 made models and images versioned and content-
-# addressed (name no longer unique: (name, version) is; a sha256 per model). A version-2 file
-# is migrated in place: the two tables rebuilt with version 1 for every row (ids kept, so
-# runs keep pointing at them; models get sha256 'unknown': the file they came from may have
-# changed since, and the next registration under the name compares against that).
-MIGRATIONS = {
-    1: _TUNED_TAU,
-    2: "ALTER TABLE models RENAME TO models_v2;" + _MODELS + """
-INSERT INTO models SELECT id, name, 1, 'unknown', source, preprocessing, input_shape, layout,
-    labels, num_classes, macs, registered_at FROM models_v2;
-DROP TABLE models_v2;
-ALTER TABLE images RENAME TO images_v2;""" + _IMAGES + """
-INSERT INTO images SELECT id, name, 1, path, width, height, channels, sha256, pixels,
-    registered_at FROM images_v2;
-DROP TABLE images_v2;
-""",
-}
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
-CREATE SEQUENCE IF NOT EXISTS models_id_seq START 1;
-""" + _MODELS + """
-CREATE TABLE IF NOT EXISTS model_layers (
-    model_id INTEGER NOT NULL,
-    ordinal INTEGER NOT NULL,
-    node_name VARCHAR NOT NULL,
-    op VARCHAR NOT NULL,
-    inputs VARCHAR[] NOT NULL,
-    params VARCHAR NOT NULL,
-    output_shape INTEGER[] NOT NULL,
-    macs BIGINT NOT NULL,
-    PRIMARY KEY (model_id, ordinal)
-);
-CREATE SEQUENCE IF NOT EXISTS images_id_seq START 1;
-""" + _IMAGES + """
-CREATE SEQUENCE IF NOT EXISTS runs_id_seq START 1;
-CREATE TABLE IF NOT EXISTS runs (
-    id BIGINT PRIMARY KEY DEFAULT nextval('runs_id_seq'),
-    model_id INTEGER NOT NULL,
-    image_id INTEGER NOT NULL,
-    mode VARCHAR NOT NULL,
-    settings VARCHAR NOT NULL,
-    target_class INTEGER,
-    timings VARCHAR NOT NULL,
-    heatmap_h INTEGER NOT NULL,
-    heatmap_w INTEGER NOT NULL,
-    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
-    status VARCHAR NOT NULL
-);
-CREATE TABLE IF NOT EXISTS heatmaps (
-    run_id BIGINT NOT NULL, y INTEGER NOT NULL, x INTEGER NOT NULL, prob FLOAT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS heatmap_probs (
-    run_id BIGINT NOT NULL, y INTEGER NOT NULL, x INTEGER NOT NULL, class INTEGER NOT NULL,
-    prob FLOAT NOT NULL
-);
-""" + _TUNED_TAU
-
-TABLES = ("meta", "models", "model_layers", "images", "runs", "heatmaps", "heatmap_probs",
-          "tuned_tau")
-
-
-class CatalogError(KryptonError, ValueError):
-    """The catalog file is missing, of another schema version, or a name is unknown/taken."""
-
-
-class CatalogBusyError(CatalogError):
-    """Another process (or session) held the catalog longer than the lock timeout."""
-
+__all__ = ["ALIAS", "DEFAULT_LOCK_TIMEOUT", "MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "TABLES",
+           "Catalog", "CatalogBusyError", "CatalogError", "default_path", "image_digest",
+           "model_digest", "to_json"]
 
 def default_path() -> str:
     """``$KRYPTON_DB`` if set, else ``<platform data dir>/krypton_db/catalog.duckdb``."""
@@ -230,186 +111,24 @@ def image_digest(px: np.ndarray) -> str:
     return hashlib.sha256(f"{h}x{w}x{c}:".encode() + np.ascontiguousarray(px).tobytes()).hexdigest()
 
 
-# One lock per catalog file in this process: DuckDB refuses to attach a file twice in one
-# process, so two sessions of one process take turns like two processes do.
-_PATH_LOCKS: dict[str, threading.RLock] = {}
-_PATH_LOCKS_GUARD = threading.Lock()
-
-
-def _path_lock(path: str) -> threading.RLock:
-    with _PATH_LOCKS_GUARD:
-        return _PATH_LOCKS.setdefault(path, threading.RLock())
-
-
-def _check_file(path: Path, read_only: bool) -> None:
-    """The file's own problems, each one clear error before DuckDB sees it."""
-    if path.is_dir():
-        raise CatalogError(f"catalog path {str(path)!r} is a directory; give a file such as "
-                           f"{str(path / 'catalog.duckdb')!r}")
-    if not path.exists():
-        if read_only:
-            raise CatalogError(f"no catalog at {str(path)!r} to open read-only")
-        if not path.parent.is_dir():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise CatalogError(f"cannot create the folder of catalog {str(path)!r}: "
-                                   f"{exc.strerror}") from None
-        return
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as exc:
-        raise CatalogError(f"cannot read catalog {str(path)!r}: {exc.strerror}") from None
-    if head[8:12] != b"DUCK":
-        raise CatalogError(f"{str(path)!r} is not a DuckDB database file, so not a krypton_db "
-                           "catalog; give a new file name or an existing catalog")
-    if not read_only and not (path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)):
-        raise CatalogError(f"catalog file {str(path)!r} is read-only; open it with read_only=True "
-                           "(krypton shell --read-only) or make it writable")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-class Catalog:
+class Catalog(CatalogFile):
     """A handle on one catalog database (see the module docstring for the invariants).
 
-    ``connection()`` attaches the file for the duration of a ``with`` block (re-entrant);
-    ``con`` attaches it until :meth:`release` or :meth:`close` (for direct SQL by the caller).
+    The file and its locking come from :class:`~krypton_db.catalog_file.CatalogFile`
+    (``connection()``, ``con``, ``transaction()``, ``suspended()``, ``close()``).
     ``allow_foreign=True`` adds krypton's tables to a DuckDB database that is not a catalog
     yet (refused by default)."""
 
     def __init__(self, path: str | os.PathLike | None = None, read_only: bool = False,
                  lock_timeout: float | None = None, allow_foreign: bool = False):
-        self.path = str(path) if path is not None else default_path()
-        self.read_only = read_only
-        self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else float(lock_timeout)
-        self._memory = self.path == ":memory:"
-        if self._memory and read_only:
-            raise CatalogError("an in-memory catalog cannot be opened read-only")
-        self._file = None if self._memory else Path(self.path).expanduser().resolve()
-        if self._file is not None:
-            _check_file(self._file, read_only)
-            self._lock = _path_lock(str(self._file))
-        self._db = duckdb.connect(":memory:")  # session state; the file is attached per use
-        self._depth = 0  # nesting of connection() blocks
-        self._tx_depth = 0
-        self._attached = False
-        self._pinned = False
+        super().__init__(str(path) if path is not None else default_path(), read_only,
+                         lock_timeout)
         try:
             with self.connection():
                 self._check_schema(allow_foreign)
         except BaseException:
             self.close()
             raise
-
-    # -- attaching the file --------------------------------------------------------------------
-    def _attach(self) -> None:
-        if self._memory or self._attached:
-            return
-        deadline = time.monotonic() + self.lock_timeout
-        if not self._lock.acquire(timeout=self.lock_timeout):
-            raise CatalogBusyError(f"catalog {self.path!r} is in use by another session of this "
-                                   f"process for more than {self.lock_timeout:g} s")
-        try:
-            delay = 0.01
-            while True:
-                try:
-                    self._db.execute(f"ATTACH ? AS {ALIAS}" + (" (READ_ONLY)" if self.read_only
-                                                               else ""), [str(self._file)])
-                    break
-                except duckdb.IOException as exc:
-                    held = re.search(r"Conflicting lock is held in (.*?) \(PID (\d+)\)", str(exc))
-                    if "lock" not in str(exc).lower():
-                        raise CatalogError(f"cannot open catalog {self.path!r}: "
-                                           f"{_one_line(exc)}") from None
-                    if time.monotonic() >= deadline:
-                        who = f" (PID {held.group(2)}, {held.group(1)})" if held else ""
-                        raise CatalogBusyError(
-                            f"catalog {self.path!r} is locked by another process{who} for more "
-                            f"than {self.lock_timeout:g} s; it holds the file only while it "
-                            "writes, so retry, or raise lock_timeout") from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.25)
-                except duckdb.Error as exc:
-                    if "already attached" in str(exc):
-                        raise CatalogBusyError(
-                            f"catalog {self.path!r} is held open by another catalog object or "
-                            "session in this thread (e.g. through .con); use that one or close "
-                            "it first") from None
-                    raise CatalogError(f"cannot open catalog {self.path!r}: {_one_line(exc)}") \
-                        from None
-            self._db.execute(f"USE {ALIAS}")
-            self._attached = True
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def _detach(self) -> None:
-        if self._memory or not self._attached:
-            return
-        try:
-            self._db.execute("USE memory")
-            self._db.execute(f"DETACH {ALIAS}")
-        finally:
-            self._attached = False
-            self._lock.release()
-
-    @contextmanager
-    def connection(self):
-        """The DuckDB connection with the catalog file attached for the ``with`` block (the
-        outermost block detaches it again unless ``con`` pinned it)."""
-        if self._db is None:
-            raise CatalogError(f"catalog {self.path!r} is closed")
-        if self._depth == 0:
-            self._attach()
-        self._depth += 1
-        try:
-            yield self._db
-        finally:
-            self._depth -= 1
-            if self._depth == 0 and not self._pinned and self._tx_depth == 0:
-                self._detach()
-
-    @contextmanager
-    def suspended(self):
-        """Detach the file for a long computation inside a ``connection()`` block (other
-        processes may write meanwhile); re-attached afterwards. Session state stays."""
-        if self._tx_depth:
-            raise RuntimeError("cannot suspend the catalog inside a transaction")
-        was = self._attached and not self._pinned
-        if was:
-            self._detach()
-        try:
-            yield
-        finally:
-            if was:
-                self._attach()
-
-    @property
-    def db(self) -> duckdb.DuckDBPyConnection:
-        """The session's in-memory connection; the file is reachable through it only inside
-        ``connection()`` (or while ``con`` holds it)."""
-        if self._db is None:
-            raise CatalogError(f"catalog {self.path!r} is closed")
-        return self._db
-
-    @property
-    def con(self) -> duckdb.DuckDBPyConnection:
-        """The connection with the file attached until :meth:`release` / :meth:`close`."""
-        if self._db is None:
-            raise CatalogError(f"catalog {self.path!r} is closed")
-        self._attach()
-        self._pinned = True
-        return self._db
-
-    def release(self) -> None:
-        """Undo ``con``: the file is detached when no block uses it."""
-        self._pinned = False
-        if self._depth == 0 and self._tx_depth == 0:
-            self._detach()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _check_schema(self, allow_foreign: bool) -> None:
@@ -448,47 +167,6 @@ class Catalog:
         if version != SCHEMA_VERSION:
             raise CatalogError(f"catalog {self.path!r} has schema version {version}; this "
                                f"krypton_db reads version {SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        if self._db is None:
-            return
-        self._pinned = False
-        try:
-            self._detach()
-        finally:
-            self._db.close()
-            self._db = None
-
-    def __enter__(self) -> "Catalog":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @contextmanager
-    def _transaction(self):
-        """One transaction around the block (re-entrant: an inner block joins the outer one,
-        which commits or rolls back everything)."""
-        if self.read_only:
-            raise CatalogError("catalog opened read-only")
-        with self.connection() as con:
-            outer = self._tx_depth == 0
-            if outer:
-                con.begin()
-            self._tx_depth += 1
-            try:
-                yield con
-            except BaseException:
-                self._tx_depth -= 1
-                if outer:
-                    con.rollback()
-                raise
-            else:
-                self._tx_depth -= 1
-                if outer:
-                    con.commit()
-
-    transaction = _transaction
 
     def _one(self, sql: str, params: list) -> tuple | None:
         with self.connection() as con:

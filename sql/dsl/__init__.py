@@ -1,7 +1,8 @@
 """The explanation query language: grammar (lark), parser, AST, binder.
 
-Imports nothing internal to krypton_db (imports point one way: ``krypton_db.query`` drives
-this package, resolving names against the catalog through the binder's callbacks).
+Of krypton_db it imports only the shared option checks (``krypton_db.options``, which the
+Python API uses too) and the error base class (imports point one way: ``krypton_db.query``
+drives this package, resolving names against the catalog through the binder's callbacks).
 """
 
 from . import ast
