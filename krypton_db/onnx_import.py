@@ -64,6 +64,14 @@ def _s(v):
     return v.decode() if isinstance(v, bytes) else v
 
 
+class _Synthetic:
+    """A node the importer adds that the ONNX graph does not have (named after ``name``; its
+    value becomes ``output``)."""
+
+    def __init__(self, name: str, output: str):
+        self.name, self.output = name, [output]
+
+
 class _Act:
     """An activation tensor: produced by graph node ``node`` with per-sample ``shape``."""
 
@@ -175,10 +183,15 @@ class _Importer:
         if not outs or not isinstance(self.env.get(outs[0]), _Act):
             raise ModelError(f"graph output {outs[:1]} is not computed from the image input")
         out = self.env[outs[0]]
+        if len(out.shape) > 1 and all(d == 1 for d in out.shape[1:]):
+            # [N, K, 1, 1] (a conv classifier head, e.g. SqueezeNet, DenseNet): read as [N, K]
+            out = self.add(_Synthetic(f"{outs[0]}_classes", outs[0]), Op.RESHAPE, [out],
+                           {"shape": (out.shape[0],)})
+            out = self.env[outs[0]]
         if len(out.shape) != 1:
             raise ModelError(
                 f"graph output {outs[0]!r} has per-sample shape {out.shape}; a classifier "
-                "must output [N, classes]"
+                "must output [N, classes] (or [N, classes, 1, 1])"
             )
         return Graph(self.nodes, out.node, self.name)
 
@@ -532,9 +545,17 @@ class _Importer:
 
     def op_Softmax(self, n, ins, a):
         x = ins[0]
+        nd = len(x.shape) + 1
         axis = a.get("axis", -1 if self.model.opset_import[0].version >= 13 else 1)
-        if len(x.shape) != 1 or axis % 2 != 1:
-            raise ModelError(f"Softmax is supported over the class axis of [N, K] only (axis {axis})")
+        # axis 1 with only 1s after it: the class axis, whether the opset flattens from the
+        # axis on (< 13) or normalizes along it alone (>= 13)
+        if axis % nd != 1 or any(d != 1 for d in x.shape[1:]):
+            raise ModelError(f"Softmax is supported over the class axis of [N, K] or "
+                             f"[N, K, 1, 1] only (axis {axis} of per-sample shape {x.shape})")
+        if len(x.shape) > 1:  # [N, K, 1, 1] -> [N, K]: the same softmax, one class axis
+            x = self.add(_Synthetic(f"{n.name or n.output[0]}_classes", n.output[0]), Op.RESHAPE,
+                         [x], {"shape": (x.shape[0],)})
+            x = self.env[n.output[0]]
         self.add(n, Op.SOFTMAX, [x])
 
     def op_Pad(self, n, ins, a):

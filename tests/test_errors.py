@@ -106,3 +106,23 @@ def test_bad_images(tmp_path):
     with pytest.raises(InputError, match="not found"):
         m.preprocess(tmp_path / "missing.png")
     assert m.preprocess(np.zeros((20, 30, 3), np.uint8)).shape == (3, 8, 8)
+
+
+def test_conv_head_outputs_and_their_limits(tmp_path):
+    """[N, K, 1, 1] outputs and a Softmax over their class axis import (as [N, K]); a
+    spatial output or a Softmax over a spatial axis is refused with what is allowed."""
+    net = Net((1, 3, 8, 8))
+    y = net.op("GlobalAveragePool", [net.conv("input", 3, 5)])  # [N, 5, 1, 1]
+    m = kdb.load_model(save(net.model(net.op("Softmax", [y], axis=1)), tmp_path, "a.onnx"))
+    x = np.random.default_rng(0).random((2, 3, 8, 8)).astype(np.float32)
+    assert m.graph.num_classes == 5 and m.predict(x).shape == (2, 5)
+    np.testing.assert_allclose(m.predict(x).sum(1), 1.0, rtol=1e-6)
+    net = Net((1, 3, 8, 8))
+    with pytest.raises(ModelError, match=r"per-sample shape \(5, 8, 8\); a classifier must "
+                                          r"output \[N, classes\] \(or \[N, classes, 1, 1\]\)"):
+        kdb.load_model(save(net.model(net.conv("input", 3, 5)), tmp_path, "b.onnx"))
+    net = Net((1, 3, 8, 8))
+    with pytest.raises(ModelError, match=r"Softmax is supported over the class axis of \[N, K\] "
+                                          r"or \[N, K, 1, 1\] only \(axis 2"):
+        kdb.load_model(save(net.model(net.op("Softmax", [net.conv("input", 3, 5)], axis=2)),
+                            tmp_path, "c.onnx"))
