@@ -63,6 +63,32 @@ class HeatMap:
         return self.base_prob - self.probs
 
 
+    def save(self, path, image=None):
+        """Write the heat map by suffix: ``.png`` (overlay with colour bar and caption),
+        ``.npy`` (the 2-D map), ``.parquet`` / ``.csv`` (rows y, x, prob[, prob_<k>])."""
+        from .heatmap import save
+
+        return save(self, path, image)
+
+    def plot(self, ax=None, **kw):
+        """matplotlib: the image with the map over it and a colour bar; returns the axes."""
+        from .heatmap import plot
+
+        return plot(self, ax, **kw)
+
+    def to_image(self, original_size: bool = True) -> np.ndarray:
+        """The per-pixel map (mean drop over covering patches) as float32 [H, W], in the
+        original image's size (default) or the model input's."""
+        from .heatmap import to_image
+
+        return to_image(self, original_size)
+
+    def to_arrow(self):
+        """The heat map as rows (``pyarrow.Table``: y, x, prob[, prob_<k>])."""
+        from .heatmap import table
+
+        return table(self)
+
     def attribution(self, output: str = "prob") -> np.ndarray:
         """Per-pixel [H, W] attribution exactly as Captum's ``Occlusion`` computes it: windows
         of the patch size start at multiples of the stride, ceil((H - ph) / sy) + 1 per axis,

@@ -46,6 +46,20 @@ class Result:
         """All rows as a ``pyarrow.Table`` (empty table for statements without rows)."""
         return self.table if self.table is not None else pa.table({})
 
+    def numpy(self) -> dict:
+        """The columns as numpy arrays, by name."""
+        t = self.arrow()
+        return {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names}
+
+    def df(self):
+        """The rows as a pandas DataFrame (pandas must be installed)."""
+        try:
+            import pandas  # noqa: F401 - pyarrow's to_pandas needs it
+        except ImportError:
+            raise InputError("Result.df() needs pandas: pip install pandas "
+                             "(or use .arrow() / .numpy())") from None
+        return self.arrow().to_pandas()
+
     def __repr__(self) -> str:
         return f"Result(columns={self.columns})"
 
