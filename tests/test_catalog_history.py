@@ -153,11 +153,29 @@ WRITER = textwrap.dedent("""
 """)
 
 
+_SPAWNED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """A failing test must not leave a writer computing on (it would load the machine)."""
+    yield
+    while _SPAWNED:
+        p = _SPAWNED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _spawn(args, stride=2, **kw):
-    return subprocess.Popen([sys.executable, "-c", WRITER, *map(str, args), str(stride)],
-                            stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, **kw)
+    return _track(subprocess.Popen([sys.executable, "-c", WRITER, *map(str, args), str(stride)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw))
+
+
+def _track(p: subprocess.Popen) -> subprocess.Popen:
+    _SPAWNED.append(p)
+    return p
 
 
 @pytest.mark.slow

@@ -116,7 +116,7 @@ def test_shell_in_a_terminal(env):
         child.sendline(".quit")
         child.expect(pexpect.EOF)
     finally:
-        child.close()
+        child.close(force=True)
     assert child.exitstatus == 0
     hist = (d / "history").read_text()
     assert "ORDER BY prob LIMIT 2;" in hist and ".help" in hist
@@ -169,7 +169,7 @@ def test_ctrl_c_in_the_shell_cancels_the_statement_and_keeps_the_session(env):
         child.sendline(".quit")
         child.expect(pexpect.EOF)
     finally:
-        child.close()
+        child.close(force=True)
     assert child.exitstatus == 0
 
 
@@ -187,9 +187,13 @@ def test_ctrl_c_in_krypton_sql_exits_130_with_one_line(env):
     p = subprocess.Popen([sys.executable, "-m", "krypton_db", "sql", "--catalog", cat, "-c",
                           SLOW_QUERY], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    time.sleep(3.0)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    try:
+        time.sleep(3.0)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:  # never leave the computation running behind a failed test
+        p.kill()
+        p.wait()
     assert p.returncode == 130, (out, err)
     assert err.strip() == "krypton: interrupted"
     r = krypton(["sql", "--catalog", cat, "-c", "SELECT count(*) FROM runs"], e)
