@@ -187,9 +187,21 @@ class Catalog(CatalogFile):
             finally:
                 con.unregister(name)
 
-    def _next_version(self, table: str, name: str) -> int:
-        row = self._one(f"SELECT coalesce(max(version), 0) FROM {table} WHERE name = ?", [name])
-        return int(row[0]) + 1
+    def _version_for(self, table: str, name: str, digest: str, replace: bool,
+                     what: str) -> tuple[int | None, int]:
+        """(id of ``name``'s row with this content or None, the version a new row gets).
+        Other content under a registered name needs ``replace`` (then it is the next version).
+        ``table`` is ours ("models" / "images"), never user text."""
+        same = self._one(f"SELECT id FROM {table} WHERE name = ? AND sha256 = ? "
+                         "ORDER BY version DESC LIMIT 1", [name, digest])
+        if same is not None:
+            return int(same[0]), 0
+        version = int(self._one(f"SELECT coalesce(max(version), 0) FROM {table} WHERE name = ?",
+                                [name])[0]) + 1
+        if version > 1 and not replace:
+            raise CatalogError(f"{what} {name!r} is already registered with other content "
+                               "(replace=True / CREATE OR REPLACE registers a new version)")
+        return None, version
 
     # -- models ------------------------------------------------------------------------------
     def register_model(self, model, name: str | None = None, replace: bool = False) -> int:
@@ -204,14 +216,9 @@ class Catalog(CatalogFile):
                   to_json(model.spec.to_dict()), list(g.input_shape), model.layout,
                   list(model.labels), g.num_classes, g.macs]
         with self._transaction():
-            same = self._one("SELECT id FROM models WHERE name = ? AND sha256 = ? "
-                             "ORDER BY version DESC LIMIT 1", [name, digest])
+            same, version = self._version_for("models", name, digest, replace, "model")
             if same is not None:
-                return int(same[0])
-            version = self._next_version("models", name)
-            if version > 1 and not replace:
-                raise CatalogError(f"model {name!r} is already registered with other content "
-                                   "(replace=True / CREATE OR REPLACE registers a new version)")
+                return same
             model_id = self._one(
                 "INSERT INTO models (name, version, sha256, source, preprocessing, input_shape, "
                 "layout, labels, num_classes, macs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -283,14 +290,9 @@ class Catalog(CatalogFile):
                 if same is not None:
                     return int(same[0])
                 name = default_name or "image-" + digest[:12]
-            same = self._one("SELECT id FROM images WHERE name = ? AND sha256 = ? "
-                             "ORDER BY version DESC LIMIT 1", [name, digest])
+            same, version = self._version_for("images", name, digest, replace, "image")
             if same is not None:
-                return int(same[0])
-            version = self._next_version("images", name)
-            if version > 1 and not replace:
-                raise CatalogError(f"image {name!r} is already registered with other pixels "
-                                   "(replace=True / CREATE OR REPLACE registers a new version)")
+                return same
             return int(self._one(
                 "INSERT INTO images (name, version, path, width, height, channels, sha256, pixels) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
