@@ -203,6 +203,15 @@ class Catalog(CatalogFile):
                                "(replace=True / CREATE OR REPLACE registers a new version)")
         return None, version
 
+    def _version_id(self, table: str, name: str, version: int | None, what: str) -> int:
+        """The id of ``name``'s latest (or given) version in ``table`` (ours, never user text)."""
+        row = self._one(f"SELECT id FROM {table} WHERE name = ? AND (? IS NULL OR version = ?) "
+                        "ORDER BY version DESC LIMIT 1", [name, version, version])
+        if row is None:
+            raise CatalogError(f"no {what} named {name!r}"
+                               + (f" with version {version}" if version else "") + " in the catalog")
+        return int(row[0])
+
     # -- models ------------------------------------------------------------------------------
     def register_model(self, model, name: str | None = None, replace: bool = False) -> int:
         """Store a :class:`~krypton_db.model.Model` version (its source path, preprocessing,
@@ -237,13 +246,8 @@ class Catalog(CatalogFile):
         return int(model_id)
 
     def model_id(self, name: str, version: int | None = None) -> int:
-        """The id of ``name``'s latest (or given) version."""
-        row = self._one("SELECT id FROM models WHERE name = ? AND (? IS NULL OR version = ?) "
-                        "ORDER BY version DESC LIMIT 1", [name, version, version])
-        if row is None:
-            raise CatalogError(f"no model named {name!r}"
-                               + (f" with version {version}" if version else "") + " in the catalog")
-        return int(row[0])
+        """The id of model ``name``'s latest (or given) version."""
+        return self._version_id("models", name, version, "model")
 
     def get_model(self, name: str, version: int | None = None):
         """The registered model (latest version, or ``version``), reloaded from its source
@@ -299,12 +303,8 @@ class Catalog(CatalogFile):
                 [name, version, path, w, h, c, digest, px.tobytes()])[0])
 
     def image_id(self, name: str, version: int | None = None) -> int:
-        row = self._one("SELECT id FROM images WHERE name = ? AND (? IS NULL OR version = ?) "
-                        "ORDER BY version DESC LIMIT 1", [name, version, version])
-        if row is None:
-            raise CatalogError(f"no image named {name!r}"
-                               + (f" with version {version}" if version else "") + " in the catalog")
-        return int(row[0])
+        """The id of image ``name``'s latest (or given) version."""
+        return self._version_id("images", name, version, "image")
 
     def get_image(self, name: str, version: int | None = None) -> np.ndarray:
         """The stored pixels of the latest (or given) version, uint8 ``[H, W]`` or ``[H, W, C]``."""

@@ -69,6 +69,7 @@ class Resolved:
     plan: object | None = None  # final delta plan (None for naive mode: nothing to maintain)
     batch: int = 1
     per_query: int = 0
+    image: object | None = None  # the pixels, once read from the catalog for the run
 
 
 class Engine:
@@ -672,7 +673,7 @@ class Engine:
         from . import api
 
         bq = r.bq
-        img = self.catalog.get_image(bq.image)
+        img = r.image = self.catalog.get_image(bq.image)
         progress = Progress(f"occlusion({bq.model}, {bq.image})") \
             if self.options.get("progress") else None
         hooks = self._hooks(profile, progress.update if progress is not None else None)
@@ -773,7 +774,8 @@ class Engine:
             with (self.catalog.transaction() if record else contextlib.nullcontext()):
                 for r, hm in zip(resolved, hms):
                     if record and r.bq.positions is None:
-                        api.record_run(self.catalog, r.model, self.catalog.get_image(r.bq.image),
+                        img = r.image if r.image is not None else self.catalog.get_image(r.bq.image)
+                        api.record_run(self.catalog, r.model, img,
                                        hm, image_name=r.bq.image, color=r.bq.color,
                                        region=r.bq.region, domain=r.bq.domain)
                 for name, r, hm in zip(names, resolved, hms):
