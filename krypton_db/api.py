@@ -104,7 +104,7 @@ def _resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) ->
 
 
 # keyword arguments of occlude() passed through to the occlusion driver
-_RUN_OPTIONS = ("batch_size", "memory_budget", "score", "device")
+_RUN_OPTIONS = ("batch_size", "memory_budget", "score", "device", "engine")
 
 
 def check_occlude_args(model: Model, given: dict) -> dict:
@@ -141,7 +141,8 @@ def occlude(model, image, patch=16, stride=4, color=0.0, target=None, mode: str 
     language's ``occlusion(...)`` (:mod:`krypton_db.options`); a bad value is an
     ``InputError`` naming the argument and what it takes. Further keyword arguments:
     ``batch_size``, ``memory_budget`` (bytes or a size such as ``'128MiB'``), ``score``
-    (``'prob'`` | ``'logit'``), ``device`` (``'cpu'`` | ``'gpu'``).
+    (``'prob'`` | ``'logit'``), ``device`` (``'cpu'`` | ``'gpu'``), ``engine`` (``'numba'``
+    | ``'duckdb'``: exact mode as SQL delta queries in DuckDB, the relational reference).
 
     ``catalog``: a :class:`~krypton_db.catalog.Catalog`, a session (from ``connect``) or the
     path of a catalog file, to record the run in (model and image registered on first use);

@@ -139,10 +139,14 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
     return np.stack([yy, xx], axis=-1), (len(ys), len(xs))
 
 
+DUCKDB_BATCH = 256  # queries per batch of delta queries on engine="duckdb"
+
+
 def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
             memory_budget: int | None = None, score: str = "prob", tau: float = 1.0,
-            device: str = "cpu", hooks: OcclusionHooks | None = None) -> HeatMap:
+            device: str = "cpu", hooks: OcclusionHooks | None = None,
+            engine: str = "numba") -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
     ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
@@ -153,7 +157,15 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     CUDA GPU / numba-cuda).
     ``hooks``: an :class:`~krypton_db.hooks.OcclusionHooks` (plan rewrite, per-step
     profiling, materialization time, per-batch progress).
+    ``engine="duckdb"`` runs exact mode as SQL in DuckDB: the layer views materialized as
+    tables, then the plan's delta queries (``plan.delta_sql()``) per batch; the relational
+    reference of the IVM rules, far slower than the numba executors.
     """
+    if engine not in ("numba", "duckdb"):
+        raise InputError(f"engine must be 'numba' or 'duckdb', got {engine!r}")
+    if engine == "duckdb" and (mode != "exact" or device != "cpu"):
+        raise InputError(f"engine 'duckdb' runs mode 'exact' on the CPU (delta queries in SQL); "
+                         f"got mode {mode!r}, device {device!r}")
     if device not in ("cpu", "gpu"):
         raise InputError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if mode not in ("exact", "naive", "approximate"):
@@ -204,7 +216,12 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
                               disabled=hooks.disabled_rules if hooks is not None else frozenset())
         if hooks is not None and hooks.plan_rewrite is not None:
             plan = hooks.plan_rewrite(plan)
-        inc = IncrementalExecutor(plan, ex)
+        if engine == "duckdb":
+            from .exec.duckdb_ivm import DuckDbIncrementalExecutor
+
+            inc = DuckDbIncrementalExecutor(plan.delta_sql())
+        else:
+            inc = IncrementalExecutor(plan, ex)
         if hooks is not None and hooks.profile:
             inc.profile = True
             inc.step_secs = hooks.step_secs  # the executor accumulates into the hooks' dict
@@ -212,11 +229,16 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
         base = _probs(model, inc.materialize(xn))[0]
         if hooks is not None:
             hooks.materialize_s += time.perf_counter() - tm
-        per_q = inc.bytes_per_query()
-        bs = batch_for(mode, per_q, flat.shape[0], memory_budget, batch_size)
+        if engine == "duckdb":
+            per_q = 0  # DuckDB manages its own memory (spilling to disk past its limit)
+            bs = batch_size or DUCKDB_BATCH
+            run = lambda pos: _probs(model, inc.run_batch(pos, colour))  # noqa: E731
+        else:
+            per_q = inc.bytes_per_query()
+            bs = batch_for(mode, per_q, flat.shape[0], memory_budget, batch_size)
+            run = lambda pos: _probs(model, inc.run_batch(pos, patch_vals))  # noqa: E731
         stats.update(theoretical_speedup=plan.theoretical_speedup, macs_full=plan.macs_full,
-                     macs_incremental=plan.macs_inc)
-        run = lambda pos: _probs(model, inc.run_batch(pos, patch_vals))  # noqa: E731
+                     macs_incremental=plan.macs_inc, engine=engine)
     else:
         base = _probs(model, ex.predict(xn[None]))[0]
         per_q = naive_bytes_per_query(model.graph)

@@ -219,6 +219,8 @@ OPTIONS: dict[str, Option] = {
     "region": Option(_region, None, "query", "(y0, x0, y1, x1): grid positions inside it"),
     "positions": Option(_positions, None, "query", "explicit ((y, x), ...) patch positions"),
     "device": Option(_enum("device", ("cpu", "cuda", "gpu")), "cpu", "both", "executor device"),
+    "engine": Option(_enum("engine", ("numba", "duckdb")), "numba", "both",
+                     "numba executors | duckdb (exact mode as SQL delta queries, a reference)"),
     "batch_size": Option(lambda v: None if v is None else _pos_int(v, "batch_size", 1 << 16),
                          None, "both", "queries per batch (default: largest fitting memory_budget)"),
     "memory_budget": Option(lambda v: None if v is None else parse_bytes(v), None, "both",
@@ -269,6 +271,15 @@ def check_combination(vals: dict, given: set[str]) -> dict:
     if vals.get("tau") is not None and vals.get("target_ssim") is not None:
         raise OptionValueError("give either tau or target_ssim, not both",
                                "target_ssim" if "target_ssim" in given else "tau")
+    if vals.get("engine") == "duckdb":
+        for k, ok in (("mode", ("exact",)), ("device", ("cpu",))):
+            if vals.get(k) not in ok:
+                raise OptionValueError(f"engine 'duckdb' runs mode 'exact' on the cpu (delta "
+                                       f"queries in SQL); {k} is {vals.get(k)!r}",
+                                       k if k in given else "engine")
+        if vals.get("drilldown") is not None:
+            raise OptionValueError("engine 'duckdb' runs exact mode; drilldown is approximate",
+                                   "drilldown" if "drilldown" in given else "engine")
     if vals.get("drilldown") is not None and vals.get("positions") is not None:
         raise OptionValueError("drilldown runs on the stride grid; it cannot take positions",
                                "positions")

@@ -496,6 +496,9 @@ class Engine:
         from .planner import explain as E
 
         sections: list = []
+        if st.format == "sql":
+            return E.render([self._delta_sql_section(call, text, k, len(st.inner.calls))
+                             for k, call in enumerate(st.inner.calls)])
         for k, call in enumerate(st.inner.calls):
             bq = bind_call(call, text, self.options)
             r = self.resolve(bq)
@@ -525,6 +528,23 @@ class Engine:
             if st.analyze:
                 sections += self._analyze(r, st, text, params, prefix)
         return E.render(sections, st.format)
+
+    def _delta_sql_section(self, call, text: str, k: int, calls: int):
+        """EXPLAIN (FORMAT SQL): the call's delta queries over the materialized views."""
+        from .planner import explain as E
+        from .planner.delta_sql import compile_delta_sql
+
+        bq = bind_call(call, text, self.options)
+        r = self.resolve(bq)
+        if bq.mode != "exact":
+            raise bq.error(f"EXPLAIN (FORMAT SQL) shows the delta queries of exact mode; "
+                           f"mode is {bq.mode!r}", "mode")
+        if self.options.get("naive_from"):
+            raise bq.error("EXPLAIN (FORMAT SQL) does not render SET naive_from (a rewrite of "
+                           "the numba plan); RESET naive_from first")
+        dsql = compile_delta_sql(r.graph, bq.patch, frozenset(self.options.get("disable_rule", ())))
+        prefix = "" if calls == 1 else f"call {k + 1}: "
+        return E.Section(f"{prefix}delta queries (SQL)", dsql.script().rstrip("\n").split("\n"))
 
     def _disabled_ops(self):
         from .graph import Op
@@ -652,7 +672,8 @@ class Engine:
                   mode=bq.mode, region=bq.region,
                   positions=np.asarray(bq.positions, np.int64) if bq.positions else None,
                   all_classes=bq.all_classes, memory_budget=bq.memory_budget, score=bq.score,
-                  batch_size=bq.batch_size, device="gpu" if bq.device != "cpu" else "cpu")
+                  batch_size=bq.batch_size, device="gpu" if bq.device != "cpu" else "cpu",
+                  engine=bq.engine)
         if bq.mode == "approximate":
             kw["tau"] = r.tau
         return kw

@@ -107,11 +107,14 @@ class Session:
     def explain(self, text: str, verbose: bool = False, analyze: bool = False,
                 format: str = "text") -> list[tuple[str, str]]:
         """EXPLAIN rows ``(plan_type, plan)`` of an occlusion query; ``text`` may start with
-        its own ``EXPLAIN [VERBOSE | ANALYZE [ABLATION]] [FORMAT JSON]``."""
+        its own ``EXPLAIN [VERBOSE | ANALYZE [ABLATION]] [FORMAT JSON | SQL]``; ``format``:
+        ``"text"``, ``"json"`` or ``"sql"`` (the delta queries of the rewrite)."""
         t = text.strip().rstrip(";").strip()
         if not t[:7].upper() == "EXPLAIN":
             flags = (" VERBOSE" if verbose else "") + (" ANALYZE" if analyze else "")
-            fmt = " FORMAT JSON" if format == "json" else ""
+            if format not in ("text", "json", "sql"):
+                raise InputError(f"format must be 'text', 'json' or 'sql', got {format!r}")
+            fmt = "" if format == "text" else f" FORMAT {format.upper()}"
             t = f"EXPLAIN{flags}{fmt} {t}"
         return [tuple(r) for r in self.engine.run_script(t).fetchall()]
 

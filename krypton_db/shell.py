@@ -32,7 +32,7 @@ HELP = """Statements end with ';' and may span lines. Examples:
   SELECT y, x, prob FROM occlusion(model => 'mri', image => 'scan_01', patch => 16,
                                    stride => 4) ORDER BY prob LIMIT 10;
   SELECT label, avg(prob) FROM occlusion('mri', 'scan_01', target => ALL) GROUP BY label;
-  EXPLAIN [VERBOSE | ANALYZE [ABLATION]] [FORMAT JSON] SELECT ... occlusion(...) ...;
+  EXPLAIN [VERBOSE | ANALYZE [ABLATION]] [FORMAT JSON | SQL] SELECT ... occlusion(...) ...;
   SET disable_rule = 'conv';  SET naive_from = 'conv3';  CALIBRATE MODEL mri IMAGE scan_01;
 Dot commands: .help .quit .exit .tables .models .images .options .rules"""
 

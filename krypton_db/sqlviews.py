@@ -102,7 +102,7 @@ class Template:
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.body)
 
 
-def _parse(name: str, text: str) -> Template:
+def _parse(name: str, text: str, folder: str = "views") -> Template:
     header: dict[str, str] = {}
     body_lines = []
     in_header = True
@@ -116,36 +116,40 @@ def _parse(name: str, text: str) -> Template:
         in_header = False
         body_lines.append(line)
     if header.get("name") != name:
-        raise ValueError(f"sql/views/{name}.sql: header '-- name:' must be {name!r}")
+        raise ValueError(f"sql/{folder}/{name}.sql: header '-- name:' must be {name!r}")
     inputs = tuple(m.group(1) for m in re.finditer(r"([A-Za-z_]\w*)\(", header.get("inputs", "")))
     params = tuple(p.strip() for p in header.get("params", "").split(",") if p.strip())
     body = "\n".join(body_lines).strip()
     used = set(_PLACEHOLDER.findall(body))
     if used != set(inputs) | set(params):
-        raise ValueError(f"sql/views/{name}.sql: placeholders {sorted(used)} differ from the "
+        raise ValueError(f"sql/{folder}/{name}.sql: placeholders {sorted(used)} differ from the "
                          f"header's inputs {inputs} and params {params}")
     return Template(name, inputs, params, header.get("output", ""), header, body)
 
 
+TEMPLATE_FOLDERS = ("views", "deltas")  # layer views; the IVM rules' delta queries
+
+
 @functools.cache
-def template(name: str) -> Template:
-    """The parsed template ``sql/views/<name>.sql``."""
-    if not IDENT_RE.fullmatch(name):
-        raise ValueError(f"bad template name {name!r}")
-    res = importlib.resources.files("krypton_db.sql").joinpath("views", f"{name}.sql")
+def template(name: str, folder: str = "views") -> Template:
+    """The parsed template ``sql/<folder>/<name>.sql`` (folder ``views`` or ``deltas``)."""
+    if not IDENT_RE.fullmatch(name) or folder not in TEMPLATE_FOLDERS:
+        raise ValueError(f"bad template {folder}/{name!r}")
+    res = importlib.resources.files("krypton_db.sql").joinpath(folder, f"{name}.sql")
     if not res.is_file():
-        raise SqlUnsupportedError(f"no view template sql/views/{name}.sql")
-    return _parse(name, res.read_text(encoding="utf-8"))
+        raise SqlUnsupportedError(f"no template sql/{folder}/{name}.sql")
+    return _parse(name, res.read_text(encoding="utf-8"), folder)
 
 
-def template_names() -> list[str]:
-    d = importlib.resources.files("krypton_db.sql").joinpath("views")
+def template_names(folder: str = "views") -> list[str]:
+    d = importlib.resources.files("krypton_db.sql").joinpath(folder)
     return sorted(p.name[:-4] for p in d.iterdir() if p.name.endswith(".sql"))
 
 
-def render(name: str, rels: dict[str, str], params: dict | None = None) -> str:
-    """Render template ``name`` (see :meth:`Template.render`)."""
-    return template(name).render(rels, params)
+def render(name: str, rels: dict[str, str], params: dict | None = None,
+           folder: str = "views") -> str:
+    """Render template ``sql/<folder>/<name>.sql`` (see :meth:`Template.render`)."""
+    return template(name, folder).render(rels, params)
 
 
 # -- graph -> views -------------------------------------------------------------------------
@@ -165,6 +169,9 @@ class ViewDef:
     name: str        # view (or table) name, a validated identifier
     node: str        # graph node it belongs to
     sql: str         # the SELECT body
+    template: str = ""   # the sql/views template it renders ...
+    rels: dict = field(default_factory=dict)    # ... with these relations
+    params: dict = field(default_factory=dict)  # ... and numbers (the delta compiler reuses them)
 
 
 @dataclass
@@ -213,7 +220,8 @@ class _Compiler:
         self.prefix = prefix
 
     def view(self, node: Node, name: str, tmpl: str, rels: dict, params: dict | None = None):
-        self.plan.views.append(ViewDef(name, node.name, render(tmpl, rels, params)))
+        self.plan.views.append(ViewDef(name, node.name, render(tmpl, rels, params), tmpl,
+                                       dict(rels), dict(params or {})))
         return name
 
     def weight(self, name: str, arr, names: tuple[str, ...]) -> str:

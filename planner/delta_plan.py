@@ -17,6 +17,7 @@ from krypton_db.errors import InputError
 from krypton_db.exec.cpu import CpuPlan
 from krypton_db.graph import Graph, Node, Op
 
+from .delta_sql import DeltaSql, compile_delta_sql
 from .ivm import rule_for
 from .ivm.registry import DeltaRule, Size
 
@@ -50,6 +51,7 @@ class DeltaPlan:
     patch: Size
     steps: list[DeltaStep] = field(default_factory=list)
     tau: float = 1.0
+    disabled: frozenset = frozenset()  # layer types whose rule is off in this plan
 
     @property
     def macs_full(self) -> int:
@@ -70,6 +72,15 @@ class DeltaPlan:
         out = ds.rule.out_size(ds.node, [in_size], [graph_in])
         out, _, crop = tau_cap(ds.node, out, in_size, self.tau)
         return out, crop
+
+    def delta_sql(self) -> DeltaSql:
+        """This plan's IVM rewrite rendered as SQL delta queries over the materialized views
+        (:class:`~krypton_db.planner.delta_sql.DeltaSql`; ``str()`` of it is the script).
+        Exact plans only: projective-field caps (tau < 1) have no relational form."""
+        if self.tau < 1.0:
+            raise InputError(f"delta SQL renders exact plans; this plan has tau {self.tau:g} "
+                             f"(projective-field caps run on the numba executors only)")
+        return compile_delta_sql(self.graph, self.patch, self.disabled)
 
     def sizes(self) -> dict[str, Size | None]:
         out = {self.graph.input.name: self.patch}
@@ -142,7 +153,7 @@ def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None,
         raise InputError(f"tau must lie in (0, 1], got {tau}")
     cpu_plan = cpu_plan or CpuPlan.lower(graph)
     sizes: dict[str, Size | None] = {graph.input.name: tuple(patch)}
-    plan = DeltaPlan(graph, cpu_plan, tuple(patch), tau=float(tau))
+    plan = DeltaPlan(graph, cpu_plan, tuple(patch), tau=float(tau), disabled=frozenset(disabled))
     for st in cpu_plan.steps:
         node = st.node
         rule = rule_for(node.op, disabled)

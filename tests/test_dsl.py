@@ -88,7 +88,7 @@ def test_syntax_error_line_column_caret():
     assert str(err).endswith("  " + "   image => 'i' patch => 3);\n" + " " * (2 + 16) + "^")
     with pytest.raises(DslSyntaxError, match=r"unterminated string literal at line 1, column 21"):
         parse("CREATE MODEL m FROM 'x")
-    with pytest.raises(DslSyntaxError, match="FORMAT takes TEXT or JSON"):
+    with pytest.raises(DslSyntaxError, match="FORMAT takes TEXT, JSON or SQL"):
         parse("EXPLAIN FORMAT XML SELECT * FROM occlusion('m', 'i')")
 
 

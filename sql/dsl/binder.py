@@ -68,6 +68,7 @@ class BoundQuery:
     region: tuple | None = None
     positions: tuple | None = None
     device: str = "cpu"
+    engine: str = "numba"
     batch_size: int | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     score: str = "prob"
@@ -103,6 +104,8 @@ class BoundQuery:
         if self.score != "prob":
             parts.append(f"score={self.score}")
         parts.append(f"device={self.device}")
+        if self.engine != "numba":
+            parts.append(f"engine={self.engine}")
         return "occlusion(" + ", ".join(parts) + ")"
 
 

@@ -18,7 +18,7 @@ Summary (keywords are case-insensitive; ``name`` is an identifier or a 'quoted s
     TUNE MODEL name ON IMAGES (name, ...) [WITH (target_ssim => 0.9, domain => 'mri', ...)]
     occlusion(model => 'm', image => 'i', patch => 16 | (16, 8), stride => .., ...)
         -- a table function inside any SQL statement that DuckDB runs
-    EXPLAIN [VERBOSE | ANALYZE [ABLATION]] [FORMAT TEXT | JSON] <statement>
+    EXPLAIN [VERBOSE | ANALYZE [ABLATION]] [FORMAT TEXT | JSON | SQL] <statement>
 
 Values: integers, floats, 'strings', TRUE / FALSE / NULL, ALL, bare words, tuples
 ``(a, b)`` or ``[a, b]``, structs ``{r: 0.25, speedup: 3}``.

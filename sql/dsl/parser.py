@@ -231,9 +231,9 @@ def parse_statement(text: str, chunk: Chunk, options=frozenset()) -> A.Statement
         while i < len(toks) and toks[i].upper in ("VERBOSE", "ANALYZE", "ABLATION", "FORMAT"):
             kw = toks[i].upper
             if kw == "FORMAT":
-                if i + 1 >= len(toks) or toks[i + 1].upper not in ("TEXT", "JSON"):
+                if i + 1 >= len(toks) or toks[i + 1].upper not in ("TEXT", "JSON", "SQL"):
                     at = toks[i + 1].start if i + 1 < len(toks) else chunk.end
-                    raise DslSyntaxError("syntax error: FORMAT takes TEXT or JSON", text, at)
+                    raise DslSyntaxError("syntax error: FORMAT takes TEXT, JSON or SQL", text, at)
                 flags["format"] = toks[i + 1].upper.lower()
                 i += 2
                 continue
@@ -241,6 +241,9 @@ def parse_statement(text: str, chunk: Chunk, options=frozenset()) -> A.Statement
             i += 1
         if flags["ablation"]:
             flags["analyze"] = True
+        if flags["format"] == "sql" and (flags["analyze"] or flags["verbose"]):
+            raise DslSyntaxError("EXPLAIN (FORMAT SQL) prints the delta queries; it takes no "
+                                 "ANALYZE or VERBOSE", text, toks[0].start)
         rest = toks[i:]
         if not rest:
             raise DslSyntaxError("syntax error: EXPLAIN needs a statement to explain", text,
@@ -251,9 +254,9 @@ def parse_statement(text: str, chunk: Chunk, options=frozenset()) -> A.Statement
                                  f"{rest[0].upper}", text, rest[0].start)
         inner = _sql(text, inner_chunk, rest)
         if not inner.calls:  # DuckDB's own EXPLAIN of plain SQL
-            if flags["ablation"] or flags["format"] == "json" and toks[1].upper == "FORMAT":
-                raise DslSyntaxError("EXPLAIN ABLATION / FORMAT JSON need a query with "
-                                     "occlusion(...)", text, rest[0].start)
+            if flags["ablation"] or flags["format"] in ("json", "sql"):
+                raise DslSyntaxError("EXPLAIN ABLATION / FORMAT JSON / FORMAT SQL need a query "
+                                     "with occlusion(...)", text, rest[0].start)
             return _sql(text, chunk, toks)
         return A.Explain(chunk.start, chunk.end, inner=inner, **flags)
     if is_ours(chunk, options):
