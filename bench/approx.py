@@ -58,7 +58,7 @@ from common import check_oracle, machine_line, ort_session  # noqa: E402
 import krypton_db as kdb  # noqa: E402
 from krypton_db.images import color_to_input  # noqa: E402
 from krypton_db.occlusion import grid_positions  # noqa: E402
-from krypton_db.planner.approx import heldout_indices  # noqa: E402
+from krypton_db.approx import heldout_indices  # noqa: E402
 
 HEAD_CT = ("J2K_pixelrep_mismatch.dcm", "693_J2KI.dcm")
 

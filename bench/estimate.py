@@ -23,6 +23,7 @@ from exact import WORKLOADS, positions_for  # noqa: E402
 
 import krypton_db as kdb  # noqa: E402
 from krypton_db.occlusion import occlude  # noqa: E402
+from krypton_db import calibration  # noqa: E402
 from krypton_db.planner import cost  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     print(machine_line())
     path = Path(tempfile.mkdtemp()) / "cost_model.json"
-    cm = cost.calibrate(path=path)
+    cm = calibration.calibrate(path=path)
     print(f"calibrated on {', '.join(cm['models'])} in {cm['seconds']} s, {cm['samples']} step "
           f"samples: " + ", ".join(f"{k}={v:.3e}" for k, v in cm["coef"].items()))
     model = cost.load_cost_model(path)

@@ -44,13 +44,13 @@ def theoretical_speedup(model, patch=16, tau: float = 1.0) -> float:
 def tune(model, images, target_ssim: float = 0.9, domain: str = "default", patch=16, stride=4,
          catalog=None, **kw):
     """Auto-tune tau of the approximate mode on a sample of the user's domain (>= 2 images;
-    see :func:`krypton_db.planner.approx.tune_tau`): SSIM(exact, approximate(tau)) of the raw
+    see :func:`krypton_db.approx.tune_tau`): SSIM(exact, approximate(tau)) of the raw
     probability maps for tau = 1.0, 0.9, ..., 0.4, a degree-2 fit, the smallest tau whose
     predicted SSIM reaches ``target_ssim``. With ``catalog`` (a Catalog or session) the tau is
     stored for (model name, ``domain``), replacing an earlier one, so that
     ``occlude(model, image, mode="approximate", domain=..., catalog=...)`` reuses it.
-    Returns a :class:`~krypton_db.planner.approx.TuneResult`."""
-    from .planner.approx import check_target_ssim, tune_tau
+    Returns a :class:`~krypton_db.approx.TuneResult`."""
+    from .approx import check_target_ssim, tune_tau
 
     check_target_ssim(target_ssim)
     _check_domain(domain)
@@ -71,7 +71,7 @@ def _check_domain(domain) -> None:
 def _resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) -> tuple:
     """(tau to run with, where it came from)."""
     if target_ssim is not None:
-        from .planner.approx import check_target_ssim
+        from .approx import check_target_ssim
 
         check_target_ssim(target_ssim)
         if mode != "approximate":
@@ -95,7 +95,7 @@ def _resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) ->
                          "images, domain=..., catalog=...) first, or pass tau=...")
     if target_ssim is None or abs(target_ssim - rec["target_ssim"]) < 1e-6:
         return rec["tau"], f"tuned ({domain}, target SSIM {rec['target_ssim']:g})"
-    from .planner.approx import choose_tau
+    from .approx import choose_tau
 
     # another target than the one tuned for: re-read the stored SSIM(tau) fit, no re-tuning
     measured = {float(t): v for t, v in rec["details"].get("mean_ssim", {}).items()}
@@ -154,7 +154,7 @@ def occlude(model, image, patch=16, stride=4, color=0.0, target=None, mode: str 
     ``stats['tau']`` / ``stats['tau_source']`` say what ran.
 
     ``drilldown``: ``dict(r=0.25, speedup=3.0)`` (or ``True`` for these defaults) runs the
-    two-stage adaptive drill-down (:mod:`krypton_db.planner.approx`): a coarse stage over the
+    two-stage adaptive drill-down (:mod:`krypton_db.approx`): a coarse stage over the
     whole grid, then the user's stride only at the fraction ``r`` of positions with the
     largest estimated drop; composable with ``mode="approximate"``.
 
@@ -220,7 +220,7 @@ def run_checked(m: Model, image, opts: dict, hooks=None, drilldown=None,
     dd = _drilldown_settings(drilldown)
     run_kw = {k: opts[k] for k in _RUN_OPTIONS if opts.get(k) is not None}
     if dd is not None:
-        from .planner.approx import drilldown as _drilldown
+        from .approx import drilldown as _drilldown
 
         hm = _drilldown(m, image, patch=opts["patch"], stride=opts["stride"], r=dd["r"],
                         speedup=dd["speedup"], color=color, target=opts["target"], mode=mode,
@@ -270,7 +270,7 @@ def _file_name(image) -> str | None:
 
 
 def _drilldown_settings(drilldown) -> dict | None:
-    from .planner.approx import DEFAULT_R, DEFAULT_SPEEDUP
+    from .approx import DEFAULT_R, DEFAULT_SPEEDUP
 
     if drilldown is None or drilldown is False:
         return None

@@ -39,10 +39,12 @@ import pyarrow as pa
 
 from .errors import InputError, KryptonError, SqlError
 from .hooks import OcclusionHooks
-from .planner.cost import calibrate, cost_model_path, load_cost_model  # noqa: F401 (re-export)
+from .calibration import CALIBRATION_SUITE, calibrate
+from .planner.cost import FEATURES, cost_model_path, load_cost_model  # noqa: F401 (re-export)
 from .options import PREPROCESS_KEYS, OptionValueError, check_against_model, show, unknown_option
 from .progress import Progress
 from .research import ablation, force_naive_from, naive_from_rewrite
+from .result import Result
 from .sql.dsl import ast as A
 from .sql.dsl import DslBindError, DslError, bind_call, check_option, parse
 from .sql.dsl.binder import OPTIONS, SESSION_OPTIONS, BoundQuery
@@ -104,7 +106,6 @@ class Engine:
             yield st, res
 
     def run_script(self, text: str, params=None):
-        from .session import Result
 
         last = Result(None)
         for _, res in self.iter_script(text, params):
@@ -112,7 +113,6 @@ class Engine:
         return last
 
     def execute(self, st, text: str, params=None):
-        from .session import Result
 
         if isinstance(st, A.Explain):
             rows = self.explain_stmt(st, text, params)
@@ -146,7 +146,6 @@ class Engine:
                             text, st.start + m.start(2))
 
     def _rows(self, columns: list[str], rows: list[tuple], types=None):
-        from .session import Result
 
         cols = list(zip(*rows)) if rows else [[] for _ in columns]
         arrays = [pa.array(list(c), type=(types or {}).get(n, None) or
@@ -248,7 +247,6 @@ class Engine:
         return self._rows(["image", "width", "height"], rows)
 
     def _do_setoption(self, st: A.SetOption, text: str):
-        from .session import Result
 
         v = check_option(st.name, st.value, text, st.name_pos, st.value_pos)
         if st.name == "disable_rule":
@@ -265,7 +263,6 @@ class Engine:
         return Result(None)
 
     def _do_resetoption(self, st: A.ResetOption, text: str):
-        from .session import Result
 
         if st.name == "all":
             self.options.clear()
@@ -293,7 +290,6 @@ class Engine:
                              r.kind if r else "global", r.origin if r else "-",
                              "disabled" if off else ("active" if r else "missing")))
             return self._rows(["op", "rule", "kind", "origin", "status"], rows)
-        from .session import Result
 
         # every version is listed (a name's latest is the one statements use)
         sql = {"MODELS": "SELECT name, version, source, input_shape, num_classes, macs, "
@@ -309,7 +305,6 @@ class Engine:
     def _do_calibrate(self, st: A.Calibrate, text: str):
         """``CALIBRATE``: fit the cost model on the built-in suite (zoo models); ``CALIBRATE
         MODEL m IMAGE i``: on that registered model and image."""
-        from .planner.cost import CALIBRATION_SUITE, FEATURES
 
         if st.model is None:
             suite = CALIBRATION_SUITE
@@ -443,13 +438,13 @@ class Engine:
         """The named planning passes, in order: (name, result). The last ones are the plan
         that runs. bind -> plan_deltas -> apply_tau -> force_naive_from -> choose_batch ->
         lower."""
-        from .exec.cpu import CpuPlan
+        from .planner.physical import PhysicalPlan
         from .planner.batching import batch_for, naive_bytes_per_query, peak_bytes_per_query, resolve_budget
         from .planner.delta_plan import plan_occlusion
 
         bq = r.bq
         out: list[tuple[str, object]] = [("bind", self._bind_text(r))]
-        cpu_plan = r.model.executor.plan if r.graph is r.model.graph else CpuPlan.lower(r.graph)
+        cpu_plan = r.model.executor.plan if r.graph is r.model.graph else PhysicalPlan.lower(r.graph)
         off = frozenset(self.options.get("disable_rule", ()))
         p1 = plan_occlusion(r.graph, bq.patch, cpu_plan, tau=1.0, disabled=off)
         p2 = p1 if r.tau >= 1.0 else plan_occlusion(r.graph, bq.patch, cpu_plan, tau=r.tau,
@@ -577,7 +572,7 @@ class Engine:
         n: float = r.positions
         note = ""
         if bq.drilldown is not None:
-            from .planner.approx import DEFAULT_SPEEDUP
+            from .approx import DEFAULT_SPEEDUP
 
             sp = bq.drilldown.get("speedup", DEFAULT_SPEEDUP)
             n = round(r.positions / sp, 1)
@@ -781,7 +776,6 @@ class Engine:
         transaction record the runs and run the statement's SQL over their heat maps: a
         statement that fails records nothing."""
         from . import api
-        from .session import Result
 
         bound = [bind_call(c, text, self.options) for c in st.calls]
         resolved = [self.resolve(bq) for bq in bound]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from .sqltext import ident
+
 ARRAY_MAX = 100_000  # DuckDB: "ARRAY type size must be at most 100000"
 
 # key column names per tensor kind (the value column is last)
@@ -104,16 +106,12 @@ def store(con, table_name: str, a: np.ndarray, names=None, replace: bool = True)
 
     ``table_name`` must be one of our own validated identifiers (see ``sqlviews.ident``).
     """
-    from .sqlviews import ident
-
     arrow = to_arrow(a, names)
     _create_from_arrow(con, ident(table_name), arrow, replace)
 
 
 def store_arrow(con, table_name: str, table: pa.Table, replace: bool = True) -> None:
     """Create DuckDB table ``table_name`` (our identifier) from an Arrow table."""
-    from .sqlviews import ident
-
     _create_from_arrow(con, ident(table_name), table, replace)
 
 
@@ -129,8 +127,6 @@ def _create_from_arrow(con, quoted: str, arrow: pa.Table, replace: bool) -> None
 
 def load(con, table_name: str, shape: tuple[int, ...], names=None) -> np.ndarray:
     """Read DuckDB table/view ``table_name`` (one of our identifiers) into a tensor."""
-    from .sqlviews import ident
-
     return from_arrow(con.sql(f"SELECT * FROM {ident(table_name)}").to_arrow_table(), shape, names)
 
 
@@ -181,12 +177,8 @@ def from_compact(table, shape: tuple[int, ...]) -> np.ndarray:
 
 def store_compact(con, table_name: str, a: np.ndarray, replace: bool = True) -> None:
     """Create DuckDB table ``table_name`` holding ``a`` in the compact layout."""
-    from .sqlviews import ident
-
     _create_from_arrow(con, ident(table_name), to_compact(a), replace)
 
 
 def load_compact(con, table_name: str, shape: tuple[int, ...]) -> np.ndarray:
-    from .sqlviews import ident
-
     return from_compact(con.sql(f"SELECT * FROM {ident(table_name)}").to_arrow_table(), shape)

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import math
 
+from krypton_db.graph import Op
+
+from . import algorithms
+from .physical import physical_steps
+
 # Bytes of per-batch buffers. Past a few dozen queries per batch the GEMMs are large enough
 # (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128), and a bounded
 # budget keeps exact mode's peak RSS low. Measured in one process, alternating batch sizes
@@ -50,7 +55,6 @@ def peak_bytes_per_query(plan, device: str = "cpu") -> int:
     """Peak float32 bytes one query holds at once while a batch runs ``plan`` (its
     incremental physical steps on ``device``): per step its output plus transient read-in /
     union-box gathers and stitched full tensors, on top of the values still to be read."""
-    from .explain import physical_steps
 
     g = plan.graph
     steps = physical_steps(plan, device)
@@ -95,7 +99,6 @@ def _dense_transposes(g, node) -> int:
     arena, ``cpu.step_scratch``): the zero-padded input and the output, whole -- the bands cap
     them on large maps, so this bounds them. Routes without them (depthwise, 1x1 stride-1,
     im2col / shifted-window chunks in per-thread scratch) are counted too: an upper bound."""
-    from krypton_db.graph import Op
 
     p = node.params
     if node.op is Op.CONV and len(node.shape) == 3:
@@ -112,17 +115,13 @@ def _dense_transposes(g, node) -> int:
 def _phase_planes(node, c: int, out_size) -> int:
     """Floats per query of a strided conv's phase planes on the CPU (``patch_cpu.conv_chwb``
     builds them from the read-in context), else 0."""
-    from krypton_db.exec import cpu as C
-    from krypton_db.exec import patch_cpu as P
-    from krypton_db.graph import Op
-
     if node.op is not Op.CONV or out_size is None:
         return 0
     p = node.params
-    if not C.by_phase_planes(p):
+    if not algorithms.by_phase_planes(p):
         return 0
     (kh, kw), (sh, sw) = p["kernel"], p["stride"]
-    phases, _, hp, wp = P.polyphase_taps(kh, kw, sh, sw, out_size[0], out_size[1], 1)
+    phases, _, hp, wp = algorithms.polyphase_taps(kh, kw, sh, sw, out_size[0], out_size[1], 1)
     return c * len(phases) * hp * wp
 
 

@@ -27,7 +27,7 @@ for full inference (materializing the views, naive re-inference):
 - c_step             a fixed cost per step and batch (Python dispatch, thread-pool wakeups)
 
 A query run costs sum over batches and steps + materializing the views (one full inference
-of the unoccluded image). ``calibrate`` fits the five constants by non-negative least squares
+of the unoccluded image). ``krypton_db.calibration.calibrate`` fits the five constants by non-negative least squares
 on *per-step* times of profiled exact-occlusion runs (several models, patch sizes and batch
 sizes, so each constant is pinned by hundreds of samples) and stores them as JSON
 (``cost_model_path()``); ``load_cost_model`` reads them back (defaults when uncalibrated).
@@ -38,10 +38,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
+
+from krypton_db.graph import Op
+
+from . import algorithms
+from .physical import executed_macs, physical_steps
 
 VERSION = 6  # bump when the features change: older calibrations fall back to the defaults
 FEATURES = ("conv_macs", "conv_acc", "dense_conv_macs", "fc_macs", "moved", "step")
@@ -49,8 +53,6 @@ NQ = len(FEATURES) - 1  # per-query features (the last one is per step and batch
 # rough constants of a 2-core AVX2 machine, used until CALIBRATE runs (seconds per unit)
 DEFAULTS = dict(conv_macs=1 / 60e9, conv_acc=2e-10, dense_conv_macs=1 / 60e9, fc_macs=1 / 40e9,
                 moved=5e-10, step=2e-5)
-CALIBRATION_SUITE = (("zoo:resnet18", "chelsea"), ("zoo:vgg16", "astronaut"),
-                     ("zoo:inception3", "coffee"))
 
 
 def cost_model_path() -> Path:
@@ -87,34 +89,29 @@ def _elems(shape) -> int:
 
 def _op_features(node, graph, macs: int, in_elems: int, out_elems: int,
                  dense: bool, out_hw=None) -> np.ndarray:
-    from krypton_db.exec import winograd1d_cpu as W1
-    from krypton_db.exec import winograd4_cpu as W4
-    from krypton_db.exec import winograd_cpu as W
-    from krypton_db.graph import Op
-
     f = np.zeros(len(FEATURES))
     if node.op is Op.CONV:
         c = graph[node.inputs[0]].shape[0]
         g = node.params.get("groups", 1)
         cg = c // g
         ho, wo = out_hw if out_hw is not None else node.shape[1:]
-        if W4.eligible(node.params, c=c, o=node.shape[0], groups=g, out_hw=(ho, wo)):
+        if algorithms.winograd_f4(node.params, c=c, o=node.shape[0], groups=g, out_hw=(ho, wo)):
             # Winograd F(4x4, 3x3): 36 products per 4x4 output tile instead of 144
             tiles = -(-ho // 4) * -(-wo // 4)
             macs = macs * 36 * tiles / (9 * ho * wo)
             f[4] += 36 * tiles * (c + node.shape[0])
-        elif W.eligible(node.params, c, g, (ho, wo)):
+        elif algorithms.winograd_f2(node.params, c, g, (ho, wo)):
             # Winograd F(2x2, 3x3): 16 products per 2x2 output tile instead of 36 (the GEMM
             # MACs it executes, odd sizes padded to whole tiles) + its transforms' traffic
             tiles = -(-ho // 2) * -(-wo // 2)
             macs = macs * 16 * tiles / (9 * ho * wo)
             f[4] += 16 * tiles * (c + node.shape[0])
-        elif W1.eligible(node.params, c, g, (ho, wo)):
+        elif algorithms.winograd1d(node.params, c, g, (ho, wo)):
             # 1-D Winograd F(m, r): alpha = m + r - 1 products per m outputs along the filter
             # axis instead of m * r, the last tile padded whole, + its transforms' traffic
-            ax = W1.filter_axis(node.params)
+            ax = algorithms.winograd1d_axis(node.params)
             r = node.params["kernel"][ax]
-            m = W1.POINTS[r][0]
+            m = algorithms.WINOGRAD1D_TILE[r]
             n_ax, n_other = (ho, wo) if ax == 0 else (wo, ho)
             tiles = -(-n_ax // m) * n_other
             macs = macs * (m + r - 1) * tiles / (r * ho * wo)
@@ -131,8 +128,7 @@ def _op_features(node, graph, macs: int, in_elems: int, out_elems: int,
 
 def step_features(plan) -> list[tuple[str, np.ndarray]]:
     """(step name, per-query features) of the incremental plan's physical steps, the kernels
-    the executor launches (``planner.explain.physical_steps``)."""
-    from .explain import executed_macs, physical_steps
+    the executor launches (``planner.physical.physical_steps``)."""
 
     g = plan.graph
     out = []
@@ -196,99 +192,3 @@ def predict(plan, mode: str, positions: float, batch: int, cost: dict) -> dict:
     mat = _cost(full, coef, [1.0])
     inc = _cost(step_features(plan), coef, _batches(positions, batch))
     return dict(predicted_s=mat + inc, naive_s=naive, materialize_s=mat)
-
-
-# -- calibration ---------------------------------------------------------------------------------
-
-
-def nnls(a: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
-    """Non-negative least squares min ||a x - b||, x >= 0 (Lawson-Hanson active set).
-
-    Written here because scipy (``scipy.optimize.nnls``) is not a runtime dependency; the
-    problems are tiny (6 unknowns). Columns are scaled to unit norm for conditioning."""
-    scale = np.linalg.norm(a, axis=0)
-    scale[scale == 0] = 1.0
-    a = a / scale
-    n = a.shape[1]
-    x = np.zeros(n)
-    passive = np.zeros(n, bool)
-    for _ in range(iters):
-        grad = a.T @ (b - a @ x)
-        if passive.all() or (grad[~passive] <= 1e-12).all():
-            break
-        j = int(np.argmax(np.where(passive, -np.inf, grad)))
-        passive[j] = True
-        while True:
-            z = np.zeros(n)
-            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
-            if (z[passive] > 0).all():
-                x = z
-                break
-            neg = passive & (z <= 0)
-            alpha = np.min(x[neg] / np.maximum(x[neg] - z[neg], 1e-300))
-            x = x + alpha * (z - x)
-            passive &= x > 1e-15
-            x[~passive] = 0.0
-    return x / scale
-
-
-def profile_run(model, image, patch: int, positions: np.ndarray, batch: int):
-    """One profiled exact-occlusion run: (delta plan, {step: seconds}, batch sizes). A run
-    on one position first compiles the kernels outside the measurement."""
-    from krypton_db.hooks import OcclusionHooks
-    from krypton_db.occlusion import occlude
-
-    from .delta_plan import plan_occlusion
-
-    occlude(model, image, patch=patch, positions=positions[:1])
-    hooks = OcclusionHooks(profile=True)
-    occlude(model, image, patch=patch, positions=positions, batch_size=batch, hooks=hooks)
-    n = len(positions)
-    sizes = [min(batch, n - i) for i in range(0, n, batch)]
-    return plan_occlusion(model.graph, (patch, patch), model.executor.plan), hooks.step_secs, sizes
-
-
-def calibrate(suite=CALIBRATION_SUITE, path=None, patches=None, batches=(16, 64),
-              seed: int = 0) -> dict:
-    """Fit the cost constants on this machine from per-step times of profiled exact-occlusion
-    runs of ``suite`` ((model, image) pairs: names or objects) at each patch size (default
-    1/28 and 1/7 of the input side: 8 and 32 at 224) and batch size (two batches each, random
-    positions), store them as JSON and return them."""
-    from krypton_db.api import _model
-    from krypton_db.images import sample_image
-
-    rng = np.random.default_rng(seed)
-    rows, ys, names = [], [], []
-    t_start = time.perf_counter()
-    for model, image in suite:
-        m = _model(model)
-        img = sample_image(image) if isinstance(image, str) else image
-        _, h, w = m.graph.input_shape
-        names.append(m.name)
-        side = min(h, w)
-        sizes_p = patches or sorted({max(2, round(side / 28)), max(3, round(side / 7))})
-        for p in sizes_p:
-            if p > min(h, w):
-                continue
-            for b in batches:
-                n = 2 * b
-                pos = np.stack([rng.integers(0, h - p + 1, n), rng.integers(0, w - p + 1, n)], 1)
-                plan, secs, sizes = profile_run(m, img, p, pos, b)
-                for name, f in step_features(plan):
-                    rows.append(np.concatenate([f[:NQ] * sum(sizes), [f[NQ] * len(sizes)]]))
-                    ys.append(secs.get(name, 0.0))
-    if len(ys) < len(FEATURES):
-        raise ValueError(f"calibration produced {len(ys)} samples; need >= {len(FEATURES)}")
-    x, y = np.asarray(rows), np.asarray(ys)
-    coef = nnls(x, y)
-    pred = x @ coef
-    out = dict(coef=dict(zip(FEATURES, map(float, coef))), models=names, samples=len(ys),
-               rmse_s=float(np.sqrt(np.mean((pred - y) ** 2))), total_s=float(y.sum()),
-               total_pred_s=float(pred.sum()), batches=list(batches),
-               cpus=os.cpu_count(), seconds=round(time.perf_counter() - t_start, 1),
-               created=time.strftime("%Y-%m-%dT%H:%M:%S"), version=VERSION)
-    p = Path(path) if path else cost_model_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(out, indent=2, sort_keys=True))
-    out["path"] = str(p)
-    return out

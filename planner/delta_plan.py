@@ -14,11 +14,11 @@ import math
 from dataclasses import dataclass, field
 
 from krypton_db.errors import InputError
-from krypton_db.exec.cpu import CpuPlan
 from krypton_db.graph import Graph, Node, Op
 
 from .delta_sql import DeltaSql, compile_delta_sql
 from .ivm import rule_for
+from .physical import PhysicalPlan
 from .ivm.registry import DeltaRule, Size
 
 
@@ -47,7 +47,7 @@ class DeltaStep:
 @dataclass
 class DeltaPlan:
     graph: Graph
-    cpu_plan: CpuPlan
+    cpu_plan: PhysicalPlan
     patch: Size
     steps: list[DeltaStep] = field(default_factory=list)
     tau: float = 1.0
@@ -143,7 +143,7 @@ def tau_cap(node: Node, out: Size, in_size: Size, tau: float) -> tuple[Size, Siz
     return new, cap, crop
 
 
-def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None,
+def plan_occlusion(graph: Graph, patch: Size, cpu_plan: PhysicalPlan | None = None,
                    tau: float = 1.0, disabled: frozenset = frozenset()) -> DeltaPlan:
     """Propagate the patch size through the graph with each layer's delta rule; with tau < 1
     every windowed layer's output patch is capped (projective-field thresholding).
@@ -151,7 +151,7 @@ def plan_occlusion(graph: Graph, patch: Size, cpu_plan: CpuPlan | None = None,
     plan: those layers recompute in full (a research switch of one plan, never the process)."""
     if not (0.0 < tau <= 1.0):
         raise InputError(f"tau must lie in (0, 1], got {tau}")
-    cpu_plan = cpu_plan or CpuPlan.lower(graph)
+    cpu_plan = cpu_plan or PhysicalPlan.lower(graph)
     sizes: dict[str, Size | None] = {graph.input.name: tuple(patch)}
     plan = DeltaPlan(graph, cpu_plan, tuple(patch), tau=float(tau), disabled=frozenset(disabled))
     for st in cpu_plan.steps:

@@ -25,7 +25,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from krypton_db.graph import Op
+
+from .cost import FEATURES, predict
+from .physical import executed_macs, kernels, op_name, physical_steps, whole_map_runs_dense  # noqa: F401 (EXPLAIN's names)
 
 # -- formatting ------------------------------------------------------------------------------
 
@@ -127,16 +129,6 @@ def same_as_above(plan_type: str) -> Section:
 
 # -- node names --------------------------------------------------------------------------------
 
-_OP_NAMES = {Op.CONV: "Conv2d", Op.MAXPOOL: "MaxPool2d", Op.AVGPOOL: "AvgPool2d",
-             Op.GLOBAL_AVGPOOL: "GlobalAvgPool", Op.GEMM: "Gemm", Op.LRN: "Lrn",
-             Op.LEAKY_RELU: "LeakyRelu", Op.HARD_SIGMOID: "HardSigmoid",
-             Op.HARD_SWISH: "HardSwish"}
-
-
-def op_name(op: Op) -> str:
-    return _OP_NAMES.get(op, op.name.title().replace("_", ""))
-
-
 def step_op(ds) -> str:
     return ds.node.op.name + ("+" + ds.fused.op.name if ds.fused is not None else "")
 
@@ -148,64 +140,6 @@ def rule_name(ds, disabled=frozenset()) -> str:
     if type(r).__name__ == "DeltaRule":  # the fallback (missing or disabled rule)
         return "FullRecompute(disabled)" if ds.node.op in disabled else "FullRecompute"
     return type(r).__name__
-
-
-def whole_map_runs_dense(node, device: str = "cpu") -> bool:
-    """Whether a window step whose output patch is the whole map runs dense (stitch the
-    queries' full tensors once, then the full layer) rather than as a batched patch.
-
-    The GPU keeps every window a patch. On the CPU the dense executor is faster for such a
-    step (its read-in contexts cover the whole map anyway), except for a Winograd
-    convolution (3x3, stride 1): that runs on the CHWB read-in contexts directly, where the
-    dense route adds two transposes. Measured (exact, 2-core CPU): VGG16 -5%, ResNet18 -2%,
-    Inception3 -2% time; all whole-map windows as patches made Inception3 22% slower."""
-    if device != "cpu":
-        return False
-    if node.op is Op.CONV:
-        from krypton_db.exec import winograd_cpu as W
-
-        g = node.params["groups"]
-        if W.eligible(node.params, node.weights["W"].shape[1] * g, g, node.shape[1:]):
-            return False
-    return True
-
-
-def kernels(ds, in_patch: list[bool], device: str = "cpu") -> tuple[list[str], bool]:
-    """The physical operators of one delta step, given which inputs arrive as patches (vs full
-    tensors), and whether its output is a patch. Mirrors ``IncrementalExecutor._step`` (and
-    the GPU executor's): a step takes its patch path only when *every* input is a patch; a
-    window whose output patch is the whole map runs as ``whole_map_runs_dense`` says."""
-    node = ds.node
-    kind = ds.rule.kind
-    patches = all(in_patch)
-    act = f"+{op_name(ds.fused.op)}" if ds.fused is not None else ""
-    whole = ds.out_size is not None and tuple(ds.out_size) == tuple(node.shape[1:])
-    if kind == "window" and patches and not (whole and whole_map_runs_dense(node, device)):
-        main = {Op.CONV: "BatchedPatchConv2d", Op.MAXPOOL: "BatchedPatchMaxPool2d",
-                Op.AVGPOOL: "BatchedPatchAvgPool2d"}.get(node.op, f"BatchedPatch{op_name(node.op)}")
-        return (["CentreCrop"] if ds.crop else []) + ["GatherReadIn", main + act], True
-    if kind == "pointwise" and patches:
-        return [f"Patch{op_name(node.op)}"], True
-    if kind == "merge" and patches and len(node.shape) == 3:
-        return ["GatherUnionBox", f"Patch{op_name(node.op)}{act}"], True
-    out = ["StitchFull"] if any(in_patch) else []
-    return out + [f"Full{op_name(node.op)}{act}"], False
-
-
-def executed_macs(ds, ks: list[str]) -> int:
-    """MACs one query executes at this step (patch kernels: incremental, else full)."""
-    return ds.macs_inc if ks[-1].startswith(("Batched", "Patch")) else ds.macs_full
-
-
-def physical_steps(plan, device: str = "cpu") -> list[tuple[object, list[str]]]:
-    """(delta step, kernels) in execution order, tracking patch-vs-full like the executor."""
-    state = {plan.graph.input.name: True}
-    out = []
-    for ds in plan.steps:
-        ks, is_patch = kernels(ds, [state.get(i, False) for i in ds.node.inputs], device)
-        state[ds.out_name] = state[ds.node.name] = is_patch
-        out.append((ds, ks))
-    return out
 
 
 # -- sections ----------------------------------------------------------------------------------
@@ -293,7 +227,6 @@ def estimate_section(plan, mode: str, positions: float, cost: dict, note: str = 
                      batch: int = 128) -> Section:
     """Theoretical speedup and the predicted runtime of ``planner.cost`` (per-step costs summed
     over the batches, plus materializing the views)."""
-    from .cost import FEATURES, predict
 
     pr = predict(plan, mode, positions, batch, cost)
     coef = cost["coef"]

@@ -20,14 +20,19 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
+# each CPU algorithm module's switch in ``planner.algorithms``
+SWITCHES = {"winograd_cpu": "WINOGRAD", "winograd4_cpu": "WINOGRAD4", "winograd1d_cpu": "WINOGRAD1D"}
+
+
 def assert_switch_gives_direct(monkeypatch, module, g, x) -> None:
-    """A Winograd module (``winograd_cpu`` / ``winograd1d_cpu``) switched off via its
-    ``ENABLED`` flag is not called, and both routes equal the float64 reference."""
+    """A Winograd module (``winograd_cpu`` / ``winograd1d_cpu``) switched off via its flag in
+    ``planner.algorithms`` is not called, and both routes equal the float64 reference."""
     from krypton_db.exec import cpu as C
     from krypton_db.exec import reference
+    from krypton_db.planner import algorithms
 
     got_w = C.CpuExecutor(g).predict(x)
-    monkeypatch.setattr(module, "ENABLED", False)
+    monkeypatch.setattr(algorithms, SWITCHES[module.__name__.rsplit(".", 1)[-1]], False)
     calls = []
     real = module.conv
     monkeypatch.setattr(module, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])

@@ -14,7 +14,7 @@ from onnx_builders import Net
 import krypton_db as kdb
 from krypton_db.catalog import SCHEMA_VERSION, Catalog, CatalogError
 from krypton_db.errors import InputError
-from krypton_db.planner import approx
+from krypton_db import approx
 from krypton_db.planner.delta_plan import plan_occlusion
 
 

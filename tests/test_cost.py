@@ -11,10 +11,12 @@ from scipy.optimize import nnls as scipy_nnls  # installed with scikit-image (te
 from test_occlusion import NETS
 
 import krypton_db as kdb
+from krypton_db.planner import algorithms
 from krypton_db.exec import winograd1d_cpu as W1
 from krypton_db.exec import winograd_cpu as W
+from krypton_db import calibration
 from krypton_db.planner import cost
-from krypton_db.planner.explain import physical_steps
+from krypton_db.planner.physical import physical_steps
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -22,7 +24,7 @@ def test_nnls_matches_scipy(seed):
     rng = np.random.default_rng(seed)
     a = rng.random((40, 5)) * rng.choice([1e-9, 1e3, 1.0], 5)  # badly scaled columns
     b = a @ rng.normal(size=5) + 0.01 * rng.normal(size=40)  # some coefficients clamp at 0
-    ours = cost.nnls(a, b)
+    ours = calibration.nnls(a, b)
     ref, _ = scipy_nnls(a, b)
     assert (ours >= 0).all()
     np.testing.assert_allclose(np.linalg.norm(a @ ours - b), np.linalg.norm(a @ ref - b),
@@ -34,14 +36,14 @@ def test_nnls_recovers_exact_nonnegative_solution():
     rng = np.random.default_rng(1)
     a = rng.random((30, 5))
     x = np.array([1e-11, 0.0, 3e-10, 2.0, 5e-5])
-    np.testing.assert_allclose(cost.nnls(a, a @ x), x, rtol=1e-6, atol=1e-15)
+    np.testing.assert_allclose(calibration.nnls(a, a @ x), x, rtol=1e-6, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", list(NETS))
 def test_features_cover_every_profiled_step(tiny_nets, name):
     m, img = tiny_nets[name]
     pos = np.array([[0, 0], [2, 3], [5, 1]])
-    plan, secs, sizes = cost.profile_run(m, img, 4, pos, 2)
+    plan, secs, sizes = calibration.profile_run(m, img, 4, pos, 2)
     feats = cost.step_features(plan)
     assert [n for n, _ in feats] == [ds.node.name for ds, _ in physical_steps(plan)]
     assert set(secs) == {n for n, _ in feats} and sizes == [2, 1]
@@ -86,7 +88,7 @@ def test_predict_scales_with_positions_and_plan(tiny_nets):
 def test_calibration_round_trip(tiny_nets, tmp_path):
     path = tmp_path / "cm.json"
     suite = [(tiny_nets["resnet"][0], tiny_nets["resnet"][1]), (tiny_nets["inception"][0], tiny_nets["inception"][1])]
-    res = cost.calibrate(suite, path=path, patches=(3, 6), batches=(2, 6))
+    res = calibration.calibrate(suite, path=path, patches=(3, 6), batches=(2, 6))
     stored = json.loads(path.read_text())
     assert stored["coef"] == res["coef"] and stored["version"] == cost.VERSION
     assert res["samples"] == sum(2 * 2 * len(cost.step_features(kdb.plan(m, 3)))
@@ -115,7 +117,7 @@ def test_winograd_convs_count_the_macs_they_execute(tiny_nets, monkeypatch):
         hw = ds.out_size if patch else node.shape[1:]
         wino[node.name] = (node.op is kdb.graph.Op.CONV and W.eligible(
             node.params, m.graph[node.inputs[0]].shape[0], node.params["groups"], hw), patch, hw)
-    monkeypatch.setattr(W, "ENABLED", False)
+    monkeypatch.setattr(algorithms, "WINOGRAD", False)
     off = dict(cost.step_features(plan))
     same_kernels = {ds.node.name for (ds, a), (_, b) in zip(steps_on, physical_steps(plan)) if a == b}
     seen = 0
@@ -139,14 +141,13 @@ def test_f4x4_winograd_convs_count_the_macs_they_execute(monkeypatch):
     off, F(2x2)'s 16 per 2x2 tile."""
     from test_winograd import _conv_graph
 
-    from krypton_db.exec import winograd4_cpu as W4
 
     g = _conv_graph(64, 64, (7, 7), (1, 1, 1, 1), np.random.default_rng(0))
     node = g["c"]
     direct = node.macs
     f4 = cost._op_features(node, g, direct, 64 * 49, 64 * 49, dense=True)
     assert f4[2] == pytest.approx(direct * 36 * 4 / (9 * 49))
-    monkeypatch.setattr(W4, "ENABLED", False)
+    monkeypatch.setattr(algorithms, "WINOGRAD4", False)
     f2 = cost._op_features(node, g, direct, 64 * 49, 64 * 49, dense=True)
     assert f2[2] == pytest.approx(direct * 16 * 16 / (9 * 49))
     assert f4[4] < f2[4] * 2.25  # transforms' traffic: 36 x 4 tiles vs 16 x 16

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["krypton_db.graph", "krypton_db.planner.ivm.registry", "krypton_db.planner.batching",
-           "krypton_db.planner.delta_plan"]
+           "krypton_db.planner.delta_plan", "krypton_db.sqltext", "krypton_db.sqlviews"]
 
 
 @pytest.mark.parametrize("name", MODULES)

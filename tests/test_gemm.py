@@ -5,7 +5,7 @@ strided output view, and the OpenBLAS lowering it replaced."""
 import numpy as np
 import pytest
 
-from krypton_db.exec import cpu
+from krypton_db.exec import conv_cpu
 from krypton_db.exec import gemm_cpu as G
 
 
@@ -97,14 +97,14 @@ def test_own_gemm_matches_the_openblas_lowering(monkeypatch):
     """conv_gemm through our kernel and through one OpenBLAS sgemm per tap agree."""
     rng = np.random.default_rng(3)
     node_w = rng.standard_normal((24, 10, 3, 3)).astype(np.float32)
-    cw = cpu.ConvWeights([np.ascontiguousarray(node_w.reshape(24, -1))], np.zeros(24, np.float32), node_w)
+    cw = conv_cpu.ConvWeights([np.ascontiguousarray(node_w.reshape(24, -1))], np.zeros(24, np.float32), node_w)
     src = rng.standard_normal((10, 300)).astype(np.float32)
     offs = np.array([i * 20 + j for i in range(3) for j in range(3)], np.int64)
     outs = {}
     for mode in ("own", "openblas"):
-        monkeypatch.setattr(cpu, "GEMM", mode)
+        monkeypatch.setattr(conv_cpu, "GEMM", mode)
         outs[mode] = np.empty((24, 200), np.float32)
-        cpu.conv_gemm(cw, 0, src, offs, 4, 200, outs[mode])
+        conv_cpu.conv_gemm(cw, 0, src, offs, 4, 200, outs[mode])
     np.testing.assert_allclose(outs["own"], outs["openblas"], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(outs["own"], _ref(cw.mats[0], src, offs, 4, 200), rtol=1e-5, atol=1e-4)
 

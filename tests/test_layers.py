@@ -201,17 +201,16 @@ def test_small_map_convs_through_chwb(cin, cout, hw, n, k, pads, dil):
     g = Graph([x_node, conv], "c")
     x = rng.normal(size=(n, cin) + hw).astype(np.float32)
     calls = []
-    from krypton_db.exec import winograd1d_cpu as W1
-    from krypton_db.exec import winograd_cpu as W
+    from krypton_db.planner import algorithms as A
 
-    real, wino, wino1 = C._conv_via_chwb, W.ENABLED, W1.ENABLED
+    real, wino, wino1 = C._conv_via_chwb, A.WINOGRAD, A.WINOGRAD1D
     C._conv_via_chwb = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
     # 3x3 and 1x7 stride-1 convs otherwise take the Winograd routes (test_winograd*.py)
-    W.ENABLED = W1.ENABLED = False
+    A.WINOGRAD = A.WINOGRAD1D = False
     try:
         got = C.CpuExecutor(g).predict(x)
     finally:
-        C._conv_via_chwb, W.ENABLED, W1.ENABLED = real, wino, wino1
+        C._conv_via_chwb, A.WINOGRAD, A.WINOGRAD1D = real, wino, wino1
     assert calls, "the CHWB route was not taken"
     want = reference.run(g, x)["c"]
     assert rel_err(got, want) <= 1e-5

@@ -199,7 +199,7 @@ def test_step_scratch_takes_dense_transposes_from_the_allocator(monkeypatch):
     from test_winograd import _conv_graph
 
     from krypton_db.exec import cpu as C
-    from krypton_db.exec import reference
+    from krypton_db.exec import reference, runtime
     from krypton_db.exec import winograd_cpu as W
     from krypton_db.graph import Op
 
@@ -216,9 +216,9 @@ def test_step_scratch_takes_dense_transposes_from_the_allocator(monkeypatch):
         return np.empty(shape, np.float32)
 
     def body():
-        with C.step_scratch(alloc):
+        with runtime.step_scratch(alloc):
             got["y"] = ex._exec(step, [xi])
-        persistent.update(getattr(C._TLS, "bufs", {}))
+        persistent.update(getattr(runtime._TLS, "bufs", {}))
 
     monkeypatch.setattr(C, "WINO_BAND_FLOATS", 32 * 6 * 12 * 5)  # 6-row bands: 14 rows in 3
     real = W.conv
@@ -238,6 +238,7 @@ def test_shifted_patch_conv_reads_its_own_slice_of_a_slab():
     gathered read-in through the spare tail after it. Replayed batches hand the read-in out
     as a slice of the arena's slab, at any offset (numpy collapses view chains: ``buf.base``
     is the slab), so the route must start at the read-in's own first element."""
+    from krypton_db.exec import conv_cpu
     from krypton_db.exec import cpu as C
     from krypton_db.exec import patch_cpu as P
     from krypton_db.exec import reference
@@ -261,7 +262,7 @@ def test_shifted_patch_conv_reads_its_own_slice_of_a_slab():
     real = P._conv_shift
     P._conv_shift = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
     try:
-        got = P.conv_chwb(buf, g["k"], C.ConvWeights.of(g["k"]), C.act_spec(None), (hr - 4, wr - 4))
+        got = P.conv_chwb(buf, g["k"], conv_cpu.ConvWeights.of(g["k"]), C.act_spec(None), (hr - 4, wr - 4))
     finally:
         P._conv_shift = real
     assert calls, "the shifted-window route was not taken"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
+from krypton_db.planner import algorithms
 from krypton_db.exec import cpu as C
 from krypton_db.exec import patch_cpu as P
 from krypton_db.exec import reference
@@ -44,7 +45,7 @@ def test_dense_route(cin, cout, hw, k, s, pads, monkeypatch):
     got = C.CpuExecutor(g).predict(x)
     assert calls, "the polyphase route was not taken"
     assert rel_err(got, reference.run(g, x)["r"]) <= 1e-5
-    monkeypatch.setattr(C, "POLYPHASE", False)  # the im2col lowering agrees
+    monkeypatch.setattr(algorithms, "POLYPHASE", False)  # the im2col lowering agrees
     assert rel_err(C.CpuExecutor(g).predict(x), got) <= 1e-5
 
 
@@ -57,8 +58,8 @@ def test_dense_route_in_bands(cin, cout, hw, k, s, pads, monkeypatch):
     x = rng.normal(size=(3, cin) + hw).astype(np.float32)
     whole = C.CpuExecutor(g).predict(x)
     bands = []
-    real = P.polyphase_taps
-    monkeypatch.setattr(P, "polyphase_taps", lambda *a: (bands.append(a[4]), real(*a))[1])
+    real = algorithms.polyphase_taps
+    monkeypatch.setattr(algorithms, "polyphase_taps", lambda *a: (bands.append(a[4]), real(*a))[1])
     ho, wo = g["c"].shape[1:]
     phases, _, hp, wp = real(k[0], k[1], s[0], s[1], ho, wo, 3)
     monkeypatch.setattr(C, "WINO_BAND_FLOATS", cin * len(phases) * wp * 3 * (hp - ho + 2))  # 2 rows
@@ -96,9 +97,9 @@ def test_rgb_first_layer_keeps_im2col(monkeypatch):
 
 
 def test_phase_taps():
-    phases, offs, hp, wp = P.polyphase_taps(3, 3, 2, 2, 7, 7, 1)
+    phases, offs, hp, wp = algorithms.polyphase_taps(3, 3, 2, 2, 7, 7, 1)
     assert phases.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]] and (hp, wp) == (8, 8)
     # tap (2, 2) reads phase (0, 0) one row and one column on
     assert offs[8] == 0 * 64 + 1 * 8 + 1
-    phases, offs, hp, wp = P.polyphase_taps(1, 1, 2, 2, 7, 7, 4)
+    phases, offs, hp, wp = algorithms.polyphase_taps(1, 1, 2, 2, 7, 7, 4)
     assert phases.tolist() == [[0, 0]] and offs.tolist() == [0]

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from conftest import assert_switch_gives_direct, rel_err
 
+from krypton_db.planner import algorithms
 from krypton_db.exec import cpu as C
+from krypton_db.exec import runtime
 from krypton_db.exec import reference
 from krypton_db.exec import winograd_cpu as W
 from krypton_db.graph import Graph, Node, Op
@@ -17,9 +19,8 @@ from krypton_db.graph import Graph, Node, Op
 def _f2x2_only(monkeypatch):
     """These tests pin F(2x2, 3x3); F(4x4, 3x3), which takes wide convs, has its own
     (tests/test_winograd4.py)."""
-    from krypton_db.exec import winograd4_cpu as W4
 
-    monkeypatch.setattr(W4, "ENABLED", False)
+    monkeypatch.setattr(algorithms, "WINOGRAD4", False)
 
 
 def _conv_graph(cin, cout, hw, pads, rng, act=None):
@@ -122,7 +123,7 @@ def test_not_eligible_shapes(monkeypatch):
     assert W.eligible(p, 64, 1, (7, 7))  # 8x8 tiles for 7x7: 1.31x the work
     assert not W.eligible(p, 64, 1, (5, 5))  # 6x6 tiles: 1.44x
     assert W.eligible(p, 64, 1, (9, 11))  # 1.21x
-    monkeypatch.setattr(W, "ENABLED", False)
+    monkeypatch.setattr(algorithms, "WINOGRAD", False)
     assert not W.eligible(p, 64, 1, (14, 14))
 
 
@@ -132,8 +133,8 @@ def test_balanced_chunks_cover_and_keep_threads_busy(n, cap, align, monkeypatch)
     """Chunks cover [0, n) exactly once, at most about ``cap`` wide, and their count is a
     multiple of the thread count whenever there are enough aligned units for that (ResNet18's
     7x7 layer4: 1024 Winograd columns were 3 chunks on 2 threads, one thread doing two)."""
-    monkeypatch.setattr(C, "num_threads", lambda: 2)
-    per, nch = C.balanced_chunks(n, cap, align)
+    monkeypatch.setattr(runtime, "num_threads", lambda: 2)
+    per, nch = runtime.balanced_chunks(n, cap, align)
     assert per * (nch - 1) < n <= per * nch
     assert per <= 1.5 * max(cap, align) + align or nch == 1
     if n // align >= 2 and n > cap:

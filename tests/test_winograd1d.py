@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import assert_switch_gives_direct, rel_err
 
+from krypton_db.planner import algorithms
 from krypton_db.exec import cpu as C
 from krypton_db.exec import reference
 from krypton_db.exec import winograd1d_cpu as W1
@@ -110,10 +111,10 @@ def test_float32_error_stays_near_the_direct_convs():
     want = reference.run(g, x)[g.output]
     got_w = C.CpuExecutor(g).predict(x)
     try:
-        W1.ENABLED = False
+        algorithms.WINOGRAD1D = False
         got_d = C.CpuExecutor(g).predict(x)
     finally:
-        W1.ENABLED = True
+        algorithms.WINOGRAD1D = True
     e_w, e_d = rel_err(got_w, want), rel_err(got_d, want)
     assert e_w <= 1e-5 and e_w <= 50 * e_d, (e_w, e_d)
 
@@ -137,7 +138,7 @@ def test_eligible_shapes(monkeypatch):
     assert not W1.eligible(dict(p, kernel=(3, 3)), 64, 1, (17, 17))  # 2-D: winograd_cpu's
     assert not W1.eligible(p, 64, 1, (17, 5))  # 5 columns in 8 (two 4-wide tiles): 1.6x the work
     assert W1.eligible(p, 64, 1, (17, 7))  # 7 in 8: 1.14x
-    monkeypatch.setattr(W1, "ENABLED", False)
+    monkeypatch.setattr(algorithms, "WINOGRAD1D", False)
     assert not W1.eligible(p, 160, 1, (17, 17))
 
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import rel_err
 from test_winograd import _conv_graph
 
+from krypton_db.planner import algorithms
 from krypton_db.exec import cpu as C
 from krypton_db.exec import gemm_cpu as G
 from krypton_db.exec import reference
@@ -118,7 +119,7 @@ def test_routing(monkeypatch):
     assert not W4.eligible(p, 64, 64, 1, (10, 10))
     assert not W4.eligible(dict(p, stride=(2, 2)), 64, 64, 1, (14, 14))
     assert not W4.eligible(p, 64, 64, 2, (14, 14))
-    monkeypatch.setattr(W4, "ENABLED", False)
+    monkeypatch.setattr(algorithms, "WINOGRAD4", False)
     assert not W4.eligible(p, 64, 64, 1, (14, 14))
 
 
@@ -128,7 +129,7 @@ def test_switch_off_gives_f2x2(monkeypatch):
     x = rng.normal(size=(4, 64, 12, 12)).astype(np.float32)
     calls4 = _spy(monkeypatch, W4)
     got4 = C.CpuExecutor(g).predict(x)
-    monkeypatch.setattr(W4, "ENABLED", False)
+    monkeypatch.setattr(algorithms, "WINOGRAD4", False)
     calls2 = _spy(monkeypatch, W)
     got2 = C.CpuExecutor(g).predict(x)
     assert len(calls4) == 1 and len(calls2) == 1

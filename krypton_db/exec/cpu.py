@@ -1,13 +1,13 @@
 """The numba JIT CPU executor for batched float32 inference.
 
-Lowering (``CpuPlan``): each graph node becomes one step; a CONV or ADD followed by its only
-consumer being a pointwise activation is fused (the activation runs in the GEMM epilogue
-while the output tile is still in cache). Convolutions run on ``gemm_cpu``'s tap GEMM
+It interprets the physical plan (``planner.physical.PhysicalPlan``: one step per node, a CONV
+or ADD with its only consumer's activation fused into the GEMM epilogue while the output tile
+is still in cache) and prepares each layer's weights once (``prepare_weights``). Convolutions run on ``gemm_cpu``'s tap GEMM
 (``conv_cnhw``: 1x1 stride-1 as a plain GEMM on the input itself, 3x3 stride-1 as Winograd
 F(4x4, 3x3) / F(2x2, 3x3), 1 x r / r x 1 as 1-D Winograd, strided ones over phase planes,
 the rest shifted-window or im2col), depthwise convolutions on a direct numba kernel. A value
 read only by one channel concat is written into its slice of the concat's buffer
-(``concat_slots``).
+(the plan's ``slots``, ``planner.physical.concat_slots``).
 
 Feature maps are CNHW (see ``kernels_cpu``); vectors are [N, K]. ``run`` takes and returns
 the model's own NCHW/[N, K] batches.
@@ -15,25 +15,24 @@ the model's own NCHW/[N, K] batches.
 
 from __future__ import annotations
 
-import math
-import os
-import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
-import numba
 import numpy as np
 
 from ..graph import Graph, Node, Op
+from ..planner import algorithms
+from ..planner.physical import FUSABLE_ACTIVATIONS, PhysicalPlan, PhysicalStep
 from ..heap import pin_mmap_threshold, return_freed_heap
-from . import gemm_cpu as G
 from . import transpose_cpu as TR
 from . import kernels_cpu as K
 from . import winograd4_cpu as W4
 from . import winograd_cpu as W
 from . import winograd1d_cpu as W1
+from .conv_cpu import (POLYPHASE_MIN_C, ConvWeights, by_phase_planes, cols_chunk, conv1x1,
+                       conv_gemm)
+from .runtime import num_threads, parallel_chunks, parallel_ranges, scratch, scratch_as
 
 _ACT = {
     Op.RELU: K.ACT_RELU, Op.CLIP: K.ACT_CLIP, Op.LEAKY_RELU: K.ACT_LEAKY,
@@ -45,7 +44,6 @@ _ACT = {
 # push the im2col block and the output block out of L2 before the GEMM / epilogue reread them.
 IM2COL_BUDGET = 384 * 1024
 SHIFT_BUDGET = 512 * 1024
-MIN_COLS, MAX_COLS = 256, 4096
 # shifted-window (implicit GEMM) lowering only when the padded grid wastes at most this share
 SHIFT_MAX_WASTE = 0.60
 SHIFT_MIN_CHANNELS = 32
@@ -67,333 +65,7 @@ def act_spec(node: Node | None) -> tuple[int, np.float32, np.float32]:
     return _ACT[node.op], np.float32(a0.get(node.op) or 0.0), np.float32(a1.get(node.op) or 0.0)
 
 
-# -- threads ---------------------------------------------------------------------------------------
-
-
-class _Pool:
-    """Persistent worker threads; ``run(fn, t)`` calls fn(0) here and fn(1..t-1) on workers.
-
-    One pool serves every kernel (see ``kernels_cpu``: BLAS runs single-threaded inside it), so
-    no second thread pool ever spins against it. A call made while the pool is busy (another
-    caller thread, or nested use) runs its parts serially on the calling thread."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._queues: list[queue.SimpleQueue] = []
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-
-    def _worker(self, q: queue.SimpleQueue) -> None:
-        while True:
-            fn, tid = q.get()
-            try:
-                fn(tid)
-                self._done.put(None)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the caller
-                self._done.put(e)
-
-    def run(self, fn, nthreads: int) -> None:
-        if nthreads <= 1 or not self._lock.acquire(blocking=False):
-            for t in range(max(nthreads, 1)):
-                fn(t)
-            return
-        try:
-            while len(self._queues) < nthreads - 1:
-                q: queue.SimpleQueue = queue.SimpleQueue()
-                threading.Thread(target=self._worker, args=(q,), daemon=True,
-                                 name=f"krypton-cpu-{len(self._queues) + 1}").start()
-                self._queues.append(q)
-            for t in range(1, nthreads):
-                self._queues[t - 1].put((fn, t))
-            err = None
-            try:
-                fn(0)
-            except BaseException as e:  # noqa: BLE001 - incl. Ctrl-C on this (main) thread
-                err = e
-            # Every worker must report before the pool is released, also when Ctrl-C lands
-            # while waiting: a report left in the queue would end the next call's wait early.
-            pending = nthreads - 1
-            while pending:
-                try:
-                    r = self._done.get()
-                except KeyboardInterrupt as e:
-                    err = err or e
-                    continue
-                pending -= 1
-                if err is None and r is not None:
-                    err = r
-            if err is not None:
-                raise err
-        finally:
-            self._lock.release()
-
-
-_POOL = _Pool()
-_TLS = threading.local()
-
-
-def num_threads() -> int:
-    return max(1, numba.get_num_threads())
-
-
-def parallel_chunks(nchunks: int, fn) -> None:
-    """fn(i) for i in range(nchunks), spread dynamically over the pool's threads."""
-    it = iter(range(nchunks))  # next() on a range iterator is atomic under the GIL
-
-    def work(_tid):
-        for i in it:
-            fn(i)
-
-    _POOL.run(work, min(num_threads(), nchunks))
-
-
-def balanced_chunks(n: int, cap: int, align: int = 1) -> tuple[int, int]:
-    """(units per chunk, chunk count) splitting n units into chunks of about ``cap`` units
-    (up to 1.5x where aligned widths need it; a multiple of ``align`` where possible) with a
-    chunk count that is a multiple of the thread count, so no core idles through a last
-    partial round: 1024 Winograd columns at a cap of 480, aligned to 48, are 4 chunks of 288
-    on 2 threads, not 3 of 384 (one thread doing two of them)."""
-    if n <= 0:
-        return max(align, 1), 0
-    def ceil(x, y):
-        return -(-x // y)
-
-    t = num_threads()
-    a = max(align, 1)
-    nch = min(ceil(ceil(n, max(cap, 1)), t) * t, max(n // a, 1))
-    per0 = ceil(ceil(n, nch), a) * a if ceil(n, nch) > a else ceil(n, nch)
-    if nch < t:  # fewer aligned units than threads: one chunk (49 columns are not 48 + 1)
-        return per0, ceil(n, per0)
-    # aligned widths can leave a chunk count off the thread multiple: look for the nearest
-    # aligned width (narrower first, then up to 1.5x wider) that lands on one
-    for per in [*range(per0, max(a, per0 // 2) - 1, -a), *range(per0 + a, per0 * 3 // 2 + 1, a)]:
-        if ceil(n, per) % t == 0:
-            return per, ceil(n, per)
-    return per0, ceil(n, per0)
-
-
-def parallel_ranges(n: int, fn, min_size: int = 1) -> None:
-    """fn(lo, hi) over an even split of range(n) into one contiguous part per thread."""
-    t = max(1, min(num_threads(), n // max(min_size, 1)))
-    if t <= 1:
-        if n > 0:
-            fn(0, n)
-        return
-    bounds = [n * i // t for i in range(t + 1)]
-    _POOL.run(lambda i: fn(bounds[i], bounds[i + 1]), t)
-
-
-def _scratch(key: str, size: int) -> np.ndarray:
-    """A per-thread float32 work buffer of at least ``size`` values (kept between calls, so
-    the pages are faulted in once).
-
-    Keys are roles, not call sites, so buffers that are never live at once share memory:
-    ``dense_in`` / ``dense_out`` (the calling thread's whole-batch transposes of one dense conv:
-    CHWB read-in, Winograd band, phase planes, and their outputs; inside ``step_scratch``
-    they come from the incremental batch arena instead), ``work`` (one parallel chunk's
-    im2col columns, shifted-GEMM accumulator or Winograd V/M slots), ``acc`` (beside ``work``
-    in the shifted-window conv), ``wino4_tmp`` (F(4x4, 3x3)'s per-tile staging),
-    ``gemm_bp`` / ``gemm_tile`` (inside the tap GEMM, which any of the others may call) and
-    ``gather_blk`` / ``gather_patch`` (the gather's 16-query blocks). Keeping one buffer per call site held ResNet18's
-    exact run ~14 MB more for buffers never live together."""
-    d = getattr(_TLS, "bufs", None)
-    if d is None:
-        d = _TLS.bufs = {}
-    b = d.get(key)
-    if b is None or b.size < size:
-        b = d[key] = np.empty(max(size, 1), np.float32)
-    return b[:size]
-
-
-def _scratch_as(key: str, shape) -> np.ndarray:
-    """``_scratch`` shaped as ``shape`` (C-contiguous); inside ``step_scratch`` the
-    whole-batch keys (``dense_in`` / ``dense_out``) come from that step's allocator."""
-    step = getattr(_TLS, "step", None)
-    if step is not None and key in _STEP_KEYS:
-        return step.get(key, shape)
-    return _scratch(key, math.prod(shape)).reshape(shape)
-
-
-_STEP_KEYS = ("dense_in", "dense_out")
-
-
-class _StepScratch:
-    """One step's ``dense_in`` / ``dense_out`` buffers from an allocator (a band loop reuses
-    the first band's buffer)."""
-
-    def __init__(self, alloc):
-        self.alloc = alloc
-        self.bufs: dict[str, np.ndarray] = {}
-
-    def get(self, key: str, shape) -> np.ndarray:
-        n = math.prod(shape)
-        b = self.bufs.get(key)
-        if b is None or b.size < n:
-            b = self.bufs[key] = self.alloc((n,))
-        return b[:n].reshape(shape)
-
-
-@contextmanager
-def step_scratch(alloc):
-    """Within this scope the calling thread's dense convs and pools take their whole-batch
-    transpose buffers from ``alloc`` instead of the thread's persistent scratch: the
-    incremental executor passes its batch arena's allocator, so those buffers share the
-    planned slab with the batch's other dead buffers (ResNet18's layer4 held 12 MB of
-    persistent ``dense_in`` / ``dense_out`` beside the slab)."""
-    prev = getattr(_TLS, "step", None)
-    _TLS.step = _StepScratch(alloc)
-    try:
-        yield
-    finally:
-        _TLS.step = prev
-
-
 # -- convolution ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ConvWeights:
-    """Per-group GEMM matrices of a conv, prepared once."""
-
-    mats: list[np.ndarray]
-    bias: np.ndarray
-    w4: np.ndarray
-    taps: list[np.ndarray] | None = None  # per group [kh*kw, O/g, C/g] (shifted-window GEMMs)
-    packs: list[np.ndarray] | None = None  # per group, ``gemm_cpu.pack_weights(mats[g])``
-    wino: np.ndarray | None = None  # ``winograd_cpu.transform_filters(w4)``: [16, ...]
-    wino1d: tuple | None = None  # ``winograd1d_cpu.transform_filters(w4)``
-    wino4: np.ndarray | None = None  # ``winograd4_cpu.transform_filters(w4)``: [36, ...]
-
-    @classmethod
-    def of(cls, node: Node) -> "ConvWeights":
-        w = np.asarray(node.weights["W"], np.float32)
-        g = node.params["groups"]
-        og = w.shape[0] // g
-        mats = [np.ascontiguousarray(w[i * og : (i + 1) * og].reshape(og, -1)) for i in range(g)]
-        return cls(mats, np.ascontiguousarray(node.weights["B"], np.float32), np.ascontiguousarray(w))
-
-    def tap_mats(self) -> list[np.ndarray]:
-        if self.taps is None:
-            o, cg, kh, kw = self.w4.shape
-            g = len(self.mats)
-            og = o // g
-            self.taps = [np.ascontiguousarray(self.w4[i * og : (i + 1) * og].transpose(2, 3, 0, 1)
-                                              .reshape(kh * kw, og, cg)) for i in range(g)]
-        return self.taps
-
-    def winograd(self) -> np.ndarray:
-        if self.wino is None:
-            self.wino = W.transform_filters(self.w4)
-        return self.wino
-
-    def winograd4(self) -> np.ndarray:
-        if self.wino4 is None:
-            self.wino4 = W4.transform_filters(self.w4)
-        return self.wino4
-
-    def winograd3x3(self, params: dict, c: int, out_hw):
-        """(the Winograd kernel module, its filters) for this conv (node ``params``, ``c``
-        input channels, output size ``out_hw``; one ``winograd_cpu.eligible`` accepts):
-        F(4x4, 3x3) where ``winograd4_cpu`` takes it, else F(2x2, 3x3)."""
-        if W4.eligible(params, c=c, o=self.w4.shape[0], groups=len(self.mats), out_hw=out_hw):
-            return W4, self.winograd4()
-        return W, self.winograd()
-
-    def winograd1d(self) -> tuple:
-        if self.wino1d is None:
-            self.wino1d = W1.transform_filters(self.w4)
-        return self.wino1d
-
-    def packed(self, gi: int) -> np.ndarray:
-        if self.packs is None:
-            self.packs = [G.pack_weights(m) for m in self.mats]
-        return self.packs[gi]
-
-
-# strided convs run as tap GEMMs over the input's phase planes unless KRYPTON_POLYPHASE=0
-# (im2col + GEMM, for comparison)
-POLYPHASE = os.environ.get("KRYPTON_POLYPHASE", "1") != "0"
-# the dense route builds the phase planes with a strided CNHW read: for an RGB first layer
-# (ResNet's 7x7 conv1) that costs more than the chunked im2col it replaces (69 vs 27 ms)
-POLYPHASE_MIN_C = 16
-
-
-def by_phase_planes(p: dict) -> bool:
-    """Whether a conv with node params ``p`` runs over its input's phase planes
-    (``patch_cpu.polyphase_taps``): one group, a stride above 1, dilation 1, not switched off."""
-    (sh, sw), (dh, dw) = p["stride"], p["dilation"]
-    return POLYPHASE and p["groups"] == 1 and (sh > 1 or sw > 1) and dh == dw == 1
-
-# "own": convolutions run on gemm_cpu's tap GEMM; "openblas": on OpenBLAS sgemm, one call per
-# tap (the previous lowering, kept for comparison: KRYPTON_GEMM=openblas python bench/full.py)
-GEMM = os.environ.get("KRYPTON_GEMM", "own")
-
-
-def conv_gemm(cw: ConvWeights, gi: int, src: np.ndarray, offs, col0: int, ncols: int, ys: np.ndarray,
-              accumulate: bool = False, act=None) -> None:
-    """``ys[:, :ncols] (+)= sum_t W_t @ src[:, col0 + offs[t] : col0 + offs[t] + ncols]`` for
-    group ``gi`` of a conv: W_t is tap t's [O/g, C/g] matrix (one tap, offs = (0,): the plain
-    GEMM ``W[O/g, C/g*kh*kw] @ src`` of an im2col or 1x1 conv). With ``act`` (``act_spec``)
-    the epilogue ``ys = act(ys + bias)`` follows (in the GEMM's tiles on our own GEMM)."""
-    if ncols <= 0:
-        return
-    m = ys.shape[0]
-    bias = cw.bias[gi * m : (gi + 1) * m] if act is not None else None
-    if GEMM != "openblas" or not K.HAVE_BLAS:
-        G.tap_gemm(cw.packed(gi), m, src, np.asarray(offs, np.int64), col0, ncols, ys, accumulate,
-                   bias=bias, act=act)
-        return
-    mats = [cw.mats[gi]] if len(offs) == 1 else cw.tap_mats()[gi]
-    for k, off in enumerate(offs):
-        K.gemm(mats[k], src[:, col0 + off : col0 + off + ncols], ys[:, :ncols],
-               1.0 if (k > 0 or accumulate) else 0.0)
-    if act is not None:
-        K.bias_act_rows_cpu(ys[:, :ncols], bias, *act)
-
-
-def _cols_chunk(ncols: int, per_col: int, budget: int) -> int:
-    """Columns per chunk: about ``budget`` floats of working set (within [MIN_COLS,
-    MAX_COLS]), and a chunk count that is a multiple of the thread count so small layers do
-    not leave a core idle for a partial last chunk. A multiple of 16."""
-    t = num_threads()
-    qc = min(max(budget // max(per_col, 1), MIN_COLS), MAX_COLS)
-    nch = -(-ncols // qc)
-    nch = -(-nch // t) * t
-    qc = -(-ncols // nch)
-    qc = (qc + 15) // 16 * 16
-    return max(16, min(qc, max(ncols, 1)))
-
-
-GEMM_MAX_COLS = 8192
-
-
-def _gemm_cols_chunk(ncols: int) -> int:
-    """Columns per chunk of a 1x1 conv (a plain GEMM on the input, no per-chunk scratch):
-    two chunks per thread (up to GEMM_MAX_COLS wide), whole micro-tiles (a multiple of
-    ``gemm_cpu.NR``). Measured on Inception3's 17x17 / 8x8 1x1 convs at batch 27 (2-core
-    AVX-512): 336-370 -> 369-388 GFLOP/s against ``_cols_chunk``'s ~400-column chunks, whose
-    ragged last micro-tile and per-chunk weight passes cost ~8%."""
-    t = num_threads()
-    nch = max(2 * t, -(-ncols // GEMM_MAX_COLS))
-    nch = -(-nch // t) * t
-    qc = -(-ncols // nch)
-    return max(16, min(-(-qc // G.NR) * G.NR, ncols))
-
-
-def conv1x1(x2: np.ndarray, cw: ConvWeights, g: int, act, out2: np.ndarray) -> None:
-    """A 1x1 stride-1 conv as the GEMM ``out2 [O, cols] = act(W @ x2 [C, cols] + bias)`` per
-    group, on the input as it lies (CNHW batch or CHWB read-in), column chunks in parallel."""
-    cg, og = x2.shape[0] // g, out2.shape[0] // g
-    ncols = x2.shape[1]
-    qc = _gemm_cols_chunk(ncols)
-
-    def one(ci):
-        j0 = ci * qc
-        j1 = min(j0 + qc, ncols)
-        for gi in range(g):
-            ys = out2[gi * og : (gi + 1) * og, j0:j1]
-            conv_gemm(cw, gi, x2[gi * cg : (gi + 1) * cg], (0,), j0, j1 - j0, ys, act=act)
-
-    parallel_chunks(-(-ncols // qc), one)
 
 
 def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0), np.float32(0)),
@@ -451,12 +123,12 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
             _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out)
             return out
         rows = cg * kh * kw
-        qc = _cols_chunk(ncols, rows + og, IM2COL_BUDGET)
+        qc = cols_chunk(ncols, rows + og, IM2COL_BUDGET)
 
         def one(ci):
             j0 = ci * qc
             j1 = min(j0 + qc, ncols)
-            cols = _scratch("work", rows * qc).reshape(rows, qc)
+            cols = scratch("work", rows * qc).reshape(rows, qc)
             for gi in range(g):
                 K.im2col_chunk_cpu(x, gi * cg, cg, kh, kw, sh, sw, dh, dw, t, l, ho, wo, j0, j1, cols)
                 ys = out2[gi * og : (gi + 1) * og, j0:j1]
@@ -477,9 +149,9 @@ def _conv_via_chwb(x, node, cw, act, tl, ho, wo, out):
     dh, dw = node.params["dilation"]
     hr, wr = ho + dh * (kh - 1), wo + dw * (kw - 1)
     o = out.shape[0]
-    buf = _scratch_as("dense_in", (c, hr, wr, n))
+    buf = scratch_as("dense_in", (c, hr, wr, n))
     parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, 0, h, tl[0], tl[1], buf, lo, hi))
-    y = P.conv_chwb(buf, node, cw, act, (ho, wo), alloc=lambda shape: _scratch_as("dense_out", shape))
+    y = P.conv_chwb(buf, node, cw, act, (ho, wo), alloc=lambda shape: scratch_as("dense_out", shape))
     parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
 
 
@@ -504,10 +176,10 @@ def _conv_winograd(x, p, cw, act, tl, ho, wo, out):
         oy1 = min(oy0 + rows, ho)
         ylo, yhi = max(oy0 - t, 0), min(oy1 + 2 - t, h)
         hr = oy1 - oy0 + 2
-        buf = _scratch_as("dense_in", (c, hr, wr, n))
+        buf = scratch_as("dense_in", (c, hr, wr, n))
         pt = ylo - (oy0 - t)
         parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, ylo, yhi, pt, l, buf, lo, hi))
-        y = _scratch_as("dense_out", (o, oy1 - oy0, wo, n))
+        y = scratch_as("dense_out", (o, oy1 - oy0, wo, n))
         kern.conv(buf, filters, cw.bias, act, y)
         parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
 
@@ -526,8 +198,8 @@ def _conv_winograd1d(x, p, cw, act, tl, ho, wo, out):
         shape, oshape = (c, ho + kh - 1, wo, n), (o, ho, wo, n)
     else:
         shape, oshape = (c, wo + kw - 1, ho, n), (o, wo, ho, n)
-    buf = _scratch_as("dense_in", shape)
-    y = _scratch_as("dense_out", oshape)
+    buf = scratch_as("dense_in", shape)
+    y = scratch_as("dense_out", oshape)
     if rows:
         parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, 0, h, t, l, buf, lo, hi))
     else:
@@ -540,7 +212,7 @@ def _conv_winograd1d(x, p, cw, act, tl, ho, wo, out):
 
 
 def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
-    """Strided conv of a CNHW batch over the input's phase planes (``patch_cpu.polyphase_taps``):
+    """Strided conv of a CNHW batch over the input's phase planes (``planner.algorithms.polyphase_taps``):
     per band of output rows, the band's planes [C, phases, hp, wp, N] are built (zero padding
     included), each output row is one tap GEMM into a CHWB scratch [O, rows, wo, N], transposed
     back into ``out``. Bands bound the scratch as in ``_conv_winograd`` (ResNet18's
@@ -550,18 +222,18 @@ def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
     c, n = x.shape[:2]
     o = out.shape[0]
     t, l = tl
-    used, _, wp = P.phase_planes(kh, kw, sh, sw, 1, wo)
+    used, _, wp = algorithms.phase_planes(kh, kw, sh, sw, 1, wo)
     per_row = c * len(used) * wp * n
     rows = max(1, min(ho, WINO_BAND_FLOATS // max(per_row, 1) - (kh - 1) // sh))
     nb = -(-ho // rows)
     rows = -(-ho // nb)  # even bands: 7 rows are 4 + 3, not 6 + 1
     for oy0 in range(0, ho, rows):
         oy1 = min(oy0 + rows, ho)
-        phases, offs, hp, wp = P.polyphase_taps(kh, kw, sh, sw, oy1 - oy0, wo, n)
-        planes = _scratch_as("dense_in", (c, len(phases), hp, wp, n))
+        phases, offs, hp, wp = algorithms.polyphase_taps(kh, kw, sh, sw, oy1 - oy0, wo, n)
+        planes = scratch_as("dense_in", (c, len(phases), hp, wp, n))
         pt = t - oy0 * sh  # the band's first plane row is input row oy0 * sh + p - t
         parallel_ranges(c, lambda lo, hi: K.polyphase_cnhw_cpu(x, pt, l, sh, sw, phases, planes, lo, hi))
-        y = _scratch_as("dense_out", (o, oy1 - oy0, wo, n))
+        y = scratch_as("dense_out", (o, oy1 - oy0, wo, n))
         P.conv_rows(planes.reshape(c, -1), cw, offs, oy1 - oy0, wo, wp, n, act, y.reshape(o, -1))
         parallel_ranges(o, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
 
@@ -579,7 +251,7 @@ def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, o
     n = x.shape[1]
     grid = n * hs * wp
     maxoff = (kh - 1) * dh * wp + (kw - 1) * dw
-    qc = _cols_chunk(grid, cg + og, SHIFT_BUDGET)
+    qc = cols_chunk(grid, cg + og, SHIFT_BUDGET)
     ld = qc + maxoff
     offs = np.array([i * dh * wp + j * dw for i in range(kh) for j in range(kw)], np.int64)
     bias = cw.bias
@@ -588,8 +260,8 @@ def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, o
         q0 = ci * qc
         q1 = min(q0 + qc, grid)
         m = q1 - q0
-        buf = _scratch("work", cg * ld).reshape(cg, ld)
-        s = _scratch("acc", og * qc).reshape(og, qc)[:, :m]
+        buf = scratch("work", cg * ld).reshape(cg, ld)
+        s = scratch("acc", og * qc).reshape(og, qc)[:, :m]
         for gi in range(g):
             K.padgrid_chunk_cpu(x, gi * cg, cg, t, l, hs, wp, q0, q1 + maxoff, buf)
             conv_gemm(cw, gi, buf, offs, 0, m, s)
@@ -646,9 +318,9 @@ def _maxpool_via_chwb(x, node, out):
     from . import patch_cpu as P
 
     c, n, h, w = x.shape
-    buf = _scratch_as("dense_in", (c, h, w, n))
+    buf = scratch_as("dense_in", (c, h, w, n))
     parallel_ranges(c, lambda lo, hi: TR.cnhw_to_chwb_cpu(x, 0, h, 0, 0, buf, lo, hi))
-    y = P.maxpool_chwb(buf, node, out.shape[2:], alloc=lambda shape: _scratch_as("dense_out", shape))
+    y = P.maxpool_chwb(buf, node, out.shape[2:], alloc=lambda shape: scratch_as("dense_out", shape))
     parallel_ranges(c, lambda lo, hi: TR.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
 
 
@@ -689,84 +361,14 @@ def dense(x: np.ndarray, wt: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return y
 
 
-@dataclass
-class Step:
-    node: Node
-    fused: Node | None = None  # activation folded into this step
-    prep: object = None
-    secs: float = 0.0
-
-
-@dataclass
-class CpuPlan:
-    """Physical plan for one graph on the CPU: ordered steps with fused activations."""
-
-    graph: Graph
-    steps: list[Step] = field(default_factory=list)
-    # value -> (the concat it is written into, its first channel there): ``concat_slots``
-    slots: dict[str, tuple[str, int]] = field(default_factory=dict)
-
-    @classmethod
-    def lower(cls, graph: Graph, fuse: bool = True) -> "CpuPlan":
-        cons = graph.consumers()
-        steps: list[Step] = []
-        absorbed: set[str] = set()
-        for node in graph.nodes[1:]:
-            if node.name in absorbed:
-                continue
-            fused = None
-            nxt = cons[node.name]
-            if (
-                fuse
-                and node.op in (Op.CONV, Op.ADD)
-                and len(nxt) == 1
-                and node.name != graph.output
-                and graph[nxt[0]].op in _ACT
-            ):
-                fused = graph[nxt[0]]
-                absorbed.add(fused.name)
-            prep = ConvWeights.of(node) if node.op is Op.CONV else None
-            if node.op is Op.GEMM:
-                prep = np.ascontiguousarray(node.weights["W"].T, np.float32)
-            steps.append(Step(node, fused, prep))
-        plan = cls(graph, steps)
-        plan.slots = concat_slots(plan)
-        return plan
-
-    def out_name(self, step: Step) -> str:
-        return step.fused.name if step.fused is not None else step.node.name
-
-
-# ops whose ``CpuExecutor._exec`` writes a 4-D output into the buffer its ``alloc`` hands out
-_WRITES_INTO_ALLOC = {Op.CONV, Op.MAXPOOL, Op.AVGPOOL, Op.CONCAT, Op.ADD, Op.AFFINE, *_ACT}
-
-
-def concat_slots(plan: CpuPlan) -> dict[str, tuple[str, int]]:
-    """Concat elision (as in ML compilers' memory planning): a channel concat of CNHW values
-    is a stack of contiguous channel slices, so a value whose only reader is one concat can
-    be written by its producer straight into its slice of the concat's buffer, and the
-    concat copies nothing. Returns {value: (concat value, first channel)} for every such
-    value: one producer step that writes into its ``alloc`` buffer, read once by one 4-D
-    concat, not the graph output. Nested concats (Inception3's Mixed_7b / 7c branches) chain:
-    the inner concat's buffer is itself a slice of the outer one. Inception3 copied ~1.2 GB
-    per explanation in its whole-map concats, single-threaded (~3% of the run)."""
-    g = plan.graph
-    cons = g.consumers()
-    producer = {plan.out_name(s): s for s in plan.steps}
-    slots: dict[str, tuple[str, int]] = {}
-    for s in plan.steps:
-        node = s.node
-        if node.op is not Op.CONCAT or len(node.shape) != 3:
-            continue
-        c0 = 0
-        for name in node.inputs:
-            src = producer.get(name)
-            if (src is not None and src.node.op in _WRITES_INTO_ALLOC and name != g.output
-                    and cons.get(name, []) == [node.name] and node.inputs.count(name) == 1
-                    and len(g[name].shape) == 3):
-                slots[name] = (plan.out_name(s), c0)
-            c0 += g[name].shape[0]
-    return slots
+def prepare_weights(node: Node):
+    """What the CPU operator of ``node`` reads its weights as: ``ConvWeights`` of a conv, the
+    transposed [K, O] matrix of a fully connected layer, else None."""
+    if node.op is Op.CONV:
+        return ConvWeights.of(node)
+    if node.op is Op.GEMM:
+        return np.ascontiguousarray(node.weights["W"].T, np.float32)
+    return None
 
 
 def _to_internal(x: np.ndarray) -> np.ndarray:
@@ -828,7 +430,7 @@ class BufferLedger:
     ``release`` after a value's last reader returns its buffers, unless a value still alive
     views them."""
 
-    def __init__(self, arena, plan: CpuPlan | None = None):
+    def __init__(self, arena, plan: PhysicalPlan | None = None):
         self.arena = arena
         self.handed: dict[int, np.ndarray] = {}
         self.owned: dict[str, list[np.ndarray]] = {}
@@ -905,7 +507,10 @@ class CpuExecutor:
     def __init__(self, graph: Graph, fuse: bool = True):
         pin_mmap_threshold()  # freed batch buffers back to the OS (krypton_db.heap)
         self.graph = graph
-        self.plan = CpuPlan.lower(graph, fuse)
+        self.plan = PhysicalPlan.lower(graph, fuse)
+        # weights prepared once per layout: conv GEMM matrices / FC weights transposed
+        self.prep: dict[str, object] = {st.node.name: prepare_weights(st.node)
+                                        for st in self.plan.steps}
         self.jit_seconds: float | None = None
         self._arena = _Arena()
         self._run_lock = threading.Lock()
@@ -962,7 +567,7 @@ class CpuExecutor:
     def run(self, batch: np.ndarray, outputs: list[str] | None = None, profile: bool = False,
             step_secs: dict[str, float] | None = None) -> dict:
         """Run on an NCHW float32 batch; returns {node name: batch-first output}.
-        ``profile``: accumulate per-step seconds into the plan's ``Step.secs``; ``step_secs``:
+        ``profile``: accumulate per-step seconds into the plan's ``PhysicalStep.secs``; ``step_secs``:
         accumulate them into this dict instead (keyed by node name; the caller's own)."""
         with self._run_lock, K.single_threaded_blas():
             return self._run(batch, outputs, profile, step_secs)
@@ -1009,7 +614,7 @@ class CpuExecutor:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)[self.graph.output]
 
-    def _exec(self, step: Step, ins: list[np.ndarray], alloc=None) -> np.ndarray:
+    def _exec(self, step: PhysicalStep, ins: list[np.ndarray], alloc=None) -> np.ndarray:
         """One step on internal-layout inputs. ``alloc(shape)`` provides the step's 4-D output
         buffer (the run's arena, or a concat's slice: ``BufferLedger.out_alloc``) for the ops
         in ``_WRITES_INTO_ALLOC``; by default they are fresh arrays."""
@@ -1019,7 +624,7 @@ class CpuExecutor:
         act = act_spec(step.fused)
         if op is Op.CONV:
             out = alloc((node.weights["W"].shape[0], x.shape[1]) + _conv_hw(x, node)) if alloc else None
-            return conv_cnhw(x, node, step.prep, act, out=out)
+            return conv_cnhw(x, node, self.prep[node.name], act, out=out)
         if op in (Op.MAXPOOL, Op.AVGPOOL):
             out = alloc((x.shape[0], x.shape[1]) + tuple(node.shape[1:])) if alloc else None
             return pool_cnhw(x, node, out=out)
@@ -1027,7 +632,7 @@ class CpuExecutor:
             m = x.mean(axis=(2, 3), dtype=np.float32)  # [C, N]
             return np.ascontiguousarray(m[:, :, None, None]) if node.params.get("keepdims", True) \
                 else np.ascontiguousarray(m.T)
-        if op in _ACT or op is Op.AFFINE:
+        if op in FUSABLE_ACTIVATIONS or op is Op.AFFINE:
             return pointwise_any(x, node, out=alloc(x.shape) if alloc and x.ndim == 4 else None)
         if op is Op.ADD:
             if len(ins) == 2 and ins[0].shape == ins[1].shape:
@@ -1069,7 +674,7 @@ class CpuExecutor:
             y = np.transpose(ext, (0,) + tuple(a + 1 for a in node.params["perm"]))
             return _to_internal(np.ascontiguousarray(y))
         if op is Op.GEMM:
-            return dense(x, step.prep, np.asarray(node.weights["B"], np.float32))
+            return dense(x, self.prep[node.name], np.asarray(node.weights["B"], np.float32))
         if op is Op.SOFTMAX:
             e = np.exp(x - x.max(axis=-1, keepdims=True))
             return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .cpu import _scratch, parallel_ranges
+from .runtime import parallel_ranges, scratch
 from .transpose_cpu import T, _move, transpose_cpu
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
@@ -86,7 +86,7 @@ def gather(view: np.ndarray, patch: np.ndarray, ploc: np.ndarray, rloc: np.ndarr
 
     def run(lo, hi):
         gather_chwb_cpu(flat, vpad.shape, pt, pl, patch_flat, patch.shape, ploc, rloc, out,
-                        _scratch("gather_blk", T * hr * wr), _scratch("gather_patch", T * ph * pw), lo, hi)
+                        scratch("gather_blk", T * hr * wr), scratch("gather_patch", T * ph * pw), lo, hi)
 
     parallel_ranges(c, run)
     return out
@@ -126,7 +126,7 @@ def stitch(view: np.ndarray, patch: np.ndarray, ploc: np.ndarray, out: np.ndarra
 
     def run(lo, hi):
         stitch_chwb_cpu(vf, h, w, patch.reshape(-1), patch.shape, ploc, out,
-                        _scratch("gather_patch", T * patch.shape[1] * patch.shape[2]), lo, hi)
+                        scratch("gather_patch", T * patch.shape[1] * patch.shape[2]), lo, hi)
 
     parallel_ranges(c, run)
     return out

@@ -30,6 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .kernels_cpu import _bias_act_at
+from .runtime import scratch
 
 
 
@@ -263,9 +264,8 @@ def tap_gemm(wp: np.ndarray, m: int, src: np.ndarray, offs: np.ndarray, col0: in
         return
     if col0 + int(offs.max()) + ncols > src.shape[1] or out.shape[0] < m or out.shape[1] < ncols:
         raise ValueError(f"tap_gemm: reads past src {src.shape} or writes past out {out.shape}")
-    from .cpu import _scratch  # the executor's per-thread work buffers (cpu imports this module)
 
-    bp, tile = _scratch("gemm_bp", KC * NC), _scratch("gemm_tile", MR * NR)
+    bp, tile = scratch("gemm_bp", KC * NC), scratch("gemm_tile", MR * NR)
     if act is not None and bias is None:
         raise ValueError("tap_gemm: an activation needs the bias it is fused with")
     code, a0, a1 = act if act is not None else (0, np.float32(0.0), np.float32(0.0))

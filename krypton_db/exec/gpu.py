@@ -3,7 +3,7 @@
 Design
 ------
 *One kernel launch per layer for the whole batch.* The GPU mirrors the CPU executors step by
-step (it lowers the graph with the same ``CpuPlan``: conv / add + activation fused, so a
+step (it lowers the graph with the same ``PhysicalPlan``: conv / add + activation fused, so a
 delta plan made for the CPU runs here unchanged). Each step is one launch (a few for merges
 with more than two inputs) over *all* queries of the batch: the read-in contexts of every
 query are gathered, with each query's patch applied, by ONE ``gather_patch_gpu`` launch, and
@@ -36,7 +36,8 @@ import numpy as np
 
 from ..errors import KryptonError
 from ..graph import Graph, Node, Op
-from .cpu import CpuPlan, Step, act_spec
+from ..planner.physical import PhysicalPlan, PhysicalStep
+from .cpu import act_spec
 from .incremental import union_box, window_locations
 
 _ACTS = frozenset({Op.RELU, Op.CLIP, Op.LEAKY_RELU, Op.SIGMOID, Op.HARD_SIGMOID, Op.HARD_SWISH})
@@ -174,7 +175,7 @@ class GpuExecutor:
         # syncthreads costs ~1 ms of polling per barrier (both are tested against the oracle)
         self.conv_algo = conv_algo if conv_algo != "auto" else ("direct" if self.K.SIM else "gemm")
         self.graph = graph
-        self.plan = CpuPlan.lower(graph, fuse)
+        self.plan = PhysicalPlan.lower(graph, fuse)
         self.use_cupy = cupy_available() if use_cupy is None else bool(use_cupy)
         self.jit_seconds: float | None = None
         cuda = _cuda()
@@ -242,7 +243,7 @@ class GpuExecutor:
         return result
 
     # -- one step ------------------------------------------------------------------------------
-    def _exec(self, step: Step, ins: list, pads=None, out_hw=None):
+    def _exec(self, step: PhysicalStep, ins: list, pads=None, out_hw=None):
         """One step on internal-layout device inputs (pads / out_hw override a windowed
         node's padding and output size: incremental plans run on read-in contexts)."""
         K = self.K
@@ -496,7 +497,7 @@ class GpuIncrementalExecutor:
         if missing:
             raise ValueError(f"delta plan steps {missing[:3]} are not steps of the executor's plan")
 
-    def ex_step(self, ds) -> Step:
+    def ex_step(self, ds) -> PhysicalStep:
         return self._steps[ds.node.name]
 
     def materialize(self, x_nchw: np.ndarray) -> np.ndarray:

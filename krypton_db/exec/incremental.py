@@ -29,8 +29,9 @@ from ..graph import Op
 from ..heap import return_freed_heap
 from . import patch_cpu as P
 from ..planner.batching import peak_bytes_per_query
-from ..planner.explain import whole_map_runs_dense
-from .cpu import BufferLedger, CpuExecutor, _to_external, act_spec, step_scratch
+from ..planner.physical import whole_map_runs_dense
+from .cpu import BufferLedger, CpuExecutor, _to_external, act_spec
+from .runtime import step_scratch
 
 
 class PlannedArena:
@@ -244,7 +245,7 @@ class IncrementalExecutor:
         value read by two dense steps, e.g. ResNet's layer3 output by layer4.0's conv1 and
         downsample, is stitched for the first and reused by the second). The stitched
         buffer belongs to the value and goes back at its last use -- unless the value has a
-        slot in a concat (``cpu.concat_slots``): then it is stitched into that slice, and the
+        slot in a concat (``planner.physical.concat_slots``): then it is stitched into that slice, and the
         concat owns the buffer."""
         if not isinstance(st, Patch):
             return st
@@ -324,7 +325,7 @@ class IncrementalExecutor:
                            P.window_tail(node, pin.loc.shape[0]), alloc=self._alloc)
             self._release_if_last(src)  # the read-in holds what the layer needs: the output may reuse it
         if node.op is Op.CONV:
-            y = P.conv_chwb(buf, node, step.prep, act_spec(ds.fused), size, alloc=self._alloc)
+            y = P.conv_chwb(buf, node, self.ex.prep[node.name], act_spec(ds.fused), size, alloc=self._alloc)
         elif node.op is Op.MAXPOOL:
             y = P.maxpool_chwb(buf, node, size, alloc=self._alloc)
         else:

@@ -24,13 +24,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..graph import Node, Op
-from . import cpu as C
 from . import gather_cpu as GC
 from . import kernels_cpu as K
 from . import transpose_cpu as TR
 from . import winograd_cpu as W
 from . import winograd1d_cpu as W1
-from .cpu import ConvWeights, _scratch, conv_gemm, parallel_chunks, parallel_ranges
+from ..planner.algorithms import by_phase_planes, polyphase_taps
+from .conv_cpu import ConvWeights, conv1x1, conv_gemm
+from .runtime import num_threads, parallel_chunks, parallel_ranges, scratch
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
@@ -283,7 +284,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
             W1.conv(np.ascontiguousarray(buf.transpose(0, 2, 1, 3)), cw.winograd1d(), cw.bias, act, yt)
             out[...] = yt.transpose(0, 2, 1, 3)
         return out
-    if C.by_phase_planes(p):
+    if by_phase_planes(p):
         phases, offs, hp, wp = polyphase_taps(kh, kw, sh, sw, ho, wo, nb)
         ph = _new(alloc, (c, len(phases), hp, wp, nb))
         parallel_ranges(c, lambda lo, hi: polyphase_chwb_cpu(buf, sh, sw, phases, ph, lo, hi))
@@ -294,7 +295,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
         # (the shifted-window route's scratch + epilogue pass cost 1x1 patches ~2x: Inception3's
         # Mixed_6b 1x1 patch convs ran at 165-220 GFLOP/s)
         with K.single_threaded_blas():
-            C.conv1x1(buf.reshape(c, -1), cw, 1, act, out.reshape(o, -1))
+            conv1x1(buf.reshape(c, -1), cw, 1, act, out.reshape(o, -1))
         return out
     with K.single_threaded_blas():
         # shifted-window GEMMs need K = C large enough for BLAS to be efficient
@@ -310,7 +311,7 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
         def one(ci):
             p0 = ci * per
             p1 = min(p0 + per, npix)
-            cols = _scratch("work", rows * per * nb).reshape(rows, per * nb)[:, : (p1 - p0) * nb]
+            cols = scratch("work", rows * per * nb).reshape(rows, per * nb)[:, : (p1 - p0) * nb]
             for gi in range(g):
                 im2col_chwb_cpu(buf, gi * cg, cg, kh, kw, sh, sw, dh, dw, ho, wo, p0, p1, cols)
                 ys = out2[gi * og : (gi + 1) * og, p0 * nb : p1 * nb]
@@ -320,32 +321,12 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
     return out
 
 
-def phase_planes(kh, kw, sh, sw, ho, wo):
-    """(the phases (p, q) a stride-(sh, sw) kh x kw conv's taps use, sorted; the planes' hp, wp
-    for an ho x wo output)."""
-    used = sorted({(i % sh, j % sw) for i in range(kh) for j in range(kw)})
-    return used, ho + (kh - 1) // sh, wo + (kw - 1) // sw
-
-
-def polyphase_taps(kh, kw, sh, sw, ho, wo, nb):
-    """A stride-(sh, sw) convolution (dilation 1) is a stride-1 one over the input's phase
-    planes P_pq[y, x] = in[y*sh + p, x*sw + q]: tap (i, j) reads plane (i % sh, j % sw) at
-    (oy + i // sh, ox + j // sw). Returns (the phases the taps use [n, 2], each tap's column
-    offset into the flattened [phase, hp, wp, B] planes, hp, wp): the convolution is then
-    ``gemm_cpu``'s tap GEMM over output rows, without the kh*kw / (sh*sw) larger im2col."""
-    used, hp, wp = phase_planes(kh, kw, sh, sw, ho, wo)
-    slot = {p: k for k, p in enumerate(used)}
-    offs = np.array([(slot[(i % sh, j % sw)] * hp * wp + (i // sh) * wp + j // sw) * nb
-                     for i in range(kh) for j in range(kw)], np.int64)
-    return np.array(used, np.int64).reshape(-1, 2), offs, hp, wp
-
-
 def conv_rows(src, cw, offs, ho, wo, wp, nb, act, out2):
     """Output row oy of a conv over [C, *] planes whose rows are wp cells of nb floats:
     out2[:, oy*wo*nb : (oy+1)*wo*nb] = act(sum_t W_t @ src[:, oy*wp*nb + offs[t] :] + bias),
     rows spread over the threads (split into segments when the row count would leave a thread
     idle at the end: ResNet's 7 rows on 2 threads are 14 half rows, not 4 + 3 rows)."""
-    t = C.num_threads()
+    t = num_threads()
     if wo * nb < GRID_MAX_ROW_COLS and (wp == wo or wp <= GRID_MAX_WASTE * wo):
         _conv_grid(src, cw, offs, ho, wo, wp, nb, act, out2)
         return
@@ -376,7 +357,7 @@ def _conv_grid(src, cw, offs, ho, wo, wp, nb, act, out2):
     one plain GEMM. Chunks are whole cells, at least two per thread."""
     code, a0, a1 = act
     o = out2.shape[0]
-    t = C.num_threads()
+    t = num_threads()
     cells = ho * wp - (wp - wo)  # the last row's overhang is never needed
     nch = max(2 * t, -(-cells * nb // 4096))
     nch = -(-nch // t) * t
@@ -387,7 +368,7 @@ def _conv_grid(src, cw, offs, ho, wo, wp, nb, act, out2):
     def one(ci):
         q0 = ci * per * nb
         q1 = min(q0 + per * nb, cells * nb)
-        acc = _scratch("work", o * (q1 - q0)).reshape(o, q1 - q0)
+        acc = scratch("work", o * (q1 - q0)).reshape(o, q1 - q0)
         conv_gemm(cw, 0, src, offs, q0, q1 - q0, acc)
         shift_epilogue_chwb_cpu(acc, 0, q0, q1, wp, wo, nb, cw.bias, code, a0, a1, out)
 
@@ -432,7 +413,7 @@ def _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out):
     def one(ci):
         q0 = ci * qc
         q1 = min(q0 + qc, ncols)
-        acc = _scratch("work", o * qc).reshape(o, qc)[:, : q1 - q0]
+        acc = scratch("work", o * qc).reshape(o, qc)[:, : q1 - q0]
         conv_gemm(cw, 0, b2, offs, q0, q1 - q0, acc)
         shift_epilogue_chwb_cpu(acc, 0, q0, q1, wr, wo, nb, cw.bias, code, a0, a1, out)
 

@@ -28,7 +28,6 @@ j = (tile row t) * L * B + l, so both transforms are loops over contiguous runs.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import llvmlite.ir as ir
@@ -36,6 +35,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
+from ..planner import algorithms
 from . import gemm_cpu as G
 from . import kernels_cpu as K
 from . import winograd_cpu as W2
@@ -49,12 +49,6 @@ POINTS = {
     7: (4, (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 0.75, -0.75)),
     3: (4, (0.0, 1.0, -1.0, 2.0, -2.0)),
 }
-MIN_CHANNELS = 16  # as for F(2x2, 3x3): thinner GEMMs (K = C) lose more than the products saved
-# KRYPTON_WINOGRAD1D=0: these convs run direct (for comparison: bench, research)
-ENABLED = os.environ.get("KRYPTON_WINOGRAD1D", "1") != "0" and W2.ENABLED
-# whole m-row tiles: a 17-row map with m = 4 computes 20 rows (1.18x); above this ratio the
-# saving is gone
-MAX_TILE_WASTE = 1.35
 # V / M scratch per column chunk and thread (floats): 4 Mi (winograd_cpu's) made ~1150-column
 # chunks whose 10 V / M slots spill the L2; 1 Mi: Inception3's 17x17 1x7 / 7x1 convs 3-9%
 # faster, the 8x8 ones unchanged (512 Ki: those 20% slower)
@@ -94,28 +88,10 @@ def transforms(m: int, r: int, points: tuple) -> tuple[np.ndarray, np.ndarray, n
     return at, g, bt
 
 
-def filter_axis(node_params: dict) -> int | None:
-    """0 for an r x 1 conv (along rows), 1 for 1 x r (along columns), None otherwise."""
-    kh, kw = node_params["kernel"]
-    if kw == 1 and kh in POINTS:
-        return 0
-    if kh == 1 and kw in POINTS:
-        return 1
-    return None
-
-
-def eligible(node_params: dict, c: int, groups: int, out_hw) -> bool:
-    """Whether a conv runs as 1-D Winograd: r x 1 or 1 x r with r in ``POINTS``, stride 1,
-    dilation 1, one group, >= MIN_CHANNELS input channels, tile padding <= MAX_TILE_WASTE."""
-    p = node_params
-    ax = filter_axis(p)
-    if not ENABLED or ax is None or groups != 1 or c < MIN_CHANNELS:
-        return False
-    if tuple(p["stride"]) != (1, 1) or tuple(p["dilation"]) != (1, 1):
-        return False
-    n = out_hw[ax]
-    m = POINTS[p["kernel"][ax]][0]
-    return n > 0 and out_hw[1 - ax] > 0 and m * (-(-n // m)) <= MAX_TILE_WASTE * n
+# which convs run here: ``planner.algorithms.winograd1d`` (filter lengths: its
+# WINOGRAD1D_TILE, whose keys ``POINTS`` must cover)
+filter_axis = algorithms.winograd1d_axis
+eligible = algorithms.winograd1d
 
 
 def transform_filters(w4: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:

@@ -18,36 +18,19 @@ tolerances.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from numba import njit
 
+from ..planner import algorithms
 from . import kernels_cpu as K
 from . import winograd1d_cpu as W1
 from . import winograd_cpu as W2
+from .runtime import scratch
 from .transpose_cpu import T as VL
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
-# KRYPTON_WINOGRAD4=0: F(2x2, 3x3) everywhere (for comparison: bench, research)
-# (and only where F(2x2, 3x3) itself is enabled: ``eligible`` asks ``winograd_cpu.eligible``)
-ENABLED = os.environ.get("KRYPTON_WINOGRAD4", "1") != "0"
-# at least this many input channels (the GEMMs' K) and output channels
-MIN_CHANNELS = 64
-# Transformed filters per conv at most this many bytes (36 matrices O x C, 2.25x F(2x2)'s):
-# wider convs stay F(2x2). The exact benchmark's line is no more peak memory than naive
-# re-inference (ORT-naive: 470-488 MB on ResNet18). With every 3x3 conv on F(4x4) ResNet18's
-# exact run was 2.42x ORT-naive but peaked at 535 MB (its 512 x 512 layer4 convs hold 37.7 MB
-# each instead of 16.8); up to 16 MiB (256 x 256 included) 2.34x at 475 MB; up to 8 MiB
-# (192 x 192 and below) ~3.5% slower at 454 MB, which leaves a margin run to run. A conv whose
-# patches pick F(2x2) and whose whole map picks F(4x4) keeps both filter sets (not counted).
-MAX_FILTER_BYTES = 8 << 20
-# F(4x4) takes a conv when its GEMM multiply-adds times this are below F(2x2)'s (both pad
-# the output to whole tiles: 7x7 is 8x8 for both, 14x14 16x16 here). Its transforms cost
-# more per product: on 512 channels at batch 48, 7x7 ran 12.3 ms vs 19.7 (F(2x2)), 14x14
-# 49.5 vs 55.3 ms, where the MACs alone predict 0.56x and 0.73x.
-OVERHEAD = 1.25
 # V / M scratch per column chunk (floats): as winograd_cpu's
 CHUNK_FLOATS = 1 << 21
 
@@ -62,15 +45,8 @@ _A = _BT.shape[0]  # 6
 _IN, _OUT = W1._linear_vec(_BT), W1._linear_vec(_AT)  # vector bodies, coefficients baked in
 
 
-def eligible(node_params: dict, c: int, o: int, groups: int, out_hw) -> bool:
-    """Whether a conv runs as F(4x4, 3x3): F(2x2, 3x3)'s conditions, >= MIN_CHANNELS in and
-    out, and fewer GEMM multiply-adds than F(2x2) by more than ``OVERHEAD`` (36 per 4x4
-    tile against 16 per 2x2 tile: 13x13 and 14x14 outputs yes, 9x9 and 10x10 no)."""
-    ho, wo = out_hw
-    tiles4 = -(-ho // 4) * -(-wo // 4)
-    tiles2 = -(-ho // 2) * -(-wo // 2)
-    return (ENABLED and W2.eligible(node_params, c, groups, out_hw) and min(c, o) >= MIN_CHANNELS
-            and 36 * o * c * 4 <= MAX_FILTER_BYTES and OVERHEAD * 36 * tiles4 < 16 * tiles2)
+# which convs run here: ``planner.algorithms.winograd_f4``
+eligible = algorithms.winograd_f4
 
 
 def transform_filters(w4: np.ndarray) -> np.ndarray:
@@ -157,7 +133,6 @@ def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.nd
     """3x3 stride-1 convolution (padding 0) of buf [C, hR, wR, B] into out [O, ho, wo, B]
     (ho <= hR - 2, wo <= wR - 2) with bias + activation; ``filters`` from
     ``transform_filters``."""
-    from .cpu import _scratch  # (cpu imports this module)
 
     c, nb = buf.shape[0], buf.shape[3]
     o, ho, wo, _ = out.shape
@@ -165,7 +140,7 @@ def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.nd
     ntx = -(-wo // _M)
 
     def body(j0, j1, vm, sl):
-        tmp = _scratch("wino4_tmp", _A * _A * VL)
+        tmp = scratch("wino4_tmp", _A * _A * VL)
         input_transform_cpu(buf, ntx, j0, j1, vm, sl, sl, tmp)
         W2.gemms(filters, o, c, vm, sl, j1 - j0)
         output_transform_cpu(vm, 0, sl, ntx, j0, j1, bias, code, a0, a1, out, tmp)

@@ -21,7 +21,6 @@ loops over B contiguous floats. The columns are processed in chunks sized so tha
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from numba import njit
@@ -30,8 +29,10 @@ import llvmlite.ir as ir
 from numba import types
 from numba.extending import intrinsic
 
+from ..planner import algorithms
 from . import gemm_cpu as G
 from . import kernels_cpu as K
+from .runtime import balanced_chunks, parallel_chunks, scratch
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 VL = G.VL  # lanes of the vector transforms (16 with AVX-512, else 8)
@@ -126,26 +127,8 @@ _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.
 # faster in exact mode (ResNet18 2.61-2.82 vs 2.65-2.91 s, VGG16 1.78-1.96 vs 1.84-2.04 s per
 # explanation, alternating processes) and held ResNet18's peak RSS 13 MB higher.
 CHUNK_FLOATS = 1 << 21
-MIN_CHANNELS = 16  # below this the 16 GEMMs are too thin (K = C) to beat the direct conv
-
-
-# KRYPTON_WINOGRAD=0: every conv runs direct (for comparison: bench, research)
-ENABLED = os.environ.get("KRYPTON_WINOGRAD", "1") != "0"
-# Winograd computes whole 2x2 output tiles: odd sizes pad up (7x7 -> 8x8, 1.31x the work,
-# still 1.72x fewer multiplications than direct: ResNet18's 7x7 layer4 convs run 0.33 s
-# instead of 0.50 s in exact mode, 2-core AVX-512). 5x5 (1.44x) and 3x3 (1.78x) stay direct.
-MAX_TILE_WASTE = 1.35
-
-
-def eligible(node_params: dict, c: int, groups: int, out_hw) -> bool:
-    """Whether a conv with these params, ``c`` input channels and output size ``out_hw``
-    runs as Winograd F(2x2, 3x3): 3x3, stride 1, dilation 1, one group, >= MIN_CHANNELS
-    input channels, tile padding <= MAX_TILE_WASTE, and Winograd enabled."""
-    p = node_params
-    ho, wo = out_hw
-    return (ENABLED and tuple(p["kernel"]) == (3, 3) and tuple(p["stride"]) == (1, 1)
-            and tuple(p["dilation"]) == (1, 1) and groups == 1 and c >= MIN_CHANNELS and ho * wo > 0
-            and 4 * (-(-ho // 2)) * (-(-wo // 2)) <= MAX_TILE_WASTE * ho * wo)
+# which convs run here: ``planner.algorithms.winograd_f2``
+eligible = algorithms.winograd_f2
 
 
 def transform_filters(w4: np.ndarray, g: np.ndarray = _G) -> np.ndarray:
@@ -371,9 +354,8 @@ def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.nd
 
 def gemms(filters, o: int, c: int, vm, sl: int, n: int) -> None:
     """``gemms_cpu`` with the calling thread's GEMM scratch."""
-    from .cpu import _scratch  # (cpu imports this module)
 
-    gemms_cpu(filters, o, c, vm, sl, n, _scratch("gemm_bp", G.KC * G.NC), _scratch("gemm_tile", G.MR * G.NR))
+    gemms_cpu(filters, o, c, vm, sl, n, scratch("gemm_bp", G.KC * G.NC), scratch("gemm_tile", G.MR * G.NR))
 
 
 def run_chunks(ncols: int, nprod: int, cmax: int, chunk_floats: int, body) -> None:
@@ -383,7 +365,6 @@ def run_chunks(ncols: int, nprod: int, cmax: int, chunk_floats: int, body) -> No
     and transforms back columns [j0, j1) in ``vm``: nprod + 1 slots of ``sl`` = max(C, O) x n
     floats, V[k] in slot k + 1 and M[k] in slot k (GEMM k writes over V[k - 1], which GEMM
     k - 1 has consumed: half the memory of V + M)."""
-    from .cpu import _scratch, balanced_chunks, parallel_chunks  # (cpu imports this module)
 
     slots = nprod + 1
     per, nchunks = balanced_chunks(ncols, max(G.NR, chunk_floats // (slots * cmax)), G.NR)
@@ -392,6 +373,6 @@ def run_chunks(ncols: int, nprod: int, cmax: int, chunk_floats: int, body) -> No
         j0 = ci * per
         j1 = min(j0 + per, ncols)
         sl = cmax * (j1 - j0)
-        body(j0, j1, _scratch("work", slots * cmax * per)[: slots * sl], sl)
+        body(j0, j1, scratch("work", slots * cmax * per)[: slots * sl], sl)
 
     parallel_chunks(nchunks, one)

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from krypton_db.errors import InputError
-from krypton_db.occlusion import HeatMap, _pair, grid_positions, occlude
-from krypton_db.quality import default_win_size, ssim
+from .errors import InputError
+from .occlusion import HeatMap, _pair, grid_positions, occlude
+from .quality import default_win_size, ssim
 
 DEFAULT_R = 0.25
 DEFAULT_SPEEDUP = 3.0
