@@ -28,11 +28,11 @@ def _model(model) -> Model:
 def plan(model, patch=16, tau: float = 1.0):
     """The delta plan of an occlusion query (per-layer rule, patch and read-in sizes, MACs full
     vs incremental; with ``tau < 1`` the projective-field caps); ``print(plan(m).explain())``."""
-    from .occlusion import _pair
+    from .occlusion import pair
     from .planner.delta_plan import plan_occlusion
 
     m = _model(model)
-    return plan_occlusion(m.graph, _pair(patch, "patch"), m.executor.plan, tau=tau)
+    return plan_occlusion(m.graph, pair(patch, "patch"), m.executor.plan, tau=tau)
 
 
 def theoretical_speedup(model, patch=16, tau: float = 1.0) -> float:
@@ -68,7 +68,7 @@ def _check_domain(domain) -> None:
         raise InputError(f"domain must be a non-empty string, got {domain!r}")
 
 
-def _resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) -> tuple:
+def resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) -> tuple:
     """(tau to run with, where it came from)."""
     if target_ssim is not None:
         from .approx import check_target_ssim
@@ -201,7 +201,7 @@ def _opened(catalog):
 
 def _occlude_checked(m: Model, image, opts: dict, cat, image_name, hooks) -> HeatMap:
     """One occlusion run with checked options (``check_occlude_args``), recorded in ``cat``."""
-    tau, tau_source = _resolve_tau(m, opts["mode"], opts["tau"], opts["target_ssim"],
+    tau, tau_source = resolve_tau(m, opts["mode"], opts["tau"], opts["target_ssim"],
                                    opts["domain"], cat)
     hm = run_checked(m, image, dict(opts, tau=tau), hooks, opts["drilldown"], tau_source)
     if cat is not None and opts["positions"] is None:

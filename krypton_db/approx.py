@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
-from .occlusion import HeatMap, _pair, grid_positions, occlude
+from .occlusion import HeatMap, pair, grid_positions, occlude
 from .quality import default_win_size, ssim
 
 DEFAULT_R = 0.25
@@ -68,7 +68,7 @@ def speedup_bound(r: float, s2: int, size: int) -> float:
 def coarse_stride(stride, r: float, target: float, input_hw) -> tuple[int, int]:
     """S1 per axis: round(sqrt(target / (1 - r * target)) * S2), at least S2."""
     r = check_r(r)
-    sy, sx = _pair(stride, "stride")
+    sy, sx = pair(stride, "stride")
     if isinstance(target, bool) or not isinstance(target, (int, float, np.integer, np.floating)) \
             or not (math.isfinite(float(target)) and float(target) > 0):
         raise InputError(f"drill-down speedup target must be a positive number, got {target!r}")
@@ -135,8 +135,8 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
     if mode not in ("exact", "approximate"):
         raise InputError(f"drill-down runs mode 'exact' or 'approximate', got {mode!r}")
     r = check_r(r)
-    ph, pw = _pair(patch, "patch")
-    sy, sx = _pair(stride, "stride")
+    ph, pw = pair(patch, "patch")
+    sy, sx = pair(stride, "stride")
     t0 = time.perf_counter()
     h, w = model.spec.size
     fine, shape = grid_positions(h, w, (ph, pw), (sy, sx), region)
@@ -275,8 +275,8 @@ def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", p
     taus = sorted({round(float(t), 6) for t in taus}, reverse=True)
     if len(taus) < 3 or not all(0.0 < t <= 1.0 for t in taus):
         raise InputError(f"taus must hold at least 3 distinct values in (0, 1], got {taus}")
-    ph, pw = _pair(patch, "patch")
-    sy, sx = _pair(stride, "stride")
+    ph, pw = pair(patch, "patch")
+    sy, sx = pair(stride, "stride")
     h, w = model.spec.size
     _, shape = grid_positions(h, w, (ph, pw), (sy, sx), kw.get("region"))
     default_win_size(shape)  # heat maps smaller than 3x3 have no SSIM: fail before any work

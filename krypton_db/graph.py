@@ -61,11 +61,57 @@ class Op(enum.Enum):
     SOFTMAX = "softmax"
 
 
-POINTWISE = frozenset(
-    {Op.RELU, Op.CLIP, Op.LEAKY_RELU, Op.SIGMOID, Op.HARD_SIGMOID, Op.HARD_SWISH, Op.AFFINE}
-)
-WINDOWED = frozenset({Op.CONV, Op.MAXPOOL, Op.AVGPOOL})
-MERGES = frozenset({Op.ADD, Op.MUL, Op.CONCAT})
+# Activation codes of the fused epilogues and the pointwise kernels (CPU and GPU).
+ACT_NONE, ACT_RELU, ACT_CLIP, ACT_LEAKY, ACT_SIGMOID, ACT_HSIGMOID, ACT_HSWISH = range(7)
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What the planner and the executors know of a layer type beyond its semantics."""
+
+    rule: str  # IVM rule kind (planner/ivm): input | window | pointwise | merge | global
+    display: str  # its name in EXPLAIN's physical operators
+    activation: int | None = None  # kernel code, when a conv / add may fuse it
+
+
+# One row per op: the activation sets and codes, the rule registrations and EXPLAIN's names
+# are derived from here (adding an op: the checklist in README.md, "Adding a layer type").
+OPS: dict[Op, OpInfo] = {
+    Op.INPUT: OpInfo("input", "Input"),
+    Op.CONV: OpInfo("window", "Conv2d"),
+    Op.MAXPOOL: OpInfo("window", "MaxPool2d"),
+    Op.AVGPOOL: OpInfo("window", "AvgPool2d"),
+    Op.GLOBAL_AVGPOOL: OpInfo("global", "GlobalAvgPool"),
+    Op.RELU: OpInfo("pointwise", "Relu", ACT_RELU),
+    Op.CLIP: OpInfo("pointwise", "Clip", ACT_CLIP),
+    Op.LEAKY_RELU: OpInfo("pointwise", "LeakyRelu", ACT_LEAKY),
+    Op.SIGMOID: OpInfo("pointwise", "Sigmoid", ACT_SIGMOID),
+    Op.HARD_SIGMOID: OpInfo("pointwise", "HardSigmoid", ACT_HSIGMOID),
+    Op.HARD_SWISH: OpInfo("pointwise", "HardSwish", ACT_HSWISH),
+    Op.AFFINE: OpInfo("pointwise", "Affine"),
+    Op.ADD: OpInfo("merge", "Add"),
+    Op.MUL: OpInfo("merge", "Mul"),
+    Op.CONCAT: OpInfo("merge", "Concat"),
+    Op.LRN: OpInfo("pointwise", "Lrn"),  # across channels only: a position's column
+    Op.PAD: OpInfo("global", "Pad"),
+    Op.RESHAPE: OpInfo("global", "Reshape"),
+    Op.TRANSPOSE: OpInfo("global", "Transpose"),
+    Op.GEMM: OpInfo("global", "Gemm"),
+    Op.SOFTMAX: OpInfo("global", "Softmax"),
+}
+assert set(OPS) == set(Op), "every Op needs its row in OPS"
+
+
+def ops_with_rule(kind: str) -> tuple[Op, ...]:
+    """The ops whose IVM rule is of ``kind``, in declaration order."""
+    return tuple(op for op, info in OPS.items() if info.rule == kind)
+
+
+ACTIVATIONS = frozenset(op for op, info in OPS.items() if info.activation is not None)
+ACTIVATION_CODES = {op: OPS[op].activation for op in ACTIVATIONS}
+POINTWISE = frozenset(ops_with_rule("pointwise"))  # the output has the input's shape
+WINDOWED = frozenset(ops_with_rule("window"))
+MERGES = frozenset(ops_with_rule("merge"))
 
 
 @dataclass

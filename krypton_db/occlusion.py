@@ -31,10 +31,11 @@ from .hooks import OcclusionHooks
 from .images import color_to_input
 from .interrupt import check_cancelled
 from .model import Model, softmax
-from .planner.batching import batch_for, naive_bytes_per_query
+from .planner.batching import batch_for, naive_bytes_per_query, peak_bytes_per_query
+from .planner.delta_plan import DeltaPlan, plan_occlusion
 
 
-def _pair(v, what: str) -> tuple[int, int]:
+def pair(v, what: str) -> tuple[int, int]:
     t = (v, v) if np.isscalar(v) else tuple(v)
     if len(t) != 2 or not all(isinstance(i, (int, np.integer)) and i > 0 for i in t):
         raise InputError(f"{what} must be a positive int or an (h, w) pair of positive ints, got {v!r}")
@@ -142,6 +143,35 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
 DUCKDB_BATCH = 256  # queries per batch of delta queries on engine="duckdb"
 
 
+@dataclass
+class Prepared:
+    """What one occlusion query runs, built once: by ``occlude`` for the run and by the
+    language's EXPLAIN for the plan it shows (so EXPLAIN shows what runs by construction)."""
+
+    passes: list  # (pass name, delta plan) in order: plan_deltas, apply_tau, rewrite
+    plan: DeltaPlan  # the delta plan that runs (the last pass); naive mode maintains none
+    per_query: int  # peak buffer bytes one query holds
+    batch: int  # queries per batch
+
+
+def prepare(graph, physical, patch, *, mode: str, positions: int, tau: float = 1.0,
+            device: str = "cpu", memory_budget: int | None = None,
+            batch_size: int | None = None, disabled: frozenset = frozenset(),
+            rewrite=None) -> Prepared:
+    """Plan an occlusion query: the exact delta plan (``disabled`` rules off), the tau caps,
+    a research rewrite (e.g. ``naive_from``), then the batch that fits ``memory_budget``.
+    ``physical``: the executor's physical plan of ``graph``."""
+    p1 = plan_occlusion(graph, patch, physical, tau=1.0, disabled=disabled)
+    p2 = p1 if tau >= 1.0 else plan_occlusion(graph, patch, physical, tau=tau, disabled=disabled)
+    p3 = rewrite(p2) if rewrite is not None and mode != "naive" else p2  # naive: none runs
+    if mode == "naive":
+        per_q = naive_bytes_per_query(graph)
+    else:
+        per_q = peak_bytes_per_query(p3, "gpu" if device in ("gpu", "cuda") else "cpu")
+    bs = batch_for(mode, per_q, positions, memory_budget, batch_size)
+    return Prepared([("plan_deltas", p1), ("apply_tau", p2), ("rewrite", p3)], p3, per_q, bs)
+
+
 def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
             memory_budget: int | None = None, score: str = "prob", tau: float = 1.0,
@@ -180,8 +210,8 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
         raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     if score == "logit":
         model = _logit_model(model)
-    ph, pw = _pair(patch, "patch")
-    sy, sx = _pair(stride, "stride")
+    ph, pw = pair(patch, "patch")
+    sy, sx = pair(stride, "stride")
     x = model.preprocess(image)
     xn = model.to_nchw(x[None])[0]  # [C, H, W]
     c, h, w = xn.shape
@@ -205,17 +235,17 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     stats["device"] = device
     stats["jit_s"] = ex.warmup() if getattr(ex, "jit_seconds", None) is None else 0.0
     t1 = time.perf_counter()
+    prep = prepare(model.graph, ex.plan, (ph, pw), mode=mode, positions=int(flat.shape[0]),
+                   tau=tau, device=device, memory_budget=memory_budget, batch_size=batch_size,
+                   disabled=hooks.disabled_rules if hooks is not None else frozenset(),
+                   rewrite=hooks.plan_rewrite if hooks is not None else None)
     if mode in ("exact", "approximate"):
-        from .planner.delta_plan import plan_occlusion
         if device == "gpu":
             from .exec.gpu import GpuIncrementalExecutor as IncrementalExecutor
         else:
             from .exec.incremental import IncrementalExecutor
 
-        plan = plan_occlusion(model.graph, (ph, pw), ex.plan, tau=tau,
-                              disabled=hooks.disabled_rules if hooks is not None else frozenset())
-        if hooks is not None and hooks.plan_rewrite is not None:
-            plan = hooks.plan_rewrite(plan)
+        plan = prep.plan
         if engine == "duckdb":
             from .exec.duckdb_ivm import DuckDbIncrementalExecutor
 
@@ -234,15 +264,13 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             bs = batch_size or DUCKDB_BATCH
             run = lambda pos: _probs(model, inc.run_batch(pos, colour))  # noqa: E731
         else:
-            per_q = inc.bytes_per_query()
-            bs = batch_for(mode, per_q, flat.shape[0], memory_budget, batch_size)
+            per_q, bs = prep.per_query, prep.batch
             run = lambda pos: _probs(model, inc.run_batch(pos, patch_vals))  # noqa: E731
         stats.update(theoretical_speedup=plan.theoretical_speedup, macs_full=plan.macs_full,
                      macs_incremental=plan.macs_inc, engine=engine)
     else:
         base = _probs(model, ex.predict(xn[None]))[0]
-        per_q = naive_bytes_per_query(model.graph)
-        bs = batch_for(mode, per_q, flat.shape[0], memory_budget, batch_size)
+        per_q, bs = prep.per_query, prep.batch
         # per-step times of the full re-inference: the CPU executor's (the GPU one has none)
         secs = hooks.step_secs if hooks is not None and hooks.profile and device == "cpu" \
             else None

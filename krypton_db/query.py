@@ -424,9 +424,9 @@ class Engine:
         if bq.tau is not None:
             return bq.tau, "given"
         try:
-            from .api import _resolve_tau
+            from .api import resolve_tau
 
-            tau, src = _resolve_tau(m, bq.mode, None, bq.target_ssim, bq.domain, self.catalog)
+            tau, src = resolve_tau(m, bq.mode, None, bq.target_ssim, bq.domain, self.catalog)
         except ImportError:  # the facade changed: leave it to run time
             return 1.0, "resolved at run time"
         except KryptonError as exc:
@@ -439,25 +439,21 @@ class Engine:
         that runs. bind -> plan_deltas -> apply_tau -> force_naive_from -> choose_batch ->
         lower."""
         from .planner.physical import PhysicalPlan
-        from .planner.batching import batch_for, naive_bytes_per_query, peak_bytes_per_query, resolve_budget
-        from .planner.delta_plan import plan_occlusion
+        from .occlusion import prepare
+        from .planner.batching import resolve_budget
 
         bq = r.bq
         out: list[tuple[str, object]] = [("bind", self._bind_text(r))]
         cpu_plan = r.model.executor.plan if r.graph is r.model.graph else PhysicalPlan.lower(r.graph)
-        off = frozenset(self.options.get("disable_rule", ()))
-        p1 = plan_occlusion(r.graph, bq.patch, cpu_plan, tau=1.0, disabled=off)
-        p2 = p1 if r.tau >= 1.0 else plan_occlusion(r.graph, bq.patch, cpu_plan, tau=r.tau,
-                                                     disabled=off)
-        out.append(("plan_deltas", p1))
-        out.append(("apply_tau", p2))
-        p3 = force_naive_from(p2, self.options.get("naive_from"))
-        out.append(("force_naive_from", p3))
-        if bq.mode == "naive":
-            per_q = naive_bytes_per_query(r.graph)
-        else:
-            per_q = peak_bytes_per_query(p3, "gpu" if bq.device in ("gpu", "cuda") else "cpu")
-        bs = batch_for(bq.mode, per_q, r.positions, bq.memory_budget, bq.batch_size)
+        # the same preparation the run makes (occlusion.prepare), so EXPLAIN shows what runs
+        prep = prepare(r.graph, cpu_plan, bq.patch, mode=bq.mode, positions=r.positions,
+                       tau=r.tau, device=bq.device, memory_budget=bq.memory_budget,
+                       batch_size=bq.batch_size,
+                       disabled=frozenset(self.options.get("disable_rule", ())),
+                       rewrite=self._plan_rewrite())
+        (_, p1), (_, p2), (_, p3) = prep.passes
+        out += [("plan_deltas", p1), ("apply_tau", p2), ("force_naive_from", p3)]
+        per_q, bs = prep.per_query, prep.batch
         r.plan, r.batch, r.per_query = p3, bs, per_q
         out.append(("choose_batch",
                     f"batch size {bs} for {r.positions} positions ({-(-r.positions // bs)} "

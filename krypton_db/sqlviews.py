@@ -25,7 +25,7 @@ import numpy as np
 
 from . import relation
 from .errors import KryptonError
-from .graph import Graph, Node, Op
+from .graph import ACTIVATIONS, Graph, Node, Op
 from .sqltext import IDENT_RE, SqlIdentifierError, ident, literal
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -244,15 +244,9 @@ class _Compiler:
             else:  # keepdims=False: the (C, 1, 1) map flattened to (n, k, v)
                 mid = self.view(node, f"{v}__p0", "global_avgpool", {"X": ins[0]})
                 self.view(node, v, "flatten", {"X": mid}, {"H": 1, "W": 1})
-        elif op in (Op.RELU, Op.SIGMOID, Op.HARD_SWISH):
-            self.view(node, v, op.value, {"X": ins[0]})
-        elif op is Op.CLIP:
-            self.view(node, v, "clip", {"X": ins[0]}, {"lo": float(p["lo"]), "hi": float(p["hi"])})
-        elif op is Op.LEAKY_RELU:
-            self.view(node, v, "leaky_relu", {"X": ins[0]}, {"alpha": float(p["alpha"])})
-        elif op is Op.HARD_SIGMOID:
-            self.view(node, v, "hard_sigmoid", {"X": ins[0]},
-                      {"alpha": float(p["alpha"]), "beta": float(p["beta"])})
+        elif op in ACTIVATIONS:  # views/<op>.sql; its params are the node's params of that name
+            self.view(node, v, op.value, {"X": ins[0]},
+                      {k: float(p[k]) for k in template(op.value).params})
         elif op is Op.AFFINE:
             self._affine(node, v, ins[0])
         elif op in (Op.ADD, Op.MUL):

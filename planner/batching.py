@@ -16,7 +16,7 @@ import math
 from krypton_db.graph import Op
 
 from . import algorithms
-from .physical import physical_steps
+from .physical import Route, physical_steps
 
 # Bytes of per-batch buffers. Past a few dozen queries per batch the GEMMs are large enough
 # (measured: ResNet18 / Inception3 run as fast at batch 54-72 as at 128), and a bounded
@@ -59,28 +59,28 @@ def peak_bytes_per_query(plan, device: str = "cpu") -> int:
     g = plan.graph
     steps = physical_steps(plan, device)
     last: dict[str, int] = {}
-    for idx, (ds, _) in enumerate(steps):
-        for i in ds.node.inputs:
+    for idx, op in enumerate(steps):
+        for i in op.delta.node.inputs:
             last[i] = idx
     ph, pw = plan.patch
     size = {g.input.name: g.input_shape[0] * ph * pw}
     live = size[g.input.name]
     peak = live
-    for idx, (ds, ks) in enumerate(steps):
-        node = ds.node
-        patch_out = ks[-1].startswith(("Batched", "Patch"))
+    for idx, op in enumerate(steps):
+        ds, node = op.delta, op.delta.node
+        patch_out = op.out_patch
         if patch_out and ds.out_size is not None and len(node.shape) == 3:
             out = node.shape[0] * ds.out_size[0] * ds.out_size[1]
         else:
             out = math.prod(node.shape)
         chans = [g[i].shape[0] for i in node.inputs]
         transient = 0
-        if "GatherReadIn" in ks and ds.read_in is not None:
+        if op.route is Route.PATCH_WINDOW and ds.read_in is not None:
             transient += chans[0] * ds.read_in[0] * ds.read_in[1]
             transient += _phase_planes(node, chans[0], ds.out_size) if device == "cpu" else 0
-        if "GatherUnionBox" in ks and ds.out_size is not None:
+        if op.route is Route.PATCH_MERGE and ds.out_size is not None:
             transient += sum(chans) * ds.out_size[0] * ds.out_size[1]
-        if "StitchFull" in ks:
+        if op.stitch:
             transient += sum(math.prod(g[i].shape) for i in node.inputs)
         if not patch_out and device == "cpu":
             transient += _dense_transposes(g, node)

@@ -45,7 +45,7 @@ import numpy as np
 from krypton_db.graph import Op
 
 from . import algorithms
-from .physical import executed_macs, physical_steps
+from .physical import Route, executed_macs, physical_steps
 
 VERSION = 6  # bump when the features change: older calibrations fall back to the defaults
 FEATURES = ("conv_macs", "conv_acc", "dense_conv_macs", "fc_macs", "moved", "step")
@@ -132,9 +132,9 @@ def step_features(plan) -> list[tuple[str, np.ndarray]]:
 
     g = plan.graph
     out = []
-    for ds, ks in physical_steps(plan):
-        node = ds.node
-        patch_out = ks[-1].startswith(("Batched", "Patch"))
+    for op in physical_steps(plan):
+        ds, node = op.delta, op.delta.node
+        patch_out = op.out_patch
         c_in = [g[i].shape[0] if len(g[i].shape) == 3 else _elems(g[i].shape) for i in node.inputs]
         moved = 0.0
         if patch_out and ds.out_size is not None:
@@ -142,14 +142,14 @@ def step_features(plan) -> list[tuple[str, np.ndarray]]:
             out_elems = node.shape[0] * oh * ow if len(node.shape) == 3 else _elems(node.shape)
             rin = ds.read_in or ds.out_size
             in_elems = sum(c * rin[0] * rin[1] for c in c_in)
-            if "GatherReadIn" in ks or "GatherUnionBox" in ks:
+            if op.route in (Route.PATCH_WINDOW, Route.PATCH_MERGE):
                 moved += in_elems
         else:
             out_elems = _elems(node.shape)
             in_elems = sum(_elems(g[i].shape) for i in node.inputs)
-            if "StitchFull" in ks:
+            if op.stitch:
                 moved += in_elems
-        f = _op_features(node, g, executed_macs(ds, ks), in_elems, out_elems, not patch_out,
+        f = _op_features(node, g, executed_macs(op), in_elems, out_elems, not patch_out,
                          ds.out_size if patch_out else None)
         f[4] += moved
         out.append((node.name, f))

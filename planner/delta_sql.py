@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from krypton_db.errors import InputError
-from krypton_db.graph import Graph, Op
+from krypton_db.graph import Graph, Op, ops_with_rule
 from krypton_db.sqlviews import SqlPlan, compile_graph, ident, render
 
 from .ivm import rule_for
@@ -35,10 +35,10 @@ PATCH_TABLE = "q_patch"
 
 # view templates each rule kind can maintain incrementally; any other view of a layer falls
 # back to the global rule (stitch the delta into the view, rerun the layer in full)
+# (a pointwise or merge op's view template is named after it: views/<op value>.sql)
 WINDOW_TEMPLATES = frozenset({"conv2d", "maxpool2d", "avgpool2d"})
-POINTWISE_TEMPLATES = frozenset({"relu", "clip", "leaky_relu", "sigmoid", "hard_sigmoid",
-                                 "hard_swish", "affine", "lrn"})
-MERGE_TEMPLATES = frozenset({"add", "mul", "concat"})
+POINTWISE_TEMPLATES = frozenset(op.value for op in ops_with_rule("pointwise"))
+MERGE_TEMPLATES = frozenset(op.value for op in ops_with_rule("merge"))
 
 
 @dataclass

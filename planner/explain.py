@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 
 from .cost import FEATURES, predict
-from .physical import executed_macs, kernels, op_name, physical_steps, whole_map_runs_dense  # noqa: F401 (EXPLAIN's names)
+from .physical import executed_macs, full_operator, physical_steps
 
 # -- formatting ------------------------------------------------------------------------------
 
@@ -197,22 +197,20 @@ def physical_section(plan, mode: str, batch: int, per_query: int, positions: int
         title = [f"BatchedFullInference on {device}: batch {batch}, {nb} batches for "
                  f"{positions} positions, buffers {fmt_bytes(per_query * batch)} "
                  f"({fmt_bytes(per_query)} per query)", "OccludeCopy -> full network per batch"]
-        rows = [[ds.node.name, step_op(ds), f"Full{op_name(ds.node.op)}"
-                 + (f"+{op_name(ds.fused.op)}" if ds.fused is not None else "")]
-                for ds in plan.steps]
+        rows = [[ds.node.name, step_op(ds), full_operator(ds).kernels[0]] for ds in plan.steps]
     else:
         title = [f"BatchedIncrementalInference on {device}: batch {batch}, {nb} batches for "
                  f"{positions} positions, buffers {fmt_bytes(per_query * batch)} "
                  f"({fmt_bytes(per_query)} per query)",
                  "MaterializeViews (one full inference of the unoccluded image) -> per batch:"]
         steps = physical_steps(plan, "gpu" if device in ("gpu", "cuda") else "cpu")
-        rows = [[ds.node.name, step_op(ds), " -> ".join(ks)] for ds, ks in steps]
+        rows = [[op.delta.node.name, step_op(op.delta), " -> ".join(op.kernels)] for op in steps]
     foot = []
     if mode != "naive":
-        executed = sum(executed_macs(ds, ks) for ds, ks in steps)
-        gap = [ds.node.name for ds, ks in steps
-               if ds.out_size is not None and tuple(ds.out_size) != tuple(ds.node.shape[1:])
-               and not ks[-1].startswith(("Batched", "Patch"))]
+        executed = sum(executed_macs(op) for op in steps)
+        gap = [op.delta.node.name for op in steps
+               if op.delta.out_size is not None
+               and tuple(op.delta.out_size) != tuple(op.delta.node.shape[1:]) and not op.out_patch]
         foot.append(f"executed MACs per query {fmt_int(executed)} (delta plan "
                     f"{fmt_int(plan.macs_inc)}, full {fmt_int(plan.macs_full)})")
         if gap:
@@ -252,12 +250,11 @@ def analyze_section(plan, positions: int, step_secs: dict, t: dict,
     """Measured time per step (sum of batches), share, achieved GFLOP/s (2 FLOPs per MAC)."""
     total_layers = sum(step_secs.get(ds.node.name, 0.0) for ds in plan.steps)
     rows = []
-    steps = physical_steps(plan) if mode != "naive" else [
-        (ds, [f"Full{op_name(ds.node.op)}" + (f"+{op_name(ds.fused.op)}" if ds.fused else "")])
-        for ds in plan.steps]
-    for ds, ks in steps:
+    steps = physical_steps(plan) if mode != "naive" else [full_operator(ds) for ds in plan.steps]
+    for op in steps:
+        ds, ks = op.delta, op.kernels
         s = step_secs.get(ds.node.name, 0.0)
-        flops = 2.0 * executed_macs(ds, ks) * positions
+        flops = 2.0 * executed_macs(op) * positions
         rows.append([ds.node.name, step_op(ds), " -> ".join(ks), s,
                      100.0 * s / total_layers if total_layers else 0.0,
                      flops / s / 1e9 if flops and s > 0 else None])

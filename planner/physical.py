@@ -1,22 +1,23 @@
 """Lowering: the delta plan's device-neutral steps -> the physical plan the executors run.
 
 ``PhysicalPlan.lower`` fuses activations into the conv / add before them and elides concats
-(``concat_slots``); ``kernels`` / ``physical_steps`` name the physical operators each delta
-step runs (patch vs full path, per device); the CPU algorithm of each conv is chosen by
+(``concat_slots``); ``physical_steps`` gives each delta step its ``Route`` and the physical
+operators it runs (patch vs full path, per device); the CPU algorithm of each conv is chosen by
 :mod:`.algorithms`. Batching, the cost model, EXPLAIN and the executors read these.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from krypton_db.graph import Graph, Node, Op
+from krypton_db.graph import ACTIVATIONS, OPS, Graph, Node, Op
 
 from . import algorithms
 
-# pointwise activations a conv / add runs in its epilogue (kernel codes: exec/kernels_*.py)
-FUSABLE_ACTIVATIONS = frozenset({Op.RELU, Op.CLIP, Op.LEAKY_RELU, Op.SIGMOID, Op.HARD_SIGMOID,
-                                 Op.HARD_SWISH})
+# pointwise activations a conv / add runs in its epilogue (graph.OPS: those with a kernel code)
+FUSABLE_ACTIVATIONS = ACTIVATIONS
 
 
 @dataclass
@@ -101,14 +102,9 @@ def concat_slots(plan: PhysicalPlan) -> dict[str, tuple[str, int]]:
 
 # -- physical operators of the delta steps -----------------------------------------------
 
-_OP_NAMES = {Op.CONV: "Conv2d", Op.MAXPOOL: "MaxPool2d", Op.AVGPOOL: "AvgPool2d",
-             Op.GLOBAL_AVGPOOL: "GlobalAvgPool", Op.GEMM: "Gemm", Op.LRN: "Lrn",
-             Op.LEAKY_RELU: "LeakyRelu", Op.HARD_SIGMOID: "HardSigmoid",
-             Op.HARD_SWISH: "HardSwish"}
-
-
 def op_name(op: Op) -> str:
-    return _OP_NAMES.get(op, op.name.title().replace("_", ""))
+    """The op's name in physical operators (``graph.OPS``)."""
+    return OPS[op].display
 
 
 def whole_map_runs_dense(node, device: str = "cpu") -> bool:
@@ -129,39 +125,82 @@ def whole_map_runs_dense(node, device: str = "cpu") -> bool:
     return True
 
 
-def kernels(ds, in_patch: list[bool], device: str = "cpu") -> tuple[list[str], bool]:
-    """The physical operators of one delta step, given which inputs arrive as patches (vs full
-    tensors), and whether its output is a patch. Mirrors ``IncrementalExecutor._step`` (and
-    the GPU executor's): a step takes its patch path only when *every* input is a patch; a
-    window whose output patch is the whole map runs as ``whole_map_runs_dense`` says."""
+class Route(enum.Enum):
+    """How the executors run one delta step for a batch of queries."""
+
+    PATCH_WINDOW = "patch_window"        # gather each query's read-in context, batched patch op
+    PATCH_POINTWISE = "patch_pointwise"  # the op on the patch values only
+    PATCH_MERGE = "patch_merge"          # gather every input over the union box, op on the box
+    FULL = "full"                        # stitch patches into full tensors, the full layer
+
+
+class DeltaOperator(NamedTuple):
+    """One delta step as it runs on a device: its route and the physical operators EXPLAIN
+    names for it (the executors dispatch on ``route``; nothing re-derives it)."""
+
+    delta: object            # the planner.delta_plan.DeltaStep
+    route: Route
+    kernels: tuple[str, ...]
+    stitch: bool             # FULL with an input arriving as a patch: stitched first
+
+    @property
+    def out_patch(self) -> bool:
+        return self.route is not Route.FULL
+
+
+def route_for(ds, in_patch: list[bool], device: str = "cpu") -> Route:
+    """A step takes its patch path only when *every* input is a patch; a window whose
+    output patch is the whole map runs as ``whole_map_runs_dense`` says."""
     node = ds.node
     kind = ds.rule.kind
     patches = all(in_patch)
-    act = f"+{op_name(ds.fused.op)}" if ds.fused is not None else ""
     whole = ds.out_size is not None and tuple(ds.out_size) == tuple(node.shape[1:])
     if kind == "window" and patches and not (whole and whole_map_runs_dense(node, device)):
+        return Route.PATCH_WINDOW
+    if kind == "pointwise" and patches:
+        return Route.PATCH_POINTWISE
+    if kind == "merge" and patches and len(node.shape) == 3:
+        return Route.PATCH_MERGE
+    return Route.FULL
+
+
+def lower_step(ds, in_patch: list[bool], device: str = "cpu") -> DeltaOperator:
+    """The physical form of one delta step, given which inputs arrive as patches."""
+    node = ds.node
+    route = route_for(ds, in_patch, device)
+    act = f"+{op_name(ds.fused.op)}" if ds.fused is not None else ""
+    if route is Route.PATCH_WINDOW:
         main = {Op.CONV: "BatchedPatchConv2d", Op.MAXPOOL: "BatchedPatchMaxPool2d",
                 Op.AVGPOOL: "BatchedPatchAvgPool2d"}.get(node.op, f"BatchedPatch{op_name(node.op)}")
-        return (["CentreCrop"] if ds.crop else []) + ["GatherReadIn", main + act], True
-    if kind == "pointwise" and patches:
-        return [f"Patch{op_name(node.op)}"], True
-    if kind == "merge" and patches and len(node.shape) == 3:
-        return ["GatherUnionBox", f"Patch{op_name(node.op)}{act}"], True
-    out = ["StitchFull"] if any(in_patch) else []
-    return out + [f"Full{op_name(node.op)}{act}"], False
+        ks = (["CentreCrop"] if ds.crop else []) + ["GatherReadIn", main + act]
+    elif route is Route.PATCH_POINTWISE:
+        ks = [f"Patch{op_name(node.op)}"]
+    elif route is Route.PATCH_MERGE:
+        ks = ["GatherUnionBox", f"Patch{op_name(node.op)}{act}"]
+    else:
+        ks = (["StitchFull"] if any(in_patch) else []) + [f"Full{op_name(node.op)}{act}"]
+    return DeltaOperator(ds, route, tuple(ks), route is Route.FULL and any(in_patch))
 
 
-def executed_macs(ds, ks: list[str]) -> int:
-    """MACs one query executes at this step (patch kernels: incremental, else full)."""
-    return ds.macs_inc if ks[-1].startswith(("Batched", "Patch")) else ds.macs_full
+def executed_macs(op: DeltaOperator) -> int:
+    """MACs one query executes at this step (patch routes: incremental, else full)."""
+    return op.delta.macs_inc if op.out_patch else op.delta.macs_full
 
 
-def physical_steps(plan, device: str = "cpu") -> list[tuple[object, list[str]]]:
-    """(delta step, kernels) in execution order, tracking patch-vs-full like the executor."""
+def physical_steps(plan, device: str = "cpu") -> list[DeltaOperator]:
+    """The delta plan's steps as they run on ``device``, in order (tracking which values are
+    patches and which full tensors). The executors, batching, the cost model and EXPLAIN all
+    read this list."""
     state = {plan.graph.input.name: True}
     out = []
     for ds in plan.steps:
-        ks, is_patch = kernels(ds, [state.get(i, False) for i in ds.node.inputs], device)
-        state[ds.out_name] = state[ds.node.name] = is_patch
-        out.append((ds, ks))
+        op = lower_step(ds, [state.get(i, False) for i in ds.node.inputs], device)
+        state[ds.out_name] = state[ds.node.name] = op.out_patch
+        out.append(op)
     return out
+
+
+def full_operator(ds) -> DeltaOperator:
+    """A step of naive re-inference (every layer in full)."""
+    act = f"+{op_name(ds.fused.op)}" if ds.fused is not None else ""
+    return DeltaOperator(ds, Route.FULL, (f"Full{op_name(ds.node.op)}{act}",), False)

@@ -126,3 +126,54 @@ def test_no_import_cycles():
                                  ("krypton_db.graph", "krypton_db.planner.physical")])
 def test_the_layer_rule_would_catch_an_upward_import(bad):
     assert layer(bad[1]) > layer(bad[0])
+
+
+def test_the_op_table_drives_rules_activations_and_names():
+    """graph.OPS is the one row per op: every op's registered delta rule has the table's
+    kind, activation codes are distinct and fusable exactly where the table gives one, and
+    EXPLAIN names ops by the table."""
+    from krypton_db.graph import ACT_NONE, ACTIVATION_CODES, OPS, Op
+    from krypton_db.planner.ivm import rule_for
+    from krypton_db.planner.physical import FUSABLE_ACTIVATIONS, op_name
+
+    for op, info in OPS.items():
+        if op is not Op.INPUT:
+            assert rule_for(op).kind == info.rule, op
+        assert op_name(op) == info.display
+    codes = list(ACTIVATION_CODES.values())
+    assert len(set(codes)) == len(codes) and ACT_NONE not in codes
+    assert FUSABLE_ACTIVATIONS == set(ACTIVATION_CODES)
+
+
+def test_private_names_stay_in_their_module():
+    """No module imports another project module's private name (``from m import _x``) or
+    reads it through the module (``m._x``): what a module shares, it names publicly."""
+    mods = modules()
+    hits = []
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg[:len(pkg) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                if not base.startswith("krypton_db"):
+                    continue
+                for a in node.names:
+                    if f"{base}.{a.name}" in mods:
+                        aliases[a.asname or a.name] = f"{base}.{a.name}"
+                    elif a.name.startswith("_"):
+                        hits.append(f"{name}: from {base} import {a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in mods and a.asname:
+                        aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in aliases and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                hits.append(f"{name}: {node.value.id}.{node.attr}")
+    assert not hits, "private names used across modules:\n" + "\n".join(sorted(set(hits)))

@@ -45,10 +45,10 @@ def test_features_cover_every_profiled_step(tiny_nets, name):
     pos = np.array([[0, 0], [2, 3], [5, 1]])
     plan, secs, sizes = calibration.profile_run(m, img, 4, pos, 2)
     feats = cost.step_features(plan)
-    assert [n for n, _ in feats] == [ds.node.name for ds, _ in physical_steps(plan)]
+    assert [n for n, _ in feats] == [op.delta.node.name for op in physical_steps(plan)]
     assert set(secs) == {n for n, _ in feats} and sizes == [2, 1]
     w1_convs = []
-    for (n, f), (ds, ks) in zip(feats, physical_steps(plan)):
+    for (n, f), (ds, _, ks, _) in zip(feats, physical_steps(plan)):
         assert f[cost.NQ] == 1.0 and (f[: cost.NQ] >= 0).all()
         if ds.node.op.name == "CONV":  # conv MACs are the kernels' executed MACs
             patch = ks[-1].startswith("Batched")
@@ -111,7 +111,7 @@ def test_winograd_convs_count_the_macs_they_execute(tiny_nets, monkeypatch):
     on = dict(cost.step_features(plan))
     steps_on = physical_steps(plan)
     wino = {}
-    for ds, ks in steps_on:
+    for ds, _, ks, _ in steps_on:
         node = ds.node
         patch = ks[-1].startswith("Batched")
         hw = ds.out_size if patch else node.shape[1:]
@@ -119,7 +119,7 @@ def test_winograd_convs_count_the_macs_they_execute(tiny_nets, monkeypatch):
             node.params, m.graph[node.inputs[0]].shape[0], node.params["groups"], hw), patch, hw)
     monkeypatch.setattr(algorithms, "WINOGRAD", False)
     off = dict(cost.step_features(plan))
-    same_kernels = {ds.node.name for (ds, a), (_, b) in zip(steps_on, physical_steps(plan)) if a == b}
+    same_kernels = {ds.node.name for (ds, _, a, _), (_, _, b, _) in zip(steps_on, physical_steps(plan)) if a == b}
     seen = 0
     for name, (eligible, patch, hw) in wino.items():
         if not eligible:

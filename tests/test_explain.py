@@ -77,7 +77,13 @@ def text(rows) -> str:
     return "\n\n".join(f"== {t} ==\n{p}" for t, p in rows) + "\n"
 
 
+# byte counts change with every memory tweak: goldens hold "<bytes>" (test_memory.py and
+# test_explain_prints_the_planned_bytes pin the numbers)
+BYTES = re.compile(r"\d+(\.\d+)? (B|KiB|MiB|GiB|TiB)\b")
+
+
 def check_golden(name: str, got: str) -> None:
+    got = BYTES.sub("<bytes>", got)
     path = GOLDEN / f"explain_{name}.txt"
     if REGEN or not path.exists():
         path.parent.mkdir(exist_ok=True)
@@ -242,3 +248,21 @@ def test_calibration_feeds_the_estimate(s, tmp_path, monkeypatch):
     assert load_cost_model()["source"] == "defaults (uncalibrated)"
     path.write_text('{"a": 1, "b": 0, "c": 0}')  # a cost model of an older version
     assert load_cost_model()["source"] == "defaults (uncalibrated)"
+
+
+@pytest.mark.parametrize("name", ["vgg_like", "resnet_like"])
+def test_explain_prints_the_planned_bytes(s, name):
+    """The byte counts the goldens mask: EXPLAIN prints the liveness walk's peak bytes per
+    query and the batch's buffers, and they are the numbers the run uses."""
+    from krypton_db.planner.batching import peak_bytes_per_query
+    from krypton_db.planner.explain import fmt_bytes
+
+    physical = dict(s.explain(GOLDENS[name]))["physical_plan"]
+    model = s.engine.model("vgg" if name == "vgg_like" else "res")
+    patch = (5, 5) if name == "vgg_like" else (4, 6)
+    per_q = peak_bytes_per_query(kdb.plan(model, patch))
+    m = re.search(r"batch (\d+), .* buffers ([\d.]+ \w+) \(([\d.]+ \w+) per query\)", physical)
+    assert m, physical
+    assert m.group(3) == fmt_bytes(per_q) and m.group(2) == fmt_bytes(per_q * int(m.group(1)))
+    hm = kdb.occlude(model, s.catalog.get_image("img"), patch=patch, positions=[(0, 0)])
+    assert hm.stats["bytes_per_query"] == per_q

@@ -217,7 +217,7 @@ def test_step_scratch_takes_dense_transposes_from_the_allocator(monkeypatch):
 
     def body():
         with runtime.step_scratch(alloc):
-            got["y"] = ex._exec(step, [xi])
+            got["y"] = ex.exec_step(step, [xi])
         persistent.update(getattr(runtime._TLS, "bufs", {}))
 
     monkeypatch.setattr(C, "WINO_BAND_FLOATS", 32 * 6 * 12 * 5)  # 6-row bands: 14 rows in 3

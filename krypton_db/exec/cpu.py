@@ -21,9 +21,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..graph import Graph, Node, Op
+from ..graph import ACTIVATION_CODES, ACTIVATIONS, Graph, Node, Op
 from ..planner import algorithms
-from ..planner.physical import FUSABLE_ACTIVATIONS, PhysicalPlan, PhysicalStep
+from ..planner.physical import PhysicalPlan, PhysicalStep
 from ..heap import pin_mmap_threshold, return_freed_heap
 from . import transpose_cpu as TR
 from . import kernels_cpu as K
@@ -34,10 +34,6 @@ from .conv_cpu import (POLYPHASE_MIN_C, ConvWeights, by_phase_planes, cols_chunk
                        conv_gemm)
 from .runtime import num_threads, parallel_chunks, parallel_ranges, scratch, scratch_as
 
-_ACT = {
-    Op.RELU: K.ACT_RELU, Op.CLIP: K.ACT_CLIP, Op.LEAKY_RELU: K.ACT_LEAKY,
-    Op.SIGMOID: K.ACT_SIGMOID, Op.HARD_SIGMOID: K.ACT_HSIGMOID, Op.HARD_SWISH: K.ACT_HSWISH,
-}
 
 # Per-thread working-set targets (float32 values) for the conv column chunks. Measured on the
 # 2-core Zen target: 1-thread sgemm reaches its plateau from ~512 columns on; larger blocks only
@@ -62,7 +58,7 @@ def act_spec(node: Node | None) -> tuple[int, np.float32, np.float32]:
     p = node.params
     a0 = {Op.CLIP: p.get("lo"), Op.LEAKY_RELU: p.get("alpha"), Op.HARD_SIGMOID: p.get("alpha")}
     a1 = {Op.CLIP: p.get("hi"), Op.HARD_SIGMOID: p.get("beta")}
-    return _ACT[node.op], np.float32(a0.get(node.op) or 0.0), np.float32(a1.get(node.op) or 0.0)
+    return ACTIVATION_CODES[node.op], np.float32(a0.get(node.op) or 0.0), np.float32(a1.get(node.op) or 0.0)
 
 
 # -- convolution ---------------------------------------------------------------------------------
@@ -375,7 +371,7 @@ def _to_internal(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(1, 0, 2, 3)) if x.ndim == 4 else x
 
 
-def _to_external(x: np.ndarray) -> np.ndarray:
+def to_external(x: np.ndarray) -> np.ndarray:
     """Batch-first copy (always a new array: internal buffers are reused between runs)."""
     if x.ndim == 4:
         out = np.empty((x.shape[1], x.shape[0]) + x.shape[2:], x.dtype)
@@ -579,12 +575,12 @@ class CpuExecutor:
         result = {}
         if g.input.name in want:
             result[g.input.name] = np.asarray(batch, np.float32)
-        last_use = self._last_use()
+        last_use = self.last_use()
         ledger = BufferLedger(self._arena, self.plan)
         for idx, step in enumerate(self.plan.steps):
             t0 = time.perf_counter() if profile or step_secs is not None else 0.0
             name = self.plan.out_name(step)
-            y = self._exec(step, [vals[i] for i in step.node.inputs], alloc=ledger.out_alloc(name))
+            y = self.exec_step(step, [vals[i] for i in step.node.inputs], alloc=ledger.out_alloc(name))
             if profile:
                 step.secs += time.perf_counter() - t0
             if step_secs is not None:
@@ -595,7 +591,7 @@ class CpuExecutor:
             if step.fused is not None and step.node.name in want:
                 raise ValueError(f"{step.node.name} is fused away; lower with fuse=False to read it")
             if name in want:
-                result[name] = _to_external(y)
+                result[name] = to_external(y)
             for i in step.node.inputs:
                 if last_use.get(i) == idx and i not in want:
                     vals.pop(i, None)
@@ -604,7 +600,7 @@ class CpuExecutor:
             ledger.release(name, result.values())
         return result
 
-    def _last_use(self) -> dict[str, int]:
+    def last_use(self) -> dict[str, int]:
         last = {}
         for idx, step in enumerate(self.plan.steps):
             for i in step.node.inputs:
@@ -614,7 +610,7 @@ class CpuExecutor:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)[self.graph.output]
 
-    def _exec(self, step: PhysicalStep, ins: list[np.ndarray], alloc=None) -> np.ndarray:
+    def exec_step(self, step: PhysicalStep, ins: list[np.ndarray], alloc=None) -> np.ndarray:
         """One step on internal-layout inputs. ``alloc(shape)`` provides the step's 4-D output
         buffer (the run's arena, or a concat's slice: ``BufferLedger.out_alloc``) for the ops
         in ``_WRITES_INTO_ALLOC``; by default they are fresh arrays."""
@@ -632,7 +628,7 @@ class CpuExecutor:
             m = x.mean(axis=(2, 3), dtype=np.float32)  # [C, N]
             return np.ascontiguousarray(m[:, :, None, None]) if node.params.get("keepdims", True) \
                 else np.ascontiguousarray(m.T)
-        if op in FUSABLE_ACTIVATIONS or op is Op.AFFINE:
+        if op in ACTIVATIONS or op is Op.AFFINE:
             return pointwise_any(x, node, out=alloc(x.shape) if alloc and x.ndim == 4 else None)
         if op is Op.ADD:
             if len(ins) == 2 and ins[0].shape == ins[1].shape:
@@ -666,11 +662,11 @@ class CpuExecutor:
             t, l, b, r = node.params["pads"]
             return np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=node.params["value"])
         if op is Op.RESHAPE:
-            ext = _to_external(x)
+            ext = to_external(x)
             y = ext.reshape((ext.shape[0],) + tuple(node.shape))
             return _to_internal(y)
         if op is Op.TRANSPOSE:
-            ext = _to_external(x)
+            ext = to_external(x)
             y = np.transpose(ext, (0,) + tuple(a + 1 for a in node.params["perm"]))
             return _to_internal(np.ascontiguousarray(y))
         if op is Op.GEMM:

@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit
 
 from .runtime import parallel_ranges, scratch
-from .transpose_cpu import T, _move, transpose_cpu
+from .transpose_cpu import T, move, transpose_cpu
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
@@ -56,11 +56,11 @@ def gather_chwb_cpu(vf, vshape, pt, pl, pf, pshape, ploc, rloc, out, blk, pbl, l
                     vb = cb + (yb + r) * wv + xb
                     tb = (q - q0) * npix + r * wr
                     if py <= r < py + ph and j0 < j1:
-                        _move(vf, vb, blk, tb, j0)
-                        _move(pbl, (q - q0) * ppix + (r - py) * pw + j0 - px, blk, tb + j0, j1 - j0)
-                        _move(vf, vb + j1, blk, tb + j1, wr - j1)
+                        move(vf, vb, blk, tb, j0)
+                        move(pbl, (q - q0) * ppix + (r - py) * pw + j0 - px, blk, tb + j0, j1 - j0)
+                        move(vf, vb + j1, blk, tb + j1, wr - j1)
                     else:
-                        _move(vf, vb, blk, tb, wr)
+                        move(vf, vb, blk, tb, wr)
             transpose_cpu(blk, 0, npix, of, c * npix * nq + q0, nq, g, npix)  # [g, npix] -> out[c]
 
 
@@ -111,10 +111,10 @@ def stitch_chwb_cpu(vf, h, w, pf, pshape, ploc, out, pbl, lo, hi):
             for q in range(q0, q0 + g):
                 ob = (c * nq + q) * hw
                 if not full:
-                    _move(vf, c * hw, of, ob, hw)
+                    move(vf, c * hw, of, ob, hw)
                 ob += ploc[q, 0] * w + ploc[q, 1]
                 for i in range(ph):
-                    _move(pbl, (q - q0) * ppix + i * pw, of, ob + i * w, pw)
+                    move(pbl, (q - q0) * ppix + i * pw, of, ob + i * w, pw)
 
 
 def stitch(view: np.ndarray, patch: np.ndarray, ploc: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .kernels_cpu import _bias_act_at
+from .kernels_cpu import bias_act_at
 from .runtime import scratch
 
 
@@ -239,7 +239,7 @@ def tap_gemm_act_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumul
                     if epi and k0 + kc == kt:
                         for i in range(mv):
                             o = out0 + (p * MR + i) * ldo + c0 + j0
-                            _bias_act_at(out, o, out, o, nv, bias[p * MR + i], code, a0, a1)
+                            bias_act_at(out, o, out, o, nv, bias[p * MR + i], code, a0, a1)
 
 
 def _flat(a: np.ndarray) -> np.ndarray:

@@ -35,12 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import KryptonError
-from ..graph import Graph, Node, Op
-from ..planner.physical import PhysicalPlan, PhysicalStep
+from ..graph import ACTIVATIONS, Graph, Node, Op
+from ..planner.physical import PhysicalPlan, PhysicalStep, Route, physical_steps
 from .cpu import act_spec
 from .incremental import union_box, window_locations
 
-_ACTS = frozenset({Op.RELU, Op.CLIP, Op.LEAKY_RELU, Op.SIGMOID, Op.HARD_SIGMOID, Op.HARD_SWISH})
 
 
 class GpuUnavailableError(KryptonError):
@@ -263,7 +262,7 @@ class GpuExecutor:
             out = _empty((c, n) if keep else (n, c))
             _launch(K.global_avgpool_gpu, c * n, x, out, not keep)
             return out.reshape(c, n, 1, 1) if keep else out
-        if op in _ACTS or op is Op.AFFINE:
+        if op in ACTIVATIONS or op is Op.AFFINE:
             return self.pointwise(x, node)
         if op in (Op.ADD, Op.MUL):
             return self.binary(ins, op is Op.MUL, act)
@@ -496,6 +495,8 @@ class GpuIncrementalExecutor:
         missing = [ds.node.name for ds in delta_plan.steps if ds.node.name not in self._steps]
         if missing:
             raise ValueError(f"delta plan steps {missing[:3]} are not steps of the executor's plan")
+        # the route of each delta step on the GPU (every window a patch): what _meta launches
+        self.ops = physical_steps(delta_plan, "gpu")
 
     def ex_step(self, ds) -> PhysicalStep:
         return self._steps[ds.node.name]
@@ -533,12 +534,14 @@ class GpuIncrementalExecutor:
         g = self.graph
         st: dict[str, object] = {g.input.name: _Loc(positions, add(positions), tuple(patch_size))}
         recs = []
-        for ds in self.plan.steps:
+        for op in self.ops:
+            ds, route = op.delta, op.route
             node = ds.node
             ins = [st[i] for i in node.inputs]
-            patches = all(isinstance(s, _Loc) for s in ins)
-            kind = ds.rule.kind
-            if kind == "window" and patches:
+            if route is not Route.FULL and not all(isinstance(s, _Loc) for s in ins):
+                raise RuntimeError(f"{node.name}: the physical plan routes it {route.value}, but "
+                                   f"an input arrives in full (plan and executor disagree)")
+            if route is Route.PATCH_WINDOW:
                 pin = ins[0]
                 size, crop = self.plan.window_size(ds, pin.size)
                 cut = None
@@ -551,10 +554,10 @@ class GpuIncrementalExecutor:
                 out = _Loc(oloc, add(oloc), tuple(size))
                 recs.append(("window", cut, pin.idx, add(rloc), tuple(rsize), tuple(size), out.idx))
                 st[ds.out_name] = out
-            elif kind == "pointwise" and patches:
+            elif route is Route.PATCH_POINTWISE:
                 recs.append(("pointwise",))
                 st[ds.out_name] = ins[0]
-            elif kind == "merge" and patches and len(node.shape) == 3:
+            elif route is Route.PATCH_MERGE:
                 loc, (bh, bw) = union_box(node, [p.loc for p in ins], [p.size for p in ins])
                 out = _Loc(loc, add(loc), (bh, bw))
                 recs.append(("merge", out.idx, (bh, bw)))

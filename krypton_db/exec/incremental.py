@@ -29,8 +29,8 @@ from ..graph import Op
 from ..heap import return_freed_heap
 from . import patch_cpu as P
 from ..planner.batching import peak_bytes_per_query
-from ..planner.physical import whole_map_runs_dense
-from .cpu import BufferLedger, CpuExecutor, _to_external, act_spec
+from ..planner.physical import Route, physical_steps
+from .cpu import BufferLedger, CpuExecutor, to_external, act_spec
 from .runtime import step_scratch
 
 
@@ -206,6 +206,9 @@ class IncrementalExecutor:
         self.step_secs: dict[str, float] = {}  # accumulated per step (EXPLAIN ANALYZE)
         self.profile = False
         self._steps = {s.node.name: s for s in self.ex.plan.steps}
+        # the physical form of each delta step: the route this executor dispatches on (the
+        # same list batching, the cost model and EXPLAIN read)
+        self.ops = physical_steps(delta_plan, "cpu")
         # Buffers of a batch come from an arena and go back at their value's last use: a
         # fresh np.empty of tens of MB is mmapped and page-faulted (kernel-zeroed) on first
         # touch, which cost the gathers, epilogues and concats of a batch as much as 30%.
@@ -216,7 +219,7 @@ class IncrementalExecutor:
         self._arena = self.ex.checkout_arena() or PlannedArena()
         self._ledger = BufferLedger(self._arena, self.ex.plan)
         self._alloc = self._ledger.alloc
-        self._last_use = self.ex._last_use()  # the delta plan's steps are the CPU plan's
+        self.last_use = self.ex.last_use()  # the delta plan's steps are the CPU plan's
 
     def materialize(self, x_nchw: np.ndarray) -> np.ndarray:
         """Run the original image once and keep every step's output (internal layout). Inside
@@ -271,11 +274,12 @@ class IncrementalExecutor:
         self._arena.begin(b)
         last = len(self.plan.steps) - 1
         self._state = state
-        for idx, ds in enumerate(self.plan.steps):
+        for idx, op in enumerate(self.ops):
+            ds = op.delta
             self._idx = idx
             ins = [state[i] for i in ds.node.inputs]
             t0 = time.perf_counter()
-            y = state[ds.out_name] = self._step(ds, ins, b)
+            y = state[ds.out_name] = self._step(op, ins, b)
             # the graph output leaves the arena with the caller
             ledger.adopt(ds.out_name, y.val if isinstance(y, Patch) else y, keep=idx < last)
             for i in ds.node.inputs:  # values whose last reader ran: buffers back
@@ -285,26 +289,26 @@ class IncrementalExecutor:
                 self.step_secs[name] = self.step_secs.get(name, 0.0) + time.perf_counter() - t0
         self._arena.end()
         out = state[self.plan.steps[-1].out_name]
-        return _to_external(out) if isinstance(out, np.ndarray) else out
+        return to_external(out) if isinstance(out, np.ndarray) else out
 
-    def _step(self, ds, ins, b):
+    def _step(self, op, ins, b):
+        ds, route = op.delta, op.route
         node = ds.node
-        kind = ds.rule.kind
-        patches = all(isinstance(s, Patch) for s in ins)
         step = self._steps[node.name]
-        if kind == "window" and patches and (ds.out_size != tuple(node.shape[1:])
-                                             or not whole_map_runs_dense(node, "cpu")):
+        if route is not Route.FULL and not all(isinstance(s, Patch) for s in ins):
+            raise RuntimeError(f"{node.name}: the physical plan routes it {route.value}, but an "
+                               f"input arrived in full (plan and executor disagree)")
+        if route is Route.PATCH_WINDOW:
             return self._window(ds, step, ins[0])
-        # a window whose output patch is the whole map (most of them): from here on the
-        # queries carry full tensors (stitched once) and run on the dense CNHW executor, which
-        # is faster than gathering read-in contexts that cover everything anyway
-        if kind == "pointwise" and patches:  # the same physical op, on the patch values only
-            return Patch(ins[0].loc, self.ex._exec(step, [ins[0].val], alloc=self._alloc))
-        if kind == "merge" and patches and len(node.shape) == 3:
+        if route is Route.PATCH_POINTWISE:  # the same physical op, on the patch values only
+            return Patch(ins[0].loc, self.ex.exec_step(step, [ins[0].val], alloc=self._alloc))
+        if route is Route.PATCH_MERGE:
             return self._merge(ds, step, ins, b)
+        # FULL (also a window whose output patch is the whole map, most of them on the CPU:
+        # the queries carry full tensors, stitched once, on the dense CNHW executor)
         full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
         with step_scratch(self._alloc):  # transposes' scratch from the batch arena, returned at adopt
-            return self.ex._exec(step, full, alloc=self._ledger.out_alloc(ds.out_name))
+            return self.ex.exec_step(step, full, alloc=self._ledger.out_alloc(ds.out_name))
 
     def _window(self, ds, step, pin: Patch) -> Patch:
         node = ds.node
@@ -338,7 +342,7 @@ class IncrementalExecutor:
         it needs (ResNet18's batch slab peaked at layer3.1.add, whose identity input was held
         beside its gathered copy, the other input and the output)."""
         state = self._state
-        if self._last_use.get(name) == self._idx and name in state:
+        if self.last_use.get(name) == self._idx and name in state:
             del state[name]
             self._stitched.pop(name, None)
             self._ledger.release(name, (v.val if isinstance(v, Patch) else v for v in state.values()))
@@ -355,7 +359,7 @@ class IncrementalExecutor:
                 bufs.append(P.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0, alloc=self._alloc))
                 if node.inputs.count(name) == 1:
                     self._release_if_last(name)  # copied into the box: the output may reuse it
-        return Patch(loc, self.ex._exec(step, bufs, alloc=self._alloc))
+        return Patch(loc, self.ex.exec_step(step, bufs, alloc=self._alloc))
 
     def close(self) -> None:
         """Hand the batch arena back to the CPU executor for the model's next run."""

@@ -34,8 +34,9 @@ import threading
 import numpy as np
 from numba import njit, prange
 
-# activation codes shared by the fused epilogue and the standalone pointwise kernel
-ACT_NONE, ACT_RELU, ACT_CLIP, ACT_LEAKY, ACT_SIGMOID, ACT_HSIGMOID, ACT_HSWISH = range(7)
+# activation codes shared by the fused epilogue and the standalone pointwise kernel (graph.OPS)
+from ..graph import (ACT_CLIP, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY,  # noqa: E402
+                     ACT_NONE, ACT_RELU, ACT_SIGMOID)
 
 
 # -- BLAS binding --------------------------------------------------------------------------------
@@ -134,51 +135,51 @@ def gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 0.0) -> None
 
 
 @njit(inline="always")
-def _act(v, code, a0, a1):
-    if code == 1:
+def act(v, code, a0, a1):
+    if code == ACT_RELU:
         return v if v > 0.0 else np.float32(0.0)
-    if code == 2:
+    if code == ACT_CLIP:
         return min(max(v, a0), a1)
-    if code == 3:
+    if code == ACT_LEAKY:
         return v if v >= 0.0 else v * a0
-    if code == 4:
+    if code == ACT_SIGMOID:
         return np.float32(1.0) / (np.float32(1.0) + math.exp(-v))
-    if code == 5:
+    if code == ACT_HSIGMOID:
         return min(max(a0 * v + a1, np.float32(0.0)), np.float32(1.0))
-    if code == 6:
+    if code == ACT_HSWISH:
         return v * min(max(v / np.float32(6.0) + np.float32(0.5), np.float32(0.0)), np.float32(1.0))
     return v
 
 
 @njit(inline="always")
-def _bias_act_at(dst, doff, src, soff, n, bo, code, a0, a1):
+def bias_act_at(dst, doff, src, soff, n, bo, code, a0, a1):
     """dst[doff:doff+n] = act(src[soff:soff+n] + bo) on 1-D arrays; one branch-free loop per
     common code, unsigned indices (no negative-index wraparound), so the loops vectorize."""
     ud = np.uint64(doff)
     us = np.uint64(soff)
     un = np.uint64(n)
-    if code == 0:
+    if code == ACT_NONE:
         for q in range(un):
             dst[ud + q] = src[us + q] + bo
-    elif code == 1:
+    elif code == ACT_RELU:
         for q in range(un):
             v = src[us + q] + bo
             dst[ud + q] = v if v > 0.0 else np.float32(0.0)
-    elif code == 2:
+    elif code == ACT_CLIP:
         for q in range(un):
             dst[ud + q] = min(max(src[us + q] + bo, a0), a1)
-    elif code == 6:
+    elif code == ACT_HSWISH:
         for q in range(un):
             v = src[us + q] + bo
             dst[ud + q] = v * min(max(v * np.float32(1.0 / 6.0) + np.float32(0.5), np.float32(0.0)), np.float32(1.0))
     else:
         for q in range(un):
-            dst[ud + q] = _act(src[us + q] + bo, code, a0, a1)
+            dst[ud + q] = act(src[us + q] + bo, code, a0, a1)
 
 
 @njit(inline="always")
 def _bias_act_row(dst, src, bo, code, a0, a1):
-    _bias_act_at(dst, 0, src, 0, dst.shape[0], bo, code, a0, a1)
+    bias_act_at(dst, 0, src, 0, dst.shape[0], bo, code, a0, a1)
 
 
 # -- convolution helpers ---------------------------------------------------------------------------
@@ -353,7 +354,7 @@ def shift_epilogue_cpu(s, o0, q0, q1, hs, wp, ho, wo, b, code, a0, a1, out):
         for k in range(seg.shape[0]):
             n, yy, xx0, base, cnt = seg[k, 0], seg[k, 1], seg[k, 2], seg[k, 3], seg[k, 4]
             if yy < ho:
-                _bias_act_at(of, ((obase + n) * ho + yy) * wo + xx0, srow, base, cnt, bo, code, a0, a1)
+                bias_act_at(of, ((obase + n) * ho + yy) * wo + xx0, srow, base, cnt, bo, code, a0, a1)
 
 
 @njit(nogil=True, cache=True)
@@ -432,7 +433,7 @@ def depthwise_conv_cpu(x, w, b, sh, sw, dh, dw, pt, pl, code, a0, a1, lo, hi, ou
                             acc[row + ox] += wij * pad[base + ox]
         bc = b[c]
         for oy in range(ho):
-            _bias_act_at(of, (cn * ho + oy) * wo, acc, oy * gw, wo, bc, code, a0, a1)
+            bias_act_at(of, (cn * ho + oy) * wo, acc, oy * gw, wo, bc, code, a0, a1)
 
 
 @njit(nogil=True, cache=True)
@@ -573,16 +574,16 @@ def act_range_cpu(x, out, code, a0, a1, lo, hi):
 @njit(nogil=True, cache=True)
 def add_act_range_cpu(a, b, out, code, a0, a1, lo, hi):
     """out = act(a + b) on [lo, hi) of flat contiguous arrays of equal size (residual add)."""
-    if code == 1:
+    if code == ACT_RELU:
         for i in range(lo, hi):
             v = a[i] + b[i]
             out[i] = v if v > 0.0 else np.float32(0.0)
-    elif code == 0:
+    elif code == ACT_NONE:
         for i in range(lo, hi):
             out[i] = a[i] + b[i]
     else:
         for i in range(lo, hi):
-            out[i] = _act(a[i] + b[i], code, a0, a1)
+            out[i] = act(a[i] + b[i], code, a0, a1)
 
 
 @njit(nogil=True, cache=True)
@@ -601,7 +602,7 @@ def affine_rows_cpu(x, scale, shift, out, lo, hi):
 def act_cpu(x, out, code, a0, a1):
     """out = act(x), both flat contiguous."""
     for i in prange(x.size):
-        out[i] = _act(x[i], code, a0, a1)
+        out[i] = act(x[i], code, a0, a1)
 
 
 @njit(parallel=True, cache=True)
@@ -637,4 +638,4 @@ def lrn_cnhw_cpu(x, size, alpha, beta, bias, out):
 def add_act_cpu(a, b, out, code, a0, a1):
     """out = act(a + b) on flat contiguous arrays of equal size (residual add + ReLU)."""
     for i in prange(a.size):
-        out[i] = _act(a[i] + b[i], code, a0, a1)
+        out[i] = act(a[i] + b[i], code, a0, a1)

@@ -1,6 +1,6 @@
 """numba.cuda kernels (``<op>_<variant>_gpu``) of the GPU executors, CNHW layout.
 
-Same layout and semantics as ``kernels_cpu`` / ``kernels_ivm_cpu`` (the executors share one
+Same layout and semantics as ``kernels_cpu`` (the executors share one
 plan): feature maps are ``[C, N, H, W]``, vectors ``[N, K]``, float32. Every kernel is a
 *grid-stride* loop over its output elements (or output tiles), so any launch size is correct:
 on a GPU the launcher sizes the grid to the work; under the numba CUDA simulator (one Python
@@ -17,8 +17,8 @@ import math
 import numpy as np
 from numba import cuda
 
-# activation codes shared with kernels_cpu (fused epilogue and standalone pointwise)
-ACT_NONE, ACT_RELU, ACT_CLIP, ACT_LEAKY, ACT_SIGMOID, ACT_HSIGMOID, ACT_HSWISH = range(7)
+# activation codes shared with kernels_cpu (fused epilogue and standalone pointwise; graph.OPS)
+from ..graph import ACT_CLIP, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY, ACT_RELU, ACT_SIGMOID  # noqa: E402
 
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
@@ -93,17 +93,17 @@ def launch_tiles(ntiles: int) -> tuple[int, tuple[int, int]]:
 
 @cuda.jit(device=True)
 def _act(v, code, a0, a1):
-    if code == 1:
+    if code == ACT_RELU:
         return v if v > F0 else F0  # noqa: FURB136 - same NaN handling as kernels_cpu
-    if code == 2:
+    if code == ACT_CLIP:
         return min(max(v, a0), a1)
-    if code == 3:
+    if code == ACT_LEAKY:
         return v if v >= F0 else v * a0
-    if code == 4:
+    if code == ACT_SIGMOID:
         return F1 / (F1 + math.exp(-v))
-    if code == 5:
+    if code == ACT_HSIGMOID:
         return min(max(a0 * v + a1, F0), F1)
-    if code == 6:
+    if code == ACT_HSWISH:
         return v * min(max(v / F6 + FHALF, F0), F1)
     return v
 

@@ -41,7 +41,7 @@ def shift_epilogue_chwb_cpu(acc, o0, q0, q1, wr, wo, nb, b, code, a0, a1, out):
     """Write the valid columns (x < wo) of an accumulated block acc[O', q1-q0] (columns
     (oy, x, b) over a wr-wide grid; q0, q1 multiples of nb) with bias + activation into
     out[o0 + o, oy, x, :] (out C-contiguous). The valid cells of one grid row are one
-    contiguous run in both, written by the vectorized ``_bias_act_at``."""
+    contiguous run in both, written by the vectorized ``bias_act_at``."""
     t0 = q0 // nb
     t1 = q1 // nb
     ho = out.shape[1]
@@ -56,7 +56,7 @@ def shift_epilogue_chwb_cpu(acc, o0, q0, q1, wr, wo, nb, b, code, a0, a1, out):
             run = min(wr - x, t1 - t)  # grid cells of this row inside the block
             n = min(run, max(wo - x, 0))
             if n > 0:
-                K._bias_act_at(of, (((o0 + o) * ho + oy) * wo + x) * nb, arow, (t - t0) * nb, n * nb,
+                K.bias_act_at(of, (((o0 + o) * ho + oy) * wo + x) * nb, arow, (t - t0) * nb, n * nb,
                                bo, code, a0, a1)
             t += run
 
@@ -117,7 +117,7 @@ def depthwise_chwb_cpu(buf, w, b, sh, sw, dh, dw, code, a0, a1, out, lo, hi):
                         for q in range(nb):
                             out[c, oy, ox, q] += wv * buf[c, y, x, q]
                 for q in range(nb):
-                    out[c, oy, ox, q] = K._act(out[c, oy, ox, q] + bc, code, a0, a1)
+                    out[c, oy, ox, q] = K.act(out[c, oy, ox, q] + bc, code, a0, a1)
 
 
 # The pooling kernels: each (c, oy, ox) output cell is B contiguous queries, reduced over the
@@ -138,10 +138,10 @@ def _window_reduce16(typingctx, src, base, taps, ntaps, dst, doff, nl, is_max, s
     def codegen(context, builder, sig, args):
         src, base, taps, ntaps, dst, doff, nl, is_max, sy, yoff, sx, xoff = args
         vt = ir.VectorType(ir.FloatType(), 16)
-        ld, st = TR._masked_ops(builder)
+        ld, st = TR.masked_ops(builder)
         four = ir.Constant(ir.IntType(32), 4)
         zero = ir.Constant(vt, [0.0] * 16)
-        lanes = TR._lanes_below(builder, nl)
+        lanes = TR.lanes_below(builder, nl)
         sp = context.make_array(sig.args[0])(context, builder, src).data
         tp = context.make_array(sig.args[2])(context, builder, taps).data
         dp = context.make_array(sig.args[4])(context, builder, dst).data

@@ -78,7 +78,7 @@ def _transpose16(typingctx, src, soff, sld, dst, doff, dld):
     return sig, codegen
 
 
-def _lanes_below(builder, k):
+def lanes_below(builder, k):
     """<16 x i1>: lane l < k (k an integer value)."""
     vk = ir.VectorType(k.type, T)
     splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vk, ir.Undefined), k,
@@ -88,7 +88,7 @@ def _lanes_below(builder, k):
     return builder.icmp_signed("<", ir.Constant(vk, list(range(T))), splat)
 
 
-def _masked_ops(builder):
+def masked_ops(builder):
     vt = ir.VectorType(ir.FloatType(), T)
     mt = ir.VectorType(ir.IntType(1), T)
     i32 = ir.IntType(32)
@@ -110,11 +110,11 @@ def _transpose16p(typingctx, src, soff, sld, dst, doff, dld, nr, nc):
     def codegen(context, builder, sig, args):
         src, soff, sld, dst, doff, dld, nr, nc = args
         vt = ir.VectorType(ir.FloatType(), T)
-        ld, st = _masked_ops(builder)
+        ld, st = masked_ops(builder)
         four = ir.Constant(ir.IntType(32), 4)
         sp = builder.gep(context.make_array(sig.args[0])(context, builder, src).data, [soff])
         dp = builder.gep(context.make_array(sig.args[3])(context, builder, dst).data, [doff])
-        cols = _lanes_below(builder, nc)
+        cols = lanes_below(builder, nc)
         last = builder.sub(nr, ir.Constant(nr.type, 1))
         rows = []
         for i in range(T):  # rows past nr repeat the last one (their lanes are never stored)
@@ -122,7 +122,7 @@ def _transpose16p(typingctx, src, soff, sld, dst, doff, dld, nr, nc):
             ptr = builder.bitcast(builder.gep(sp, [builder.mul(sld, r)]), vt.as_pointer())
             rows.append(builder.call(ld, [ptr, four, cols, ir.Constant(vt, [0.0] * T)]))
         rows = _shuffle_transpose(builder, rows)
-        lanes = _lanes_below(builder, nr)
+        lanes = lanes_below(builder, nr)
         for j in range(T):
             with builder.if_then(builder.icmp_signed("<", ir.Constant(nc.type, j), nc)):
                 ptr = builder.bitcast(builder.gep(dp, [builder.mul(dld, ir.Constant(dld.type, j))]), vt.as_pointer())
@@ -140,13 +140,13 @@ def _move16(typingctx, src, soff, dst, doff, n):
     def codegen(context, builder, sig, args):
         src, soff, dst, doff, n = args
         vt = ir.VectorType(ir.FloatType(), T)
-        ld, st = _masked_ops(builder)
+        ld, st = masked_ops(builder)
         four = ir.Constant(ir.IntType(32), 4)
         sp = builder.bitcast(builder.gep(context.make_array(sig.args[0])(context, builder, src).data, [soff]),
                              vt.as_pointer())
         dp = builder.bitcast(builder.gep(context.make_array(sig.args[2])(context, builder, dst).data, [doff]),
                              vt.as_pointer())
-        m = _lanes_below(builder, n)
+        m = lanes_below(builder, n)
         builder.call(st, [builder.call(ld, [sp, four, m, ir.Constant(vt, ir.Undefined)]), dp, four, m])
         return context.get_dummy_value()
 
@@ -154,7 +154,7 @@ def _move16(typingctx, src, soff, dst, doff, n):
 
 
 @njit(**_NJ)
-def _move(src, soff, dst, doff, n):
+def move(src, soff, dst, doff, n):
     """dst[doff : doff + n] = src[soff : soff + n] in masked 16-float moves (numba's own loop
     over a 15-float row runs mostly in its scalar remainder)."""
     for k in range(0, n, T):

@@ -35,12 +35,13 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
+from ..graph import ACT_NONE, ACT_RELU
 from ..planner import algorithms
 from . import gemm_cpu as G
 from . import kernels_cpu as K
 from . import winograd_cpu as W2
 from .transpose_cpu import T as VL
-from .transpose_cpu import _lanes_below, _masked_ops
+from .transpose_cpu import lanes_below, masked_ops
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
@@ -106,7 +107,7 @@ def transform_filters(w4: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return G.pack_stack(u), at.astype(np.float32), bt.astype(np.float32), _BAKED.get(r) == (m, pts)
 
 
-def _linear_vec(coef: np.ndarray):
+def linear_vec(coef: np.ndarray):
     """An intrinsic for VL lanes of ``y = coef @ x`` (coef [R, A] baked in as constants):
     ``f(src, s0, sst, dst, d0, dst_st, nl, nin, nout, bias, relu)`` reads
     x_i = src[s0 + i * sst + lane] (i < nin; rows past nin are zero and not read), writes
@@ -125,10 +126,10 @@ def _linear_vec(coef: np.ndarray):
             src, s0, sst, dst, d0, dst_st, nl, nin, nout, bias, relu = args
             vt = ir.VectorType(ir.FloatType(), VL)
             mt = ir.VectorType(ir.IntType(1), VL)
-            ld, st = _masked_ops(builder)
+            ld, st = masked_ops(builder)
             four = ir.Constant(ir.IntType(32), 4)
             zero = ir.Constant(vt, [0.0] * VL)
-            lanes = _lanes_below(builder, nl)
+            lanes = lanes_below(builder, nl)
             none = ir.Constant(mt, [0] * VL)
             sp = context.make_array(sig.args[0])(context, builder, src).data
             dp = context.make_array(sig.args[3])(context, builder, dst).data
@@ -165,8 +166,8 @@ def _linear_vec(coef: np.ndarray):
 _BAKED = dict(POINTS)  # the transforms the vector bodies are built from
 _AT7, _, _BT7 = transforms(POINTS[7][0], 7, POINTS[7][1])
 _AT3, _, _BT3 = transforms(POINTS[3][0], 3, POINTS[3][1])
-_IN7, _OUT7 = _linear_vec(_BT7), _linear_vec(_AT7)
-_IN3, _OUT3 = _linear_vec(_BT3), _linear_vec(_AT3)
+_IN7, _OUT7 = linear_vec(_BT7), linear_vec(_AT7)
+_IN3, _OUT3 = linear_vec(_BT3), linear_vec(_AT3)
 _A7, _A3 = _BT7.shape[0], _BT3.shape[0]
 
 
@@ -279,13 +280,13 @@ def output_transform_cpu(mf, m0, mplane, at, j0, j1, bias, code, a0, a1, out, ve
                     s = np.uint64(mb + k * mplane + col)
                     for q in range(un):
                         of[dst + q] += cf * mf[s + q]
-                if code == 1:
+                if code == ACT_RELU:
                     for q in range(un):
                         v = of[dst + q]
                         of[dst + q] = v if v > 0.0 else np.float32(0.0)
-                elif code != 0:
+                elif code != ACT_NONE:
                     for q in range(un):
-                        of[dst + q] = K._act(of[dst + q], code, a0, a1)
+                        of[dst + q] = K.act(of[dst + q], code, a0, a1)
             t += 1
 
 

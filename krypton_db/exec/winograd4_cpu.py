@@ -6,7 +6,7 @@ Why: the GEMMs of F(2x2, 3x3) are most of ResNet18's and VGG16's exact runs (Res
 layer4 alone, 512 channels on 7x7 maps, was 35% of an explanation). The transforms are 1-D
 F(4, 3)'s (``winograd1d_cpu.transforms``, Toom-Cook at ``POINTS`` and infinity) applied
 along rows, then columns (V = B^T d B, U = G g G^T, Y = A^T M A), with ``winograd1d_cpu``'s
-vector bodies (``_linear_vec``: VL queries per register, the coefficients baked in). As in
+vector bodies (``linear_vec``: VL queries per register, the coefficients baked in). As in
 ``winograd_cpu`` the products are 36 independent GEMMs ``M[k] = U[k] (O x C) @ V[k]`` on
 ``gemm_cpu``'s tap GEMM, over columns j = tile * B + b.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..graph import ACT_NONE, ACT_RELU
 from ..planner import algorithms
 from . import kernels_cpu as K
 from . import winograd1d_cpu as W1
@@ -42,7 +43,7 @@ _M, _R = 4, 3
 POINTS = (0.0, 1.0, -1.0, 2.0, -0.5)
 _AT, _G, _BT = W1.transforms(_M, _R, POINTS)  # [4, 6], [6, 3], [6, 6] float64
 _A = _BT.shape[0]  # 6
-_IN, _OUT = W1._linear_vec(_BT), W1._linear_vec(_AT)  # vector bodies, coefficients baked in
+_IN, _OUT = W1.linear_vec(_BT), W1.linear_vec(_AT)  # vector bodies, coefficients baked in
 
 
 # which convs run here: ``planner.algorithms.winograd_f4``
@@ -120,11 +121,11 @@ def output_transform_cpu(mf, m0, mplane, ntx, j0, j1, bias, code, a0, a1, out, t
                 # columns: y[i][x] = sum_l A^T[x, l] tmp[i][l] + bias
                 for i in range(rows):
                     d0 = ((o * ho + y0 + i) * wo + x0) * nb + q
-                    _OUT(tmp, i * _A * VL, VL, of, d0, nb, nl, _A, cols, bo, 1 if code == 1 else 0)
-                    if code > 1:  # other activations: in place, after the vector body
+                    _OUT(tmp, i * _A * VL, VL, of, d0, nb, nl, _A, cols, bo, 1 if code == ACT_RELU else 0)
+                    if code != ACT_NONE and code != ACT_RELU:  # other activations: in place, after the vector body
                         for x in range(cols):
                             for lane in range(nl):
-                                of[d0 + x * nb + lane] = K._act(of[d0 + x * nb + lane], code, a0, a1)
+                                of[d0 + x * nb + lane] = K.act(of[d0 + x * nb + lane], code, a0, a1)
                 q += VL
             t += 1
 

@@ -325,13 +325,13 @@ def output_transform_cpu(mf, m0, mplane, ntx, j0, j1, bias, code, a0, a1, out):
                 r1 = m11 - m21 - m31
                 r2 = m12 - m22 - m32
                 r3 = m13 - m23 - m33
-                of[q00 + ubb] = K._act(p0 + p1 + p2 + bo, code, a0, a1)
+                of[q00 + ubb] = K.act(p0 + p1 + p2 + bo, code, a0, a1)
                 if full_x:
-                    of[q00 + ub + ubb] = K._act(p1 - p2 - p3 + bo, code, a0, a1)
+                    of[q00 + ub + ubb] = K.act(p1 - p2 - p3 + bo, code, a0, a1)
                 if full_y:
-                    of[q10 + ubb] = K._act(r0 + r1 + r2 + bo, code, a0, a1)
+                    of[q10 + ubb] = K.act(r0 + r1 + r2 + bo, code, a0, a1)
                     if full_x:
-                        of[q10 + ub + ubb] = K._act(r1 - r2 - r3 + bo, code, a0, a1)
+                        of[q10 + ub + ubb] = K.act(r1 - r2 - r3 + bo, code, a0, a1)
             t += 1
 
 

@@ -2,7 +2,7 @@
 whole output changes (global average pooling, fully connected, reshape, transpose, softmax,
 pad). Stated explicitly so EXPLAIN names the rule rather than the fallback."""
 
-from krypton_db.graph import Op
+from krypton_db.graph import ops_with_rule
 
 from .registry import DeltaRule, register
 
@@ -13,5 +13,5 @@ class GlobalRule(DeltaRule):
     kind = "global"
 
 
-for _op in (Op.GLOBAL_AVGPOOL, Op.GEMM, Op.RESHAPE, Op.TRANSPOSE, Op.SOFTMAX, Op.PAD):
+for _op in ops_with_rule("global"):  # graph.OPS
     register(_op)(type(f"{_op.name.title()}Rule", (GlobalRule,), {"__doc__": GlobalRule.__doc__}))

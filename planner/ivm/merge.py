@@ -3,7 +3,7 @@ outside its own patch are read from its materialized view (add: linear; mul: bil
 recomputed in the box; concat: per-branch copy). A branch that changed everywhere (global,
 e.g. a squeeze-excitation gate) makes the merge global."""
 
-from krypton_db.graph import Op
+from krypton_db.graph import ops_with_rule
 
 from .registry import DeltaRule, register
 
@@ -26,5 +26,5 @@ class MergeRule(DeltaRule):
         return (min(h, node.shape[1]), min(w, node.shape[2]))
 
 
-for _op in (Op.ADD, Op.MUL, Op.CONCAT):
+for _op in ops_with_rule("merge"):  # graph.OPS
     register(_op)(type(f"{_op.name.title()}Rule", (MergeRule,), {"__doc__": MergeRule.__doc__}))

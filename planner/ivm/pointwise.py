@@ -1,7 +1,7 @@
 """delta f(X) = f(patch of X) for pointwise f: the changed region passes through unchanged
 (ReLU, clip, sigmoid, hard-swish, affine/batch-norm, LRN across channels only)."""
 
-from krypton_db.graph import Op
+from krypton_db.graph import ops_with_rule
 
 from .registry import DeltaRule, register
 
@@ -15,6 +15,5 @@ class PointwiseRule(DeltaRule):
         return in_sizes[0]
 
 
-for _op in (Op.RELU, Op.CLIP, Op.LEAKY_RELU, Op.SIGMOID, Op.HARD_SIGMOID, Op.HARD_SWISH,
-            Op.AFFINE, Op.LRN):
+for _op in ops_with_rule("pointwise"):  # graph.OPS
     register(_op)(type(f"{_op.name.title()}Rule", (PointwiseRule,), {"__doc__": PointwiseRule.__doc__}))
