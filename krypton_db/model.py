@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images
+from . import images, zoo
+from .checks import check_preprocess
 from .errors import InputError, ModelError
+from .exec.cpu import CpuExecutor
+from .planner.physical import PhysicalPlan
 from .graph import Graph, Op, Preprocess
 from .heap import return_freed_heap
 from .onnx_import import import_onnx
-from .checks import check_preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,10 +114,14 @@ class Model:
     @property
     def executor(self):
         if self._executor is None:
-            from .exec.cpu import CpuExecutor
-
             self._executor = CpuExecutor(self.graph)
         return self._executor
+
+    @property
+    def physical_plan(self) -> PhysicalPlan:
+        """The lowered graph: the executor's once it is built, else lowered alone (index math,
+        no weights prepared: planning a query does not build the executor)."""
+        return self._executor.plan if self._executor is not None else PhysicalPlan.lower(self.graph)
 
     @property
     def ends_in_softmax(self) -> bool:
@@ -183,8 +189,6 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
     src = str(source)
     pkg_pre: dict = {}
     if src.startswith("zoo:"):
-        from . import zoo
-
         zname = src[4:]
         if zname not in zoo.ZOO:
             raise ModelError(f"unknown zoo model {zname!r}; available: {', '.join(zoo.ZOO)}")

@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import heatmap as heatmap_io  # the heat map's files, images and plots
 from .errors import InputError
+from .exec.duckdb_ivm import DuckDbIncrementalExecutor
+from .exec.incremental import IncrementalExecutor
 from .hooks import OcclusionHooks
 from .images import color_to_input
 from .interrupt import check_cancelled
@@ -67,28 +70,20 @@ class HeatMap:
     def save(self, path, image=None):
         """Write the heat map by suffix: ``.png`` (overlay with colour bar and caption),
         ``.npy`` (the 2-D map), ``.parquet`` / ``.csv`` (rows y, x, prob[, prob_<k>])."""
-        from .heatmap import save
-
-        return save(self, path, image)
+        return heatmap_io.save(self, path, image)
 
     def plot(self, ax=None, **kw):
         """matplotlib: the image with the map over it and a colour bar; returns the axes."""
-        from .heatmap import plot
-
-        return plot(self, ax, **kw)
+        return heatmap_io.plot(self, ax, **kw)
 
     def to_image(self, original_size: bool = True) -> np.ndarray:
         """The per-pixel map (mean drop over covering patches) as float32 [H, W], in the
         original image's size (default) or the model input's."""
-        from .heatmap import to_image
-
-        return to_image(self, original_size)
+        return heatmap_io.to_image(self, original_size)
 
     def to_arrow(self):
         """The heat map as rows (``pyarrow.Table``: y, x, prob[, prob_<k>])."""
-        from .heatmap import table
-
-        return table(self)
+        return heatmap_io.table(self)
 
     def attribution(self, output: str = "prob") -> np.ndarray:
         """Per-pixel [H, W] attribution exactly as Captum's ``Occlusion`` computes it: windows
@@ -240,16 +235,13 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
                    disabled=hooks.disabled_rules if hooks is not None else frozenset(),
                    rewrite=hooks.plan_rewrite if hooks is not None else None)
     if mode in ("exact", "approximate"):
-        if device == "gpu":
-            from .exec.gpu import GpuIncrementalExecutor as IncrementalExecutor
-        else:
-            from .exec.incremental import IncrementalExecutor
-
         plan = prep.plan
         if engine == "duckdb":
-            from .exec.duckdb_ivm import DuckDbIncrementalExecutor
-
             inc = DuckDbIncrementalExecutor(plan.delta_sql())
+        elif device == "gpu":
+            from .exec.gpu import GpuIncrementalExecutor  # numba.cuda: optional, on use
+
+            inc = GpuIncrementalExecutor(plan, ex)
         else:
             inc = IncrementalExecutor(plan, ex)
         if hooks is not None and hooks.profile:

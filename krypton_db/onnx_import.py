@@ -32,7 +32,7 @@ from .graph import Graph, Node, Op, infer_shape
 _BATCH = 9973
 
 SUPPORTED_OPS = sorted(
-    """Conv BatchNormalization Relu Clip LeakyRelu Sigmoid HardSigmoid HardSwish MaxPool
+    """Conv BatchNormalization Relu Clip LeakyRelu Sigmoid HardSigmoid HardSwish Elu MaxPool
     AveragePool GlobalAveragePool ReduceMean Add Sum Sub Mul Div Concat LRN Flatten Reshape
     Squeeze Unsqueeze Gemm MatMul Softmax Dropout Identity Transpose Pad Cast Shape Gather
     Slice ConstantOfShape Constant""".split()
@@ -362,6 +362,7 @@ class _Importer:
     op_HardSwish = _pointwise(Op.HARD_SWISH)
     op_LeakyRelu = _pointwise(Op.LEAKY_RELU, alpha=0.01)
     op_HardSigmoid = _pointwise(Op.HARD_SIGMOID, alpha=0.2, beta=0.5)
+    op_Elu = _pointwise(Op.ELU, alpha=1.0)
 
     def op_Clip(self, n, ins, a):
         lo = a.get("min", -np.inf)

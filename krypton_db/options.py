@@ -17,8 +17,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .checks import (PREPROCESS_KEYS, OptionValueError, check_number, check_preprocess, plain,
-                     show, unknown_option)
+from .checks import (
+    PREPROCESS_KEYS,
+    OptionValueError,
+    check_number,
+    check_preprocess,
+    plain,
+    show,
+    unknown_option,
+)
 from .planner.batching import DEFAULT_MEMORY_BUDGET, NAIVE_DEFAULT_BUDGET
 
 __all__ = ["OPTIONS", "PREPROCESS_KEYS", "QUERY_OPTIONS", "SESSION_OPTIONS", "Option",

@@ -21,7 +21,12 @@ import duckdb
 
 from .catalog import Catalog
 from .errors import InputError, SqlError
+from .query import Engine
 from .result import Result
+from .sql.dsl import check_option
+from .sql.dsl.binder import SESSION_OPTIONS
+from .sql.dsl.parser import is_ours
+from .sql.dsl.scanner import split
 
 
 class Session:
@@ -36,8 +41,6 @@ class Session:
     def engine(self):
         """The statement engine (session options, loaded models); created on first use."""
         if self._engine is None:
-            from .query import Engine
-
             self._engine = Engine(self)
         return self._engine
 
@@ -80,7 +83,6 @@ class Session:
 
     def set(self, option: str, value) -> None:
         """``SET option = value`` from Python (validated like the statement)."""
-        from .sql.dsl import check_option
 
         self.engine.options[option] = check_option(option, value)
 
@@ -101,9 +103,6 @@ def _uses_language(text: str) -> bool:
     if not any(w in low for w in ("occlusion", "model", "image", "set", "show", "calibrate",
                                   "tune", "explain")):
         return False  # fast path: none of our keywords appear at all
-    from .sql.dsl.binder import SESSION_OPTIONS
-    from .sql.dsl.parser import is_ours
-    from .sql.dsl.scanner import split
 
     try:
         chunks = split(text)

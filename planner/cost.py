@@ -9,7 +9,6 @@ Model: every physical step of a batch of B queries costs
 per query features read off the plan (``step_features``), the same for the incremental path
 (patch sizes from the delta plan, the kernels the executor launches: ``physical_steps``) and
 for full inference (materializing the views, naive re-inference):
-
 - patch conv MACs    MACs of convolutions on batched read-in contexts (GEMM work)
 - dense conv MACs    MACs of convolutions over full tensors (the dense executor's kernels:
                      materializing, naive re-inference, steps after a global layer)
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from krypton_db.graph import Op
+from krypton_db.zoo import cache_dir
 
 from . import algorithms
 from .physical import Route, executed_macs, physical_steps
@@ -60,7 +60,6 @@ def cost_model_path() -> Path:
     env = os.environ.get("KRYPTON_COST_MODEL")
     if env:
         return Path(env).expanduser()
-    from krypton_db.zoo import cache_dir
 
     return cache_dir() / "cost_model.json"
 

@@ -111,6 +111,7 @@ def test_check_delta_pool(op, params, patch):
 
 POINTWISE = [
     (Op.RELU, {}, {}), (Op.HARD_SWISH, {}, {}), (Op.LEAKY_RELU, {"alpha": 0.1}, {}),
+    (Op.ELU, {"alpha": 0.7}, {}),
     (Op.AFFINE, {}, {"scale": RNG.normal(size=4), "shift": RNG.normal(size=4)}),
     (Op.LRN, {"size": 3, "alpha": 1e-2, "beta": 0.75, "bias": 1.0}, {}),
 ]

@@ -247,6 +247,7 @@ ACTS = {  # code, a0, a1, numpy
     "sigmoid": (KC.ACT_SIGMOID, 0.0, 0.0, lambda v: 1 / (1 + np.exp(-v))),
     "hsigmoid": (KC.ACT_HSIGMOID, 0.2, 0.5, lambda v: np.clip(0.2 * v + 0.5, 0, 1)),
     "hswish": (KC.ACT_HSWISH, 0.0, 0.0, lambda v: v * np.clip(v / 6 + 0.5, 0, 1)),
+    "elu": (KC.ACT_ELU, 0.7, 0.0, lambda v: np.where(v >= 0, v, 0.7 * np.expm1(np.minimum(v, 0)))),
 }
 
 

@@ -7,6 +7,7 @@ import pytest
 from conftest import rel_err
 from onnx_builders import Net, ort_run
 
+from krypton_db.exec import dense_cpu
 from krypton_db.exec import reference
 from krypton_db.exec.cpu import CpuExecutor
 from krypton_db.graph import Op
@@ -100,7 +101,7 @@ def test_global_pool_and_reduce_mean(keepdims, tmp_path):
 ACTS = [
     ("Relu", {}, []), ("LeakyRelu", {"alpha": 0.2}, []), ("Sigmoid", {}, []),
     ("HardSigmoid", {"alpha": 0.25, "beta": 0.4}, []), ("HardSwish", {}, []),
-    ("Clip", {}, [np.float32(-0.5), np.float32(0.7)]),
+    ("Clip", {}, [np.float32(-0.5), np.float32(0.7)]), ("Elu", {"alpha": 0.7}, []),
 ]
 
 
@@ -203,14 +204,14 @@ def test_small_map_convs_through_chwb(cin, cout, hw, n, k, pads, dil):
     calls = []
     from krypton_db.planner import algorithms as A
 
-    real, wino, wino1 = C._conv_via_chwb, A.WINOGRAD, A.WINOGRAD1D
-    C._conv_via_chwb = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
+    real, wino, wino1 = dense_cpu._conv_via_chwb, A.WINOGRAD, A.WINOGRAD1D
+    dense_cpu._conv_via_chwb = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
     # 3x3 and 1x7 stride-1 convs otherwise take the Winograd routes (test_winograd*.py)
     A.WINOGRAD = A.WINOGRAD1D = False
     try:
         got = C.CpuExecutor(g).predict(x)
     finally:
-        C._conv_via_chwb, A.WINOGRAD, A.WINOGRAD1D = real, wino, wino1
+        dense_cpu._conv_via_chwb, A.WINOGRAD, A.WINOGRAD1D = real, wino, wino1
     assert calls, "the CHWB route was not taken"
     want = reference.run(g, x)["c"]
     assert rel_err(got, want) <= 1e-5

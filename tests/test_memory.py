@@ -12,6 +12,7 @@ import pytest
 from test_occlusion import NETS
 
 import krypton_db as kdb
+from krypton_db.exec import conv_cpu, dense_cpu
 from krypton_db.exec.incremental import IncrementalExecutor, PlannedArena
 from krypton_db.occlusion import occlude
 from krypton_db.planner.batching import peak_bytes_per_query
@@ -220,7 +221,7 @@ def test_step_scratch_takes_dense_transposes_from_the_allocator(monkeypatch):
             got["y"] = ex.exec_step(step, [xi])
         persistent.update(getattr(runtime._TLS, "bufs", {}))
 
-    monkeypatch.setattr(C, "WINO_BAND_FLOATS", 32 * 6 * 12 * 5)  # 6-row bands: 14 rows in 3
+    monkeypatch.setattr(dense_cpu, "WINO_BAND_FLOATS", 32 * 6 * 12 * 5)  # 6-row bands: 14 rows in 3
     real = W.conv
     monkeypatch.setattr(W, "conv", lambda *a, **kw: (bands.append(1), real(*a, **kw))[1])
     t = threading.Thread(target=body)
@@ -238,8 +239,6 @@ def test_shifted_patch_conv_reads_its_own_slice_of_a_slab():
     gathered read-in through the spare tail after it. Replayed batches hand the read-in out
     as a slice of the arena's slab, at any offset (numpy collapses view chains: ``buf.base``
     is the slab), so the route must start at the read-in's own first element."""
-    from krypton_db.exec import conv_cpu
-    from krypton_db.exec import cpu as C
     from krypton_db.exec import patch_cpu as P
     from krypton_db.exec import reference
     from krypton_db.graph import Graph, Node, Op
@@ -262,9 +261,29 @@ def test_shifted_patch_conv_reads_its_own_slice_of_a_slab():
     real = P._conv_shift
     P._conv_shift = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
     try:
-        got = P.conv_chwb(buf, g["k"], conv_cpu.ConvWeights.of(g["k"]), C.act_spec(None), (hr - 4, wr - 4))
+        got = P.conv_chwb(buf, g["k"], conv_cpu.ConvWeights.of(g["k"]), dense_cpu.act_spec(None), (hr - 4, wr - 4))
     finally:
         P._conv_shift = real
     assert calls, "the shifted-window route was not taken"
     want = reference.run(g, x)["k"].transpose(1, 2, 3, 0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_planning_prepares_no_weights():
+    """Planning is index math: kdb.plan of VGG16 (528 MB of weights) allocates < 50 MB and
+    builds no executor (weight preparation belongs to the executors)."""
+    import tracemalloc
+
+    import krypton_db as kdb
+
+    m = kdb.load_model("zoo:vgg16")
+    tracemalloc.start()
+    try:
+        plan = kdb.plan(m, 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(plan.steps) > 30 and plan.theoretical_speedup > 1
+    assert peak < 50 << 20, f"planning VGG16 allocated {peak / 2**20:.1f} MiB"
+    assert m._executor is None

@@ -21,7 +21,7 @@ def head(net, y, c, h, w, k=5):
 
 def vgg_like():
     net = Net((1, 3, 20, 27), seed=1)
-    y = net.op("Relu", [net.conv("input", 3, 6)])
+    y = net.op("Elu", [net.conv("input", 3, 6)], alpha=0.5)
     y = net.op("MaxPool", [net.op("Relu", [net.conv(y, 6, 8, dil=(2, 2), pads=(2, 2, 2, 2))])],
                kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)  # 10 x 13
     y = net.op("LeakyRelu", [net.conv(y, 8, 8, k=(3, 5), stride=(2, 2), pads=(1, 2, 0, 1))], alpha=0.1)

@@ -6,6 +6,7 @@ map's border (where the average's divisor counts only the cells the full layer c
 import numpy as np
 import pytest
 
+from krypton_db.exec import dense_cpu
 from krypton_db.exec import patch_cpu as P
 from krypton_db.graph import Node, Op
 
@@ -87,11 +88,11 @@ def test_dense_strided_maxpool_through_chwb(n, k, s, hw, ceil, monkeypatch):
                                                  ceil_mode=ceil), {}, (c, ho, wo))], "p")
     x = np.random.default_rng(n + k).standard_normal((n, c) + hw).astype(np.float32)
     calls = []
-    real = C._maxpool_via_chwb
-    monkeypatch.setattr(C, "_maxpool_via_chwb", lambda *a: (calls.append(1), real(*a))[1])
+    real = dense_cpu._maxpool_via_chwb
+    monkeypatch.setattr(dense_cpu, "_maxpool_via_chwb", lambda *a: (calls.append(1), real(*a))[1])
     got = C.CpuExecutor(g).predict(x)
     # ceil mode's last windows hang past the map: those stay on the per-plane kernel
     assert bool(calls) != ceil, "the CHWB route was not taken" if not ceil else "taken in ceil mode"
     np.testing.assert_array_equal(got, reference.run(g, x)["p"].astype(np.float32))
-    monkeypatch.setattr(C, "CHWB_POOL_MAX_WO", 0)
+    monkeypatch.setattr(dense_cpu, "CHWB_POOL_MAX_WO", 0)
     np.testing.assert_array_equal(C.CpuExecutor(g).predict(x), got)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
+from krypton_db.exec import conv_cpu, dense_cpu
 from krypton_db.planner import algorithms
 from krypton_db.exec import cpu as C
 from krypton_db.exec import patch_cpu as P
@@ -40,8 +41,8 @@ def test_dense_route(cin, cout, hw, k, s, pads, monkeypatch):
     g = _graph(cin, cout, hw, k, s, pads, rng)
     x = rng.normal(size=(5, cin) + hw).astype(np.float32)
     calls = []
-    real = C._conv_polyphase
-    monkeypatch.setattr(C, "_conv_polyphase", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    real = dense_cpu._conv_polyphase
+    monkeypatch.setattr(dense_cpu, "_conv_polyphase", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     got = C.CpuExecutor(g).predict(x)
     assert calls, "the polyphase route was not taken"
     assert rel_err(got, reference.run(g, x)["r"]) <= 1e-5
@@ -62,7 +63,7 @@ def test_dense_route_in_bands(cin, cout, hw, k, s, pads, monkeypatch):
     monkeypatch.setattr(algorithms, "polyphase_taps", lambda *a: (bands.append(a[4]), real(*a))[1])
     ho, wo = g["c"].shape[1:]
     phases, _, hp, wp = real(k[0], k[1], s[0], s[1], ho, wo, 3)
-    monkeypatch.setattr(C, "WINO_BAND_FLOATS", cin * len(phases) * wp * 3 * (hp - ho + 2))  # 2 rows
+    monkeypatch.setattr(dense_cpu, "WINO_BAND_FLOATS", cin * len(phases) * wp * 3 * (hp - ho + 2))  # 2 rows
     got = C.CpuExecutor(g).predict(x)
     assert len(bands) >= 2 and sum(bands) == g["c"].shape[1], bands  # bands cover every row once
     assert rel_err(got, reference.run(g, x)["r"]) <= 1e-5
@@ -77,7 +78,7 @@ def test_patch_route(cin, cout, hw, k, s, pads):
     node = g["c"]
     x = rng.normal(size=(19, cin) + hw).astype(np.float32)
     buf = np.ascontiguousarray(x.transpose(1, 2, 3, 0))
-    got = P.conv_chwb(buf, node, C.ConvWeights.of(node), (1, np.float32(0), np.float32(0)), node.shape[1:])
+    got = P.conv_chwb(buf, node, conv_cpu.ConvWeights.of(node), (1, np.float32(0), np.float32(0)), node.shape[1:])
     want = reference.run(g, x)["r"].transpose(1, 2, 3, 0)
     assert rel_err(got, want) <= 1e-5
 
@@ -89,8 +90,8 @@ def test_rgb_first_layer_keeps_im2col(monkeypatch):
     g = _graph(3, 8, (23, 20), (7, 7), (2, 2), (3, 3, 3, 3), rng)
     x = rng.normal(size=(4, 3, 23, 20)).astype(np.float32)
     calls = []
-    real = C._conv_polyphase
-    monkeypatch.setattr(C, "_conv_polyphase", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    real = dense_cpu._conv_polyphase
+    monkeypatch.setattr(dense_cpu, "_conv_polyphase", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     got = C.CpuExecutor(g).predict(x)
     assert not calls
     assert rel_err(got, reference.run(g, x)["r"]) <= 1e-5

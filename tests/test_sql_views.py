@@ -102,7 +102,7 @@ def test_global_avgpool(keepdims):
 
 POINTWISE = [
     (Op.RELU, {}), (Op.CLIP, {"lo": 0.0, "hi": 6.0}), (Op.CLIP, {"lo": float("-inf"), "hi": 0.5}),
-    (Op.LEAKY_RELU, {"alpha": 0.1}), (Op.SIGMOID, {}),
+    (Op.LEAKY_RELU, {"alpha": 0.1}), (Op.SIGMOID, {}), (Op.ELU, {"alpha": 0.7}),
     (Op.HARD_SIGMOID, {"alpha": 0.2, "beta": 0.5}), (Op.HARD_SWISH, {}),
 ]
 

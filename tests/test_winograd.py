@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import assert_switch_gives_direct, rel_err
 
+from krypton_db.exec import conv_cpu, dense_cpu
 from krypton_db.planner import algorithms
 from krypton_db.exec import cpu as C
 from krypton_db.exec import runtime
@@ -72,7 +73,7 @@ def test_chwb_patch_route(cin, cout, hw, n, monkeypatch):
     calls = []
     real = W.conv
     monkeypatch.setattr(W, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    cw = C.ConvWeights.of(node)
+    cw = conv_cpu.ConvWeights.of(node)
     got = P.conv_chwb(buf, node, cw, (0, np.float32(0), np.float32(0)), node.shape[1:])
     assert calls, "the Winograd route was not taken"
     want = reference.run(g, x)["c"].transpose(1, 2, 3, 0)
@@ -93,7 +94,7 @@ def test_dense_route_with_fused_activation(op, params, pads, hw, band, monkeypat
     rng = np.random.default_rng(7)
     g = _conv_graph(16, 24, hw, pads, rng, act=(op, params))
     x = rng.normal(size=(6, 16) + hw).astype(np.float32)
-    monkeypatch.setattr(C, "WINO_BAND_FLOATS", band)
+    monkeypatch.setattr(dense_cpu, "WINO_BAND_FLOATS", band)
     calls = []
     real = W.conv
     monkeypatch.setattr(W, "conv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])

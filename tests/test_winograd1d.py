@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import assert_switch_gives_direct, rel_err
 
+from krypton_db.exec import conv_cpu
 from krypton_db.planner import algorithms
 from krypton_db.exec import cpu as C
 from krypton_db.exec import reference
@@ -75,7 +76,7 @@ def test_chwb_patch_route(k, hw, n, monkeypatch):
     buf = np.ascontiguousarray(x.transpose(1, 2, 3, 0))  # [C, h, w, B]
     monkeypatch.setattr(W1, "CHUNK_FLOATS", 1 << 13)  # several column chunks, tiles split across them
     calls = _spy(monkeypatch)
-    got = P.conv_chwb(buf, node, C.ConvWeights.of(node), (0, np.float32(0), np.float32(0)), node.shape[1:])
+    got = P.conv_chwb(buf, node, conv_cpu.ConvWeights.of(node), (0, np.float32(0), np.float32(0)), node.shape[1:])
     assert calls, "the 1-D Winograd route was not taken"
     want = reference.run(g, x)["c"].transpose(1, 2, 3, 0)
     assert rel_err(got, want) <= 1e-5

@@ -8,6 +8,7 @@ import pytest
 from conftest import rel_err
 from test_winograd import _conv_graph
 
+from krypton_db.exec import conv_cpu, dense_cpu
 from krypton_db.planner import algorithms
 from krypton_db.exec import cpu as C
 from krypton_db.exec import gemm_cpu as G
@@ -69,7 +70,7 @@ def test_chwb_patch_route(cin, cout, hw, n, monkeypatch):
     buf = np.ascontiguousarray(x.transpose(1, 2, 3, 0))
     monkeypatch.setattr(W4, "CHUNK_FLOATS", 1 << 16)  # many column chunks, partial tiles per chunk
     calls, calls2 = _spy(monkeypatch, W4), _spy(monkeypatch, W)
-    got = P.conv_chwb(buf, node, C.ConvWeights.of(node), (0, np.float32(0), np.float32(0)), node.shape[1:])
+    got = P.conv_chwb(buf, node, conv_cpu.ConvWeights.of(node), (0, np.float32(0), np.float32(0)), node.shape[1:])
     assert calls and not calls2, "the F(4x4, 3x3) route was not taken"
     want = reference.run(g, x)["c"].transpose(1, 2, 3, 0)
     assert rel_err(got, want) <= TOL
@@ -92,7 +93,7 @@ def test_dense_route_with_fused_activation(op, params, pads, hw, band, monkeypat
     rng = np.random.default_rng(7)
     g = _conv_graph(64, 64, hw, pads, rng, act=None if op is None else (op, params))
     x = rng.normal(size=(6, 64) + hw).astype(np.float32)
-    monkeypatch.setattr(C, "WINO_BAND_FLOATS", band)
+    monkeypatch.setattr(dense_cpu, "WINO_BAND_FLOATS", band)
     calls = _spy(monkeypatch, W4)
     got = C.CpuExecutor(g).predict(x)
     assert calls, "the F(4x4, 3x3) route was not taken"

@@ -12,11 +12,7 @@ import numpy as np
 
 from ..graph import Node
 from ..planner import algorithms
-from . import gemm_cpu as G
-from . import kernels_cpu as K
-from . import winograd1d_cpu as W1
-from . import winograd4_cpu as W4
-from . import winograd_cpu as W
+from . import gemm_cpu, kernels_cpu, winograd1d_cpu, winograd4_cpu, winograd_cpu
 from .runtime import num_threads, parallel_chunks
 
 # column chunk bounds of the conv GEMMs (values per thread's block)
@@ -55,30 +51,30 @@ class ConvWeights:
 
     def winograd(self) -> np.ndarray:
         if self.wino is None:
-            self.wino = W.transform_filters(self.w4)
+            self.wino = winograd_cpu.transform_filters(self.w4)
         return self.wino
 
     def winograd4(self) -> np.ndarray:
         if self.wino4 is None:
-            self.wino4 = W4.transform_filters(self.w4)
+            self.wino4 = winograd4_cpu.transform_filters(self.w4)
         return self.wino4
 
     def winograd3x3(self, params: dict, c: int, out_hw):
         """(the Winograd kernel module, its filters) for this conv (node ``params``, ``c``
         input channels, output size ``out_hw``; one ``winograd_cpu.eligible`` accepts):
         F(4x4, 3x3) where ``winograd4_cpu`` takes it, else F(2x2, 3x3)."""
-        if W4.eligible(params, c=c, o=self.w4.shape[0], groups=len(self.mats), out_hw=out_hw):
-            return W4, self.winograd4()
-        return W, self.winograd()
+        if winograd4_cpu.eligible(params, c=c, o=self.w4.shape[0], groups=len(self.mats), out_hw=out_hw):
+            return winograd4_cpu, self.winograd4()
+        return winograd_cpu, self.winograd()
 
     def winograd1d(self) -> tuple:
         if self.wino1d is None:
-            self.wino1d = W1.transform_filters(self.w4)
+            self.wino1d = winograd1d_cpu.transform_filters(self.w4)
         return self.wino1d
 
     def packed(self, gi: int) -> np.ndarray:
         if self.packs is None:
-            self.packs = [G.pack_weights(m) for m in self.mats]
+            self.packs = [gemm_cpu.pack_weights(m) for m in self.mats]
         return self.packs[gi]
 
 
@@ -104,16 +100,16 @@ def conv_gemm(cw: ConvWeights, gi: int, src: np.ndarray, offs, col0: int, ncols:
         return
     m = ys.shape[0]
     bias = cw.bias[gi * m : (gi + 1) * m] if act is not None else None
-    if GEMM != "openblas" or not K.HAVE_BLAS:
-        G.tap_gemm(cw.packed(gi), m, src, np.asarray(offs, np.int64), col0, ncols, ys, accumulate,
+    if GEMM != "openblas" or not kernels_cpu.HAVE_BLAS:
+        gemm_cpu.tap_gemm(cw.packed(gi), m, src, np.asarray(offs, np.int64), col0, ncols, ys, accumulate,
                    bias=bias, act=act)
         return
     mats = [cw.mats[gi]] if len(offs) == 1 else cw.tap_mats()[gi]
     for k, off in enumerate(offs):
-        K.gemm(mats[k], src[:, col0 + off : col0 + off + ncols], ys[:, :ncols],
+        kernels_cpu.gemm(mats[k], src[:, col0 + off : col0 + off + ncols], ys[:, :ncols],
                1.0 if (k > 0 or accumulate) else 0.0)
     if act is not None:
-        K.bias_act_rows_cpu(ys[:, :ncols], bias, *act)
+        kernels_cpu.bias_act_rows_cpu(ys[:, :ncols], bias, *act)
 
 
 def cols_chunk(ncols: int, per_col: int, budget: int) -> int:
@@ -142,7 +138,7 @@ def _gemmcols_chunk(ncols: int) -> int:
     nch = max(2 * t, -(-ncols // GEMM_MAX_COLS))
     nch = -(-nch // t) * t
     qc = -(-ncols // nch)
-    return max(16, min(-(-qc // G.NR) * G.NR, ncols))
+    return max(16, min(-(-qc // gemm_cpu.NR) * gemm_cpu.NR, ncols))
 
 
 def conv1x1(x2: np.ndarray, cw: ConvWeights, g: int, act, out2: np.ndarray) -> None:

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from .. import relation
 from ..planner.delta_sql import PATCH_TABLE, POSITIONS_TABLE, QUERIES_TABLE, DeltaSql
+from ..sqlviews import ident
 
 
 class DuckDbIncrementalExecutor:
@@ -54,7 +55,6 @@ class DuckDbIncrementalExecutor:
 
     def delta_cells(self, view: str) -> pa.Table:
         """The last batch's delta relation of layer view ``view`` (for tests and research)."""
-        from ..sqlviews import ident
 
         return self.con.sql(f"SELECT * FROM {ident(self.dsql.delta_of[view])}").to_arrow_table()
 

@@ -36,10 +36,10 @@ import numpy as np
 
 from ..errors import KryptonError
 from ..graph import ACTIVATIONS, Graph, Node, Op
+from ..planner.batching import peak_bytes_per_query
 from ..planner.physical import PhysicalPlan, PhysicalStep, Route, physical_steps
 from .cpu import act_spec
 from .incremental import union_box, window_locations
-
 
 
 class GpuUnavailableError(KryptonError):
@@ -513,8 +513,6 @@ class GpuIncrementalExecutor:
         return to_external_host(outs[self.graph.output])
 
     def bytes_per_query(self) -> int:
-        from ..planner.batching import peak_bytes_per_query
-
         return peak_bytes_per_query(self.plan, "gpu")
 
     def close(self) -> None:

@@ -27,10 +27,10 @@ import numpy as np
 
 from ..graph import Op
 from ..heap import return_freed_heap
-from . import patch_cpu as P
 from ..planner.batching import peak_bytes_per_query
 from ..planner.physical import Route, physical_steps
-from .cpu import BufferLedger, CpuExecutor, to_external, act_spec
+from . import patch_cpu
+from .cpu import BufferLedger, CpuExecutor, act_spec, to_external
 from .runtime import step_scratch
 
 
@@ -255,7 +255,7 @@ class IncrementalExecutor:
         full = self._stitched.get(name)
         if full is None:
             # stitched straight into its slice of a concat's buffer where it has one
-            full = self._stitched[name] = P.stitch(self.views[name], st.val, st.loc,
+            full = self._stitched[name] = patch_cpu.stitch(self.views[name], st.val, st.loc,
                                                    alloc=self._ledger.out_alloc(name))
             self._ledger.own(name, full)
         return full
@@ -325,15 +325,15 @@ class IncrementalExecutor:
             # released after the step, as for any step
             buf = pin.val
         else:
-            buf = P.gather(self.views[src], pin.val, pin.loc, rloc, rsize, fill,
-                           P.window_tail(node, pin.loc.shape[0]), alloc=self._alloc)
+            buf = patch_cpu.gather(self.views[src], pin.val, pin.loc, rloc, rsize, fill,
+                           patch_cpu.window_tail(node, pin.loc.shape[0]), alloc=self._alloc)
             self._release_if_last(src)  # the read-in holds what the layer needs: the output may reuse it
         if node.op is Op.CONV:
-            y = P.conv_chwb(buf, node, self.ex.prep[node.name], act_spec(ds.fused), size, alloc=self._alloc)
+            y = patch_cpu.conv_chwb(buf, node, self.ex.prep[node.name], act_spec(ds.fused), size, alloc=self._alloc)
         elif node.op is Op.MAXPOOL:
-            y = P.maxpool_chwb(buf, node, size, alloc=self._alloc)
+            y = patch_cpu.maxpool_chwb(buf, node, size, alloc=self._alloc)
         else:
-            y = P.avgpool_chwb(buf, node, rloc, self.graph[src].shape[1:], size, alloc=self._alloc)
+            y = patch_cpu.avgpool_chwb(buf, node, rloc, self.graph[src].shape[1:], size, alloc=self._alloc)
         return Patch(oloc, y)
 
     def _release_if_last(self, name: str) -> None:
@@ -356,7 +356,7 @@ class IncrementalExecutor:
             if p.size == (bh, bw) and np.array_equal(p.loc, loc):
                 bufs.append(p.val)
             else:
-                bufs.append(P.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0, alloc=self._alloc))
+                bufs.append(patch_cpu.gather(self.views[name], p.val, p.loc, loc, (bh, bw), 0.0, alloc=self._alloc))
                 if node.inputs.count(name) == 1:
                     self._release_if_last(name)  # copied into the box: the output may reuse it
         return Patch(loc, self.ex.exec_step(step, bufs, alloc=self._alloc))

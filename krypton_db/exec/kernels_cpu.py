@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 # activation codes shared by the fused epilogue and the standalone pointwise kernel (graph.OPS)
-from ..graph import (ACT_CLIP, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY,  # noqa: E402
+from ..graph import (ACT_CLIP, ACT_ELU, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY,  # noqa: E402
                      ACT_NONE, ACT_RELU, ACT_SIGMOID)
 
 
@@ -148,6 +148,8 @@ def act(v, code, a0, a1):
         return min(max(a0 * v + a1, np.float32(0.0)), np.float32(1.0))
     if code == ACT_HSWISH:
         return v * min(max(v / np.float32(6.0) + np.float32(0.5), np.float32(0.0)), np.float32(1.0))
+    if code == ACT_ELU:
+        return v if v >= 0.0 else a0 * math.expm1(v)
     return v
 
 

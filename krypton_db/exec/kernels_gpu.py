@@ -18,7 +18,8 @@ import numpy as np
 from numba import cuda
 
 # activation codes shared with kernels_cpu (fused epilogue and standalone pointwise; graph.OPS)
-from ..graph import ACT_CLIP, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY, ACT_RELU, ACT_SIGMOID  # noqa: E402
+from ..graph import (ACT_CLIP, ACT_ELU, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY,  # noqa: E402
+                     ACT_RELU, ACT_SIGMOID)
 
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
@@ -105,6 +106,8 @@ def _act(v, code, a0, a1):
         return min(max(a0 * v + a1, F0), F1)
     if code == ACT_HSWISH:
         return v * min(max(v / F6 + FHALF, F0), F1)
+    if code == ACT_ELU:
+        return v if v >= F0 else a0 * math.expm1(v)
     return v
 
 

@@ -24,12 +24,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..graph import Node, Op
-from . import gather_cpu as GC
-from . import kernels_cpu as K
-from . import transpose_cpu as TR
-from . import winograd_cpu as W
-from . import winograd1d_cpu as W1
 from ..planner.algorithms import by_phase_planes, polyphase_taps
+from . import gather_cpu, kernels_cpu, transpose_cpu, winograd1d_cpu, winograd_cpu
 from .conv_cpu import ConvWeights, conv1x1, conv_gemm
 from .runtime import num_threads, parallel_chunks, parallel_ranges, scratch
 
@@ -56,7 +52,7 @@ def shift_epilogue_chwb_cpu(acc, o0, q0, q1, wr, wo, nb, b, code, a0, a1, out):
             run = min(wr - x, t1 - t)  # grid cells of this row inside the block
             n = min(run, max(wo - x, 0))
             if n > 0:
-                K.bias_act_at(of, (((o0 + o) * ho + oy) * wo + x) * nb, arow, (t - t0) * nb, n * nb,
+                kernels_cpu.bias_act_at(of, (((o0 + o) * ho + oy) * wo + x) * nb, arow, (t - t0) * nb, n * nb,
                                bo, code, a0, a1)
             t += run
 
@@ -117,7 +113,7 @@ def depthwise_chwb_cpu(buf, w, b, sh, sw, dh, dw, code, a0, a1, out, lo, hi):
                         for q in range(nb):
                             out[c, oy, ox, q] += wv * buf[c, y, x, q]
                 for q in range(nb):
-                    out[c, oy, ox, q] = K.act(out[c, oy, ox, q] + bc, code, a0, a1)
+                    out[c, oy, ox, q] = kernels_cpu.act(out[c, oy, ox, q] + bc, code, a0, a1)
 
 
 # The pooling kernels: each (c, oy, ox) output cell is B contiguous queries, reduced over the
@@ -138,10 +134,10 @@ def _window_reduce16(typingctx, src, base, taps, ntaps, dst, doff, nl, is_max, s
     def codegen(context, builder, sig, args):
         src, base, taps, ntaps, dst, doff, nl, is_max, sy, yoff, sx, xoff = args
         vt = ir.VectorType(ir.FloatType(), 16)
-        ld, st = TR.masked_ops(builder)
+        ld, st = transpose_cpu.masked_ops(builder)
         four = ir.Constant(ir.IntType(32), 4)
         zero = ir.Constant(vt, [0.0] * 16)
-        lanes = TR.lanes_below(builder, nl)
+        lanes = transpose_cpu.lanes_below(builder, nl)
         sp = context.make_array(sig.args[0])(context, builder, src).data
         tp = context.make_array(sig.args[2])(context, builder, taps).data
         dp = context.make_array(sig.args[4])(context, builder, dst).data
@@ -241,14 +237,14 @@ def gather(view, patch, ploc, rloc, size, fill, tail: int = 0, alloc=None) -> np
     n = c * size[0] * size[1] * nb
     flat = _new(alloc, (n + tail,))
     out = flat[:n].reshape(c, size[0], size[1], nb)
-    return GC.gather(view, patch, ploc, rloc, size, fill, out)
+    return gather_cpu.gather(view, patch, ploc, rloc, size, fill, out)
 
 
 def stitch(view, patch, ploc, alloc=None) -> np.ndarray:
     """Full tensors [C, B, H, W] (CNHW): per query, the view with its patch pasted in."""
     c = view.shape[0]
     out = _new(alloc, (c, ploc.shape[0]) + view.shape[1:])
-    return GC.stitch(view, patch, ploc, out)
+    return gather_cpu.stitch(view, patch, ploc, out)
 
 
 SHIFT_MAX_WASTE = 0.6
@@ -272,16 +268,16 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
                                                              code, a0, a1, out, lo, hi))
         return out
     cg, og = c // g, o // g
-    if W.eligible(p, c, g, (ho, wo)):
+    if winograd_cpu.eligible(p, c, g, (ho, wo)):
         kern, filters = cw.winograd3x3(p, c, (ho, wo))  # F(4x4, 3x3) or F(2x2, 3x3)
         kern.conv(buf, filters, cw.bias, act, out)
         return out
-    if W1.eligible(p, c, g, (ho, wo)):
-        if W1.filter_axis(p) == 0:  # r x 1: the read-in is the layout the kernel runs on
-            W1.conv(buf, cw.winograd1d(), cw.bias, act, out)
+    if winograd1d_cpu.eligible(p, c, g, (ho, wo)):
+        if winograd1d_cpu.filter_axis(p) == 0:  # r x 1: the read-in is the layout the kernel runs on
+            winograd1d_cpu.conv(buf, cw.winograd1d(), cw.bias, act, out)
         else:  # 1 x r: on the read-in with rows and columns swapped, and back
             yt = np.empty((o, wo, ho, nb), np.float32)
-            W1.conv(np.ascontiguousarray(buf.transpose(0, 2, 1, 3)), cw.winograd1d(), cw.bias, act, yt)
+            winograd1d_cpu.conv(np.ascontiguousarray(buf.transpose(0, 2, 1, 3)), cw.winograd1d(), cw.bias, act, yt)
             out[...] = yt.transpose(0, 2, 1, 3)
         return out
     if by_phase_planes(p):
@@ -294,10 +290,10 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
         # a 1x1 conv is one GEMM on the read-in as it lies, output columns written in place
         # (the shifted-window route's scratch + epilogue pass cost 1x1 patches ~2x: Inception3's
         # Mixed_6b 1x1 patch convs ran at 165-220 GFLOP/s)
-        with K.single_threaded_blas():
+        with kernels_cpu.single_threaded_blas():
             conv1x1(buf.reshape(c, -1), cw, 1, act, out.reshape(o, -1))
         return out
-    with K.single_threaded_blas():
+    with kernels_cpu.single_threaded_blas():
         # shifted-window GEMMs need K = C large enough for BLAS to be efficient
         if g == 1 and sh == sw == 1 and c >= SHIFT_MIN_C and (kh * kw == 1 or wr <= (1 + SHIFT_MAX_WASTE) * wo):
             _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out)

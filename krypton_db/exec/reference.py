@@ -109,6 +109,8 @@ def pointwise(node: Node, x):
         return np.clip(p["alpha"] * x + p["beta"], 0.0, 1.0)
     if op is Op.HARD_SWISH:
         return x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)
+    if op is Op.ELU:
+        return np.where(x >= 0, x, p["alpha"] * np.expm1(np.minimum(x, 0.0)))
     if op is Op.AFFINE:
         shape = (1, -1) + (1,) * (x.ndim - 2)
         return x * node.weights["scale"].reshape(shape) + node.weights["shift"].reshape(shape)

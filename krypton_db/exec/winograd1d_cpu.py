@@ -37,9 +37,7 @@ from numba.extending import intrinsic
 
 from ..graph import ACT_NONE, ACT_RELU
 from ..planner import algorithms
-from . import gemm_cpu as G
-from . import kernels_cpu as K
-from . import winograd_cpu as W2
+from . import gemm_cpu, kernels_cpu, winograd_cpu
 from .transpose_cpu import T as VL
 from .transpose_cpu import lanes_below, masked_ops
 
@@ -104,7 +102,7 @@ def transform_filters(w4: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     m, pts = POINTS[r]
     at, g, bt = transforms(m, r, pts)
     u = np.einsum("ki,oci->koc", g, w4.reshape(o, c, r).astype(np.float64))
-    return G.pack_stack(u), at.astype(np.float32), bt.astype(np.float32), _BAKED.get(r) == (m, pts)
+    return gemm_cpu.pack_stack(u), at.astype(np.float32), bt.astype(np.float32), _BAKED.get(r) == (m, pts)
 
 
 def linear_vec(coef: np.ndarray):
@@ -286,7 +284,7 @@ def output_transform_cpu(mf, m0, mplane, at, j0, j1, bias, code, a0, a1, out, ve
                         of[dst + q] = v if v > 0.0 else np.float32(0.0)
                 elif code != ACT_NONE:
                     for q in range(un):
-                        of[dst + q] = K.act(of[dst + q], code, a0, a1)
+                        of[dst + q] = kernels_cpu.act(of[dst + q], code, a0, a1)
             t += 1
 
 
@@ -303,7 +301,7 @@ def conv(buf: np.ndarray, packed, bias: np.ndarray, act, out: np.ndarray) -> Non
 
     def body(j0, j1, vm, sl):
         input_transform_cpu(buf, m, bt, j0, j1, vm, sl, sl, vec)
-        W2.gemms(filters, o, c, vm, sl, j1 - j0)
+        winograd_cpu.gemms(filters, o, c, vm, sl, j1 - j0)
         output_transform_cpu(vm, 0, sl, at, j0, j1, bias, code, a0, a1, out, vec)
 
-    W2.run_chunks(-(-ho // m) * nl * nb, a, max(c, o), CHUNK_FLOATS, body)
+    winograd_cpu.run_chunks(-(-ho // m) * nl * nb, a, max(c, o), CHUNK_FLOATS, body)

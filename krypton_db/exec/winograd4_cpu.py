@@ -18,15 +18,12 @@ tolerances.
 
 from __future__ import annotations
 
-
 import numpy as np
 from numba import njit
 
 from ..graph import ACT_NONE, ACT_RELU
 from ..planner import algorithms
-from . import kernels_cpu as K
-from . import winograd1d_cpu as W1
-from . import winograd_cpu as W2
+from . import kernels_cpu, winograd1d_cpu, winograd_cpu
 from .runtime import scratch
 from .transpose_cpu import T as VL
 
@@ -41,9 +38,9 @@ _M, _R = 4, 3
 # against 3.4-5.3e-6 with +-2 and 4.0-7.5e-6 with +-1/2; F(2x2, 3x3): 2.4-4.5e-7). Baked into
 # the cached vector bodies: change them only together with the numba cache.
 POINTS = (0.0, 1.0, -1.0, 2.0, -0.5)
-_AT, _G, _BT = W1.transforms(_M, _R, POINTS)  # [4, 6], [6, 3], [6, 6] float64
+_AT, _G, _BT = winograd1d_cpu.transforms(_M, _R, POINTS)  # [4, 6], [6, 3], [6, 6] float64
 _A = _BT.shape[0]  # 6
-_IN, _OUT = W1.linear_vec(_BT), W1.linear_vec(_AT)  # vector bodies, coefficients baked in
+_IN, _OUT = winograd1d_cpu.linear_vec(_BT), winograd1d_cpu.linear_vec(_AT)  # vector bodies, coefficients baked in
 
 
 # which convs run here: ``planner.algorithms.winograd_f4``
@@ -53,7 +50,7 @@ eligible = algorithms.winograd_f4
 def transform_filters(w4: np.ndarray) -> np.ndarray:
     """W [O, C, 3, 3] -> the 36 ``gemm_cpu``-packed U[k] = (G g G^T)[k] [O, C] (k = 6 * row +
     col), computed in float64, stacked as [36, panels, C * MR]."""
-    return W2.transform_filters(w4, _G)
+    return winograd_cpu.transform_filters(w4, _G)
 
 
 @njit(inline="always")
@@ -125,7 +122,7 @@ def output_transform_cpu(mf, m0, mplane, ntx, j0, j1, bias, code, a0, a1, out, t
                     if code != ACT_NONE and code != ACT_RELU:  # other activations: in place, after the vector body
                         for x in range(cols):
                             for lane in range(nl):
-                                of[d0 + x * nb + lane] = K.act(of[d0 + x * nb + lane], code, a0, a1)
+                                of[d0 + x * nb + lane] = kernels_cpu.act(of[d0 + x * nb + lane], code, a0, a1)
                 q += VL
             t += 1
 
@@ -143,7 +140,7 @@ def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.nd
     def body(j0, j1, vm, sl):
         tmp = scratch("wino4_tmp", _A * _A * VL)
         input_transform_cpu(buf, ntx, j0, j1, vm, sl, sl, tmp)
-        W2.gemms(filters, o, c, vm, sl, j1 - j0)
+        winograd_cpu.gemms(filters, o, c, vm, sl, j1 - j0)
         output_transform_cpu(vm, 0, sl, ntx, j0, j1, bias, code, a0, a1, out, tmp)
 
-    W2.run_chunks(-(-ho // _M) * ntx * nb, len(filters), max(c, o), CHUNK_FLOATS, body)
+    winograd_cpu.run_chunks(-(-ho // _M) * ntx * nb, len(filters), max(c, o), CHUNK_FLOATS, body)

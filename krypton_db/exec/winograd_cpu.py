@@ -21,21 +21,17 @@ loops over B contiguous floats. The columns are processed in chunks sized so tha
 
 from __future__ import annotations
 
-
-import numpy as np
-from numba import njit
-
 import llvmlite.ir as ir
-from numba import types
+import numpy as np
+from numba import njit, types
 from numba.extending import intrinsic
 
 from ..planner import algorithms
-from . import gemm_cpu as G
-from . import kernels_cpu as K
+from . import gemm_cpu, kernels_cpu
 from .runtime import balanced_chunks, parallel_chunks, scratch
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
-VL = G.VL  # lanes of the vector transforms (16 with AVX-512, else 8)
+VL = gemm_cpu.VL  # lanes of the vector transforms (16 with AVX-512, else 8)
 
 
 # The transforms' inner loops read 16 (write 16) streams of B-contiguous floats; LLVM's
@@ -143,7 +139,7 @@ def transform_filters(w4: np.ndarray, g: np.ndarray = _G) -> np.ndarray:
     def u(k):  # U[k] = sum_ij G[row, i] G[col, j] w[:, :, i, j], a matrix-vector product
         return (w @ np.outer(g[k // a], g[k % a]).reshape(9)).reshape(o, c)
 
-    return G.pack_stack(u, a * a)
+    return gemm_cpu.pack_stack(u, a * a)
 
 
 @njit(**_NJ)
@@ -154,7 +150,7 @@ def gemms_cpu(filters, o, c, vm, sl, n, bp, tile):
     argument checks and views were ~3% of a ResNet18 explanation)."""
     zero = np.zeros(1, np.int64)
     for k in range(filters.shape[0]):
-        G.tap_gemm_cpu(filters[k], o, vm, zero, n, (k + 1) * sl, n, vm, k * sl, n, False, bp, tile)
+        gemm_cpu.tap_gemm_cpu(filters[k], o, vm, zero, n, (k + 1) * sl, n, vm, k * sl, n, False, bp, tile)
 
 
 @njit(inline="always")
@@ -325,13 +321,13 @@ def output_transform_cpu(mf, m0, mplane, ntx, j0, j1, bias, code, a0, a1, out):
                 r1 = m11 - m21 - m31
                 r2 = m12 - m22 - m32
                 r3 = m13 - m23 - m33
-                of[q00 + ubb] = K.act(p0 + p1 + p2 + bo, code, a0, a1)
+                of[q00 + ubb] = kernels_cpu.act(p0 + p1 + p2 + bo, code, a0, a1)
                 if full_x:
-                    of[q00 + ub + ubb] = K.act(p1 - p2 - p3 + bo, code, a0, a1)
+                    of[q00 + ub + ubb] = kernels_cpu.act(p1 - p2 - p3 + bo, code, a0, a1)
                 if full_y:
-                    of[q10 + ubb] = K.act(r0 + r1 + r2 + bo, code, a0, a1)
+                    of[q10 + ubb] = kernels_cpu.act(r0 + r1 + r2 + bo, code, a0, a1)
                     if full_x:
-                        of[q10 + ub + ubb] = K.act(r1 - r2 - r3 + bo, code, a0, a1)
+                        of[q10 + ub + ubb] = kernels_cpu.act(r1 - r2 - r3 + bo, code, a0, a1)
             t += 1
 
 
@@ -355,7 +351,7 @@ def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.nd
 def gemms(filters, o: int, c: int, vm, sl: int, n: int) -> None:
     """``gemms_cpu`` with the calling thread's GEMM scratch."""
 
-    gemms_cpu(filters, o, c, vm, sl, n, scratch("gemm_bp", G.KC * G.NC), scratch("gemm_tile", G.MR * G.NR))
+    gemms_cpu(filters, o, c, vm, sl, n, scratch("gemm_bp", gemm_cpu.KC * gemm_cpu.NC), scratch("gemm_tile", gemm_cpu.MR * gemm_cpu.NR))
 
 
 def run_chunks(ncols: int, nprod: int, cmax: int, chunk_floats: int, body) -> None:
@@ -367,7 +363,7 @@ def run_chunks(ncols: int, nprod: int, cmax: int, chunk_floats: int, body) -> No
     k - 1 has consumed: half the memory of V + M)."""
 
     slots = nprod + 1
-    per, nchunks = balanced_chunks(ncols, max(G.NR, chunk_floats // (slots * cmax)), G.NR)
+    per, nchunks = balanced_chunks(ncols, max(gemm_cpu.NR, chunk_floats // (slots * cmax)), gemm_cpu.NR)
 
     def one(ci):
         j0 = ci * per

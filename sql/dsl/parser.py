@@ -15,7 +15,7 @@ import functools
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from . import ast as A
+from . import ast as dsl_ast
 from .errors import DslSyntaxError
 from .grammar import GRAMMAR
 from .scanner import Chunk, find_calls, split
@@ -50,8 +50,8 @@ class _ToAst(Transformer):
     def word(self, items):
         w = str(items[0])
         low = w.lower()
-        val = {"true": True, "false": False, "null": None}.get(low, A.Word(w)) \
-            if low in ("true", "false", "null") else A.Word(w)
+        val = {"true": True, "false": False, "null": None}.get(low, dsl_ast.Word(w)) \
+            if low in ("true", "false", "null") else dsl_ast.Word(w)
         return val, items[0].start_pos
 
     def tuple(self, items):
@@ -74,17 +74,17 @@ class _ToAst(Transformer):
     # -- arguments -----------------------------------------------------------------------------
     def named(self, items):
         key, (val, vpos) = items
-        return A.Arg(str(key).lower(), val, key.start_pos, vpos)
+        return dsl_ast.Arg(str(key).lower(), val, key.start_pos, vpos)
 
     def positional(self, items):
         (val, vpos), = items
-        return A.Arg(None, val, vpos, vpos)
+        return dsl_ast.Arg(None, val, vpos, vpos)
 
     def with_clause(self, items):
-        return ("with", [a for a in items if isinstance(a, A.Arg)])
+        return ("with", [a for a in items if isinstance(a, dsl_ast.Arg)])
 
     def call(self, items):
-        return [a for a in items if isinstance(a, A.Arg)]
+        return [a for a in items if isinstance(a, dsl_ast.Arg)]
 
     # -- statements ------------------------------------------------------------------------------
     def replace(self, items):
@@ -105,43 +105,43 @@ class _ToAst(Transformer):
     def create_model(self, items):
         (_, rep), (name, npos), (kind, src, spos), *rest = items
         opts = rest[0][1] if rest else []
-        return A.CreateModel(0, 0, name=name, kind=kind, source=src, options=opts, replace=rep,
+        return dsl_ast.CreateModel(0, 0, name=name, kind=kind, source=src, options=opts, replace=rep,
                              name_pos=npos, source_pos=spos)
 
     def create_image(self, items):
         (_, rep), (name, npos), (kind, src, spos) = items
-        return A.CreateImage(0, 0, name=name, kind=kind, source=src, replace=rep, name_pos=npos,
+        return dsl_ast.CreateImage(0, 0, name=name, kind=kind, source=src, replace=rep, name_pos=npos,
                              source_pos=spos)
 
     def create_images(self, items):
         (_, rep), tok = items
-        return A.CreateImages(0, 0, pattern=_unquote(tok), replace=rep, source_pos=tok.start_pos)
+        return dsl_ast.CreateImages(0, 0, pattern=_unquote(tok), replace=rep, source_pos=tok.start_pos)
 
     def set_stmt(self, items):
         key, (val, vpos) = [i for i in items if not (isinstance(i, Token) and i.type != "NAME")]
-        return A.SetOption(0, 0, name=str(key).lower(), value=val, name_pos=key.start_pos,
+        return dsl_ast.SetOption(0, 0, name=str(key).lower(), value=val, name_pos=key.start_pos,
                            value_pos=vpos)
 
     def reset_stmt(self, items):
         key = items[0]
-        return A.ResetOption(0, 0, name=str(key).lower(), name_pos=key.start_pos)
+        return dsl_ast.ResetOption(0, 0, name=str(key).lower(), name_pos=key.start_pos)
 
     def show_stmt(self, items):
         key = items[0]
-        return A.Show(0, 0, what=str(key).upper(), what_pos=key.start_pos)
+        return dsl_ast.Show(0, 0, what=str(key).upper(), what_pos=key.start_pos)
 
     def calibrate_stmt(self, items):
         if not items:
-            return A.Calibrate(0, 0)
+            return dsl_ast.Calibrate(0, 0)
         (m, mpos), (i, ipos) = items
-        return A.Calibrate(0, 0, model=m, image=i, model_pos=mpos, image_pos=ipos)
+        return dsl_ast.Calibrate(0, 0, model=m, image=i, model_pos=mpos, image_pos=ipos)
 
     def tune_stmt(self, items):
         (m, mpos), *rest = items
         opts = []
         if rest and isinstance(rest[-1], tuple) and rest[-1][0] == "with":
             opts = rest.pop()[1]
-        return A.Tune(0, 0, model=m, images=[n for n, _ in rest], options=opts, model_pos=mpos)
+        return dsl_ast.Tune(0, 0, model=m, images=[n for n, _ in rest], options=opts, model_pos=mpos)
 
     @v_args(inline=True)
     def statement(self, stmt):
@@ -196,17 +196,17 @@ def _syntax_error(exc: UnexpectedInput, text: str, end: int) -> DslSyntaxError:
     return DslSyntaxError(f"syntax error: {exc}", text, getattr(exc, "pos_in_stream", end))
 
 
-def parse_call(text: str, start: int, end: int) -> A.OcclusionCall:
+def parse_call(text: str, start: int, end: int) -> dsl_ast.OcclusionCall:
     """One ``occlusion(...)`` call spanning ``text[start:end]``."""
-    return A.OcclusionCall(start, end, _parse_rule(text, start, end, "call"))
+    return dsl_ast.OcclusionCall(start, end, _parse_rule(text, start, end, "call"))
 
 
-def _sql(text: str, chunk: Chunk, tokens) -> A.SqlStatement:
+def _sql(text: str, chunk: Chunk, tokens) -> dsl_ast.SqlStatement:
     spans = find_calls(text, tokens)
     calls = [parse_call(text, s, e) for s, e in spans]
     first = tokens[0].start if tokens else chunk.start
     bare = len(spans) == 1 and spans[0] == (first, chunk.end)
-    return A.SqlStatement(first, chunk.end, calls=calls, bare_call=bare)
+    return dsl_ast.SqlStatement(first, chunk.end, calls=calls, bare_call=bare)
 
 
 def is_ours(chunk: Chunk, options) -> bool:
@@ -223,7 +223,7 @@ def is_ours(chunk: Chunk, options) -> bool:
     return head in ("CALIBRATE", "TUNE")
 
 
-def parse_statement(text: str, chunk: Chunk, options=frozenset()) -> A.Statement:
+def parse_statement(text: str, chunk: Chunk, options=frozenset()) -> dsl_ast.Statement:
     """One statement (a ``Chunk`` of ``text``) -> AST."""
     toks = chunk.tokens
     if toks and toks[0].upper == "EXPLAIN":
@@ -258,7 +258,7 @@ def parse_statement(text: str, chunk: Chunk, options=frozenset()) -> A.Statement
                 raise DslSyntaxError("EXPLAIN ABLATION / FORMAT JSON / FORMAT SQL need a query "
                                      "with occlusion(...)", text, rest[0].start)
             return _sql(text, chunk, toks)
-        return A.Explain(chunk.start, chunk.end, inner=inner, **flags)
+        return dsl_ast.Explain(chunk.start, chunk.end, inner=inner, **flags)
     if is_ours(chunk, options):
         stmt = _parse_rule(text, chunk.start, chunk.end, "statement")
         stmt.start, stmt.end = chunk.start, chunk.end
@@ -266,6 +266,6 @@ def parse_statement(text: str, chunk: Chunk, options=frozenset()) -> A.Statement
     return _sql(text, chunk, toks)
 
 
-def parse(text: str, options=frozenset()) -> list[A.Statement]:
+def parse(text: str, options=frozenset()) -> list[dsl_ast.Statement]:
     """All statements of a script. ``options``: names SET/RESET treat as ours (lower case)."""
     return [parse_statement(text, c, options) for c in split(text)]
