@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import krypton_db as kdb
 from krypton_db.exec import gpu as G
+from krypton_db.exec.gpu_incremental import GpuIncrementalExecutor
 from krypton_db.model import softmax
 from krypton_db.occlusion import grid_positions
 
@@ -75,7 +76,7 @@ def ours_incremental(model, gex, x, pos, pv, patch, tau, batch, cpu=False):
     from krypton_db.exec.incremental import IncrementalExecutor
 
     plan = plan_occlusion(model.graph, patch, model.executor.plan, tau=tau)
-    inc = IncrementalExecutor(plan, model.executor) if cpu else G.GpuIncrementalExecutor(plan, gex)
+    inc = IncrementalExecutor(plan, model.executor) if cpu else GpuIncrementalExecutor(plan, gex)
     inc.materialize(x)
     inc.run_batch(pos[: min(batch, len(pos))], pv)  # warm-up: kernel compilation, allocations
 

@@ -239,7 +239,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
         if engine == "duckdb":
             inc = DuckDbIncrementalExecutor(plan.delta_sql())
         elif device == "gpu":
-            from .exec.gpu import GpuIncrementalExecutor  # numba.cuda: optional, on use
+            from .exec.gpu_incremental import GpuIncrementalExecutor  # numba.cuda: optional
 
             inc = GpuIncrementalExecutor(plan, ex)
         else:

@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"krypton_db": ROOT / "krypton_db", "krypton_db.planner": ROOT / "planner",
             "krypton_db.sql": ROOT / "sql"}
 
-CORE = {"errors", "graph", "relation", "sqltext", "sqlviews", "heap", "interrupt", "checks",
-        "images", "onnx_import", "zoo", "quality"}
+CORE = {"errors", "graph", "graph_passes", "relation", "sqltext", "sqlviews", "heap",
+        "interrupt", "checks", "images", "onnx_import", "zoo", "quality"}
 EXEC_RUNTIME = {"runtime"}
-EXEC_EXECUTORS = {"cpu", "incremental", "gpu", "duckdb_ivm"}
+EXEC_EXECUTORS = {"cpu", "incremental", "gpu", "gpu_incremental", "duckdb_ivm"}
 
 
 def modules() -> dict[str, Path]:

@@ -70,6 +70,7 @@ def _activate_simulator() -> str:
 _HOW = _activate_simulator()
 
 from krypton_db.exec import gpu as G
+from krypton_db.exec.gpu_incremental import GpuIncrementalExecutor
 
 _OK, _WHY = G.gpu_status()
 SIM = _OK and _WHY == "simulator"
@@ -494,7 +495,7 @@ def test_exact_occlusion_equals_cpu_and_naive(name, tmp_path_factory):
     cpu = CpuExecutor(g)
     plan = plan_occlusion(g, (3, 3), cpu.plan)
     gex = G.GpuExecutor(g)
-    gbase, gp, pos, pv = occlusion_probs(lambda: G.GpuIncrementalExecutor(plan, gex), x, 3, 4)
+    gbase, gp, pos, pv = occlusion_probs(lambda: GpuIncrementalExecutor(plan, gex), x, 3, 4)
     cbase, cp, _, _ = occlusion_probs(lambda: IncrementalExecutor(plan, cpu), x, 3, 4)
     assert gp.shape == (9, 5)
     np.testing.assert_allclose(gbase, cbase, atol=1e-6)
@@ -502,7 +503,7 @@ def test_exact_occlusion_equals_cpu_and_naive(name, tmp_path_factory):
     assert np.abs(gp - naive_probs(cpu, x, pos, pv)).max() <= 1e-5
     assert gp.std(axis=0).max() > 1e-5  # the position matters
     # both size batches by the same liveness walk over their own physical steps
-    assert G.GpuIncrementalExecutor(plan, gex).bytes_per_query() == peak_bytes_per_query(plan, "gpu")
+    assert GpuIncrementalExecutor(plan, gex).bytes_per_query() == peak_bytes_per_query(plan, "gpu")
     assert IncrementalExecutor(plan, cpu).bytes_per_query() == peak_bytes_per_query(plan, "cpu")
 
 
@@ -519,7 +520,7 @@ def test_exact_occlusion_tiled_gemm_convs_and_border_positions(tmp_path_factory)
     gex = G.GpuExecutor(g, conv_algo="gemm")
     pos = np.array([[0, 0], [0, 9], [8, 0], [8, 9], [5, 4]])
     pv = np.full((3, 4, 3), -0.5, np.float32)
-    gi = G.GpuIncrementalExecutor(plan, gex)
+    gi = GpuIncrementalExecutor(plan, gex)
     gi.materialize(x)
     ci = IncrementalExecutor(plan, cpu)
     ci.materialize(x)
@@ -576,7 +577,7 @@ def test_approximate_tau_matches_cpu(tmp_path_factory):
     cpu = CpuExecutor(g)
     plan = plan_occlusion(g, (3, 3), cpu.plan, tau=0.4)
     assert any(s.cap is not None for s in plan.steps)  # the threshold binds somewhere
-    _, gp, pos, pv = occlusion_probs(lambda: G.GpuIncrementalExecutor(plan, G.GpuExecutor(g)), x, 3, 4)
+    _, gp, pos, pv = occlusion_probs(lambda: GpuIncrementalExecutor(plan, G.GpuExecutor(g)), x, 3, 4)
     _, cp, _, _ = occlusion_probs(lambda: IncrementalExecutor(plan, cpu), x, 3, 4)
     assert np.abs(gp - cp).max() <= 1e-5
     exact = naive_probs(cpu, x, pos, pv)
@@ -680,7 +681,7 @@ def test_real_gpu_zoo_resnet18_exact_equals_cpu():
     img = m.preprocess(kdb.sample_image("chelsea"))
     x = m.to_nchw(img[None])[0]
     plan = plan_occlusion(m.graph, (16, 16), m.executor.plan)
-    gi = G.GpuIncrementalExecutor(plan, G.GpuExecutor(m.graph))
+    gi = GpuIncrementalExecutor(plan, G.GpuExecutor(m.graph))
     ci = IncrementalExecutor(plan, m.executor)
     gi.materialize(x)
     ci.materialize(x)

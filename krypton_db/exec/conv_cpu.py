@@ -12,6 +12,7 @@ import numpy as np
 
 from ..graph import Node
 from ..planner import algorithms
+from . import blas_cpu
 from . import gemm_cpu, kernels_cpu, winograd1d_cpu, winograd4_cpu, winograd_cpu
 from .runtime import num_threads, parallel_chunks
 
@@ -100,13 +101,13 @@ def conv_gemm(cw: ConvWeights, gi: int, src: np.ndarray, offs, col0: int, ncols:
         return
     m = ys.shape[0]
     bias = cw.bias[gi * m : (gi + 1) * m] if act is not None else None
-    if GEMM != "openblas" or not kernels_cpu.HAVE_BLAS:
+    if GEMM != "openblas" or not blas_cpu.HAVE_BLAS:
         gemm_cpu.tap_gemm(cw.packed(gi), m, src, np.asarray(offs, np.int64), col0, ncols, ys, accumulate,
                    bias=bias, act=act)
         return
     mats = [cw.mats[gi]] if len(offs) == 1 else cw.tap_mats()[gi]
     for k, off in enumerate(offs):
-        kernels_cpu.gemm(mats[k], src[:, col0 + off : col0 + off + ncols], ys[:, :ncols],
+        blas_cpu.gemm(mats[k], src[:, col0 + off : col0 + off + ncols], ys[:, :ncols],
                1.0 if (k > 0 or accumulate) else 0.0)
     if act is not None:
         kernels_cpu.bias_act_rows_cpu(ys[:, :ncols], bias, *act)

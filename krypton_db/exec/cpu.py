@@ -24,6 +24,7 @@ import numpy as np
 from ..graph import ACTIVATIONS, Graph, Op
 from ..heap import pin_mmap_threshold, return_freed_heap
 from ..planner.physical import PhysicalPlan, PhysicalStep
+from . import blas_cpu
 from . import kernels_cpu
 from .dense_cpu import (
     act_spec,
@@ -235,7 +236,7 @@ class CpuExecutor:
         """Run on an NCHW float32 batch; returns {node name: batch-first output}.
         ``profile``: accumulate per-step seconds into the plan's ``PhysicalStep.secs``; ``step_secs``:
         accumulate them into this dict instead (keyed by node name; the caller's own)."""
-        with self._run_lock, kernels_cpu.single_threaded_blas():
+        with self._run_lock, blas_cpu.single_threaded_blas():
             return self._run(batch, outputs, profile, step_secs)
 
     def _run(self, batch, outputs, profile, step_secs=None) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..graph import ACTIVATION_CODES, OPS, Node, Op
 from ..planner import algorithms
+from . import blas_cpu
 from . import kernels_cpu, patch_cpu, transpose_cpu, winograd1d_cpu, winograd4_cpu, winograd_cpu
 from .conv_cpu import POLYPHASE_MIN_C, ConvWeights, by_phase_planes, cols_chunk, conv1x1, conv_gemm
 from .runtime import num_threads, parallel_chunks, parallel_ranges, scratch, scratch_as
@@ -76,7 +77,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
     og = o // g
     ncols = n * ho * wo
     out2 = out.reshape(o, ncols)
-    with kernels_cpu.single_threaded_blas():
+    with blas_cpu.single_threaded_blas():
         if kh == kw == 1 and sh == sw == 1 and t == l == b == r == 0:
             conv1x1(x.reshape(c, ncols), cw, g, act, out2)
             return out
@@ -90,11 +91,11 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
             _conv_polyphase(x, cw, act, (t, l), kh, kw, sh, sw, ho, wo, out)
             return out
         hs, wp = h + max(t, b), w + max(l, r)
-        if (g == 1 and sh == sw == 1 and kh * kw > 1 and kernels_cpu.HAVE_BLAS and c >= SHIFT_MIN_CHANNELS
+        if (g == 1 and sh == sw == 1 and kh * kw > 1 and blas_cpu.HAVE_BLAS and c >= SHIFT_MIN_CHANNELS
                 and wo * n >= 256 and n * hs * wp > (1 + CHWB_MIN_WASTE) * ncols):
             _conv_via_chwb(x, node, cw, act, (t, l), ho, wo, out)
             return out
-        if (sh == sw == 1 and kh * kw > 1 and kernels_cpu.HAVE_BLAS and cg >= SHIFT_MIN_CHANNELS
+        if (sh == sw == 1 and kh * kw > 1 and blas_cpu.HAVE_BLAS and cg >= SHIFT_MIN_CHANNELS
                 and ho <= hs and wo <= wp and n * hs * wp <= (1 + SHIFT_MAX_WASTE) * ncols):
             _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out)
             return out
@@ -323,8 +324,8 @@ def dense(x: np.ndarray, wt: np.ndarray, bias: np.ndarray) -> np.ndarray:
     y = np.empty((n, ko), np.float32)
     y[:] = bias
     step = max(64, -(-ko // num_threads()))
-    with kernels_cpu.single_threaded_blas():
-        parallel_chunks(-(-ko // step), lambda i: kernels_cpu.gemm(x, wt[:, i * step : (i + 1) * step],
+    with blas_cpu.single_threaded_blas():
+        parallel_chunks(-(-ko // step), lambda i: blas_cpu.gemm(x, wt[:, i * step : (i + 1) * step],
                                                          y[:, i * step : (i + 1) * step], 1.0))
     return y
 

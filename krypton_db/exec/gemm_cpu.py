@@ -1,7 +1,7 @@
 """Our own single-threaded float32 GEMM for convolutions: ``C[M, N] (+)= W[M, K] @ B[K, N]``
 where row k of B is read at an arbitrary offset of one source buffer (a "tap GEMM").
 
-Why our own instead of OpenBLAS' ``sgemm`` (which ``kernels_cpu.gemm`` binds):
+Why our own instead of OpenBLAS' ``sgemm`` (which ``blas_cpu.gemm`` binds):
 - a stride-1 convolution on a zero-padded buffer is ``sum_taps W_tap @ buf[:, off_tap + q]``;
   with BLAS that is kh*kw separate calls, each re-reading and re-writing the whole output
   block (beta = 1) and each packing its own copy of the shifted input. Here the taps are just

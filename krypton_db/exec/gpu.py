@@ -36,10 +36,8 @@ import numpy as np
 
 from ..errors import KryptonError
 from ..graph import ACTIVATIONS, Graph, Node, Op
-from ..planner.batching import peak_bytes_per_query
-from ..planner.physical import PhysicalPlan, PhysicalStep, Route, physical_steps
+from ..planner.physical import PhysicalPlan, PhysicalStep
 from .cpu import act_spec
-from .incremental import union_box, window_locations
 
 
 class GpuUnavailableError(KryptonError):
@@ -95,35 +93,35 @@ def cupy_available() -> bool:
 # -- device helpers ---------------------------------------------------------------------------------
 
 
-def _cuda():
+def cuda_module():
     from numba import cuda
 
     return cuda
 
 
-def _empty(shape) -> object:
-    return _cuda().device_array(tuple(int(s) for s in shape), np.float32)
+def device_empty(shape) -> object:
+    return cuda_module().device_array(tuple(int(s) for s in shape), np.float32)
 
 
-def _contig(a):
+def contiguous(a):
     """A C-contiguous device array with a's values (a itself when it already is one; strided
     4-D views, e.g. centre-cropped patches, are copied by a kernel)."""
     if a.is_c_contiguous():
         return a
     if a.ndim != 4:
         raise NotImplementedError(f"strided {a.ndim}-D device arrays are not supported")
-    out = _empty(a.shape)
-    _launch(require_gpu().copy_offset4_gpu, a.size, a, out, 0, 0)
+    out = device_empty(a.shape)
+    launch(require_gpu().copy_offset4_gpu, a.size, a, out, 0, 0)
     return out
 
 
-def _launch(kernel, n, *args):
+def launch(kernel, n, *args):
     K = require_gpu()
     blocks, threads = K.launch1(n)
     kernel[blocks, threads](*args)
 
 
-def _to4(a):
+def as_4d(a):
     """4-D view of a contiguous device array: CNHW as is, [N, K] vectors as [1, N, 1, K]."""
     if a.ndim == 4:
         return a
@@ -177,7 +175,7 @@ class GpuExecutor:
         self.plan = PhysicalPlan.lower(graph, fuse)
         self.use_cupy = cupy_available() if use_cupy is None else bool(use_cupy)
         self.jit_seconds: float | None = None
-        cuda = _cuda()
+        cuda = cuda_module()
         self.prep: dict[str, _Prep] = {}
         for st in self.plan.steps:
             n = st.node
@@ -220,7 +218,7 @@ class GpuExecutor:
         return self.run(batch)[self.graph.output]
 
     def upload(self, batch: np.ndarray):
-        return _cuda().to_device(to_internal_host(batch))
+        return cuda_module().to_device(to_internal_host(batch))
 
     def run_device(self, x, outputs: list[str] | None = None) -> dict:
         """Run on an internal-layout device batch; returns {name: device array (internal)}."""
@@ -231,7 +229,7 @@ class GpuExecutor:
         for idx, st in enumerate(self.plan.steps):
             if st.fused is not None and st.node.name in want:
                 raise ValueError(f"{st.node.name} is fused away; lower with fuse=False to read it")
-            y = self._exec(st, [vals[i] for i in st.node.inputs])
+            y = self.exec_step(st, [vals[i] for i in st.node.inputs])
             name = self.plan.out_name(st)
             vals[name] = y
             if name in want:
@@ -242,7 +240,7 @@ class GpuExecutor:
         return result
 
     # -- one step ------------------------------------------------------------------------------
-    def _exec(self, step: PhysicalStep, ins: list, pads=None, out_hw=None):
+    def exec_step(self, step: PhysicalStep, ins: list, pads=None, out_hw=None):
         """One step on internal-layout device inputs (pads / out_hw override a windowed
         node's padding and output size: incremental plans run on read-in contexts)."""
         K = self.K
@@ -256,11 +254,11 @@ class GpuExecutor:
             y = self.pool(x, node, pads, out_hw)
             return self.pointwise(y, step.fused) if step.fused is not None else y
         if op is Op.GLOBAL_AVGPOOL:
-            x = _contig(x)
+            x = contiguous(x)
             c, n = x.shape[0], x.shape[1]
             keep = node.params.get("keepdims", True)
-            out = _empty((c, n) if keep else (n, c))
-            _launch(K.global_avgpool_gpu, c * n, x, out, not keep)
+            out = device_empty((c, n) if keep else (n, c))
+            launch(K.global_avgpool_gpu, c * n, x, out, not keep)
             return out.reshape(c, n, 1, 1) if keep else out
         if op in ACTIVATIONS or op is Op.AFFINE:
             return self.pointwise(x, node)
@@ -270,16 +268,16 @@ class GpuExecutor:
             return self.concat(ins)
         if op is Op.LRN:
             p = node.params
-            x = _contig(x)
-            out = _empty(x.shape)
-            _launch(K.lrn_cnhw_gpu, x.size, x, int(p["size"]), np.float32(p["alpha"]),
+            x = contiguous(x)
+            out = device_empty(x.shape)
+            launch(K.lrn_cnhw_gpu, x.size, x, int(p["size"]), np.float32(p["alpha"]),
                     np.float32(p["beta"]), np.float32(p["bias"]), out)
             return out
         if op is Op.PAD:
             t, l, b, r = node.params["pads"]
             c, n, h, w = x.shape
-            out = _empty((c, n, h + t + b, w + l + r))
-            _launch(K.pad_cnhw_gpu, out.size, x, int(t), int(l), np.float32(node.params["value"]), out)
+            out = device_empty((c, n, h + t + b, w + l + r))
+            launch(K.pad_cnhw_gpu, out.size, x, int(t), int(l), np.float32(node.params["value"]), out)
             return out
         if op is Op.RESHAPE:
             ext = self._external(x)
@@ -290,12 +288,12 @@ class GpuExecutor:
             return self._internal(self._permute(ext, perm))
         if op is Op.GEMM:
             p = self.prep[node.name]
-            return self.dense(_contig(x), p.wt, p.b, False, act)
+            return self.dense(contiguous(x), p.wt, p.b, False, act)
         if op is Op.SOFTMAX:
-            x = _contig(x)
+            x = contiguous(x)
             x2 = x.reshape(-1, x.shape[x.ndim - 1])
-            out = _empty(x2.shape)
-            _launch(K.softmax_rows_gpu, x2.shape[0], x2, out)
+            out = device_empty(x2.shape)
+            launch(K.softmax_rows_gpu, x2.shape[0], x2, out)
             return out.reshape(*x.shape)
         raise NotImplementedError(f"GPU executor has no lowering for {op}")
 
@@ -318,12 +316,12 @@ class GpuExecutor:
         code, a0, a1 = act
         direct = self.conv_algo == "direct"
         if kh == kw == 1 and sh == sw == 1 and t == l == b == r == 0 and g == 1 and not direct:
-            x = _contig(x)
+            x = contiguous(x)
             y = self.dense(pr.w2, x.reshape(c, n * h * w), pr.b, True, act)
             return y.reshape(o, n, h, w)
-        out = _empty((o, n, ho, wo))
+        out = device_empty((o, n, ho, wo))
         if direct or (cg == 1 and g > 1):
-            _launch(K.conv_direct_gpu, out.size, x, pr.w4, pr.b, sh, sw, dh, dw, t, l, g,
+            launch(K.conv_direct_gpu, out.size, x, pr.w4, pr.b, sh, sw, dh, dw, t, l, g,
                     code, a0, a1, out)
             return out
         tiles = g * (-(-(o // g) // K.TILE)) * (-(-(n * ho * wo) // K.TILE))
@@ -338,12 +336,12 @@ class GpuExecutor:
         K = self.K
         code, a0, a1 = act
         m, n = a.shape[0], b.shape[1]
-        out = _empty((m, n))
+        out = device_empty((m, n))
         if self.use_cupy:
             import cupy as cp
 
             cp.matmul(cp.asarray(a), cp.asarray(b), out=cp.asarray(out))
-            _launch(K.bias_act_rows_gpu, m * n, out, bias, bias_rows, code, a0, a1)
+            launch(K.bias_act_rows_gpu, m * n, out, bias, bias_rows, code, a0, a1)
             return out
         tiles = (-(-m // K.TILE)) * (-(-n // K.TILE))
         blocks, threads = K.launch_tiles(tiles)
@@ -357,24 +355,24 @@ class GpuExecutor:
         t, l, b, r = pads if pads is not None else p["pads"]
         kh, kw = p["kernel"]
         sh, sw = p["stride"]
-        out = _empty((c, n, ho, wo))
-        _launch(self.K.pool_cnhw_gpu, out.size, x, kh, kw, sh, sw, t, l, b, r,
+        out = device_empty((c, n, ho, wo))
+        launch(self.K.pool_cnhw_gpu, out.size, x, kh, kw, sh, sw, t, l, b, r,
                 node.op is Op.MAXPOOL, bool(p.get("count_include_pad", False)), out)
         return out
 
     def pointwise(self, x, node: Node):
         """A pointwise node (activation or per-channel affine) on CNHW maps or [N, K] vectors."""
         K = self.K
-        x = _contig(x)
-        out = _empty(x.shape)
+        x = contiguous(x)
+        out = device_empty(x.shape)
         if node.op is Op.AFFINE:
             pr = self.prep.get(node.name) or self._fused_acts[node.name]
             x2 = x.reshape(x.shape[0], -1) if x.ndim == 4 else x.reshape(-1, x.shape[x.ndim - 1])
-            _launch(K.affine_gpu, x.size, x2, pr.scale, pr.shift, 0 if x.ndim == 4 else 1,
+            launch(K.affine_gpu, x.size, x2, pr.scale, pr.shift, 0 if x.ndim == 4 else 1,
                     out.reshape(*x2.shape))
             return out
         code, a0, a1 = act_spec(node)
-        _launch(K.act_flat_gpu, x.size, x.reshape(-1), out.reshape(-1), code, a0, a1)
+        launch(K.act_flat_gpu, x.size, x.reshape(-1), out.reshape(-1), code, a0, a1)
         return out
 
     def binary(self, ins: list, is_mul: bool, act):
@@ -386,16 +384,16 @@ class GpuExecutor:
         for i, v in enumerate(ins[1:]):
             code, a0, a1 = act if i == len(ins) - 2 else none
             if tuple(cur.shape) == tuple(v.shape) and cur.is_c_contiguous() and v.is_c_contiguous():
-                out = _empty(cur.shape)
-                _launch(K.add_act_gpu if not is_mul else K.binary_bcast_gpu, cur.size,
+                out = device_empty(cur.shape)
+                launch(K.add_act_gpu if not is_mul else K.binary_bcast_gpu, cur.size,
                         *((cur.reshape(-1), v.reshape(-1), out.reshape(-1), code, a0, a1) if not is_mul
-                          else (_to4(cur), _to4(v), _to4(out), True, code, a0, a1)))
+                          else (as_4d(cur), as_4d(v), as_4d(out), True, code, a0, a1)))
             else:
                 if cur.ndim != v.ndim:
                     raise NotImplementedError(f"broadcast between ranks {cur.ndim} and {v.ndim}")
                 shp = tuple(int(s) for s in np.broadcast_shapes(tuple(cur.shape), tuple(v.shape)))
-                out = _empty(shp)
-                _launch(K.binary_bcast_gpu, out.size, _to4(_contig(cur)), _to4(_contig(v)), _to4(out),
+                out = device_empty(shp)
+                launch(K.binary_bcast_gpu, out.size, as_4d(contiguous(cur)), as_4d(contiguous(v)), as_4d(out),
                         is_mul, code, a0, a1)
             cur = out
         return cur
@@ -409,30 +407,30 @@ class GpuExecutor:
         else:
             shp = (ins[0].shape[0], sum(v.shape[1] for v in ins))
             axis = 3
-        out = _empty(shp)
-        o4 = _to4(out)
+        out = device_empty(shp)
+        o4 = as_4d(out)
         off = 0
         for v in ins:
-            v4 = v if v.ndim == 4 else _to4(_contig(v))
-            _launch(K.copy_offset4_gpu, v.size, v4, o4, axis, off)
+            v4 = v if v.ndim == 4 else as_4d(contiguous(v))
+            launch(K.copy_offset4_gpu, v.size, v4, o4, axis, off)
             off += v.shape[0] if axis == 0 else v.shape[1]
         return out
 
     # -- layout changes (reshape / transpose work on the batch-first layout) ------------------
     def _permute(self, a, perm):
-        a = _contig(a)
+        a = contiguous(a)
         nd = a.ndim
         if nd > 4:
             raise NotImplementedError("transpose of more than 4 axes")
         lead = 4 - nd
         p4 = tuple(range(lead)) + tuple(lead + q for q in perm)
         shp = tuple(a.shape[q] for q in perm)
-        out = _empty(shp)
-        _launch(self.K.permute4_gpu, a.size, _to4_any(a), _to4_any(out), *p4)
+        out = device_empty(shp)
+        launch(self.K.permute4_gpu, a.size, _to4_any(a), _to4_any(out), *p4)
         return out
 
     def _external(self, x):
-        return self._permute(x, (1, 0, 2, 3)) if x.ndim == 4 else _contig(x)
+        return self._permute(x, (1, 0, 2, 3)) if x.ndim == 4 else contiguous(x)
 
     def _internal(self, x):
         return self._permute(x, (1, 0, 2, 3)) if x.ndim == 4 else x
@@ -445,216 +443,10 @@ def _to4_any(a):
 def _fused_prep(node: Node) -> _Prep:
     p = _Prep()
     if node.op is Op.AFFINE:
-        cuda = _cuda()
+        cuda = cuda_module()
         p.scale = cuda.to_device(np.ascontiguousarray(node.weights["scale"], np.float32).reshape(-1))
         p.shift = cuda.to_device(np.ascontiguousarray(node.weights["shift"], np.float32).reshape(-1))
     return p
-
-
-# -- incremental inference --------------------------------------------------------------------------
-
-
-@dataclass
-class _Loc:
-    """Host-side patch location state of the metadata pass."""
-
-    loc: np.ndarray  # [B, 2]
-    idx: int  # row of the packed device location array
-    size: tuple[int, int]
-
-
-@dataclass
-class GPatch:
-    """Device patch state: every query's patch of one tensor, same size for all."""
-
-    loc: object  # device [B, 2] int64
-    val: object  # device [C, B, h, w] float32
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return int(self.val.shape[2]), int(self.val.shape[3])
-
-
-# index math shared with the CPU executor (the tests compare the two query by query)
-_window_out = window_locations
-
-
-class GpuIncrementalExecutor:
-    """Runs a delta plan for batches of patch positions against device-resident materialized
-    views; the interface of ``IncrementalExecutor`` (``materialize``, ``run_batch``, ``close``)."""
-
-    def __init__(self, delta_plan, executor: GpuExecutor | None = None):
-        self.plan = delta_plan
-        self.graph = delta_plan.graph
-        self.ex = executor or GpuExecutor(self.graph)
-        self.K = self.ex.K
-        self.views: dict[str, object] = {}
-        self.step_secs: dict[str, float] = {}
-        self.profile = False
-        self._steps = {s.node.name: s for s in self.ex.plan.steps}
-        missing = [ds.node.name for ds in delta_plan.steps if ds.node.name not in self._steps]
-        if missing:
-            raise ValueError(f"delta plan steps {missing[:3]} are not steps of the executor's plan")
-        # the route of each delta step on the GPU (every window a patch): what _meta launches
-        self.ops = physical_steps(delta_plan, "gpu")
-
-    def ex_step(self, ds) -> PhysicalStep:
-        return self._steps[ds.node.name]
-
-    def materialize(self, x_nchw: np.ndarray) -> np.ndarray:
-        """Run the original image once and keep every step's output on the device (internal
-        layout, batch axis dropped); returns the graph output [1, classes] (host)."""
-        names = [self.graph.input.name] + [s.out_name for s in self.plan.steps]
-        x = x_nchw[None] if x_nchw.ndim == 3 else x_nchw
-        outs = self.ex.run_device(self.ex.upload(x), outputs=names)
-        self.views = {}
-        for k, v in outs.items():
-            self.views[k] = v.reshape(v.shape[0], v.shape[2], v.shape[3]) if v.ndim == 4 else v
-        return to_external_host(outs[self.graph.output])
-
-    def bytes_per_query(self) -> int:
-        return peak_bytes_per_query(self.plan, "gpu")
-
-    def close(self) -> None:
-        """End of a run: nothing is kept between runs on the device (the CPU executor keeps
-        its batch arena here)."""
-
-    # -- metadata pass (host, index math only) -------------------------------------------------
-    def _meta(self, positions: np.ndarray, patch_size):
-        """Walk the plan with location-only states: per step a record of what to launch and the
-        [B, 2] locations it needs, packed into one array (uploaded once)."""
-        locs: list[np.ndarray] = []
-
-        def add(a) -> int:
-            locs.append(np.ascontiguousarray(a, np.int64))
-            return len(locs) - 1
-
-        g = self.graph
-        st: dict[str, object] = {g.input.name: _Loc(positions, add(positions), tuple(patch_size))}
-        recs = []
-        for op in self.ops:
-            ds, route = op.delta, op.route
-            node = ds.node
-            ins = [st[i] for i in node.inputs]
-            if route is not Route.FULL and not all(isinstance(s, _Loc) for s in ins):
-                raise RuntimeError(f"{node.name}: the physical plan routes it {route.value}, but "
-                                   f"an input arrives in full (plan and executor disagree)")
-            if route is Route.PATCH_WINDOW:
-                pin = ins[0]
-                size, crop = self.plan.window_size(ds, pin.size)
-                cut = None
-                if crop is not None:  # projective-field threshold: keep the patch centre
-                    oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
-                    cut = (oy, ox, crop)
-                    nl = pin.loc + np.array([oy, ox])
-                    pin = _Loc(nl, add(nl), tuple(crop))
-                oloc, rloc, rsize = _window_out(node, pin.loc, pin.size, size)
-                out = _Loc(oloc, add(oloc), tuple(size))
-                recs.append(("window", cut, pin.idx, add(rloc), tuple(rsize), tuple(size), out.idx))
-                st[ds.out_name] = out
-            elif route is Route.PATCH_POINTWISE:
-                recs.append(("pointwise",))
-                st[ds.out_name] = ins[0]
-            elif route is Route.PATCH_MERGE:
-                loc, (bh, bw) = union_box(node, [p.loc for p in ins], [p.size for p in ins])
-                out = _Loc(loc, add(loc), (bh, bw))
-                recs.append(("merge", out.idx, (bh, bw)))
-                st[ds.out_name] = out
-            else:
-                recs.append(("global",))
-                st[ds.out_name] = None
-        packed = np.stack(locs) if locs else np.zeros((0, positions.shape[0], 2), np.int64)
-        return recs, packed
-
-    # -- batched run ----------------------------------------------------------------------------
-    def run_batch(self, positions: np.ndarray, patch_values: np.ndarray) -> np.ndarray:
-        """positions [B, 2] top-left corners; patch_values [C, ph, pw] (the occluded input patch,
-        model-input units). Returns the graph output [B, classes] (host)."""
-        cuda = _cuda()
-        positions = np.ascontiguousarray(positions, np.int64).reshape(-1, 2)
-        b = positions.shape[0]
-        g = self.graph
-        pv = np.asarray(patch_values, np.float32)
-        c0 = pv.shape[0]
-        recs, packed = self._meta(positions, pv.shape[1:])
-        dlocs = cuda.to_device(packed)  # every location of this batch, one upload
-        val = cuda.to_device(np.ascontiguousarray(np.broadcast_to(pv[:, None], (c0, b) + pv.shape[1:])))
-        state: dict[str, object] = {g.input.name: GPatch(dlocs[0], val)}
-        for ds, rec in zip(self.plan.steps, recs):
-            node = ds.node
-            ins = [state[i] for i in node.inputs]
-            t0 = time.perf_counter()
-            state[ds.out_name] = self._step(ds, rec, ins, b, dlocs)
-            if self.profile:
-                cuda.synchronize()
-                self.step_secs[node.name] = self.step_secs.get(node.name, 0.0) + time.perf_counter() - t0
-        out = state[g.output] if g.output in state else state[self.plan.steps[-1].out_name]
-        if isinstance(out, GPatch):
-            out = self._full(g.output, out, b)
-        return to_external_host(out)
-
-    def _full(self, name: str, st, b: int):
-        K = self.K
-        view = self.views[name]
-        if isinstance(st, GPatch):
-            out = _empty((view.shape[0], b) + tuple(view.shape[1:]))
-            _launch(K.stitch_patch_gpu, out.size, view, _contig(st.val), st.loc, out)
-            return out
-        if st is None:  # unchanged: the view repeated over the batch
-            if view.ndim == 3:
-                out = _empty((view.shape[0], b) + tuple(view.shape[1:]))
-                _launch(K.repeat_batch_gpu, out.size, view.reshape(view.shape[0], 1, *view.shape[1:]), out)
-                return out
-            out = _empty((b,) + tuple(view.shape[1:]))
-            _launch(K.repeat_batch_gpu, out.size, _to4(view), _to4(out))
-            return out
-        return st
-
-    def _step(self, ds, rec, ins, b, dlocs):
-        K = self.K
-        node = ds.node
-        kind = rec[0]
-        if kind == "window":
-            _, cut, pidx, ridx, rsize, size, oidx = rec
-            pin = ins[0]
-            pval = pin.val
-            if cut is not None:
-                oy, ox, (ch, cw) = cut
-                pval = pval[:, :, oy : oy + ch, ox : ox + cw]
-            view = self.views[node.inputs[0]]
-            fill = np.float32(-np.inf) if node.op is Op.MAXPOOL else np.float32(0.0)
-            buf = _empty((view.shape[0], b) + tuple(rsize))
-            _launch(K.gather_patch_gpu, buf.size, view, pval, dlocs[pidx], dlocs[ridx], fill, buf)
-            step = self.ex_step(ds)
-            if node.op is Op.CONV:
-                y = self.ex.conv(buf, node, act_spec(ds.fused), pads=(0, 0, 0, 0))
-            elif node.op is Op.MAXPOOL:
-                y = self.ex.pool(buf, node, pads=(0, 0, 0, 0), out_hw=size)
-            else:
-                p = node.params
-                ishape = self.graph[node.inputs[0]].shape
-                y = _empty((buf.shape[0], b) + tuple(size))
-                t, l, bo, r = p["pads"]
-                kh, kw = p["kernel"]
-                sh, sw = p["stride"]
-                _launch(K.avgpool_patch_gpu, y.size, buf, dlocs[ridx], ishape[1], ishape[2], kh, kw,
-                        sh, sw, t, l, bo, r, bool(p.get("count_include_pad", False)), y)
-            if ds.fused is not None and node.op is not Op.CONV:
-                y = self.ex.pointwise(y, step.fused)
-            return GPatch(dlocs[oidx], y)
-        if kind == "pointwise":
-            return GPatch(ins[0].loc, self.ex._exec(self.ex_step(ds), [ins[0].val]))
-        if kind == "merge":
-            _, bidx, (bh, bw) = rec
-            bufs = []
-            for name, p in zip(node.inputs, ins):
-                view = self.views[name]
-                buf = _empty((view.shape[0], b, bh, bw))
-                _launch(K.gather_patch_gpu, buf.size, view, p.val, p.loc, dlocs[bidx], np.float32(0.0), buf)
-                bufs.append(buf)
-            return GPatch(dlocs[bidx], self.ex._exec(self.ex_step(ds), bufs))
-        full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
-        return self.ex._exec(self.ex_step(ds), full)
 
 
 def device_summary() -> str:
@@ -664,7 +456,7 @@ def device_summary() -> str:
         return f"no GPU: {why}"
     if why == "simulator":
         return "numba CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
-    cuda = _cuda()
+    cuda = cuda_module()
     dev = cuda.get_current_device()
     name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
     cc = ".".join(map(str, dev.compute_capability))
@@ -674,7 +466,6 @@ def device_summary() -> str:
 __all__ = [
     "GPatch",
     "GpuExecutor",
-    "GpuIncrementalExecutor",
     "GpuUnavailableError",
     "cupy_available",
     "device_summary",

@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 
 from ..graph import Node, Op
 from ..planner.algorithms import by_phase_planes, polyphase_taps
-from . import gather_cpu, kernels_cpu, transpose_cpu, winograd1d_cpu, winograd_cpu
+from . import blas_cpu, gather_cpu, kernels_cpu, transpose_cpu, winograd1d_cpu, winograd_cpu
 from .conv_cpu import ConvWeights, conv1x1, conv_gemm
 from .runtime import num_threads, parallel_chunks, parallel_ranges, scratch
 
@@ -290,10 +290,10 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
         # a 1x1 conv is one GEMM on the read-in as it lies, output columns written in place
         # (the shifted-window route's scratch + epilogue pass cost 1x1 patches ~2x: Inception3's
         # Mixed_6b 1x1 patch convs ran at 165-220 GFLOP/s)
-        with kernels_cpu.single_threaded_blas():
+        with blas_cpu.single_threaded_blas():
             conv1x1(buf.reshape(c, -1), cw, 1, act, out.reshape(o, -1))
         return out
-    with kernels_cpu.single_threaded_blas():
+    with blas_cpu.single_threaded_blas():
         # shifted-window GEMMs need K = C large enough for BLAS to be efficient
         if g == 1 and sh == sw == 1 and c >= SHIFT_MIN_C and (kh * kw == 1 or wr <= (1 + SHIFT_MAX_WASTE) * wo):
             _conv_shift(buf, cw, kh, kw, dh, dw, hr, wr, ho, wo, nb, act, out)
