@@ -8,10 +8,12 @@ the occlusion driver).
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from . import options
 from .approx import DEFAULT_R, DEFAULT_SPEEDUP, check_target_ssim, choose_tau, tune_tau
@@ -20,6 +22,7 @@ from .catalog import Catalog
 from .errors import InputError
 from .hooks import OcclusionHooks
 from .model import Model, load_model
+from .images import ModelInput
 from .occlusion import HeatMap, pair
 from .occlusion import occlude as _occlude
 from .planner.delta_plan import plan_occlusion
@@ -128,12 +131,21 @@ def check_occlude_args(model: Model, given: dict) -> dict:
     return vals
 
 
-def occlude(model, image, patch=16, stride=4, color=0.0, target=None, mode: str = "exact",
-            region=None, positions=None, all_classes: bool = False, catalog=None,
-            image_name: str | None = None, tau: float | None = None,
+def occlude(model, image=None, patch=16, stride=4, color=None, target=None,
+            mode: str = "exact", region=None, positions=None, all_classes: bool = False,
+            catalog=None, image_name: str | None = None, tau: float | None = None,
             target_ssim: float | None = None, domain: str = "default", drilldown=None,
-            hooks=None, **kw) -> HeatMap:
+            hooks=None, input=None, baselines=None, progress: bool = True, **kw):
     """Occlusion heat map (see :func:`krypton_db.occlusion.occlude` for the semantics).
+
+    What is occluded: ``image`` (a file, PIL image or pixel array; the patch ``color`` in
+    the image's [0, 1] pixel scale, default black), or ``input``, a model input taken as is
+    (numpy or torch, the model's layout: one sample [C, H, W] or a batch [N, C, H, W], e.g.
+    already normalized) with the occluded cells set to ``baselines`` in input units (Captum's
+    convention: a number, default 0, or anything broadcastable to the input: per channel
+    [C, 1, 1], a full [C, H, W] or [N, C, H, W] tensor whose cells replace the patch's).
+    A batch returns one heat map per sample (a list); ``target`` may then be one class per
+    sample. Tensor runs are not recorded in a catalog (there is no image to register).
 
     Every argument is checked before anything runs, by the same rules as the query
     language's ``occlusion(...)`` (:mod:`krypton_db.options`); a bad value is an
@@ -158,7 +170,12 @@ def occlude(model, image, patch=16, stride=4, color=0.0, target=None, mode: str 
 
     ``hooks``: an :class:`~krypton_db.hooks.OcclusionHooks` (plan rewrite, per-step profiling,
     materialization time, per-batch progress); with drill-down it serves both stages.
+
+    ``progress``: a run that takes longer than 2 s shows a progress bar (positions done,
+    rate, ETA) on stderr; ``progress=False`` silences it.
     """
+    if not isinstance(progress, bool):
+        raise InputError(f"progress must be True or False, got {progress!r}")
     unknown = sorted(set(kw) - set(_RUN_OPTIONS))
     if unknown:
         raise InputError(options.unknown_option(unknown[0], _RUN_OPTIONS) + " (and the named "
@@ -168,12 +185,124 @@ def occlude(model, image, patch=16, stride=4, color=0.0, target=None, mode: str 
     if image_name is not None:
         options.check("image", image_name)
     m = _model(model)
-    opts = check_occlude_args(m, dict(
-        patch=patch, stride=stride, color=color, target=target, mode=mode, region=region,
-        positions=positions, all_classes=all_classes, tau=tau, target_ssim=target_ssim,
-        domain=domain, drilldown=drilldown, **kw))
-    with _opened(catalog) as cat:
-        return _occlude_checked(m, image, opts, cat, image_name, hooks)
+    if input is None:
+        if image is None:
+            raise InputError("occlude needs image=... (a picture) or input=... (a model input "
+                             "tensor)")
+        if baselines is not None:
+            raise InputError("baselines (input units) go with input=...; an image's patch "
+                             "colour is color= (pixel scale)")
+        opts = check_occlude_args(m, dict(
+            patch=patch, stride=stride, color=color, target=target, mode=mode, region=region,
+            positions=positions, all_classes=all_classes, tau=tau, target_ssim=target_ssim,
+            domain=domain, drilldown=drilldown, **kw))
+        with _opened(catalog) as cat, _progress(hooks, progress, m.name) as h:
+            return _occlude_checked(m, image, opts, cat, image_name, h)
+    if image is not None:
+        raise InputError("give either image=... or input=..., not both")
+    if color is not None:
+        raise InputError("color is in an image's pixel scale; with input=..., give baselines= "
+                         "in input units")
+    if catalog is not None or image_name is not None:
+        raise InputError("runs on a model-input tensor are not recorded in a catalog (there "
+                         "is no image to register); drop catalog= / image_name=")
+    samples, single = model_inputs(m, input, baselines)
+    targets = _per_sample(target, len(samples))
+    out = []
+    for sample, tgt in zip(samples, targets):
+        opts = check_occlude_args(m, dict(
+            patch=patch, stride=stride, target=tgt, mode=mode, region=region,
+            positions=positions, all_classes=all_classes, tau=tau, target_ssim=target_ssim,
+            domain=domain, drilldown=drilldown, **kw))
+        label = m.name if single else f"{m.name} [{len(out) + 1}/{len(samples)}]"
+        with _progress(hooks, progress, label) as h:
+            out.append(_occlude_checked(m, sample, opts, None, None, h))
+    return out[0] if single else out
+
+
+PROGRESS_DELAY_S = 2.0  # a run shows its bar once it has taken this long
+
+
+@contextmanager
+def _progress(hooks, enabled: bool, label: str):
+    """The run's hooks with a progress bar (tqdm, on stderr, shown after ``PROGRESS_DELAY_S``)
+    feeding from ``on_batch``; the caller's own ``on_batch`` still gets every call."""
+    if not enabled:
+        yield hooks
+        return
+    hooks = hooks if hooks is not None else OcclusionHooks()
+    outer = hooks.on_batch
+    bar = tqdm(total=None, desc=f"occlusion({label})", unit="pos", delay=PROGRESS_DELAY_S,
+               file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def on_batch(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+        if outer is not None:
+            outer(done, total)
+
+    hooks.on_batch = on_batch  # on the caller's object, so its other fields keep accumulating
+    try:
+        yield hooks
+    finally:
+        hooks.on_batch = outer
+        bar.close()
+
+
+def _as_numpy(v, what: str) -> np.ndarray:
+    """numpy or torch (any device) -> a float32 numpy array; a clear error otherwise."""
+    if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor, without importing torch
+        v = v.detach().cpu().numpy()
+    try:
+        a = np.asarray(v, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a numeric array or tensor, got "
+                         f"{type(v).__name__}") from None
+    if not np.isfinite(a).all():
+        raise InputError(f"{what} holds NaN or infinite values")
+    return a
+
+
+def model_inputs(m: Model, input, baselines) -> tuple[list, bool]:
+    """The samples of a model-input tensor as ``ModelInput`` (NCHW values, baseline per
+    channel when it is constant over each channel, else the full NCHW tensor), and whether a
+    single sample was given."""
+    x = _as_numpy(input, "input")
+    shape = tuple(m.input_shape)
+    single = x.shape == shape
+    if single:
+        x = x[None]
+    elif x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape or x.shape[0] == 0:
+        raise InputError(f"input of shape {tuple(x.shape)} does not fit the model: one sample "
+                         f"{shape} or a batch [N, {', '.join(map(str, shape))}] ({m.layout})")
+    b = _as_numpy(0.0 if baselines is None else baselines, "baselines")
+    try:
+        b = np.broadcast_to(b, x.shape)
+    except ValueError:
+        raise InputError(f"baselines of shape {tuple(b.shape)} do not broadcast to the input "
+                         f"{tuple(x.shape)} (a number, per channel, or a full tensor)") from None
+    xn, bn = m.to_nchw(x), m.to_nchw(np.ascontiguousarray(b))
+    out = []
+    for xi, bi in zip(xn, bn):
+        flat = bi.reshape(bi.shape[0], -1)
+        per_channel = (flat == flat[:, :1]).all()
+        out.append(ModelInput(np.ascontiguousarray(xi, np.float32),
+                              np.ascontiguousarray(flat[:, 0] if per_channel else bi, np.float32)))
+    return out, single
+
+
+def _per_sample(target, n: int) -> list:
+    """One target per sample: the same for all, or a sequence / tensor of n of them."""
+    if hasattr(target, "detach"):
+        target = target.detach().cpu().numpy()
+    if isinstance(target, np.ndarray):
+        target = target.tolist() if target.ndim else target.item()
+    if isinstance(target, (list, tuple)):
+        if len(target) != n:
+            raise InputError(f"target has {len(target)} entries for {n} input samples")
+        return list(target)
+    return [target] * n
 
 
 @contextmanager
@@ -201,7 +330,7 @@ def _occlude_checked(m: Model, image, opts: dict, cat, image_name, hooks) -> Hea
     tau, tau_source = resolve_tau(m, opts["mode"], opts["tau"], opts["target_ssim"],
                                    opts["domain"], cat)
     hm = run_checked(m, image, dict(opts, tau=tau), hooks, opts["drilldown"], tau_source)
-    if cat is not None and opts["positions"] is None:
+    if cat is not None:  # grid and listed positions alike
         record_run(cat, m, image, hm, image_name=image_name, color=opts["color"],
                    region=opts["region"], domain=opts["domain"])
     return hm
@@ -240,6 +369,8 @@ def record_run(cat, model: Model, image, hm: HeatMap, image_name: str | None = N
     the settings, timings and heat map. Sets and returns ``hm.stats['run_id']``."""
     settings = dict(patch=list(hm.patch), stride=list(hm.stride),
                     color=np.asarray(color, float).tolist(), region=region, score=hm.score)
+    if hm.stats.get("listed_positions"):
+        settings["positions"] = "listed"
     if hm.mode == "approximate":
         settings.update(tau=hm.stats["tau"], tau_source=hm.stats.get("tau_source"), domain=domain)
     timings = {k: hm.stats[k] for k in ("jit_s", "prepare_s", "run_s", "total_s")}
@@ -256,7 +387,7 @@ def record_run(cat, model: Model, image, hm: HeatMap, image_name: str | None = N
                                       default_name=_file_name(image))
         hm.stats["run_id"] = cat.record_run(
             model_id, image_id, hm.mode, settings, hm.target, timings, hm.probs,
-            positions=(hm.positions[:, 0, 0], hm.positions[0, :, 1]), all_probs=hm.all_probs)
+            positions=np.asarray(hm.positions), all_probs=hm.all_probs)
     return hm.stats["run_id"]
 
 

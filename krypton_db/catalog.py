@@ -326,16 +326,25 @@ class Catalog(CatalogFile):
 
         ``heatmap_2d[i, j]`` is the target probability with the patch at heatmap cell (i, j);
         ``positions = (ys, xs)`` gives the pixel row/column of each heatmap row/column
-        (default: the cell indices); ``all_probs[i, j, k]`` optionally keeps every class.
+        (default: the cell indices), or an array [h, w, 2] the (y, x) of every cell (listed
+        positions); ``all_probs[i, j, k]`` optionally keeps every class.
         """
         hm = np.asarray(heatmap_2d, np.float32)
         if hm.ndim != 2:
             raise InputError(f"heatmap must be 2-D, got shape {hm.shape}")
         hh, hw = hm.shape
-        ys, xs = (np.arange(hh), np.arange(hw)) if positions is None else map(np.asarray, positions)
-        if ys.shape != (hh,) or xs.shape != (hw,):
-            raise InputError(f"positions must be (ys[{hh}], xs[{hw}]) for a {hm.shape} heatmap")
-        yy, xx = np.meshgrid(ys.astype(np.int32), xs.astype(np.int32), indexing="ij")
+        if isinstance(positions, np.ndarray) and positions.ndim == 3:
+            cell_pos = np.asarray(positions)
+            if cell_pos.shape != (hh, hw, 2):
+                raise InputError(f"positions must be [{hh}, {hw}, 2] for a {hm.shape} heatmap")
+            yy, xx = cell_pos[..., 0].astype(np.int32), cell_pos[..., 1].astype(np.int32)
+        else:
+            ys, xs = (np.arange(hh), np.arange(hw)) if positions is None else map(np.asarray,
+                                                                                   positions)
+            if ys.shape != (hh,) or xs.shape != (hw,):
+                raise InputError(f"positions must be (ys[{hh}], xs[{hw}]) for a {hm.shape} "
+                                 f"heatmap")
+            yy, xx = np.meshgrid(ys.astype(np.int32), xs.astype(np.int32), indexing="ij")
         cells = pa.table({"y": yy.ravel(), "x": xx.ravel(), "prob": hm.ravel()})
         with self._transaction():
             model_id = self.model_id(model) if isinstance(model, str) else int(model)

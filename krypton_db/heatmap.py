@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .images import pixels, to_pil
+from .images import ModelInput, pixels, to_pil
 
 _ANCHORS = np.array([
     [0.19, 0.07, 0.23], [0.16, 0.47, 0.93], [0.16, 0.85, 0.55], [0.98, 0.73, 0.18], [0.60, 0.02, 0.01],
@@ -136,6 +136,10 @@ def _input_pixels(hm, image=None) -> np.ndarray:
     model, img, _ = hm._ctx if hm._ctx is not None else (None, None, None)
     if model is None:
         raise InputError("this heat map has no model attached; pass image=... to draw it")
+    if image is None and isinstance(img, ModelInput):
+        raise InputError("this heat map was computed from a model-input tensor, not an image; "
+                         "pass image=... to draw it over a picture (.npy / .parquet / .csv "
+                         "need none)")
     return pixels(image if image is not None else img, model.spec)
 
 
@@ -145,10 +149,9 @@ def to_image(hm, original_size: bool = True) -> np.ndarray:
     of the image the user gave (the model input is the image resized to the model's size)."""
     from PIL import Image
 
-
     imp = cell_map(hm).astype(np.float32)
-    if not original_size or hm._ctx is None:
-        return imp
+    if not original_size or hm._ctx is None or isinstance(hm._ctx[1], ModelInput):
+        return imp  # a model-input tensor has no other size
     w0, h0 = to_pil(hm._ctx[1]).size
     if (h0, w0) == imp.shape:
         return imp

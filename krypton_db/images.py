@@ -9,6 +9,7 @@ The same mapping turns an occlusion colour given in pixel scale into model-input
 from __future__ import annotations
 
 import gzip
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,17 @@ def normalize(p: np.ndarray, spec: Preprocess) -> np.ndarray:
     x = (p * np.float32(255.0 * spec.scale) - mean) / std
     x = x.astype(np.float32)
     return np.ascontiguousarray(x if spec.layout == "NHWC" else x.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A model input taken as is (Captum's way), with the occlusion baseline in input units.
+
+    ``values``: one sample, NCHW float32 [C, H, W]; ``baseline``: [C] (one value per channel)
+    or [C, H, W] (the occluded cells take the baseline's own values there)."""
+
+    values: np.ndarray
+    baseline: np.ndarray
 
 
 def color_to_input(color, spec: Preprocess) -> np.ndarray:

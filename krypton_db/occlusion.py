@@ -31,7 +31,7 @@ from .errors import InputError
 from .exec.duckdb_ivm import DuckDbIncrementalExecutor
 from .exec.incremental import IncrementalExecutor
 from .hooks import OcclusionHooks
-from .images import color_to_input
+from .images import ModelInput, color_to_input
 from .interrupt import check_cancelled
 from .model import Model, softmax
 from .planner.batching import batch_for, naive_bytes_per_query, peak_bytes_per_query
@@ -66,7 +66,6 @@ class HeatMap:
         """Probability drop f(original) - f(occluded) per position."""
         return self.base_prob - self.probs
 
-
     def save(self, path, image=None):
         """Write the heat map by suffix: ``.png`` (overlay with colour bar and caption),
         ``.npy`` (the 2-D map), ``.parquet`` / ``.csv`` (rows y, x, prob[, prob_<k>])."""
@@ -94,24 +93,34 @@ class HeatMap:
         if output not in ("prob", "logit"):
             raise InputError(f"output must be 'prob' or 'logit', got {output!r}")
         model, image, color = self._ctx
-        h, w = self.input_hw
-        ph, pw = self.patch
-        sy, sx = self.stride
-        ys = np.arange(0, sy * (-(-(h - ph) // sy)) + 1, sy)
-        xs = np.arange(0, sx * (-(-(w - pw) // sx)) + 1, sx)
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for y in ys:
-            for x in xs:
-                groups.setdefault((min(ph, h - y), min(pw, w - x)), []).append((int(y), int(x)))
-        total = np.zeros((h, w))
-        count = np.zeros((h, w))
-        for (wh, ww), pos in groups.items():
-            hm = occlude(model, image, patch=(wh, ww), positions=pos, color=color, target=self.target,
-                         mode=self.mode, score=output)
-            for (y, x), v in zip(pos, hm.probs.reshape(-1)):
-                total[y : y + wh, x : x + ww] += hm.base_prob - v
-                count[y : y + wh, x : x + ww] += 1
-        return total / np.maximum(count, 1)
+        return window_attribution(model, image, self.patch, self.stride, self.target,
+                                  score=output, mode=self.mode, color=color)
+
+
+def window_attribution(model: Model, image, patch, stride, target: int, score: str = "prob",
+                       mode: str = "exact", color=0.0, **kw) -> np.ndarray:
+    """Captum ``Occlusion``'s per-pixel attribution [H, W] (model input size): windows of the
+    patch size start at multiples of the stride, ceil((H - ph) / sy) + 1 per axis, the last
+    one truncated at the border; each pixel gets the mean over the windows that cover it of
+    f(original) - f(occluded), f the target's ``score``. One occlusion run per window size."""
+    c, h, w = model.graph.input_shape
+    ph, pw = patch
+    sy, sx = stride
+    ys = np.arange(0, sy * (-(-(h - ph) // sy)) + 1, sy)
+    xs = np.arange(0, sx * (-(-(w - pw) // sx)) + 1, sx)
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for y in ys:
+        for x in xs:
+            groups.setdefault((min(ph, h - y), min(pw, w - x)), []).append((int(y), int(x)))
+    total = np.zeros((h, w))
+    count = np.zeros((h, w))
+    for (wh, ww), pos in groups.items():
+        hm = occlude(model, image, patch=(wh, ww), positions=pos, color=color, target=target,
+                     mode=mode, score=score, **kw)
+        for (y, x), v in zip(pos, hm.probs.reshape(-1)):
+            total[y : y + wh, x : x + ww] += hm.base_prob - float(v)
+            count[y : y + wh, x : x + ww] += 1
+    return total / np.maximum(count, 1)
 
 
 def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarray, tuple]:
@@ -136,6 +145,18 @@ def grid_positions(h: int, w: int, patch, stride, region=None) -> tuple[np.ndarr
 
 
 DUCKDB_BATCH = 256  # queries per batch of delta queries on engine="duckdb"
+
+
+def _patch_source(image, model: Model, color, c: int, ph: int, pw: int):
+    """(per-channel colour [C] or None, patch values for a batch of positions): the patch is
+    the colour everywhere, or the cells of a full baseline under each query's patch."""
+    if isinstance(image, ModelInput) and image.baseline.ndim == 3:
+        base = image.baseline
+        return None, lambda pos: np.ascontiguousarray(
+            np.stack([base[:, y : y + ph, x : x + pw] for y, x in pos], axis=-1), np.float32)
+    colour = image.baseline if isinstance(image, ModelInput) else color_to_input(color, model.spec)
+    vals = np.ascontiguousarray(np.broadcast_to(colour[:, None, None], (c, ph, pw)), np.float32)
+    return colour, lambda pos: vals
 
 
 @dataclass
@@ -207,8 +228,11 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
         model = _logit_model(model)
     ph, pw = pair(patch, "patch")
     sy, sx = pair(stride, "stride")
-    x = model.preprocess(image)
-    xn = model.to_nchw(x[None])[0]  # [C, H, W]
+    if isinstance(image, ModelInput):
+        xn = image.values
+    else:
+        x = model.preprocess(image)
+        xn = model.to_nchw(x[None])[0]  # [C, H, W]
     c, h, w = xn.shape
     if positions is not None:
         pos = np.asarray(positions, np.int64).reshape(-1, 2)
@@ -221,10 +245,13 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     else:
         grid, _ = grid_positions(h, w, (ph, pw), (sy, sx), region)
     flat = grid.reshape(-1, 2)
-    colour = color_to_input(color, model.spec)
-    patch_vals = np.ascontiguousarray(np.broadcast_to(colour[:, None, None], (c, ph, pw)), np.float32)
+    colour, patch_values = _patch_source(image, model, color, c, ph, pw)
+    if engine == "duckdb" and colour is None:
+        raise InputError("engine 'duckdb' occludes with one value per channel; a full-tensor "
+                         "baseline runs on engine 'numba'")
 
-    stats: dict = {"positions": int(flat.shape[0]), "mode": mode, "tau": tau}
+    stats: dict = {"positions": int(flat.shape[0]), "mode": mode, "tau": tau,
+                   "listed_positions": positions is not None}
     t0 = time.perf_counter()
     ex = _executor(model, device)
     stats["device"] = device
@@ -257,7 +284,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             run = lambda pos: _probs(model, inc.run_batch(pos, colour))  # noqa: E731
         else:
             per_q, bs = prep.per_query, prep.batch
-            run = lambda pos: _probs(model, inc.run_batch(pos, patch_vals))  # noqa: E731
+            run = lambda pos: _probs(model, inc.run_batch(pos, patch_values(pos)))  # noqa: E731
         stats.update(theoretical_speedup=plan.theoretical_speedup, macs_full=plan.macs_full,
                      macs_incremental=plan.macs_inc, engine=engine)
     else:
@@ -269,8 +296,9 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
 
         def run(pos):
             batch = np.repeat(xn[None], pos.shape[0], axis=0)
+            vals = patch_values(pos)
             for i, (yy, xx) in enumerate(pos):
-                batch[i, :, yy : yy + ph, xx : xx + pw] = patch_vals
+                batch[i, :, yy : yy + ph, xx : xx + pw] = vals if vals.ndim == 3 else vals[..., i]
             if secs is None:
                 return _probs(model, ex.predict(batch))
             return _probs(model, ex.run(batch, step_secs=secs)[ex.graph.output])

@@ -256,7 +256,7 @@ class Engine(CatalogStatements, Resolution, ExplainStatements):
         try:
             with (self.catalog.transaction() if record else contextlib.nullcontext()):
                 for r, hm in zip(resolved, hms):
-                    if record and r.bq.positions is None:
+                    if record:  # grid and listed positions alike
                         img = r.image if r.image is not None else self.catalog.get_image(r.bq.image)
                         api.record_run(self.catalog, r.model, img,
                                        hm, image_name=r.bq.image, color=r.bq.color,

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"krypton_db": ROOT / "krypton_db", "krypton_db.planner": ROOT / "planner",
             "krypton_db.sql": ROOT / "sql"}
 
-CORE = {"errors", "graph", "graph_passes", "relation", "sqltext", "sqlviews", "heap",
+CORE = {"errors", "graph", "graph_passes", "relation", "sqltext", "sqlviews", "heap", "torch_import",
         "interrupt", "checks", "images", "onnx_import", "zoo", "quality"}
 EXEC_RUNTIME = {"runtime"}
 EXEC_EXECUTORS = {"cpu", "incremental", "gpu", "gpu_incremental", "duckdb_ivm"}

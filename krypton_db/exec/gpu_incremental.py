@@ -141,9 +141,15 @@ class GpuIncrementalExecutor:
         g = self.graph
         pv = np.asarray(patch_values, np.float32)
         c0 = pv.shape[0]
-        recs, packed = self._meta(positions, pv.shape[1:])
+        if pv.ndim == 4:  # one patch per query [C, ph, pw, B] -> the device layout [C, B, ph, pw]
+            pv = pv.transpose(0, 3, 1, 2)
+            recs, packed = self._meta(positions, pv.shape[2:])
+            host = np.ascontiguousarray(pv)
+        else:
+            recs, packed = self._meta(positions, pv.shape[1:])
+            host = np.ascontiguousarray(np.broadcast_to(pv[:, None], (c0, b) + pv.shape[1:]))
         dlocs = cuda.to_device(packed)  # every location of this batch, one upload
-        val = cuda.to_device(np.ascontiguousarray(np.broadcast_to(pv[:, None], (c0, b) + pv.shape[1:])))
+        val = cuda.to_device(host)
         state: dict[str, object] = {g.input.name: GPatch(dlocs[0], val)}
         for ds, rec in zip(self.plan.steps, recs):
             node = ds.node

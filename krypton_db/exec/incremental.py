@@ -262,11 +262,15 @@ class IncrementalExecutor:
 
     def run_batch(self, positions: np.ndarray, patch_values: np.ndarray) -> np.ndarray:
         """positions [B, 2] top-left corners; patch_values [C, ph, pw] (the occluded input
-        patch, model-input units). Returns the graph output [B, classes]."""
+        patch, model-input units, the same for every query) or [C, ph, pw, B] (one per query).
+        Returns the graph output [B, classes]."""
         b = positions.shape[0]
         g = self.graph
-        val = np.ascontiguousarray(np.broadcast_to(patch_values[..., None], patch_values.shape + (b,)),
-                                   np.float32)
+        if patch_values.ndim == 4:
+            val = np.ascontiguousarray(patch_values, np.float32)
+        else:
+            val = np.ascontiguousarray(np.broadcast_to(patch_values[..., None],
+                                                       patch_values.shape + (b,)), np.float32)
         state: dict[str, object] = {g.input.name: Patch(positions.astype(np.int64), val)}
         ledger = self._ledger
         ledger.reset()

@@ -1,0 +1,45 @@
+"""The Python API's run behaviour: a progress bar on stderr for long runs (silenced by
+progress=False, the caller's on_batch still called), and runs at listed positions recorded
+in the catalog like grid runs."""
+
+import re
+
+import duckdb
+import numpy as np
+
+import krypton_db as kdb
+from krypton_db import api
+from krypton_db.hooks import OcclusionHooks
+
+
+def test_progress_bar_on_stderr(tiny_nets, capsys, monkeypatch):
+    monkeypatch.setattr(api, "PROGRESS_DELAY_S", 0.0)  # a "long" run: show it at once
+    model, img = tiny_nets["vgg"]
+    seen = []
+    hooks = OcclusionHooks(on_batch=lambda done, total: seen.append((done, total)))
+    hm = kdb.occlude(model, img, patch=3, stride=2, batch_size=16, hooks=hooks)
+    n = hm.probs.size
+    err = capsys.readouterr().err
+    assert f"occlusion({model.name})" in err and re.search(rf"\b\d+/{n}\b.*pos/s", err), err
+    assert seen[-1] == (n, n) and len(seen) == -(-n // 16)  # the caller's hook, every batch
+    assert hooks.on_batch is not None and hooks.on_batch.__name__ == "<lambda>"  # restored
+    kdb.occlude(model, img, patch=3, stride=2, batch_size=16, progress=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(api, "PROGRESS_DELAY_S", 60.0)  # a short run shows nothing
+    kdb.occlude(model, img, patch=3, stride=2)
+    assert capsys.readouterr().err == ""
+
+
+def test_listed_positions_are_recorded(tiny_nets, tmp_path):
+    model, img = tiny_nets["resnet"]
+    path = tmp_path / "runs.duckdb"
+    pos = [(0, 0), (7, 3), (20, 18)]
+    hm = kdb.occlude(model, img, patch=4, positions=pos, catalog=path, progress=False)
+    run_id = hm.stats["run_id"]
+    with duckdb.connect(str(path), read_only=True) as con:
+        rows = con.execute("SELECT y, x, prob FROM heatmaps WHERE run_id = ? ORDER BY y, x",
+                           [run_id]).fetchall()
+        settings = con.execute("SELECT settings FROM runs WHERE id = ?", [run_id]).fetchone()[0]
+    assert [(y, x) for y, x, _ in rows] == pos
+    np.testing.assert_allclose([p for *_, p in rows], hm.probs.reshape(-1), rtol=1e-6)
+    assert '"positions": "listed"' in str(settings) or "listed" in str(settings)
