@@ -42,7 +42,7 @@ import pyarrow as pa
 from .catalog_file import ALIAS, DEFAULT_LOCK_TIMEOUT, CatalogBusyError, CatalogError, CatalogFile
 from .catalog_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, TABLES
 from .errors import InputError
-from .images import to_pil
+from .images import deep_pixels, to_pil
 from .model import load_model
 
 __all__ = ["ALIAS", "DEFAULT_LOCK_TIMEOUT", "MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "TABLES",
@@ -271,8 +271,10 @@ class Catalog(CatalogFile):
     # -- images ------------------------------------------------------------------------------
     def register_image(self, image, name: str | None = None, replace: bool = False,
                        default_name: str | None = None) -> int:
-        """Store an image (path / PIL image / array) as raw 8-bit pixels + sha256; returns the
-        id of its version. The same pixels under ``name`` reuse the row; other pixels under a
+        """Store an image (path / PIL image / array / DICOM file) as its pixels + sha256: 8-bit
+        images as uint8, deeper ones as float32 in [0, 1] by the reading rule of
+        :mod:`krypton_db.images` (DICOM: the stored range, no window). Returns the id of its
+        version. The same pixels under ``name`` reuse the row; other pixels under a
         registered name need ``replace=True`` and become its next version. ``name=None``
         reuses any image with the same pixels, else registers them as ``default_name`` (or
         ``image-<hash>``)."""
@@ -280,10 +282,14 @@ class Catalog(CatalogFile):
         if name is not None and (not isinstance(name, str) or not name):
             raise InputError("image name must be a non-empty string")
         path = str(Path(image).expanduser().resolve()) if isinstance(image, (str, Path)) else None
-        img = to_pil(image)
-        if img.mode not in ("L", "RGB", "RGBA"):
-            img = img.convert("L" if img.mode.startswith(("I", "F")) else "RGB")
-        px = np.ascontiguousarray(np.asarray(img, np.uint8))
+        deep = deep_pixels(image)
+        if deep is not None:
+            px = np.ascontiguousarray(deep, np.float32)
+        else:
+            img = to_pil(image)
+            if img.mode not in ("L", "RGB", "RGBA"):
+                img = img.convert("L" if img.mode.startswith(("I", "F")) else "RGB")
+            px = np.ascontiguousarray(np.asarray(img, np.uint8))
         h, w = px.shape[:2]
         c = 1 if px.ndim == 2 else px.shape[2]
         digest = image_digest(px)
@@ -298,19 +304,21 @@ class Catalog(CatalogFile):
             if same is not None:
                 return same
             return int(self._one(
-                "INSERT INTO images (name, version, path, width, height, channels, sha256, pixels) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                [name, version, path, w, h, c, digest, px.tobytes()])[0])
+                "INSERT INTO images (name, version, path, width, height, channels, sha256, pixels, "
+                "dtype) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                [name, version, path, w, h, c, digest, px.tobytes(), px.dtype.name])[0])
 
     def image_id(self, name: str, version: int | None = None) -> int:
         """The id of image ``name``'s latest (or given) version."""
         return self._version_id("images", name, version, "image")
 
     def get_image(self, name: str, version: int | None = None) -> np.ndarray:
-        """The stored pixels of the latest (or given) version, uint8 ``[H, W]`` or ``[H, W, C]``."""
-        h, w, c, blob = self._one("SELECT height, width, channels, pixels FROM images WHERE id = ?",
-                                  [self.image_id(name, version)])
-        a = np.frombuffer(bytes(blob), np.uint8)
+        """The stored pixels of the latest (or given) version, ``[H, W]`` or ``[H, W, C]``:
+        uint8, or float32 in [0, 1] for images deeper than 8 bits."""
+        h, w, c, blob, dtype = self._one(
+            "SELECT height, width, channels, pixels, dtype FROM images WHERE id = ?",
+            [self.image_id(name, version)])
+        a = np.frombuffer(bytes(blob), np.dtype(dtype))
         return a.reshape((h, w) if c == 1 else (h, w, c)).copy()
 
     def images(self) -> list[str]:

@@ -5,7 +5,7 @@ BLOB, TIMESTAMP; JSON kept as VARCHAR text), so the DuckDB CLI reads the file as
 ``meta.schema_version`` names the layout; ``MIGRATIONS[v]`` takes a version-v file to v + 1.
 """
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _TUNED_TAU = """
 CREATE TABLE IF NOT EXISTS tuned_tau (
@@ -51,6 +51,9 @@ CREATE TABLE images (
     UNIQUE (name, version)
 );
 """
+# Version 4: images keep their samples' type (``dtype``: uint8, or float32 in [0, 1] for
+# deeper images: 16-bit, float, DICOM), so the catalog explains the pixels the API does.
+_IMAGE_DTYPE = "ALTER TABLE images ADD COLUMN dtype VARCHAR NOT NULL DEFAULT 'uint8';"
 # Version 2 added ``tuned_tau``; version 3 made models and images versioned and content-
 # addressed (name no longer unique: (name, version) is; a sha256 per model). A version-2 file
 # is migrated in place: the two tables rebuilt with version 1 for every row (ids kept, so
@@ -67,6 +70,7 @@ INSERT INTO images SELECT id, name, 1, path, width, height, channels, sha256, pi
     registered_at FROM images_v2;
 DROP TABLE images_v2;
 """,
+    3: _IMAGE_DTYPE,
 }
 
 SCHEMA = """
@@ -85,7 +89,7 @@ CREATE TABLE IF NOT EXISTS model_layers (
     PRIMARY KEY (model_id, ordinal)
 );
 CREATE SEQUENCE IF NOT EXISTS images_id_seq START 1;
-""" + _IMAGES + """
+""" + _IMAGES + _IMAGE_DTYPE + """
 CREATE SEQUENCE IF NOT EXISTS runs_id_seq START 1;
 CREATE TABLE IF NOT EXISTS runs (
     id BIGINT PRIMARY KEY DEFAULT nextval('runs_id_seq'),

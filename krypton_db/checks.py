@@ -78,7 +78,7 @@ def unknown_option(name: str, allowed, kind: str = "option") -> str:
 
 # -- model preprocessing ---------------------------------------------------------------------------
 
-PREPROCESS_KEYS = ("mean", "scale", "std")
+PREPROCESS_KEYS = ("mean", "scale", "std", "window")
 _FIXED_BY_MODEL = ("channels", "layout", "size")  # read from the ONNX input, not settable
 
 
@@ -113,6 +113,12 @@ def _check_preprocess_key(out: dict, key, value, channels: int, fixed: dict | No
     if key not in PREPROCESS_KEYS:
         raise OptionValueError(unknown_option(str(key), PREPROCESS_KEYS, "preprocess key"), key)
     v = plain(value)
+    if key == "window":
+        if not isinstance(v, bool):
+            raise OptionValueError(f"preprocess window (apply a DICOM file's window centre / "
+                                   f"width) must be true or false, got {show(v)}", key)
+        out[key] = v
+        return
     if key == "scale":
         x = check_number(v, "preprocess scale")
         if x <= 0:

@@ -168,9 +168,10 @@ class Preprocess:
     scale: float = 1.0 / 255.0
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    window: bool = False  # DICOM images: apply the file's window centre / width
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "size": list(self.size),
             "layout": self.layout,
             "channels": self.channels,
@@ -178,6 +179,9 @@ class Preprocess:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.window:  # only when set: older stored specs stay byte-identical
+            d["window"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
@@ -188,6 +192,7 @@ class Preprocess:
             scale=float(d.get("scale", 1.0 / 255.0)),
             mean=tuple(float(v) for v in d.get("mean", (0.0, 0.0, 0.0))),
             std=tuple(float(v) for v in d.get("std", (1.0, 1.0, 1.0))),
+            window=bool(d.get("window", False)),
         )
 
 

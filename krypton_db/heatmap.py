@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .images import ModelInput, pixels, to_pil
+from .images import ModelInput, deep_pixels, pixels, to_pil
 
 _ANCHORS = np.array([
     [0.19, 0.07, 0.23], [0.16, 0.47, 0.93], [0.16, 0.85, 0.55], [0.98, 0.73, 0.18], [0.60, 0.02, 0.01],
@@ -152,7 +152,8 @@ def to_image(hm, original_size: bool = True) -> np.ndarray:
     imp = cell_map(hm).astype(np.float32)
     if not original_size or hm._ctx is None or isinstance(hm._ctx[1], ModelInput):
         return imp  # a model-input tensor has no other size
-    w0, h0 = to_pil(hm._ctx[1]).size
+    deep = deep_pixels(hm._ctx[1])  # 16-bit / float / DICOM sources: their own size
+    h0, w0 = deep.shape[:2] if deep is not None else to_pil(hm._ctx[1]).size[::-1]
     if (h0, w0) == imp.shape:
         return imp
     return np.asarray(Image.fromarray(imp, mode="F").resize((w0, h0), Image.BILINEAR), np.float32)

@@ -97,16 +97,152 @@ def array_to_pil(a: np.ndarray):
     return Image.fromarray(u8)
 
 
-def pixels(image, spec: Preprocess) -> np.ndarray:
-    """Image -> float32 [H, W, C] in [0, 1], resized to the model's input size."""
+# One rule for every container: a sample's value over its type's full range. 8-bit samples
+# (uint8 arrays, 8-bit PNG / JPEG / ...) / 255, resampled in 8 bits as PIL and torchvision do;
+# deeper ones -- uint16 arrays and .npy, 16-bit PNG / TIFF, float arrays (already in [0, 1]),
+# DICOM -- / 65535 (float as is), converted and resampled in float: no 8-bit step.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def deep_pixels(image, spec: Preprocess | None = None) -> np.ndarray | None:
+    """The image as float64 [H, W] or [H, W, C] in [0, 1] when its samples have more than 8
+    bits (see the rule above), else None (the 8-bit path)."""
     from PIL import Image
 
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if path.is_file() and is_dicom(path):
+            return dicom_pixels(path, window=bool(spec is not None and spec.window))
+        if path.is_file() and path.suffix.lower() == ".npy":
+            return deep_pixels(_load_npy(path), spec)
+        if not path.is_file() or path.suffix.lower() not in (".png", ".tif", ".tiff"):
+            return None
+        image = to_pil(path)
+    if isinstance(image, Image.Image):
+        if image.mode in SIXTEEN_BIT_MODES:
+            a = np.asarray(image, np.float64)
+            if a.min() < 0 or a.max() > 65535:
+                raise InputError(f"{image.mode} image values must lie in [0, 65535] (16-bit), got "
+                                 f"[{a.min():g}, {a.max():g}]")
+            return a / 65535.0
+        if image.mode == "F":
+            return _unit_floats(np.asarray(image, np.float64))
+        return None
+    if isinstance(image, np.ndarray) or (hasattr(image, "__array__")
+                                         and not isinstance(image, (bytes, str))):
+        a = np.asarray(image)
+        if a.dtype == np.uint16:
+            return _hwc(a).astype(np.float64) / 65535.0
+        if a.dtype.kind == "f" and a.size:
+            check_finite(a, "image")
+            return _unit_floats(_hwc(a).astype(np.float64))
+    return None
+
+
+def _unit_floats(a: np.ndarray) -> np.ndarray:
+    if a.min() < -1e-6 or a.max() > 1.0 + 1e-6:
+        raise InputError(f"float image values must lie in [0, 1] (pixel scale), got "
+                         f"[{a.min():.3g}, {a.max():.3g}]")
+    return np.clip(a, 0.0, 1.0)
+
+
+def _hwc(a: np.ndarray) -> np.ndarray:
+    """CHW -> HWC and a single channel -> HW, as ``array_to_pil`` reads arrays."""
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[2] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise InputError(f"image array must be HxW, HxWx3 or 3xHxW, got shape {a.shape}")
+    return a
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM file: the ``.dcm`` suffix or the ``DICM`` marker after the 128-byte preamble."""
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def dicom_pixels(path: Path, window: bool = False) -> np.ndarray:
+    """A single-frame DICOM image as float64 in [0, 1] (pydicom, an optional extra): the
+    modality LUT (rescale slope / intercept) applied; with ``window`` and a window in the file
+    its centre / width (DICOM's linear VOI function), else the stored range mapped through the
+    modality LUT; MONOCHROME1 inverted (bright = high)."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:
+        raise InputError("DICOM images need pydicom: pip install 'krypton_db[dicom]'") from None
+    try:
+        ds = pydicom.dcmread(str(path))
+        raw = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - any reader failure: name the file and the cause
+        raise InputError(f"cannot read DICOM {path}: {type(exc).__name__}: {exc}") from None
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        raise InputError(f"DICOM {path} has {ds.NumberOfFrames} frames; give one frame "
+                         "(an array of it, or a single-frame file)")
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    bits = int(getattr(ds, "BitsStored", 16))
+    if photometric.startswith("MONOCHROME"):
+        v = np.asarray(apply_modality_lut(raw, ds), np.float64)
+        signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+        lo_raw, hi_raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        icpt = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        lo, hi = sorted((lo_raw * slope + icpt, hi_raw * slope + icpt))
+        if window and "WindowCenter" in ds and "WindowWidth" in ds:
+            c = float(np.ravel(ds.WindowCenter)[0])
+            w = max(float(np.ravel(ds.WindowWidth)[0]), 1.0)
+            out = np.clip((v - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0) if w > 1 else \
+                (v > c).astype(np.float64)
+        else:
+            out = np.clip((v - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+        return 1.0 - out if photometric == "MONOCHROME1" else out
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+        if photometric != "RGB":
+            from pydicom.pixels import convert_color_space
+
+            raw = convert_color_space(raw, photometric, "RGB")
+        return np.asarray(raw, np.float64) / (2 ** bits - 1)
+    raise InputError(f"DICOM {path}: photometric interpretation {photometric} is not supported "
+                     "(MONOCHROME1 / 2, RGB, YBR_FULL)")
+
+
+def _float_resized(a: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """[H, W(, C)] floats in [0, 1] -> [h, w, channels] float32 at the model size, in float:
+    grey <-> RGB as PIL converts (ITU-R 601-2 luma), bicubic per channel, clipped to [0, 1]."""
+    from PIL import Image
+
+    if a.ndim == 3:
+        a = a[:, :, :3]
+    if spec.channels == 1 and a.ndim == 3:
+        a = a @ np.array([0.299, 0.587, 0.114])
+    if spec.channels == 3 and a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    planes = [a] if a.ndim == 2 else [a[:, :, k] for k in range(a.shape[2])]
+    h, w = spec.size
+    out = []
+    for p in planes:
+        img = Image.fromarray(np.ascontiguousarray(p, np.float32))  # mode "F"
+        if img.size != (w, h):
+            img = img.resize((w, h), Image.BICUBIC)
+        out.append(np.asarray(img, np.float32))
+    return np.clip(np.stack(out, axis=2), 0.0, 1.0)
+
+
+def pixels(image, spec: Preprocess) -> np.ndarray:
+    """Image -> float32 [H, W, C] in [0, 1], resized to the model's input size (the rule
+    above: 8-bit images in 8 bits, deeper ones in float)."""
+    from PIL import Image
+
+    deep = deep_pixels(image, spec)
+    if deep is not None:
+        return _float_resized(deep, spec)
     img = to_pil(image)
-    mode = "L" if spec.channels == 1 else "RGB"
-    if img.mode in ("I;16", "I;16B", "I"):
-        a = np.asarray(img, np.float64)
-        img = Image.fromarray((a / max(a.max(), 1.0) * 255.0 + 0.5).astype(np.uint8))
-    img = img.convert(mode)
+    img = img.convert("L" if spec.channels == 1 else "RGB")
     h, w = spec.size
     if img.size != (w, h):
         img = img.resize((w, h), Image.BICUBIC)

@@ -26,7 +26,6 @@ class ExplainStatements:
 
     # -- EXPLAIN ---------------------------------------------------------------------------------
     def explain_stmt(self, st: dsl_ast.Explain, text: str, params=None) -> list[tuple[str, str]]:
-
         sections: list = []
         if st.format == "sql":
             return explain.render([self._delta_sql_section(call, text, k, len(st.inner.calls))
@@ -77,16 +76,13 @@ class ExplainStatements:
         return explain.Section(f"{prefix}delta queries (SQL)", dsql.script().rstrip("\n").split("\n"))
 
     def _disabled_ops(self):
-
         return [Op(v) for v in self.options.get("disable_rule", ())]
 
     def _physical(self, r: Resolved, plan_type: str):
-
         return explain.physical_section(r.plan, r.bq.mode, r.batch, r.per_query, r.positions,
                                   r.bq.device, plan_type=plan_type)
 
     def _plan_sections(self, r: Resolved, prefix: str, verbose: bool, disabled) -> list:
-
         bq = r.bq
         try:
             views = graph_to_sql(r.graph)
@@ -113,7 +109,6 @@ class ExplainStatements:
         return out
 
     def _analyze(self, r: Resolved, st: dsl_ast.Explain, text: str, params, prefix: str) -> list:
-
         bq = r.bq
         # JIT apart: compile the executor's and the incremental kernels on one position first
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from . import api
 from .calibration import CALIBRATION_SUITE, calibrate
 from .errors import InputError, KryptonError
 from .graph import Op
-from .images import sample_image, to_pil
+from .images import deep_pixels, sample_image, to_pil
 from .model import load_model
 from .options import PREPROCESS_KEYS, OptionValueError, show, unknown_option
 from .planner.cost import FEATURES
@@ -32,7 +32,6 @@ class CatalogStatements:
         return name
 
     def _do_createmodel(self, st: dsl_ast.CreateModel, text: str):
-
         self._check_name(st.name, text, st.name_pos)
         pre, labels, at = {}, None, {}
         for a in st.options:
@@ -69,14 +68,16 @@ class CatalogStatements:
                             m.graph.num_classes, round(m.graph.macs / 1e9, 3))])
 
     def _register_image(self, source, name: str, replace_: bool):
-
+        deep = deep_pixels(source)  # 16-bit / float / DICOM: stored in full precision
+        if deep is not None:
+            self.catalog.register_image(source, name, replace=replace_)
+            return (name, deep.shape[1], deep.shape[0])
         img = to_pil(source)
         self.catalog.register_image(source if isinstance(source, (str, Path)) else img, name,
                                     replace=replace_)
         return (name, img.width, img.height)
 
     def _do_createimage(self, st: dsl_ast.CreateImage, text: str):
-
         self._check_name(st.name, text, st.name_pos)
         if st.name in self.catalog.images() and not st.replace:
             raise DslBindError(f"image {st.name!r} is already registered (CREATE OR REPLACE "
@@ -117,7 +118,6 @@ class CatalogStatements:
         return self._rows(["image", "width", "height"], rows)
 
     def _do_setoption(self, st: dsl_ast.SetOption, text: str):
-
         v = check_option(st.name, st.value, text, st.name_pos, st.value_pos)
         if st.name == "disable_rule":
 
@@ -132,7 +132,6 @@ class CatalogStatements:
         return Result(None)
 
     def _do_resetoption(self, st: dsl_ast.ResetOption, text: str):
-
         if st.name == "all":
             self.options.clear()
         else:
@@ -184,7 +183,6 @@ class CatalogStatements:
                            + (res["samples"], res["rmse_s"], res["seconds"], res["path"])])
 
     def _do_tune(self, st: dsl_ast.Tune, text: str):
-
         m = self._model(st.model, text, st.model_pos)
         imgs = [self._image(n, text, st.model_pos) for n in st.images]
         kw = {}
