@@ -30,11 +30,13 @@ tau auto-tuning: see :func:`tune_tau`.
 from __future__ import annotations
 
 import contextlib
+import sys
 import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import InputError
 from .occlusion import HeatMap, pair, grid_positions, occlude
@@ -255,7 +257,7 @@ def heldout_indices(n: int) -> list[int]:
 
 
 def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", patch=16,
-             stride=4, color=0.0, taus=TAUS, **kw) -> TuneResult:
+             stride=4, color=0.0, taus=TAUS, progress: bool = True, **kw) -> TuneResult:
     """Pick tau for ``model`` on a domain sample ``images`` (a list of images).
 
     For each fitting image: the exact heat map, and the approximate one for every tau in
@@ -266,6 +268,7 @@ def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", p
     third one (n // 3) is held out of the fit; on those the SSIM at the chosen tau is measured
     to compare with the prediction. Cost: (images) x (1 exact + len(taus) - 1 approximate)
     occlusion runs at ``patch`` / ``stride`` (tune with the settings you will explain with).
+    ``progress``: a bar on stderr (after 2 s) naming the image and tau being run.
     """
     t_start = time.perf_counter()
     target_ssim = check_target_ssim(target_ssim)
@@ -286,14 +289,24 @@ def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", p
     common = dict(patch=(ph, pw), stride=(sy, sx), color=color, **kw)
     timings: dict = {"exact_s": 0.0}
     per_image = np.zeros((len(fit), len(taus)))
+    runs = len(fit) * (1 + sum(t < 1.0 for t in taus)) + 2 * len(held)
+    bar = tqdm(total=runs, desc=f"tune({model.name})", unit="run", delay=2.0, file=sys.stderr,
+               leave=False, disable=not progress)
+
+    def step(what: str):
+        bar.set_postfix_str(what, refresh=False)
+        bar.update(1)
+
     for i, im in enumerate(fit):
         ex = occlude(model, im, mode="exact", **common)
+        step(f"image {i + 1}/{len(fit)} exact")
         timings["exact_s"] += ex.stats["total_s"]
         for j, t in enumerate(taus):
             if t >= 1.0:
                 per_image[i, j] = ssim(ex.probs, ex.probs)
                 continue
             ap = occlude(model, im, mode="approximate", tau=t, target=ex.target, **common)
+            step(f"image {i + 1}/{len(fit)} tau {t:g}")
             timings[f"tau_{t:g}_s"] = timings.get(f"tau_{t:g}_s", 0.0) + ap.stats["total_s"]
             per_image[i, j] = ssim(ex.probs, ap.probs)
     means = per_image.mean(axis=0)
@@ -306,6 +319,9 @@ def tune_tau(model, images, target_ssim: float = 0.9, domain: str = "default", p
         ap = ex if tau >= 1.0 else occlude(model, im, mode="approximate", tau=tau,
                                            target=ex.target, **common)
         measured.append(ssim(ex.probs, ap.probs))
+        step(f"held-out image {len(measured)}/{len(held)}")
+        bar.update(1)  # its exact and approximate runs
+    bar.close()
     return TuneResult(
         model=model.name, domain=domain, tau=tau, target_ssim=target_ssim, coeffs=coeffs,
         taus=list(taus), mean_ssim=mean_ssim,

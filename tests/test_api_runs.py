@@ -43,3 +43,24 @@ def test_listed_positions_are_recorded(tiny_nets, tmp_path):
     assert [(y, x) for y, x, _ in rows] == pos
     np.testing.assert_allclose([p for *_, p in rows], hm.probs.reshape(-1), rtol=1e-6)
     assert '"positions": "listed"' in str(settings) or "listed" in str(settings)
+
+
+def test_tune_reports_per_image_and_tau(tiny_nets, capsys, monkeypatch):
+    """tune's bar names the image and the tau being run (shown at once: a fake long run)."""
+    import tqdm as tqdm_module
+
+    real = tqdm_module.tqdm
+
+    def eager(*a, **kw):
+        kw["delay"] = 0.0
+        kw["mininterval"] = 0.0
+        return real(*a, **kw)
+
+    monkeypatch.setattr("krypton_db.approx.tqdm", eager)
+    model, img = tiny_nets["vgg"]
+    imgs = [img, img[::-1].copy(), img[:, ::-1].copy()]
+    kdb.tune(model, imgs, patch=3, stride=2, taus=(1.0, 0.8, 0.6))
+    err = capsys.readouterr().err
+    assert f"tune({model.name})" in err and "image 1/2 tau 0.8" in err and "held-out" in err, err
+    kdb.tune(model, imgs, patch=3, stride=2, taus=(1.0, 0.8, 0.6), progress=False)
+    assert "tune(" not in capsys.readouterr().err

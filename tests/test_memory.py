@@ -284,6 +284,6 @@ def test_planning_prepares_no_weights():
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert len(plan.steps) > 30 and plan.theoretical_speedup > 1
+    assert len(plan.steps) >= 25 and plan.theoretical_speedup > 1  # 13 convs (+ReLU), 5 pools, FCs
     assert peak < 50 << 20, f"planning VGG16 allocated {peak / 2**20:.1f} MiB"
     assert m._executor is None
