@@ -166,7 +166,7 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
     probs[mask] = st2.probs.reshape(-1)
     total = time.perf_counter() - t0
     n = int(mask.size)  # k == mask.sum() (select_top takes top_count cells)
-    stats = dict(st2.stats)
+    stats = dict(st2.stats, listed_positions=False)  # stage 2's listed cells: a grid run
     for key in ("jit_s", "prepare_s", "run_s"):
         stats[key] = st1.stats[key] + st2.stats[key]
     stats.update(

@@ -69,9 +69,15 @@ class Occlusion:
             if len(inputs) != 1:
                 raise InputError(f"the model takes one input tensor, got a tuple of {len(inputs)}")
             (inputs,) = inputs
+            # per-input arguments come as 1-tuples with a tuple of inputs (Captum's format)
             if isinstance(sliding_window_shapes, tuple) and len(sliding_window_shapes) == 1 \
                     and isinstance(sliding_window_shapes[0], tuple):
                 (sliding_window_shapes,) = sliding_window_shapes
+            if isinstance(strides, tuple) and len(strides) == 1 \
+                    and isinstance(strides[0], (tuple, int)):
+                (strides,) = strides
+            if isinstance(baselines, tuple) and len(baselines) == 1:
+                (baselines,) = baselines
         if additional_forward_args is not None:
             raise InputError("additional_forward_args are not supported: the model takes the "
                              "input tensor only")

@@ -115,7 +115,14 @@ def deep_pixels(image, spec: Preprocess | None = None) -> np.ndarray | None:
             return dicom_pixels(path, window=bool(spec is not None and spec.window))
         if path.is_file() and path.suffix.lower() == ".npy":
             return deep_pixels(_load_npy(path), spec)
-        if not path.is_file() or path.suffix.lower() not in (".png", ".tif", ".tiff"):
+        if not path.is_file():
+            return None
+        try:
+            with Image.open(path) as lazy:  # the header only: the mode, without decoding
+                deep = lazy.mode in SIXTEEN_BIT_MODES or lazy.mode == "F"
+        except (OSError, ValueError):
+            return None  # to_pil reports what is wrong with the file
+        if not deep:
             return None
         image = to_pil(path)
     if isinstance(image, Image.Image):
@@ -201,11 +208,7 @@ def dicom_pixels(path: Path, window: bool = False) -> np.ndarray:
         else:
             out = np.clip((v - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
         return 1.0 - out if photometric == "MONOCHROME1" else out
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
-        if photometric != "RGB":
-            from pydicom.pixels import convert_color_space
-
-            raw = convert_color_space(raw, photometric, "RGB")
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):  # pixel_array is RGB already
         return np.asarray(raw, np.float64) / (2 ** bits - 1)
     raise InputError(f"DICOM {path}: photometric interpretation {photometric} is not supported "
                      "(MONOCHROME1 / 2, RGB, YBR_FULL)")

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import heatmap as heatmap_io  # the heat map's files, images and plots
+from . import heatmap as heatmap_io
+from . import options  # the heat map's files, images and plots
 from .errors import InputError
 from .exec.duckdb_ivm import DuckDbIncrementalExecutor
 from .exec.incremental import IncrementalExecutor
@@ -207,23 +208,17 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     tables, then the plan's delta queries (``plan.delta_sql()``) per batch; the relational
     reference of the IVM rules, far slower than the numba executors.
     """
-    if engine not in ("numba", "duckdb"):
-        raise InputError(f"engine must be 'numba' or 'duckdb', got {engine!r}")
-    if engine == "duckdb" and (mode != "exact" or device != "cpu"):
-        raise InputError(f"engine 'duckdb' runs mode 'exact' on the CPU (delta queries in SQL); "
-                         f"got mode {mode!r}, device {device!r}")
-    if device not in ("cpu", "gpu"):
-        raise InputError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    if mode not in ("exact", "naive", "approximate"):
-        raise InputError(f"mode must be 'exact', 'naive' or 'approximate', got {mode!r}")
-    if not isinstance(tau, (int, float)) or not (0.0 < tau <= 1.0):
-        raise InputError(f"tau must lie in (0, 1], got {tau!r}")
-    if mode != "approximate":
-        tau = 1.0
-    if score not in ("prob", "logit"):
-        raise InputError(f"score must be 'prob' or 'logit', got {score!r}")
-    if memory_budget is not None and memory_budget <= 0:
-        raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    # the run options through the checks the API and the language use (krypton_db.options):
+    # one rule, one message, wherever the call comes from
+    run = {k: options.check(k, v) for k, v in (("engine", engine), ("mode", mode),
+                                                 ("device", device), ("score", score))}
+    engine, mode, score = run["engine"], run["mode"], run["score"]
+    device = "gpu" if run["device"] == "cuda" else run["device"]
+    options.check_combination(dict(run, device=device, drilldown=None), {"engine"})
+    tau = 1.0 if mode != "approximate" else options.check("tau", tau)
+    if tau is None:
+        raise InputError("mode 'approximate' needs tau in (0, 1]")
+    memory_budget = options.check("memory_budget", memory_budget)
     if score == "logit":
         model = _logit_model(model)
     ph, pw = pair(patch, "patch")
@@ -275,7 +270,11 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             inc.profile = True
             inc.step_secs = hooks.step_secs  # the executor accumulates into the hooks' dict
         tm = time.perf_counter()
-        base = _probs(model, inc.materialize(xn))[0]
+        try:
+            base = _probs(model, inc.materialize(xn))[0]
+        except BaseException:  # incl. Ctrl-C: the executor's arena / connection goes back
+            inc.close()
+            raise
         if hooks is not None:
             hooks.materialize_s += time.perf_counter() - tm
         if engine == "duckdb":
@@ -303,11 +302,11 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
                 return _probs(model, ex.predict(batch))
             return _probs(model, ex.run(batch, step_secs=secs)[ex.graph.output])
 
-    tgt = int(np.argmax(base)) if target is None else model.class_index(target)
     t2 = time.perf_counter()
     n = flat.shape[0]
     outs = []
     try:
+        tgt = int(np.argmax(base)) if target is None else model.class_index(target)
         for i in range(0, n, bs):
             outs.append(run(flat[i : i + bs]))
             check_cancelled()  # Ctrl-C that a library swallowed still stops the run here

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import logging
 import tempfile
@@ -27,10 +28,16 @@ def is_torch_module(obj) -> bool:
 
 
 def module_key(module, input_shape: tuple[int, ...]) -> str:
-    """A digest of the module's class, input shape and every parameter and buffer."""
+    """A digest of the module's class (and its source, when Python can read it), its structure
+    (``repr``: layer types and their settings, e.g. a ReLU vs a Sigmoid, strides), the input
+    shape and every parameter and buffer."""
     h = hashlib.sha256()
     cls = type(module)
-    h.update(f"{cls.__module__}.{cls.__qualname__}|{input_shape}".encode())
+    h.update(f"{cls.__module__}.{cls.__qualname__}|{input_shape}|{module!r}".encode())
+    try:
+        h.update(inspect.getsource(cls).encode())  # a changed forward() is another model
+    except (OSError, TypeError):
+        pass  # classes defined where no source is kept (an interactive session)
     for name, t in module.state_dict().items():
         a = t.detach().cpu().contiguous().numpy()
         h.update(f"|{name}|{a.dtype}|{a.shape}|".encode())

@@ -64,3 +64,14 @@ def test_tune_reports_per_image_and_tau(tiny_nets, capsys, monkeypatch):
     assert f"tune({model.name})" in err and "image 1/2 tau 0.8" in err and "held-out" in err, err
     kdb.tune(model, imgs, patch=3, stride=2, taus=(1.0, 0.8, 0.6), progress=False)
     assert "tune(" not in capsys.readouterr().err
+
+
+def test_drilldown_runs_are_grid_runs_in_the_catalog(tiny_nets, tmp_path):
+    model, img = tiny_nets["vgg"]
+    path = tmp_path / "dd.duckdb"
+    hm = kdb.occlude(model, img, patch=3, stride=2, drilldown=True, catalog=path,
+                     progress=False)
+    with duckdb.connect(str(path), read_only=True) as con:
+        settings = con.execute("SELECT settings FROM runs WHERE id = ?",
+                               [hm.stats["run_id"]]).fetchone()[0]
+    assert "listed" not in settings and "drilldown" in settings

@@ -146,6 +146,12 @@ def test_defaults_one_target_and_a_tuple_of_one_input(module):
     got = Occlusion(module).attribute((x,), sliding_window_shapes=((3, 7, 7),), target=3)
     assert isinstance(got, tuple) and len(got) == 1
     _check(got[0], want[0], probs=isinstance(module, MobileNetLike), logit_scale=_scale(module, x))
+    b = (torch.full_like(x, 0.3),)  # per-input strides and baselines as 1-tuples too
+    want = CaptumOcclusion(module).attribute((x,), ((3, 5, 5),), strides=((3, 2, 4),),
+                                             baselines=b, target=3)
+    got = Occlusion(module).attribute((x,), ((3, 5, 5),), strides=((3, 2, 4),), baselines=b,
+                                      target=3)
+    _check(got[0], want[0], probs=isinstance(module, MobileNetLike), logit_scale=_scale(module, x))
 
 
 def test_double_inputs_and_tensor_targets():
@@ -209,6 +215,15 @@ def test_tensor_input_api_and_the_torch_export_cache(tmp_path, monkeypatch):
     assert len(list(tmp_path.rglob("torch-*.onnx"))) == 2  # new weights, new export
     with pytest.raises(InputError, match="input_shape"):
         kdb.load_model(net)
+    # parameterless structure is part of the key: a Sigmoid instead of a ReLU is another model
+    torch.manual_seed(0)
+    relu = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 36, 3)).eval()
+    torch.manual_seed(0)
+    sig = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(2 * 36, 3)).eval()
+    z = torch.randn(1, 3, 8, 8)
+    for mod in (relu, sig):
+        km = kdb.load_model(mod, input_shape=(3, 8, 8))
+        np.testing.assert_allclose(km.logits(z.numpy()), mod(z).detach().numpy(), atol=1e-5)
     with pytest.raises(InputError, match="either image"):
         kdb.occlude(m, np.zeros((20, 23, 3)), input=x)
     with pytest.raises(InputError, match="baselines .* do not broadcast"):

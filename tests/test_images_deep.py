@@ -109,3 +109,26 @@ def test_dicom_heat_map_in_original_coordinates(model, tmp_path):
     assert hm.to_image().shape == (64, 64) and hm.to_image(original_size=False).shape == (24, 20)
     out = hm.save(tmp_path / "mr.png")
     assert Image.open(out).size[0] > 0
+
+
+def test_sixteen_bit_files_of_any_format_keep_their_depth(model, tmp_path):
+    """A 16-bit PGM reads by the same rule as the PNG (the mode decides, not the suffix)."""
+    v = (np.arange(24 * 20, dtype=np.uint32).reshape(24, 20) * 136).astype(np.uint16)
+    Image.fromarray(v).save(tmp_path / "v.png")
+    Image.fromarray(v).save(tmp_path / "v.pgm")
+    assert Image.open(tmp_path / "v.pgm").mode.startswith("I")
+    np.testing.assert_allclose(model.preprocess(tmp_path / "v.pgm"),
+                               model.preprocess(tmp_path / "v.png"), atol=1e-6)
+
+
+def test_colour_dicom_is_rgb():
+    """YBR_FULL_422 DICOM (a file pydicom ships; others it would download: never here):
+    pydicom's pixel_array is RGB already (converted once, not twice); the first pixel is red,
+    and the values are pixel_array over the stored range."""
+    ybr = get_testdata_file("SC_ybr_full_422_uncompressed.dcm")
+    ds = pydicom.dcmread(ybr)
+    spec = Preprocess(size=ds.pixel_array.shape[:2], channels=3)
+    p = pixels(ybr, spec)
+    assert p[0, 0, 0] > 0.9 and p[0, 0, 1:].max() < 0.1
+    want = ds.pixel_array.astype(np.float64) / (2 ** ds.BitsStored - 1)
+    np.testing.assert_allclose(p, want, atol=1e-6)
