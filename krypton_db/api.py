@@ -207,7 +207,7 @@ def occlude(model, image=None, patch=16, stride=4, color=None, target=None,
         raise InputError("runs on a model-input tensor are not recorded in a catalog (there "
                          "is no image to register); drop catalog= / image_name=")
     samples, single = model_inputs(m, input, baselines)
-    targets = _per_sample(target, len(samples))
+    targets = per_sample_targets(target, len(samples))
     out = []
     for sample, tgt in zip(samples, targets):
         opts = check_occlude_args(m, dict(
@@ -292,7 +292,7 @@ def model_inputs(m: Model, input, baselines) -> tuple[list, bool]:
     return out, single
 
 
-def _per_sample(target, n: int) -> list:
+def per_sample_targets(target, n: int) -> list:
     """One target per sample: the same for all, or a sequence / tensor of n of them."""
     if hasattr(target, "detach"):
         target = target.detach().cpu().numpy()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .api import model_inputs
+from .api import model_inputs, per_sample_targets
 from .errors import InputError
 from .model import Model, load_model
 from .occlusion import window_attribution
@@ -104,25 +104,13 @@ class Occlusion:
             raise InputError(f"target is needed: the model has {m.graph.num_classes} outputs "
                              f"(an index, or one per sample)")
         samples, _ = model_inputs(m, inputs, baselines)  # [N, ...]: always the batch path
-        targets = _targets(target, n)
+        targets = per_sample_targets(target, n)  # the API's rule: one, or one per input
         score = "prob" if m.ends_in_softmax else "logit"  # the forward output, as Captum sees it
         out = np.empty((n, c, h, w), np.float64)
         for i, (sample, tgt) in enumerate(zip(samples, targets)):
             t = m.class_index(0 if tgt is None else tgt)
             out[i] = window_attribution(m, sample, window[1:], stride[1:], t, score=score)[None]
         return (_like(out, inputs),) if as_tuple else _like(out, inputs)
-
-
-def _targets(target, n: int) -> list:
-    if hasattr(target, "detach"):
-        target = target.detach().cpu().numpy()
-    if isinstance(target, np.ndarray):
-        target = target.tolist() if target.ndim else int(target)
-    if isinstance(target, (list, tuple)):
-        if len(target) != n:
-            raise InputError(f"target has {len(target)} entries for {n} inputs")
-        return [int(t) for t in target]
-    return [target] * n
 
 
 def _like(a: np.ndarray, inputs):
