@@ -74,6 +74,12 @@ class OpInfo:
     display: str  # its name in EXPLAIN's physical operators
     activation: int | None = None  # kernel code, when a conv / add may fuse it
     act_params: tuple[str, ...] = ()  # node params passed to the kernel as (a0, a1)
+    # An activation's ONNX operator (attribute defaults = its params' defaults) and its SQL
+    # value expression over the DOUBLE column v (placeholders {param}, rendered as literals):
+    # onnx_import and sqlviews derive its importer and its view from these two fields.
+    onnx: str | None = None
+    defaults: tuple[float, ...] = ()  # the act_params' ONNX defaults, in order
+    sql: str | None = None
 
 
 # One row per op: the activation sets and codes, the rule registrations and EXPLAIN's names
@@ -84,13 +90,22 @@ OPS: dict[Op, OpInfo] = {
     Op.MAXPOOL: OpInfo("window", "MaxPool2d"),
     Op.AVGPOOL: OpInfo("window", "AvgPool2d"),
     Op.GLOBAL_AVGPOOL: OpInfo("global", "GlobalAvgPool"),
-    Op.RELU: OpInfo("pointwise", "Relu", ACT_RELU),
-    Op.CLIP: OpInfo("pointwise", "Clip", ACT_CLIP, ("lo", "hi")),
-    Op.LEAKY_RELU: OpInfo("pointwise", "LeakyRelu", ACT_LEAKY, ("alpha",)),
-    Op.SIGMOID: OpInfo("pointwise", "Sigmoid", ACT_SIGMOID),
-    Op.HARD_SIGMOID: OpInfo("pointwise", "HardSigmoid", ACT_HSIGMOID, ("alpha", "beta")),
-    Op.HARD_SWISH: OpInfo("pointwise", "HardSwish", ACT_HSWISH),
-    Op.ELU: OpInfo("pointwise", "Elu", ACT_ELU, ("alpha",)),
+    Op.RELU: OpInfo("pointwise", "Relu", ACT_RELU, onnx="Relu",
+                    sql="CASE WHEN v > 0 THEN v ELSE 0.0 END"),
+    # Clip's bounds are inputs in opset >= 11, attributes before: onnx_import.op_Clip
+    Op.CLIP: OpInfo("pointwise", "Clip", ACT_CLIP, ("lo", "hi"),
+                    sql="least(greatest(v, {lo}), {hi})"),
+    Op.LEAKY_RELU: OpInfo("pointwise", "LeakyRelu", ACT_LEAKY, ("alpha",), "LeakyRelu", (0.01,),
+                          "CASE WHEN v >= 0 THEN v ELSE v * {alpha} END"),
+    Op.SIGMOID: OpInfo("pointwise", "Sigmoid", ACT_SIGMOID, onnx="Sigmoid",
+                       sql="1.0 / (1.0 + exp(-v))"),
+    Op.HARD_SIGMOID: OpInfo("pointwise", "HardSigmoid", ACT_HSIGMOID, ("alpha", "beta"),
+                            "HardSigmoid", (0.2, 0.5),
+                            "least(greatest({alpha} * v + {beta}, 0.0), 1.0)"),
+    Op.HARD_SWISH: OpInfo("pointwise", "HardSwish", ACT_HSWISH, onnx="HardSwish",
+                          sql="v * least(greatest(v / 6.0 + 0.5, 0.0), 1.0)"),
+    Op.ELU: OpInfo("pointwise", "Elu", ACT_ELU, ("alpha",), "Elu", (1.0,),
+                   "CASE WHEN v >= 0 THEN v ELSE {alpha} * (exp(v) - 1) END"),
     Op.AFFINE: OpInfo("pointwise", "Affine"),
     Op.ADD: OpInfo("merge", "Add"),
     Op.MUL: OpInfo("merge", "Mul"),
@@ -103,6 +118,7 @@ OPS: dict[Op, OpInfo] = {
     Op.SOFTMAX: OpInfo("global", "Softmax"),
 }
 assert set(OPS) == set(Op), "every Op needs its row in OPS"
+assert all(len(i.defaults) in (0, len(i.act_params)) for i in OPS.values()), "one default per param"
 
 
 def ops_with_rule(kind: str) -> tuple[Op, ...]:

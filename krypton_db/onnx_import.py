@@ -24,19 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .graph import Graph, Node, Op, infer_shape
+from .graph import OPS, Graph, Node, Op, infer_shape
 from .graph_passes import simplify
 
 # A batch size used only while folding shape subgraphs (``Shape`` of an activation). A prime
 # nobody uses as a real dimension, so the folded Reshape target can tell "batch" apart.
 _BATCH = 9973
-
-SUPPORTED_OPS = sorted(
-    """Conv BatchNormalization Relu Clip LeakyRelu Sigmoid HardSigmoid HardSwish Elu MaxPool
-    AveragePool GlobalAveragePool ReduceMean Add Sum Sub Mul Div Concat LRN Flatten Reshape
-    Squeeze Unsqueeze Gemm MatMul Softmax Dropout Identity Transpose Pad Cast Shape Gather
-    Slice ConstantOfShape Constant""".split()
-)
 
 
 def _read(source) -> "onnx.ModelProto":  # noqa: F821
@@ -357,12 +350,6 @@ class _Importer:
 
         return handler
 
-    op_Relu = _pointwise(Op.RELU)
-    op_Sigmoid = _pointwise(Op.SIGMOID)
-    op_HardSwish = _pointwise(Op.HARD_SWISH)
-    op_LeakyRelu = _pointwise(Op.LEAKY_RELU, alpha=0.01)
-    op_HardSigmoid = _pointwise(Op.HARD_SIGMOID, alpha=0.2, beta=0.5)
-    op_Elu = _pointwise(Op.ELU, alpha=1.0)
 
     def op_Clip(self, n, ins, a):
         lo = a.get("min", -np.inf)
@@ -573,6 +560,15 @@ class _Importer:
         if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0:
             raise ModelError(f"Pad is supported on the spatial axes only, non-negative (pads {pads})")
         self.add(n, Op.PAD, [x], {"pads": (pads[2], pads[3], pads[6], pads[7]), "value": value})
+
+
+# activations importable by name: the graph.OPS rows with an ONNX operator
+for _op, _info in OPS.items():
+    if _info.onnx is not None:
+        setattr(_Importer, f"op_{_info.onnx}",
+                _Importer._pointwise(_op, **dict(zip(_info.act_params, _info.defaults))))
+
+SUPPORTED_OPS = sorted(name[3:] for name in vars(_Importer) if name.startswith("op_"))
 
 
 class _Poison:

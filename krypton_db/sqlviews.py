@@ -25,7 +25,7 @@ import numpy as np
 
 from . import relation
 from .errors import KryptonError
-from .graph import ACTIVATIONS, Graph, Node, Op
+from .graph import ACTIVATIONS, OPS, Graph, Node, Op
 from .sqltext import IDENT_RE, SqlIdentifierError, ident, literal
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -91,11 +91,28 @@ def _parse(name: str, text: str, folder: str = "views") -> Template:
 TEMPLATE_FOLDERS = ("views", "deltas")  # layer views; the IVM rules' delta queries
 
 
+# An activation's view is its graph.OPS row's value expression (over v as DOUBLE), so the op's
+# row is the one place that knows it; every other view is a file in sql/views/.
+_ACTIVATION_SQL = {op.value: info for op, info in OPS.items() if info.sql is not None}
+
+
+def _activation_template(name: str) -> Template:
+    info = _ACTIVATION_SQL[name]
+    text = (f"-- name: {name}\n-- inputs: X(*,v)\n-- params: {', '.join(info.act_params)}\n"
+            f"-- output: (*,v)\n-- {info.display}, from graph.OPS (computed in DOUBLE)\n"
+            f"SELECT * REPLACE (CAST({info.sql} AS FLOAT) AS v)\n"
+            "FROM (SELECT * REPLACE (CAST(v AS DOUBLE) AS v) FROM {X})")
+    return _parse(name, text, "views")
+
+
 @functools.cache
 def template(name: str, folder: str = "views") -> Template:
-    """The parsed template ``sql/<folder>/<name>.sql`` (folder ``views`` or ``deltas``)."""
+    """The parsed template ``sql/<folder>/<name>.sql`` (folder ``views`` or ``deltas``), or an
+    activation's view from its ``graph.OPS`` row."""
     if not IDENT_RE.fullmatch(name) or folder not in TEMPLATE_FOLDERS:
         raise ValueError(f"bad template {folder}/{name!r}")
+    if folder == "views" and name in _ACTIVATION_SQL:
+        return _activation_template(name)
     res = importlib.resources.files("krypton_db.sql").joinpath(folder, f"{name}.sql")
     if not res.is_file():
         raise SqlUnsupportedError(f"no template sql/{folder}/{name}.sql")
@@ -104,7 +121,8 @@ def template(name: str, folder: str = "views") -> Template:
 
 def template_names(folder: str = "views") -> list[str]:
     d = importlib.resources.files("krypton_db.sql").joinpath(folder)
-    return sorted(p.name[:-4] for p in d.iterdir() if p.name.endswith(".sql"))
+    names = {p.name[:-4] for p in d.iterdir() if p.name.endswith(".sql")}
+    return sorted(names | set(_ACTIVATION_SQL) if folder == "views" else names)
 
 
 def render(name: str, rels: dict[str, str], params: dict | None = None,

@@ -145,6 +145,37 @@ def test_the_op_table_drives_rules_activations_and_names():
     assert FUSABLE_ACTIVATIONS == set(ACTIVATION_CODES)
 
 
+def test_an_activation_is_imported_and_viewed_from_its_row(tmp_path):
+    """An activation's ONNX importer and its SQL view come from its graph.OPS row: every
+    activation has a view (its row's expression) whose params are its kernel params, and every
+    row's ONNX operator is importable (defaults as the row gives them)."""
+    import onnx
+    from onnx import helper
+
+    from krypton_db.graph import ACTIVATIONS, OPS, Op
+    from krypton_db.onnx_import import SUPPORTED_OPS, import_onnx
+    from krypton_db.sqlviews import template, template_names
+
+    for op in ACTIVATIONS:
+        info = OPS[op]
+        assert info.sql is not None and op.value in template_names(), op
+        assert template(op.value).params == info.act_params, op
+        if info.onnx is None:
+            continue
+        assert info.onnx in SUPPORTED_OPS
+        node = helper.make_node(info.onnx, ["x"], ["y"])
+        g = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                             [1, 3, 1, 1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
+                                                             [1, 3, 1, 1])])
+        path = tmp_path / f"{op.value}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)]), path)
+        graph = import_onnx(path)[0]
+        (n,) = [n for n in graph.nodes if n.op in ACTIVATIONS]
+        assert n.op is op and n.params == dict(zip(info.act_params, info.defaults)), op
+
+
 def test_private_names_stay_in_their_module():
     """No module imports another project module's private name (``from m import _x``) or
     reads it through the module (``m._x``): what a module shares, it names publicly."""

@@ -39,7 +39,7 @@ JOIN "l001_conv_4" AS Y ON Y.c = acc.o AND Y.y = acc.y AND Y.x = acc.x;
 -- Relu.6 [pointwise rule, views/relu, changed cells]
 CREATE OR REPLACE TEMP TABLE "d_l002_relu_6" AS
 SELECT * REPLACE (CAST(CASE WHEN v > 0 THEN v ELSE 0.0 END AS FLOAT) AS v)
-FROM "d_l001_conv_4";
+FROM (SELECT * REPLACE (CAST(v AS DOUBLE) AS v) FROM "d_l001_conv_4");
 
 -- Conv.10 [window rule, deltas/conv2d, changed cells]
 CREATE OR REPLACE TEMP TABLE "d_l003_conv_10" AS
@@ -71,7 +71,7 @@ JOIN "l003_conv_10" AS Y ON Y.c = acc.o AND Y.y = acc.y AND Y.x = acc.x;
 -- Relu.12 [pointwise rule, views/relu, changed cells]
 CREATE OR REPLACE TEMP TABLE "d_l004_relu_12" AS
 SELECT * REPLACE (CAST(CASE WHEN v > 0 THEN v ELSE 0.0 END AS FLOAT) AS v)
-FROM "d_l003_conv_10";
+FROM (SELECT * REPLACE (CAST(v AS DOUBLE) AS v) FROM "d_l003_conv_10");
 
 -- Conv.16 [window rule, deltas/conv2d, changed cells]
 CREATE OR REPLACE TEMP TABLE "d_l005_conv_16" AS
@@ -130,7 +130,7 @@ JOIN "l006_conv_20" AS Y ON Y.c = acc.o AND Y.y = acc.y AND Y.x = acc.x;
 -- Relu.22 [pointwise rule, views/relu, changed cells]
 CREATE OR REPLACE TEMP TABLE "d_l007_relu_22" AS
 SELECT * REPLACE (CAST(CASE WHEN v > 0 THEN v ELSE 0.0 END AS FLOAT) AS v)
-FROM "d_l006_conv_20";
+FROM (SELECT * REPLACE (CAST(v AS DOUBLE) AS v) FROM "d_l006_conv_20");
 
 -- AveragePool.24 [window rule, deltas/avgpool2d, changed cells]
 CREATE OR REPLACE TEMP TABLE "d_l008_averagepool_24" AS
@@ -330,9 +330,8 @@ JOIN "l012_conv_36" AS Y ON Y.c = acc.o AND Y.y = acc.y AND Y.x = acc.x;
 
 -- HardSwish.38 [pointwise rule, views/hard_swish, changed cells]
 CREATE OR REPLACE TEMP TABLE "d_l013_hardswish_38" AS
-SELECT * REPLACE (
-    CAST(CAST(v AS DOUBLE) * least(greatest(CAST(v AS DOUBLE) / 6.0 + 0.5, 0.0), 1.0) AS FLOAT) AS v)
-FROM "d_l012_conv_36";
+SELECT * REPLACE (CAST(v * least(greatest(v / 6.0 + 0.5, 0.0), 1.0) AS FLOAT) AS v)
+FROM (SELECT * REPLACE (CAST(v AS DOUBLE) AS v) FROM "d_l012_conv_36");
 
 -- GlobalAveragePool.40 [global rule, deltas/patched_all, every cell]
 CREATE OR REPLACE TEMP TABLE "d_l014_globalaveragepool_40__in0" AS
@@ -377,9 +376,8 @@ LEFT JOIN acc AS a ON a.n = g.n AND a.o = g.o AND a.y = g.y AND a.x = g.x;
 
 -- HardSigmoid.46 [full rule, views/hard_sigmoid, every cell]
 CREATE OR REPLACE TEMP TABLE "d_l016_hardsigmoid_46" AS
-SELECT * REPLACE (
-    CAST(least(greatest(CAST('0.2' AS DOUBLE) * CAST(v AS DOUBLE) + CAST('0.5' AS DOUBLE), 0.0), 1.0) AS FLOAT) AS v)
-FROM "d_l015_conv_44";
+SELECT * REPLACE (CAST(least(greatest(CAST('0.2' AS DOUBLE) * v + CAST('0.5' AS DOUBLE), 0.0), 1.0) AS FLOAT) AS v)
+FROM (SELECT * REPLACE (CAST(v AS DOUBLE) AS v) FROM "d_l015_conv_44");
 
 -- Mul.48 [global rule, deltas/patched_all, every cell]
 CREATE OR REPLACE TEMP TABLE "d_l017_mul_48__in0" AS
