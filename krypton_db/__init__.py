@@ -5,6 +5,7 @@ Public API (stable names later work builds on):
 - :func:`occlude` -> heat map (exact IVM or naive), :func:`theoretical_speedup`, :func:`plan`
 - :func:`tune` -> tau for the approximate mode (stored per model and domain in the catalog),
   :func:`ssim` -> quality of an approximate heat map against the exact one
+- :func:`explain_dataset` -> many images in one call, streamed to Parquet (local or Ray)
 - :func:`connect` -> session over the DuckDB catalog (``.sql(text)``)
 - :func:`sample_image` for real images that ship inside installed packages
 """
@@ -16,10 +17,11 @@ from .model import Model, load_model
 from .api import occlude, plan, theoretical_speedup, tune
 from .quality import ssim
 from .session import connect
+from .dataset import explain_dataset
 
 __all__ = [
     "Graph", "InputError", "KryptonError", "Model", "ModelError", "Node", "Op", "Preprocess",
-    "connect", "load_model", "occlude", "plan", "sample_image", "ssim", "theoretical_speedup",
+    "connect", "explain_dataset", "load_model", "occlude", "plan", "sample_image", "ssim", "theoretical_speedup",
     "tune",
 ]
 __version__ = "0.1.0"

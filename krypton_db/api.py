@@ -62,7 +62,7 @@ def tune(model, images, target_ssim: float = 0.9, domain: str = "default", patch
     res = tune_tau(m, images, target_ssim=target_ssim, domain=domain, patch=patch,
                    stride=stride, **kw)
     if catalog is not None:
-        with _opened(catalog) as cat:
+        with opened_catalog(catalog) as cat:
             cat.save_tuned_tau(m.name, domain, res.tau, res.target_ssim, res.coeffs, res.details())
     return res
 
@@ -88,7 +88,7 @@ def resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) -> 
     if catalog is None:
         raise InputError("mode='approximate' needs tau=... or catalog=... holding a tau tuned "
                          "for this model (krypton_db.tune(model, images, catalog=...))")
-    with _opened(catalog) as cat:
+    with opened_catalog(catalog) as cat:
         rec = cat.tuned_tau(m.name, domain)
         tuned = cat.tuned_taus() if rec is None else None
     if rec is None:
@@ -105,7 +105,7 @@ def resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) -> 
 
 
 # keyword arguments of occlude() passed through to the occlusion driver
-_RUN_OPTIONS = ("batch_size", "memory_budget", "score", "device", "engine")
+RUN_OPTIONS = ("batch_size", "memory_budget", "score", "device", "engine")
 
 
 def check_occlude_args(model: Model, given: dict) -> dict:
@@ -117,7 +117,7 @@ def check_occlude_args(model: Model, given: dict) -> dict:
     set). Returns the normalized values of every query option; raises ``InputError``."""
     vals = {}
     for name in options.QUERY_OPTIONS:
-        if name in ("model", "image"):
+        if name in options.INPUT_OPTIONS:
             continue
         v = given.get(name)
         vals[name] = options.OPTIONS[name].default if v is None else options.check(name, v)
@@ -176,9 +176,9 @@ def occlude(model, image=None, patch=16, stride=4, color=None, target=None,
     """
     if not isinstance(progress, bool):
         raise InputError(f"progress must be True or False, got {progress!r}")
-    unknown = sorted(set(kw) - set(_RUN_OPTIONS))
+    unknown = sorted(set(kw) - set(RUN_OPTIONS))
     if unknown:
-        raise InputError(options.unknown_option(unknown[0], _RUN_OPTIONS) + " (and the named "
+        raise InputError(options.unknown_option(unknown[0], RUN_OPTIONS) + " (and the named "
                          "parameters of occlude)")
     if hooks is not None and not isinstance(hooks, OcclusionHooks):
         raise InputError(f"hooks must be an OcclusionHooks, got {type(hooks).__name__}")
@@ -196,7 +196,7 @@ def occlude(model, image=None, patch=16, stride=4, color=None, target=None,
             patch=patch, stride=stride, color=color, target=target, mode=mode, region=region,
             positions=positions, all_classes=all_classes, tau=tau, target_ssim=target_ssim,
             domain=domain, drilldown=drilldown, **kw))
-        with _opened(catalog) as cat, _progress(hooks, progress, m.name) as h:
+        with opened_catalog(catalog) as cat, _progress(hooks, progress, m.name) as h:
             return _occlude_checked(m, image, opts, cat, image_name, h)
     if image is not None:
         raise InputError("give either image=... or input=..., not both")
@@ -306,7 +306,7 @@ def per_sample_targets(target, n: int) -> list:
 
 
 @contextmanager
-def _opened(catalog):
+def opened_catalog(catalog):
     """The catalog to record into: None, a Catalog, a session's catalog, or a path opened
     (and closed) here. Opening first means a bad path fails before any computation."""
 
@@ -344,7 +344,7 @@ def run_checked(m: Model, image, opts: dict, hooks=None, drilldown=None,
     mode, positions, region, color = opts["mode"], opts["positions"], opts["region"], opts["color"]
     tau = opts.get("tau") or 1.0
     dd = _drilldown_settings(drilldown)
-    run_kw = {k: opts[k] for k in _RUN_OPTIONS if opts.get(k) is not None}
+    run_kw = {k: opts[k] for k in RUN_OPTIONS if opts.get(k) is not None}
     if dd is not None:
         hm = _drilldown(m, image, patch=opts["patch"], stride=opts["stride"], r=dd["r"],
                         speedup=dd["speedup"], color=color, target=opts["target"], mode=mode,

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .catalog_datasets import DatasetRecords
 from .catalog_file import ALIAS, DEFAULT_LOCK_TIMEOUT, CatalogBusyError, CatalogError, CatalogFile
 from .catalog_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, TABLES
 from .errors import InputError
@@ -113,7 +114,7 @@ def image_digest(px: np.ndarray) -> str:
     return hashlib.sha256(f"{h}x{w}x{c}:".encode() + np.ascontiguousarray(px).tobytes()).hexdigest()
 
 
-class Catalog(CatalogFile):
+class Catalog(DatasetRecords, CatalogFile):
     """A handle on one catalog database (see the module docstring for the invariants).
 
     The file and its locking come from :class:`~krypton_db.catalog_file.CatalogFile`

@@ -5,7 +5,7 @@ BLOB, TIMESTAMP; JSON kept as VARCHAR text), so the DuckDB CLI reads the file as
 ``meta.schema_version`` names the layout; ``MIGRATIONS[v]`` takes a version-v file to v + 1.
 """
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _TUNED_TAU = """
 CREATE TABLE IF NOT EXISTS tuned_tau (
@@ -54,6 +54,34 @@ CREATE TABLE images (
 # Version 4: images keep their samples' type (``dtype``: uint8, or float32 in [0, 1] for
 # deeper images: 16-bit, float, DICOM), so the catalog explains the pixels the API does.
 _IMAGE_DTYPE = "ALTER TABLE images ADD COLUMN dtype VARCHAR NOT NULL DEFAULT 'uint8';"
+# Version 5: datasets explained by ``explain_dataset`` (their heat maps live in the Parquet
+# dataset at ``location``; the catalog keeps what ran, one row per image and call, append-only).
+_DATASETS = """
+CREATE SEQUENCE IF NOT EXISTS datasets_id_seq START 1;
+CREATE TABLE IF NOT EXISTS datasets (
+    id BIGINT PRIMARY KEY DEFAULT nextval('datasets_id_seq'),
+    location VARCHAR NOT NULL,
+    model_id INTEGER NOT NULL,
+    settings VARCHAR NOT NULL,
+    settings_sha256 VARCHAR NOT NULL,
+    registered_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+    UNIQUE (location, settings_sha256)
+);
+CREATE TABLE IF NOT EXISTS dataset_runs (
+    dataset_id BIGINT NOT NULL,
+    job VARCHAR NOT NULL,
+    image VARCHAR NOT NULL,
+    image_sha256 VARCHAR,
+    status VARCHAR NOT NULL,
+    error VARCHAR,
+    part VARCHAR,
+    target_class INTEGER,
+    cells INTEGER,
+    seconds FLOAT,
+    worker VARCHAR,
+    created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+);
+"""
 # Version 2 added ``tuned_tau``; version 3 made models and images versioned and content-
 # addressed (name no longer unique: (name, version) is; a sha256 per model). A version-2 file
 # is migrated in place: the two tables rebuilt with version 1 for every row (ids kept, so
@@ -71,6 +99,7 @@ INSERT INTO images SELECT id, name, 1, path, width, height, channels, sha256, pi
 DROP TABLE images_v2;
 """,
     3: _IMAGE_DTYPE,
+    4: _DATASETS,
 }
 
 SCHEMA = """
@@ -111,7 +140,7 @@ CREATE TABLE IF NOT EXISTS heatmap_probs (
     run_id BIGINT NOT NULL, y INTEGER NOT NULL, x INTEGER NOT NULL, class INTEGER NOT NULL,
     prob FLOAT NOT NULL
 );
-""" + _TUNED_TAU
+""" + _TUNED_TAU + _DATASETS
 
 TABLES = ("meta", "models", "model_layers", "images", "runs", "heatmaps", "heatmap_probs",
-          "tuned_tau")
+          "tuned_tau", "datasets", "dataset_runs")

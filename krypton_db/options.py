@@ -28,8 +28,8 @@ from .checks import (
 )
 from .planner.batching import DEFAULT_MEMORY_BUDGET, NAIVE_DEFAULT_BUDGET
 
-__all__ = ["OPTIONS", "PREPROCESS_KEYS", "QUERY_OPTIONS", "SESSION_OPTIONS", "Option",
-           "OptionValueError", "check", "check_against_model", "check_combination",
+__all__ = ["INPUT_OPTIONS", "OPTIONS", "PREPROCESS_KEYS", "QUERY_OPTIONS", "SESSION_OPTIONS",
+           "Option", "OptionValueError", "check", "check_against_model", "check_combination",
            "check_preprocess", "parse_bytes", "plain", "show", "unknown_option"]
 
 
@@ -200,6 +200,17 @@ def _opt_text(what):
     return lambda v: None if v is None or v == "" else t(v)
 
 
+def _path(what: str):
+    def check(v):
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v.strip() or len(v) > 4096:
+            raise OptionValueError(f"{what} must be a non-empty path, glob or URI (at most 4096 "
+                                   f"characters), got {show(v)}")
+        return v
+    return check
+
+
 @dataclass(frozen=True)
 class Option:
     check: Callable[[Any], Any]
@@ -211,6 +222,15 @@ class Option:
 OPTIONS: dict[str, Option] = {
     "model": Option(_text("model"), None, "query", "registered model name (CREATE MODEL)"),
     "image": Option(_text("image"), None, "query", "registered image name (CREATE IMAGE)"),
+    # a dataset query: many images, results streamed to Parquet (krypton_db.explain_dataset)
+    "images": Option(_path("images"), None, "query",
+                     "many images: a folder, a glob, or 'catalog:<name pattern>' (registered)"),
+    "out": Option(_path("out"), None, "both", "images: where the Parquet results go (a folder "
+                  "or pyarrow.fs URI; default: datasets/ beside the catalog file)"),
+    "backend": Option(_enum("backend", ("local", "ray")), "local", "both",
+                      "images: this process, or actors on a Ray cluster"),
+    "workers": Option(lambda v: None if v is None else _pos_int(v, "workers", 4096), None,
+                      "both", "images, backend ray: number of actors (default: CPUs / 2)"),
     "patch": Option(_pair("patch"), (16, 16), "both", "occluding patch size: n or (h, w)"),
     "stride": Option(_pair("stride"), (4, 4), "both", "stride of the patch grid: n or (h, w)"),
     "color": Option(_color, 0.0, "both", "patch colour in [0, 1] pixel scale, or per channel"),
@@ -251,6 +271,8 @@ OPTIONS: dict[str, Option] = {
 }
 SESSION_OPTIONS = frozenset(k for k, o in OPTIONS.items() if o.scope in ("both", "session"))
 QUERY_OPTIONS = tuple(k for k, o in OPTIONS.items() if o.scope in ("both", "query"))
+# what names the input and where a dataset query's results go: not options of one heat map
+INPUT_OPTIONS = ("model", "image", "images", "out", "backend", "workers")
 
 
 def check(name: str, value):

@@ -38,6 +38,7 @@ from .errors import InputError, KryptonError, SqlError
 from .hooks import OcclusionHooks
 from .planner.cost import FEATURES, cost_model_path, load_cost_model  # noqa: F401 (re-export)
 from .progress import Progress
+from .query_dataset import DatasetStatements
 from .query_explain import ExplainStatements
 from .query_resolve import Resolution, Resolved
 from .query_statements import CatalogStatements
@@ -54,7 +55,7 @@ HEATMAP_SCHEMA = pa.schema([("model", pa.string()), ("image", pa.string()),
                             ("prob", pa.float32())])
 
 
-class Engine(CatalogStatements, Resolution, ExplainStatements):
+class Engine(CatalogStatements, Resolution, ExplainStatements, DatasetStatements):
     """Executes scripts for one :class:`~krypton_db.session.Session`."""
 
     def __init__(self, session):
@@ -248,7 +249,10 @@ class Engine(CatalogStatements, Resolution, ExplainStatements):
         bound = [bind_call(c, text, self.options) for c in st.calls]
         resolved = [self.resolve(bq) for bq in bound]
         self._prebind(st, text, params)
-        hms = [precomputed[i] if precomputed else self._occlude(r)[0]
+        # a dataset call (images => ...) writes its Parquet results and catalog rows as it
+        # goes (resumable); one-image calls are recorded below, all or nothing
+        hms = [self._explain_images(r, HEATMAP_SCHEMA)[0] if r.images is not None
+               else precomputed[i] if precomputed else self._occlude(r)[0]
                for i, r in enumerate(resolved)]
         self._seq += 1
         names = [f"__krypton_occl_{self._seq}_{k}" for k in range(len(st.calls))]
@@ -256,13 +260,14 @@ class Engine(CatalogStatements, Resolution, ExplainStatements):
         try:
             with (self.catalog.transaction() if record else contextlib.nullcontext()):
                 for r, hm in zip(resolved, hms):
-                    if record:  # grid and listed positions alike
+                    if record and r.images is None:  # grid and listed positions alike
                         img = r.image if r.image is not None else self.catalog.get_image(r.bq.image)
                         api.record_run(self.catalog, r.model, img,
                                        hm, image_name=r.bq.image, color=r.bq.color,
                                        region=r.bq.region, domain=r.bq.domain)
                 for name, r, hm in zip(names, resolved, hms):
-                    self.con.register(name, self.heatmap_table(r, hm))
+                    self.con.register(name, hm if r.images is not None
+                                      else self.heatmap_table(r, hm))
                 sql = self._rewrite(st, text, names)
                 try:
                     rel = self.con.sql(sql) if params is None else self.con.sql(sql, params=params)

@@ -106,10 +106,34 @@ class ExplainStatements:
         est = explain.estimate_section(r.plan, bq.mode, n, load_cost_model(), note, r.batch)
         est.plan_type = prefix + est.plan_type
         out.append(est)
+        if r.images is not None:
+            out.append(self._dataset_section(r, est.data["predicted_s"], prefix))
         return out
+
+    def _dataset_section(self, r: Resolved, per_image_s: float, prefix: str):
+        """A dataset query: how many images, where the results go, the estimated total."""
+        bq = r.bq
+        n = len(r.images)
+        out = bq.out or self._default_out(bq)
+        lines = [f"images {n} ({bq.images}); each runs the plan above",
+                 f"results: Parquet parts under {out} (resumable), one dataset_runs row "
+                 f"per image in the catalog",
+                 f"estimated total {n * per_image_s:.1f} s on this machine "
+                 f"({per_image_s:.3f} s per image, decoding overlapped)"]
+        if bq.backend == "ray":
+            lines.append("backend ray: about that total times this machine's CPUs over the "
+                         "cluster's, plus the actors' start (model load, JIT) once each"
+                         + (f"; {bq.workers} workers" if bq.workers else ""))
+        return explain.Section(prefix + "dataset", lines, data=dict(
+            images=n, per_image_s=per_image_s, predicted_total_s=n * per_image_s,
+            backend=bq.backend, out=out))
 
     def _analyze(self, r: Resolved, st: dsl_ast.Explain, text: str, params, prefix: str) -> list:
         bq = r.bq
+        if r.images is not None:
+            raise bq.error("EXPLAIN ANALYZE measures one image's run; for images => ... use "
+                           "EXPLAIN (the estimate) or run it (the result's timings land in "
+                           "the catalog's dataset_runs)", "images")
         # JIT apart: compile the executor's and the incremental kernels on one position first
         t0 = time.perf_counter()
         img = self.catalog.get_image(bq.image)

@@ -3,10 +3,12 @@ VERBOSE shows): a part of :class:`krypton_db.query.Engine`."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 
 from .api import resolve_tau
+from .dataset_io import ImageRef, image_refs
 from .errors import InputError, KryptonError
 from .occlusion import grid_positions, prepare
 from .options import OptionValueError, check_against_model
@@ -15,6 +17,8 @@ from .planner.explain import fmt_bytes
 from .planner.physical import PhysicalPlan
 from .sql.dsl import DslBindError
 from .sql.dsl.binder import BoundQuery
+
+CATALOG_PREFIX = "catalog:"  # images => 'catalog:<pattern>': registered images by name
 
 # -- binding against the catalog -------------------------------------------------------------------
 
@@ -33,6 +37,7 @@ class Resolved:
     batch: int = 1
     per_query: int = 0
     image: object | None = None  # the pixels, once read from the catalog for the run
+    images: list | None = None  # a dataset query: its images (dataset_io.ImageRef)
 
 
 class Resolution:
@@ -86,7 +91,10 @@ class Resolution:
         """Names -> catalog objects, model-dependent checks, the plan passes' inputs."""
 
         m = self._model(bq.model, bq.text, bq.arg_pos.get("model", bq.start))
-        if bq.image not in self.catalog.images():
+        refs = None
+        if bq.images is not None:
+            refs = self._dataset_images(bq)
+        elif bq.image not in self.catalog.images():
             self._image(bq.image, bq.text, bq.arg_pos.get("image", bq.start))
         c, h, w = m.graph.input_shape
         try:
@@ -118,7 +126,25 @@ class Resolution:
         graph = m.graph
         if bq.score == "logit":
             graph = graph.truncated(graph.logits_node())
-        return Resolved(bq, m, graph, n, grid, tau, note)
+        return Resolved(bq, m, graph, n, grid, tau, note, images=refs)
+
+    def _dataset_images(self, bq) -> list:
+        """The images of ``images => ...``: files of a folder or glob, or the registered
+        images whose names match ``catalog:<pattern>`` (fnmatch: ``*``, ``?``, ``[..]``)."""
+        spec = bq.images
+        if spec.startswith(CATALOG_PREFIX):
+            pattern = spec[len(CATALOG_PREFIX):] or "*"
+            names = [n for n in self.catalog.images() if fnmatch.fnmatchcase(n, pattern)]
+            if not names:
+                have = self.catalog.images()
+                shown = ", ".join(have[:10]) + (" ..." if len(have) > 10 else "") or "none"
+                raise bq.error(f"no registered image matches {pattern!r} (registered: {shown})",
+                               "images")
+            return [ImageRef(n, catalog_name=n) for n in names]
+        try:
+            return list(image_refs(spec))
+        except InputError as exc:
+            raise bq.error(str(exc), "images") from None
 
     def _tau(self, m, bq: BoundQuery) -> tuple[float, str]:
         if bq.mode != "approximate":

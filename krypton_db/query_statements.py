@@ -165,7 +165,16 @@ class CatalogStatements:
                "RUNS": "SELECT r.id, m.name AS model, m.version AS model_version, i.name AS image, "
                        "i.version AS image_version, r.mode, r.target_class, r.heatmap_h, "
                        "r.heatmap_w, r.created_at FROM runs r JOIN models m ON "
-                       "m.id = r.model_id JOIN images i ON i.id = r.image_id ORDER BY r.id"}[w]
+                       "m.id = r.model_id JOIN images i ON i.id = r.image_id ORDER BY r.id",
+               # per dataset: the latest row of each image decides done / failed
+               "DATASETS": "WITH last AS (SELECT dataset_id, image, arg_max(status, created_at) "
+                           "AS status FROM dataset_runs GROUP BY dataset_id, image) "
+                           "SELECT d.id, m.name AS model, m.version AS model_version, "
+                           "d.location, left(d.settings_sha256, 16) AS settings, "
+                           "count(*) FILTER (WHERE l.status IN ('done', 'recovered')) AS done, "
+                           "count(*) FILTER (WHERE l.status = 'failed') AS failed, "
+                           "d.registered_at FROM datasets d JOIN models m ON m.id = d.model_id "
+                           "LEFT JOIN last l ON l.dataset_id = d.id GROUP BY ALL ORDER BY d.id"}[w]
         return Result(self.con.sql(sql))
 
     def _do_calibrate(self, st: dsl_ast.Calibrate, text: str):

@@ -54,7 +54,7 @@ class BoundQuery:
     """One ``occlusion(...)`` call with every option resolved (call > SET > default)."""
 
     model: str
-    image: str
+    image: str | None
     patch: tuple[int, int]
     stride: tuple[int, int]
     color: float | tuple = 0.0
@@ -72,6 +72,10 @@ class BoundQuery:
     batch_size: int | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     score: str = "prob"
+    images: str | None = None  # a dataset query (then image is None)
+    out: str | None = None
+    backend: str = "local"
+    workers: int | None = None
     text: str = field(default="", repr=False)
     start: int = field(default=0, repr=False)
     arg_pos: dict = field(default_factory=dict, repr=False)
@@ -82,7 +86,9 @@ class BoundQuery:
 
     def describe(self) -> str:
         """Canonical, deterministic text of the bound query (two spellings -> one text)."""
-        parts = [f"model={show(self.model)}", f"image={show(self.image)}",
+        source = (f"image={show(self.image)}" if self.images is None
+                  else f"images={show(self.images)}")
+        parts = [f"model={show(self.model)}", source,
                  f"patch={self.patch[0]}x{self.patch[1]}",
                  f"stride={self.stride[0]}x{self.stride[1]}", f"color={show(self.color)}",
                  f"target={'predicted' if self.target is None else show(self.target)}",
@@ -103,6 +109,9 @@ class BoundQuery:
             parts.append(f"positions={len(self.positions)} listed")
         if self.score != "prob":
             parts.append(f"score={self.score}")
+        if self.images is not None and self.backend != "local":
+            parts.append(f"backend={self.backend}" + (f"({self.workers} workers)"
+                                                      if self.workers else ""))
         parts.append(f"device={self.device}")
         if self.engine != "numba":
             parts.append(f"engine={self.engine}")
@@ -130,9 +139,18 @@ def bind_call(call: OcclusionCall, text: str, session: dict | None = None) -> Bo
     vals: dict[str, Any] = {}
     for name, a in given.items():
         vals[name] = check_option(name, a.value, text, a.pos, a.value_pos, scope="query")
-    for name in ("model", "image"):
-        if name not in vals:
-            raise DslBindError(f"occlusion(...) needs {name} => '...'", text, call.start)
+    if "model" not in vals:
+        raise DslBindError("occlusion(...) needs model => '...'", text, call.start)
+    if ("image" in vals) == ("images" in vals):
+        at = given["images"].pos if "images" in given else call.start
+        raise DslBindError("occlusion(...) needs image => '<registered name>' or images => "
+                           "'<folder, glob or catalog:pattern>', not both" if "image" in vals
+                           else "occlusion(...) needs image => '...' (or images => '...' for "
+                           "many)", text, at)
+    for name in ("out", "backend", "workers"):
+        if name in vals and "images" not in vals:
+            raise DslBindError(f"{name} => ... goes with images => ... (a dataset query)",
+                               text, given[name].pos)
     merged = {}
     for name in QUERY_OPTIONS:
         if name in vals:
