@@ -33,7 +33,12 @@ import krypton_db as kdb
 src, img, patch, stride, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 m = kdb.load_model(src)
 im = kdb.sample_image(img)
-kdb.occlude(m, im, patch=patch, positions=[(0, 0)])  # JIT + views, outside the timing
+try:  # since the view cache: every commit's timed run materializes the views
+    from krypton_db.exec import view_cache
+    view_cache.paused().__enter__()
+except ImportError:
+    pass
+kdb.occlude(m, im, patch=patch, positions=[(0, 0)])  # JIT, outside the timing
 t = time.perf_counter()
 hm = kdb.occlude(m, im, patch=patch, stride=stride)
 exact_s = time.perf_counter() - t

@@ -119,6 +119,11 @@ class Model:
         return self._executor
 
     @property
+    def built_executor(self):
+        """The CPU executor if one was built (a run happened), else None; builds nothing."""
+        return self._executor
+
+    @property
     def physical_plan(self) -> PhysicalPlan:
         """The lowered graph: the executor's once it is built, else lowered alone (index math,
         no weights prepared: planning a query does not build the executor)."""

@@ -277,6 +277,8 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             raise
         if hooks is not None:
             hooks.materialize_s += time.perf_counter() - tm
+        # whether this query reused the image's views (exec.view_cache) or ran the inference
+        stats["views"] = "cached" if getattr(inc, "views_hit", False) else "materialized"
         if engine == "duckdb":
             per_q = 0  # DuckDB manages its own memory (spilling to disk past its limit)
             bs = batch_size or DUCKDB_BATCH

@@ -26,6 +26,7 @@ from .checks import (
     show,
     unknown_option,
 )
+from .exec.view_cache import DEFAULT_BUDGET as VIEW_CACHE_BUDGET
 from .planner.batching import DEFAULT_MEMORY_BUDGET, NAIVE_DEFAULT_BUDGET
 
 __all__ = ["INPUT_OPTIONS", "OPTIONS", "PREPROCESS_KEYS", "QUERY_OPTIONS", "SESSION_OPTIONS",
@@ -267,6 +268,10 @@ OPTIONS: dict[str, Option] = {
     "explain_views": Option(lambda v: _pos_int(v, "explain_views", 1000), 3, "session",
                             "views shown at each end of an abbreviated logical plan"),
     "record_runs": Option(_bool("record_runs"), True, "session", "record runs in the catalog"),
+    "view_cache": Option(lambda v: 0 if v in (0, "0") else parse_bytes(v, "view_cache"),
+                         VIEW_CACHE_BUDGET, "session", "materialized views kept per model "
+                         f"between queries (LRU): bytes or '1GiB', 0 = off (default "
+                         f"{VIEW_CACHE_BUDGET >> 20}MiB)"),
     "progress": Option(_bool("progress"), False, "session", "progress bar on stderr"),
 }
 SESSION_OPTIONS = frozenset(k for k, o in OPTIONS.items() if o.scope in ("both", "session"))

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from . import api
 from .calibration import calibrate
+from .exec.view_cache import DEFAULT_BUDGET as VIEW_CACHE_BUDGET
 from .errors import InputError, KryptonError, SqlError
 from .hooks import OcclusionHooks
 from .planner.cost import FEATURES, cost_model_path, load_cost_model  # noqa: F401 (re-export)
@@ -165,6 +166,7 @@ class Engine(CatalogStatements, Resolution, ExplainStatements, DatasetStatements
             if self.options.get("progress") else None
         hooks = self._hooks(profile, progress.update if progress is not None else None)
         kw = self._occlude_kwargs(r)
+        r.model.executor.view_cache.set_budget(self.options.get("view_cache", VIEW_CACHE_BUDGET))
         try:
             with self.catalog.suspended():
                 hm = api.run_checked(r.model, img, kw, hooks, bq.drilldown,

@@ -7,6 +7,8 @@ import glob
 import os
 from pathlib import Path
 
+import pyarrow as pa
+
 from . import api
 from .calibration import CALIBRATION_SUITE, calibrate
 from .errors import InputError, KryptonError
@@ -157,6 +159,18 @@ class CatalogStatements:
                              "disabled" if off else ("active" if r else "missing")))
             return self._rows(["op", "rule", "kind", "origin", "status"], rows)
 
+        if w == "CACHE":  # the models this session loaded: their materialized-view caches
+            rows = []
+            for m in self._models.values():
+                if m.built_executor is None:
+                    continue  # never ran here: no executor, no cache
+                c = m.built_executor.view_cache.stats()
+                rows.append((m.name, c["entries"], round(c["bytes"] / 2**20, 1),
+                             round(c["budget"] / 2**20, 1), c["hits"], c["misses"]))
+            return self._rows(["model", "images", "mib", "budget_mib", "hits", "misses"], rows,
+                              types={"model": pa.string(), "images": pa.int64(),
+                                     "mib": pa.float64(), "budget_mib": pa.float64(),
+                                     "hits": pa.int64(), "misses": pa.int64()})
         # every version is listed (a name's latest is the one statements use)
         sql = {"MODELS": "SELECT name, version, source, input_shape, num_classes, macs, "
                          "left(sha256, 12) AS sha256, registered_at FROM models ORDER BY name, version",

@@ -263,7 +263,8 @@ def analyze_section(plan, positions: int, step_secs: dict, t: dict,
     covered = total_layers + t["materialize_s"]
     foot = [f"JIT / warm-up            {t.get('warmup_s', 0.0) + t['jit_s']:.4f} s (apart: "
             "compile + one position, before the measured run)",
-            f"materialize views        {t['materialize_s']:.4f} s",
+            f"materialize views        {t['materialize_s']:.4f} s"
+            + (" (reused from the view cache)" if t.get("views") == "cached" else ""),
             f"layers (sum of steps)    {total_layers:.4f} s",
             f"other (batching, softmax, catalog) {max(run - covered, 0.0):.4f} s",
             f"query wall time          {wall:.4f} s; without JIT {run:.4f} s; "

@@ -97,8 +97,11 @@ def test_drilldown_r_one_is_exact(model, images):
 
 def test_drilldown_materializes_once(model, images, monkeypatch):
     """Stage 2 reuses stage 1's materialized views (one full inference per drill-down, not
-    two); the sharing ends with the drill-down, and it changes no value."""
+    two) even with the view cache off; the sharing ends with the drill-down, and it changes
+    no value. (The view cache, which keeps views across queries, is test_view_cache's.)"""
     ex = model.executor
+    ex.view_cache.clear()
+    monkeypatch.setattr(ex.view_cache, "budget", 0)  # off for this test, restored after
     real = ex.run
     full_runs = []
 
@@ -124,6 +127,7 @@ def test_drilldown_materializes_once(model, images, monkeypatch):
     assert ex.view_memo is None
     b = kdb.occlude(model, images[2], patch=4, positions=[(4, 4), (8, 0)])
     np.testing.assert_array_equal(a.probs, b.probs)
+    assert len(full_runs) == 5
 
 
 @pytest.mark.slow

@@ -251,3 +251,21 @@ def test_dataset_queries_refuse_bad_input(vgg, tmp_path, call, msg):
     with pytest.raises(kdb.KryptonError, match=msg):
         s.sql(f"SELECT * FROM occlusion({call.format(tmp=tmp_path)}, patch => {PATCH})")
     assert s.sql("SHOW DATASETS").fetchall() == []
+
+
+def test_a_pyarrow_uri_as_the_output(vgg, tmp_path):
+    """out= as a pyarrow.fs URI goes through pyarrow's filesystem (here file://), the same
+    parts as a plain folder."""
+    paths = write_images(tmp_path / "imgs", vgg, 2, bad=False)
+    uri = (tmp_path / "viauri").as_uri()
+    r = kdb.explain_dataset(vgg, paths, patch=PATCH, stride=STRIDE, out=uri, progress=False)
+    assert r.done == 2 and r.location == uri
+    plain = kdb.explain_dataset(vgg, paths, patch=PATCH, stride=STRIDE, out=tmp_path / "plain",
+                                progress=False)
+    assert sorted(os.listdir(r.folder)) == sorted(os.listdir(plain.folder))
+    a, b = rows_by_image(r), rows_by_image(plain)
+    for p in paths:
+        np.testing.assert_array_equal(a[p], b[p])
+    with pytest.raises(InputError, match="not a usable pyarrow.fs location"):
+        kdb.explain_dataset(vgg, paths, patch=PATCH, stride=STRIDE, out="nosuchfs://x/y",
+                            progress=False)

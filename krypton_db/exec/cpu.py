@@ -36,6 +36,7 @@ from .dense_cpu import (
     prepare_weights,
 )
 from .runtime import parallel_ranges
+from .view_cache import ViewCache
 
 
 def _to_internal(x: np.ndarray) -> np.ndarray:
@@ -184,6 +185,7 @@ class CpuExecutor:
         self._inc_arena = None  # the incremental executor's batch arena between runs
         self._inc_lock = threading.Lock()
         self.view_memo: dict | None = None  # materialized views shared in ``shared_views``
+        self.view_cache = ViewCache()  # materialized views kept between queries (LRU, bytes)
 
     def checkout_arena(self):
         """The batch arena the last incremental run on this model left (None if none, or if
@@ -201,8 +203,7 @@ class CpuExecutor:
         """A scope in which incremental runs on the same input share one materialization:
         adaptive drill-down's two stages explain one image, and the second reuses the first's
         materialized views (every step's output for the original image) instead of running the
-        full inference again. Outside the scope nothing is kept (a run's views go with it), so
-        repeated explanations of an image each materialize their own, as measured."""
+        full inference again, whatever the ``view_cache`` budget (which may be 0: off)."""
         with self._inc_lock:
             outer = self.view_memo is not None
             if not outer:
@@ -215,7 +216,8 @@ class CpuExecutor:
                     self.view_memo = None
 
     def release_buffers(self) -> None:
-        """Drop the buffers kept between runs (dense and incremental arenas)."""
+        """Drop the buffers kept between runs (dense and incremental arenas, cached views)."""
+        self.view_cache.clear()
         with self._inc_lock:
             self._inc_arena = None
         self._arena.clear()

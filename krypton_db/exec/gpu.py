@@ -464,7 +464,6 @@ def device_summary() -> str:
 
 
 __all__ = [
-    "GPatch",
     "GpuExecutor",
     "GpuUnavailableError",
     "cupy_available",

@@ -18,7 +18,6 @@ back inside the tensor, so every query in a batch has the same patch size.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from ..planner.physical import Route, physical_steps
 from . import patch_cpu
 from .cpu import BufferLedger, CpuExecutor, act_spec, to_external
 from .runtime import step_scratch
+from .view_cache import input_key
 
 
 class PlannedArena:
@@ -222,26 +222,30 @@ class IncrementalExecutor:
         self.last_use = self.ex.last_use()  # the delta plan's steps are the CPU plan's
 
     def materialize(self, x_nchw: np.ndarray) -> np.ndarray:
-        """Run the original image once and keep every step's output (internal layout). Inside
-        the CPU executor's ``shared_views`` scope, an input materialized before (same bytes)
-        reuses those views (read-only here: gathers and stitches copy out of them)."""
-        names = [self.graph.input.name] + [s.out_name for s in self.plan.steps]
+        """Run the original image once and keep every step's output (internal layout). An
+        input materialized before (same bytes) reuses its views: from the CPU executor's
+        ``shared_views`` scope, else from its LRU ``view_cache`` (``self.views_hit`` says
+        which happened). Cached views are read-only here: gathers and stitches copy out."""
+        names = tuple([self.graph.input.name] + [s.out_name for s in self.plan.steps])
         x = x_nchw[None] if x_nchw.ndim == 3 else x_nchw
-        memo = self.ex.view_memo
+        key = input_key(names, x)
+        memo, cache = self.ex.view_memo, self.ex.view_cache
+        hit = memo.get(key) if memo is not None else None
+        if hit is None:
+            hit = cache.get(key)
+        self.views_hit = hit is not None
+        if hit is not None:
+            self.views = hit[0]
+            if memo is not None:
+                memo[key] = hit
+            return hit[1]
+        outs = self.ex.run(x, outputs=list(names))
+        views = {k: np.ascontiguousarray(v[0]) if v.ndim == 4 else v for k, v in outs.items()}
+        # the cache keeps copies: the executor's outputs live in buffers its next run reuses
+        self.views, out = cache.put(key, views, outs[self.graph.output])
         if memo is not None:
-            xc = np.ascontiguousarray(x, np.float32)
-            key = (tuple(names), xc.shape, hashlib.blake2b(xc.tobytes(), digest_size=20).digest())
-            hit = memo.get(key)
-            if hit is not None:
-                self.views = hit[0]
-                return hit[1]
-        outs = self.ex.run(x, outputs=names)
-        self.views = {}
-        for k, v in outs.items():
-            self.views[k] = np.ascontiguousarray(v[0]) if v.ndim == 4 else v
-        if memo is not None:
-            memo[key] = (self.views, outs[self.graph.output])
-        return outs[self.graph.output]
+            memo[key] = (self.views, out)
+        return out
 
     def _full(self, name: str, st, b: int) -> np.ndarray:
         """The full tensors of a value: a patch stitched into its view, once per batch (a

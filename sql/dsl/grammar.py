@@ -13,7 +13,7 @@ Summary (keywords are case-insensitive; ``name`` is an identifier or a 'quoted s
     CREATE [OR REPLACE] IMAGE name FROM 'file.png' | SAMPLE 'astronaut'
     CREATE [OR REPLACE] IMAGES FROM 'dir/*.png'            -- named by file stem
     SET option = value | SET option TO value;  RESET option | RESET ALL
-    SHOW OPTIONS | MODELS | IMAGES | RUNS | DATASETS | RULES
+    SHOW OPTIONS | MODELS | IMAGES | RUNS | DATASETS | RULES | CACHE
     CALIBRATE [MODEL name IMAGE name]                      -- cost model of EXPLAIN's estimate
     TUNE MODEL name ON IMAGES (name, ...) [WITH (target_ssim => 0.9, domain => 'mri', ...)]
     occlusion(model => 'm', image => 'i', patch => 16 | (16, 8), stride => .., ...)

@@ -1,7 +1,7 @@
 """Text -> AST: ``parse(script)`` returns one AST statement per ``;``-separated statement.
 
 Routing (by the statement's first words, see ``scanner.py``): our statements (CREATE
-MODEL/IMAGE/IMAGES, SET/RESET of our options, SHOW OPTIONS/MODELS/IMAGES/RUNS/DATASETS/RULES,
+MODEL/IMAGE/IMAGES, SET/RESET of our options, SHOW OPTIONS/MODELS/IMAGES/RUNS/DATASETS/RULES/CACHE,
 CALIBRATE, TUNE) are parsed by the lark grammar (``grammar.py``); ``EXPLAIN`` takes our flags
 and the statement behind them; everything else is DuckDB's SQL, in which each
 ``occlusion(...)`` call is parsed by the grammar's ``call`` rule. SET/RESET of an option that
@@ -20,7 +20,7 @@ from .errors import DslSyntaxError
 from .grammar import GRAMMAR
 from .scanner import Chunk, find_calls, split
 
-SHOW_WHAT = ("OPTIONS", "MODELS", "IMAGES", "RUNS", "DATASETS", "RULES")
+SHOW_WHAT = ("OPTIONS", "MODELS", "IMAGES", "RUNS", "DATASETS", "RULES", "CACHE")
 _CREATE_WHAT = ("MODEL", "IMAGE", "IMAGES")
 
 
