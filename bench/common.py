@@ -89,3 +89,21 @@ def ort_session(path, threads: int = 2):
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def occluded_batch(m, image, positions, patch: int):
+    """The model inputs of ``image`` with a black ``patch`` at each (y, x) of ``positions``
+    (the model's layout, one row per position): what ORT-naive re-inference runs."""
+    import numpy as np
+
+    from krypton_db.images import color_to_input
+
+    x = m.preprocess(image)
+    col = color_to_input(0.0, m.spec)
+    b = np.repeat(x[None], len(positions), axis=0)
+    for k, (y, xx) in enumerate(positions):
+        if m.layout == "NHWC":
+            b[k, y : y + patch, xx : xx + patch, :] = col
+        else:
+            b[k, :, y : y + patch, xx : xx + patch] = col[:, None, None]
+    return b

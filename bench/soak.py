@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import check_oracle, machine_line, ort_session  # noqa: E402
+from common import check_oracle, machine_line, occluded_batch, ort_session  # noqa: E402
 
 import krypton_db as kdb  # noqa: E402
-from krypton_db.images import color_to_input  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -36,14 +35,7 @@ def ort_probs(m, image, positions, patch):
     sess = ort_session(m.source)
     name = sess.get_inputs()[0].name
     x = m.preprocess(image)
-    col = color_to_input(0.0, m.spec)
-    b = np.repeat(x[None], len(positions), axis=0)
-    for k, (y, xx) in enumerate(positions):
-        if m.layout == "NHWC":
-            b[k, y : y + patch, xx : xx + patch, :] = col
-        else:
-            b[k, :, y : y + patch, xx : xx + patch] = col[:, None, None]
-    out = sess.run(None, {name: b})[0]
+    out = sess.run(None, {name: occluded_batch(m, image, positions, patch)})[0]
     if not m.ends_in_softmax:
         out = np.exp(out - out.max(1, keepdims=True))
         out /= out.sum(1, keepdims=True)
