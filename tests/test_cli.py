@@ -204,3 +204,35 @@ def test_ctrl_c_in_krypton_sql_exits_130_with_one_line(env):
     assert err.strip() == "krypton: interrupted"
     r = krypton(["sql", "--catalog", cat, "-c", "SELECT count(*) FROM runs"], e)
     assert r.returncode == 0 and r.stdout.splitlines()[2].strip() == "0"
+
+
+def test_dataset_command(env, tmp_path):
+    """``krypton dataset``: a folder into Parquet parts and the catalog, exit 1 when an image
+    failed (named on stdout); a rerun skips what is done (the broken image fails again)."""
+    import duckdb
+
+    import krypton_db as kdb
+
+    d, e = env
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(2):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(imgs / f"s{i}.png")
+    (imgs / "broken.png").write_bytes(b"not a png")
+    args = ["dataset", str(d / "small.onnx"), str(imgs), "--patch", "4", "--stride", "4",
+            "--out", str(tmp_path / "out"), "--catalog", str(tmp_path / "c.duckdb")]
+    p = krypton(args, e)
+    assert p.returncode == 1, p.stderr
+    assert "2 done, 1 failed, 0 skipped" in p.stdout and "failed: " in p.stdout
+    assert "broken.png" in p.stdout
+    got = duckdb.connect().execute(
+        f"SELECT image, y, x, prob FROM read_parquet('{tmp_path}/out/*/*.parquet') "
+        "WHERE image LIKE '%s0.png' ORDER BY y, x").fetchnumpy()
+    hm = kdb.occlude(kdb.load_model(d / "small.onnx"), imgs / "s0.png", patch=4, stride=4,
+                     progress=False)
+    np.testing.assert_array_equal(got["prob"], hm.probs.reshape(-1).astype(np.float32))
+    again = krypton(args, e)
+    assert again.returncode == 1 and "0 done, 1 failed, 2 skipped" in again.stdout
+    bad = krypton(["dataset", str(d / "small.onnx"), str(tmp_path / "none" / "*.png")], e)
+    assert bad.returncode == 2 and "no files match" in bad.stderr
