@@ -26,6 +26,7 @@ from . import images as image_io
 from .api import run_checked
 from .catalog import Catalog, image_digest
 from .errors import InputError, KryptonError
+from .exec import view_cache
 from .model import Model
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp",
@@ -260,8 +261,11 @@ class DatasetWorker:
             return dict(rec, status="failed", error=img.error, seconds=0.0)
         try:
             px = pixels if pixels is not None else decode(img, self.model.spec, self.scratch)
-            hm = run_checked(self.model, px, self.job.opts, None, self.job.opts["drilldown"],
-                             self.job.tau_source)
+            # each image is explained once: keeping its views (a copy of every layer's
+            # output) in the model's view cache would only cost time and memory
+            with view_cache.paused():
+                hm = run_checked(self.model, px, self.job.opts, None,
+                                 self.job.opts["drilldown"], self.job.tau_source)
             table = part_table(hm, img.ref.key, img.sha256, self.job.settings_sha256,
                                self.model.name, self.job.all_classes)
             name = part_name(img.sha256)

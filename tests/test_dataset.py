@@ -269,3 +269,16 @@ def test_a_pyarrow_uri_as_the_output(vgg, tmp_path):
     with pytest.raises(InputError, match="not a usable pyarrow.fs location"):
         kdb.explain_dataset(vgg, paths, patch=PATCH, stride=STRIDE, out="nosuchfs://x/y",
                             progress=False)
+
+
+def test_a_dataset_run_keeps_no_views(vgg, tmp_path):
+    """Each image of a dataset is explained once: its views are not kept in the model's view
+    cache (the cache is for interactive queries that come back to an image)."""
+    vgg.executor.view_cache.clear()
+    paths = write_images(tmp_path / "imgs", vgg, 2, bad=False)
+    kdb.explain_dataset(vgg, paths, patch=PATCH, stride=STRIDE, out=tmp_path / "o",
+                        progress=False)
+    assert vgg.executor.view_cache.stats()["entries"] == 0
+    assert kdb.occlude(vgg, paths[0], patch=PATCH, stride=STRIDE,
+                       progress=False).stats["views"] == "materialized"
+    assert vgg.executor.view_cache.stats()["entries"] == 1
