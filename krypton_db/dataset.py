@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .api import RUN_OPTIONS, check_occlude_args, opened_catalog, resolve_tau
-from .catalog import model_digest, to_json
+from .catalog import Catalog, model_digest, to_json
 from .dataset_io import (DatasetWorker, ImageRef, Job, LoadedImage, decode, image_refs, load_ref,
                          message, output_location, part_exists, part_name)
 from .dataset_ray import run_ray
@@ -171,7 +171,11 @@ def explain_dataset(model, images, *, patch=16, stride=4, mode: str = "exact", t
         tau_v, tau_source = resolve_tau(m, opts["mode"], opts["tau"], opts["target_ssim"],
                                         opts["domain"], cat)
         opts = dict(opts, tau=tau_v)
-        refs = image_refs(images, cat)
+        # the catalog images are read from: the one given as images= (a Catalog or session),
+        # else catalog= (which alone is recorded into)
+        source = getattr(images, "catalog", images)
+        source = source if isinstance(source, Catalog) else cat
+        refs = image_refs(images, source)
         first = next(refs)  # a source that names no image fails before anything is written
         refs = itertools.chain([first], refs)
         settings = dataset_settings(m, opts)
@@ -197,7 +201,7 @@ def explain_dataset(model, images, *, patch=16, stride=4, mode: str = "exact", t
         # the prefetch thread reads catalog images while the driver records rows: one DuckDB
         # connection, which refuses concurrent calls, so both go through this lock
         lock = threading.Lock()
-        todo = _pending(refs, cat, lock, fs, folder, resume, done_in_catalog, result)
+        todo = _pending(refs, source, cat, lock, fs, folder, resume, done_in_catalog, result)
         t0 = time.perf_counter()
         with _Recorder(cat, lock, result, on_image, progress, m.name) as rec:
             if backend == "local":
@@ -229,7 +233,7 @@ def dataset_settings(m: Model, opts: dict) -> dict:
     return dict(model=m.name, model_sha256=model_digest(m), format=RESULT_FORMAT, **s)
 
 
-def _pending(refs: Iterator[ImageRef], cat, lock, fs, folder: str, resume: bool,
+def _pending(refs: Iterator[ImageRef], source, cat, lock, fs, folder: str, resume: bool,
              done_in_catalog: set[str], result: DatasetResult) -> Iterator[LoadedImage]:
     """The images still to explain, read and hashed lazily (on whichever thread iterates; it
     writes nothing to the catalog). Skips what exists (resume) and repeated content; a part
@@ -238,7 +242,7 @@ def _pending(refs: Iterator[ImageRef], cat, lock, fs, folder: str, resume: bool,
     seen: set[str] = set()
     for ref in refs:
         with lock if ref.catalog_name is not None else contextlib.nullcontext():
-            img = load_ref(ref, cat)
+            img = load_ref(ref, source)
         if img.sha256 is not None:
             if img.sha256 in seen:
                 result.skipped += 1

@@ -156,6 +156,10 @@ def test_sources_arrays_pil_globs_catalog_and_duplicates(vgg, tmp_path):
                                 catalog=cat, progress=False)
         assert r.done == 2
         assert sorted(rows_by_image(r)) == ["img00.png", "img01.png"]
+        # read from the catalog given as images=, recorded nowhere without catalog=
+        r2 = kdb.explain_dataset(vgg, cat, patch=PATCH, stride=STRIDE, out=tmp_path / "d",
+                                 progress=False)
+        assert r2.done == 2 and r2.dataset_id is None
         np.testing.assert_array_equal(rows_by_image(r)["img00.png"], files[paths[0]])
 
 
