@@ -17,6 +17,20 @@ RUN_STATUSES = ("done", "failed", "recovered")
 RUN_COLUMNS = ("image", "image_sha256", "status", "error", "part", "target_class", "cells",
                "seconds", "worker")
 
+# Each dataset with its model, settings hash and images done / failed (an image's latest row
+# decides: a failure retried successfully counts as done). SHOW DATASETS runs it too.
+SUMMARY_SQL = """
+    WITH last AS (
+        SELECT dataset_id, image, arg_max(status, created_at) AS status
+        FROM dataset_runs GROUP BY dataset_id, image)
+    SELECT d.id, m.name AS model, m.version AS model_version, d.location,
+           left(d.settings_sha256, 16) AS settings,
+           count(*) FILTER (WHERE l.status IN ('done', 'recovered')) AS done,
+           count(*) FILTER (WHERE l.status = 'failed') AS failed, d.registered_at
+    FROM datasets d JOIN models m ON m.id = d.model_id
+    LEFT JOIN last l ON l.dataset_id = d.id
+    GROUP BY ALL ORDER BY d.id"""
+
 
 class DatasetRecords:
     def register_dataset(self, location: str, model_id: int, settings_json: str,
@@ -61,16 +75,7 @@ class DatasetRecords:
             "AND status IN ('done', 'recovered')", [dataset_id])}
 
     def datasets(self) -> list[dict]:
-        """Every registered dataset: id, location, model id, settings (JSON text), and its
-        images done / failed (the latest row per image decides)."""
-        rows = self._all("""
-            WITH last AS (
-                SELECT dataset_id, image_sha256, arg_max(status, created_at) AS status
-                FROM dataset_runs GROUP BY dataset_id, image, image_sha256)
-            SELECT d.id, d.location, d.model_id, d.settings,
-                   count(*) FILTER (WHERE last.status IN ('done', 'recovered')),
-                   count(*) FILTER (WHERE last.status = 'failed')
-            FROM datasets d LEFT JOIN last ON last.dataset_id = d.id
-            GROUP BY ALL ORDER BY d.id""")
-        return [dict(id=r[0], location=r[1], model_id=r[2], settings=r[3], images_done=r[4],
-                     images_failed=r[5]) for r in rows]
+        """Every registered dataset (``SUMMARY_SQL``) as dicts."""
+        return [dict(id=r[0], model=r[1], model_version=r[2], location=r[3], settings=r[4],
+                     images_done=r[5], images_failed=r[6], registered_at=r[7])
+                for r in self._all(SUMMARY_SQL)]

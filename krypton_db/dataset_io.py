@@ -29,8 +29,8 @@ from .errors import InputError, KryptonError
 from .exec import view_cache
 from .model import Model
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp",
-                            ".pgm", ".ppm", ".pnm", ".npy", ".dcm", ".dicom"})
+# a folder's image files: what images.pixels reads by suffix, plus Netpbm and DICOM
+IMAGE_SUFFIXES = frozenset(image_io.IMAGE_SUFFIXES) | {".pgm", ".ppm", ".pnm", ".dcm", ".dicom"}
 
 
 # -- what to explain ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from . import api
+from .catalog_datasets import SUMMARY_SQL
 from .calibration import CALIBRATION_SUITE, calibrate
 from .errors import InputError, KryptonError
 from .graph import Op
@@ -181,14 +182,7 @@ class CatalogStatements:
                        "r.heatmap_w, r.created_at FROM runs r JOIN models m ON "
                        "m.id = r.model_id JOIN images i ON i.id = r.image_id ORDER BY r.id",
                # per dataset: the latest row of each image decides done / failed
-               "DATASETS": "WITH last AS (SELECT dataset_id, image, arg_max(status, created_at) "
-                           "AS status FROM dataset_runs GROUP BY dataset_id, image) "
-                           "SELECT d.id, m.name AS model, m.version AS model_version, "
-                           "d.location, left(d.settings_sha256, 16) AS settings, "
-                           "count(*) FILTER (WHERE l.status IN ('done', 'recovered')) AS done, "
-                           "count(*) FILTER (WHERE l.status = 'failed') AS failed, "
-                           "d.registered_at FROM datasets d JOIN models m ON m.id = d.model_id "
-                           "LEFT JOIN last l ON l.dataset_id = d.id GROUP BY ALL ORDER BY d.id"}[w]
+               "DATASETS": SUMMARY_SQL}[w]
         return Result(self.con.sql(sql))
 
     def _do_calibrate(self, st: dsl_ast.Calibrate, text: str):
