@@ -28,6 +28,8 @@ def oracle(view, patch, ploc, rloc, size, fill):
     (5, 30, 30, (19, 23), (7, 5), 16),     # rows longer than one 16-float move, non-square patch
     (2, 9, 9, (9, 9), (9, 9), 17),         # the patch is the whole view
     (4, 12, 12, (3, 2), (6, 6), 5),        # read-ins smaller than the patch (it is cropped)
+    (6, 40, 36, (7, 5), (3, 3), 1),        # one query: only its window's box is copied
+    (6, 40, 36, (7, 5), (3, 3), 2),        # two: the box of both, offset inside the view
 ])
 @pytest.mark.parametrize("fill", [0.0, -np.inf])
 def test_gather_matches_oracle(c, h, w, size, ps, nq, fill):

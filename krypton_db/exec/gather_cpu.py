@@ -72,15 +72,16 @@ def gather(view: np.ndarray, patch: np.ndarray, ploc: np.ndarray, rloc: np.ndarr
     hr, wr = size
     ph, pw = patch.shape[1], patch.shape[2]
     rloc = np.ascontiguousarray(rloc, np.int64)
-    pt = max(0, -int(rloc[:, 0].min()))
-    pb = max(0, int(rloc[:, 0].max()) + hr - h)
-    pl = max(0, -int(rloc[:, 1].min()))
-    pr = max(0, int(rloc[:, 1].max()) + wr - w)
-    # a frame of fill: the row copies need no bounds tests
-    hv, wv = h + pt + pb, w + pl + pr
+    # only the box the read-ins cover, in a frame of fill (the row copies need no bounds
+    # tests); a few queries (an interactive probe) copy a window, not the whole view
+    y0, x0 = int(rloc[:, 0].min()), int(rloc[:, 1].min())
+    hv, wv = int(rloc[:, 0].max()) + hr - y0, int(rloc[:, 1].max()) + wr - x0
     flat = np.full(c * hv * wv, fill, np.float32)
     vpad = flat.reshape(c, hv, wv)
-    vpad[:, pt : pt + h, pl : pl + w] = view
+    sy0, sy1, sx0, sx1 = max(y0, 0), min(y0 + hv, h), max(x0, 0), min(x0 + wv, w)
+    if sy0 < sy1 and sx0 < sx1:
+        vpad[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = view[:, sy0:sy1, sx0:sx1]
+    pt, pl = -y0, -x0  # the tensor's origin in vpad
     patch_flat = np.ascontiguousarray(patch, np.float32).reshape(-1)
     ploc = np.ascontiguousarray(ploc, np.int64)
 
