@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 
+from ..interrupt import check_cancelled, uninterrupted
+
 class _Pool:
     """Persistent worker threads; ``run(fn, t)`` calls fn(0) here and fn(1..t-1) on workers.
 
@@ -42,35 +44,41 @@ class _Pool:
                 fn(t)
             return
         try:
-            while len(self._queues) < nthreads - 1:
-                q: queue.SimpleQueue = queue.SimpleQueue()
-                threading.Thread(target=self._worker, args=(q,), daemon=True,
-                                 name=f"krypton-cpu-{len(self._queues) + 1}").start()
-                self._queues.append(q)
-            for t in range(1, nthreads):
-                self._queues[t - 1].put((fn, t))
-            err = None
-            try:
-                fn(0)
-            except BaseException as e:  # noqa: BLE001 - incl. Ctrl-C on this (main) thread
-                err = e
-            # Every worker must report before the pool is released, also when Ctrl-C lands
-            # while waiting: a report left in the queue would end the next call's wait early.
-            pending = nthreads - 1
-            while pending:
-                try:
-                    r = self._done.get()
-                except KeyboardInterrupt as e:
-                    err = err or e
-                    continue
-                pending -= 1
-                if err is None and r is not None:
-                    err = r
+            with uninterrupted():  # every part handed out is collected (see interrupt.py)
+                err = self._run_parts(fn, nthreads)
             if err is not None:
                 raise err
+            check_cancelled()  # a Ctrl-C deferred during the parts
         finally:
             self._lock.release()
 
+    def _run_parts(self, fn, nthreads: int) -> BaseException | None:
+        while len(self._queues) < nthreads - 1:
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._worker, args=(q,), daemon=True,
+                             name=f"krypton-cpu-{len(self._queues) + 1}").start()
+            self._queues.append(q)
+        for t in range(1, nthreads):
+            self._queues[t - 1].put((fn, t))
+        err = None
+        try:
+            fn(0)
+        except BaseException as e:  # noqa: BLE001 - re-raised by run, once all parts reported
+            err = e
+        # Every worker must report before the pool is released: a report left in the queue
+        # would end the next call's wait early. (Outside cancellable() a Ctrl-C still raises
+        # here; it is caught and the wait goes on.)
+        pending = nthreads - 1
+        while pending:
+            try:
+                r = self._done.get()
+            except KeyboardInterrupt as e:
+                err = err or e
+                continue
+            pending -= 1
+            if err is None and r is not None:
+                err = r
+        return err
 
 _POOL = _Pool()
 _TLS = threading.local()
