@@ -8,6 +8,8 @@
 ``krypton sql -c "..."`` / ``krypton sql FILE``   run SQL + explanation statements on the catalog
 ``krypton dataset MODEL IMAGES``  explain every image of a folder / glob into Parquet
                       (``--out``, ``--catalog``, ``--backend ray``; exit 1 if any image failed)
+``krypton serve``     the local web viewer on 127.0.0.1 (``--catalog``, ``--port``, ``--read-only``):
+                      browse runs, explain with progress, live occlusion under the cursor
 ``krypton shell``     interactive shell (multi-line statements ending in ';', .help, .quit)
                       ``--catalog PATH`` for both (default: ``catalog.default_path()``),
                       ``--read-only`` to open the catalog for reading only
@@ -133,6 +135,19 @@ def _dataset(args) -> int:
     return 1 if r.failed else 0
 
 
+def _serve(args) -> int:
+    from .web.server import ViewerServer
+
+    if not args.max_upload_mb > 0:
+        raise InputError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    srv = ViewerServer(args.catalog or default_path(), port=args.port, read_only=args.read_only,
+                       max_upload=int(args.max_upload_mb * (1 << 20)))
+    print(f"krypton viewer on {srv.url}  (catalog {srv.store.path}"
+          f"{', read-only' if args.read_only else ''}; Ctrl-C stops it)", flush=True)
+    srv.serve_forever()
+    return 0
+
+
 def _sql_or_shell(args) -> int:
     session = connect(args.catalog or default_path(), read_only=args.read_only)
     with session:
@@ -179,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     ds.add_argument("--workers", type=int, default=None, help="Ray actors (backend ray)")
     ds.add_argument("--no-resume", action="store_true",
                     help="recompute images whose results exist")
+    sv = sub.add_parser("serve", help="the local web viewer of a catalog (127.0.0.1 only)")
+    sv.add_argument("--catalog", default=None,
+                    help="catalog file (default: $KRYPTON_DB or the platform data dir)")
+    sv.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free)")
+    sv.add_argument("--read-only", action="store_true",
+                    help="browse only: no explanations, no uploads")
+    sv.add_argument("--max-upload-mb", type=float, default=32.0, help="upload size limit")
     for name, hlp in (("sql", "run SQL / explanation statements from -c TEXT, FILE or stdin"),
                       ("shell", "interactive shell over the catalog")):
         q = sub.add_parser(name, help=hlp)
@@ -226,6 +248,8 @@ def _run(args) -> int:
         return _demo(args.out, args.stride)
     if args.cmd == "dataset":
         return _dataset(args)
+    if args.cmd == "serve":
+        return _serve(args)
     img = args.image
     label = img
     if img.startswith("sample:"):

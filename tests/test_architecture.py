@@ -208,3 +208,12 @@ def test_private_names_stay_in_their_module():
                     and not node.attr.startswith("__")):
                 hits.append(f"{name}: {node.value.id}.{node.attr}")
     assert not hits, "private names used across modules:\n" + "\n".join(sorted(set(hits)))
+
+
+def test_only_the_cli_reaches_the_web_viewer():
+    """krypton_db.web needs the [web] extra: the rest of the package never imports it."""
+    g = import_graph()
+    users = sorted(a for a, deps in g.items() if not a.startswith("krypton_db.web")
+                   and any(d.startswith("krypton_db.web") for d in deps))
+    assert users == ["krypton_db.cli"]
+    assert any(m.startswith("krypton_db.web.") for m in g)  # the viewer is in the graph

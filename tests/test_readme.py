@@ -23,7 +23,8 @@ def readme_first_block() -> list[str]:
 
 def test_readme_starts_with_the_two_commands():
     assert readme_first_block() == ["pip install -e '.[demo]' && krypton demo",
-                                    "pip install -e '.[test]' && python -m pytest"]
+                                    "scripts/install-browser && pip install -e '.[test]' && "
+                                    "python -m pytest"]
 
 
 def test_ci_runs_the_readme_commands_in_a_fresh_venv():
