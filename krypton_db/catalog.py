@@ -34,6 +34,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,13 @@ import pyarrow as pa
 from .catalog_datasets import DatasetRecords
 from .catalog_file import ALIAS, DEFAULT_LOCK_TIMEOUT, CatalogBusyError, CatalogError, CatalogFile
 from .catalog_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, TABLES
-from .errors import InputError
+from .errors import InputError, KryptonError
 from .images import deep_pixels, to_pil
 from .model import load_model
 
 __all__ = ["ALIAS", "DEFAULT_LOCK_TIMEOUT", "MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "TABLES",
-           "Catalog", "CatalogBusyError", "CatalogError", "default_path", "image_digest",
+           "Catalog", "CatalogBusyError", "CatalogError", "ModelRecord", "default_path",
+           "image_digest",
            "model_digest", "to_json"]
 
 def default_path() -> str:
@@ -112,6 +114,33 @@ def image_digest(px: np.ndarray) -> str:
     h, w = px.shape[:2]
     c = 1 if px.ndim == 2 else px.shape[2]
     return hashlib.sha256(f"{h}x{w}x{c}:".encode() + np.ascontiguousarray(px).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A registered model version as the catalog stores it (see ``Catalog.model_record``)."""
+    name: str
+    version: int
+    source: str
+    preprocessing: dict
+    labels: list
+    sha256: str
+
+    def load(self):
+        """The model from its source file; refused when the file changed since registration."""
+        try:
+            m = load_model(self.source, preprocess=self.preprocessing, labels=self.labels,
+                           name=self.name)
+        except KryptonError as exc:
+            raise CatalogError(f"model {self.name!r} version {self.version}: cannot load its "
+                               f"file {self.source!r} ({exc}); if the file changed since it was "
+                               "registered, register it again with CREATE OR REPLACE MODEL") \
+                from None
+        if self.sha256 != "unknown" and model_digest(m) != self.sha256:
+            raise CatalogError(f"model {self.name!r} version {self.version}: its file "
+                               f"{self.source!r} changed since it was registered; register "
+                               "the new file with CREATE OR REPLACE MODEL")
+        return m
 
 
 class Catalog(DatasetRecords, CatalogFile):
@@ -255,15 +284,15 @@ class Catalog(DatasetRecords, CatalogFile):
     def get_model(self, name: str, version: int | None = None):
         """The registered model (latest version, or ``version``), reloaded from its source
         with the stored preprocessing / labels; refused when its file changed since."""
+        return self.model_record(name, version).load()
 
+    def model_record(self, name: str, version: int | None = None) -> ModelRecord:
+        """What the catalog holds to reload model ``name`` (latest version, or ``version``);
+        ``.load()`` reads the file (no catalog access: a caller may load outside its lock)."""
         mid = self.model_id(name, version)
         source, pre, labels, digest, v = self._one(
             "SELECT source, preprocessing, labels, sha256, version FROM models WHERE id = ?", [mid])
-        m = load_model(source, preprocess=json.loads(pre), labels=list(labels), name=name)
-        if digest != "unknown" and model_digest(m) != digest:
-            raise CatalogError(f"model {name!r} version {v}: its file {source!r} changed since it "
-                               "was registered; register the new file with CREATE OR REPLACE MODEL")
-        return m
+        return ModelRecord(name, v, source, json.loads(pre), list(labels), digest)
 
     def models(self) -> list[str]:
         """Registered model names (each once, in registration order)."""

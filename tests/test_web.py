@@ -14,6 +14,7 @@ import urllib.request
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 from PIL import Image
 from test_occlusion import NETS
@@ -52,11 +53,14 @@ def get(srv, path):
         return r.status, r.headers.get("content-type"), r.read()
 
 
-def call(srv, path, body=None, method=None, raw: bytes | None = None):
-    """(status, JSON) of a request; error statuses are answered, not raised."""
+def call(srv, path, body=None, method=None, raw: bytes | None = None, headers=None):
+    """(status, JSON) of a request (POSTs with the viewer page's ``x-krypton`` header unless
+    ``headers`` says otherwise); error statuses are answered, not raised."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    hdrs = {"content-type": "application/json", "x-krypton": "1"}
+    hdrs.update(headers or {})
     req = urllib.request.Request(srv.url + path, data=data, method=method,
-                                 headers={"content-type": "application/json"})
+                                 headers={k: v for k, v in hdrs.items() if v is not None})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -230,6 +234,67 @@ def test_live_probe_equals_the_api_and_drops_stale_requests(server, setup):
         assert len(answers) < n and answers == sorted(answers, key=lambda a: a["seq"])
         ws.send("not json")
         assert "must be JSON" in json.loads(ws.recv(timeout=60))["error"]
+
+
+def test_explain_analyze_of_a_recorded_run(server, setup):
+    """The run's query in the language, analyzed by the language's EXPLAIN ANALYZE: the same
+    positions, and the run's own settings in the query."""
+    rid, hm = setup["run_id"], setup["hm"]
+    status, body = call(server, f"/api/runs/{rid}/explain-analyze")
+    assert status == 200, body
+    q = body["query"]
+    assert "patch => (4, 4)" in q and "stride => (4, 4)" in q and f"target => {hm.target}" in q
+    text = "\n".join(plan for _, plan in body["rows"])
+    assert f"EXPLAIN ANALYZE: {hm.probs.size} positions" in text
+    listed = kdb.occlude(setup["model"], setup["image"], patch=4, positions=[(0, 0)],
+                         catalog=setup["catalog"], progress=False).stats["run_id"]
+    status, body = call(server, f"/api/runs/{listed}/explain-analyze")
+    assert status == 400 and "listed positions" in body["error"]
+
+
+def test_other_web_pages_cannot_drive_the_viewer(server, setup):
+    """Writes need the page's header; a foreign Host (DNS rebinding) and a foreign Origin on
+    the WebSocket are refused."""
+    for path, kw in (("/api/explain", dict(body=dict(model_id=1, image_id=1))),
+                     ("/api/uploads?name=a.png", dict(raw=b"x"))):
+        status, body = call(server, path, headers={"x-krypton": None}, **kw)
+        assert status == 403 and "x-krypton" in body["error"]
+    req = urllib.request.Request(server.url + "/api/catalog", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=30)
+    assert exc.value.code == 400
+    url = server.url.replace("http://", "ws://") + "/api/live"
+    with pytest.raises(Exception) as exc, ws_connect(url, origin="http://evil.example") as ws:
+        ws.recv(timeout=30)
+    assert "1008" in str(exc.value) or "403" in str(exc.value)
+    with ws_connect(url, origin=server.url) as ws:  # the viewer's own page
+        ws.send(json.dumps(dict(type="probe", y=0, x=0, seq=1)))
+        assert "start message" in json.loads(ws.recv(timeout=30))["error"]
+
+
+def test_a_changed_model_file_is_a_clear_message(tmp_path):
+    """A catalog model whose ONNX file changed since registration: explaining and live
+    occlusion say so (the catalog's refusal), and the server goes on."""
+    net, (h, w) = NETS["resnet"]()
+    onnx.save(net, tmp_path / "m.onnx")
+    img = (np.random.default_rng(1).random((h, w, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "i.png")
+    m = kdb.load_model(tmp_path / "m.onnx")
+    kdb.occlude(m, tmp_path / "i.png", patch=4, stride=8, catalog=tmp_path / "c.duckdb",
+                progress=False)
+    w0 = net.graph.initializer[0]  # the same net with one weight changed
+    a = onnx.numpy_helper.to_array(w0).copy()
+    a.flat[0] += 1.0
+    w0.CopyFrom(onnx.numpy_helper.from_array(a, w0.name))
+    onnx.save(net, tmp_path / "m.onnx")
+    with ViewerServer(tmp_path / "c.duckdb", port=0) as srv:
+        status, body = call(srv, "/api/explain", dict(model_id=1, image_id=1, patch=4))
+        assert status == 400 and "changed since it was registered" in body["error"]
+        url = srv.url.replace("http://", "ws://") + "/api/live"
+        with ws_connect(url) as ws:
+            ws.send(json.dumps(dict(type="start", model_id=1, image_id=1, patch=[4, 4])))
+            assert "changed since it was registered" in json.loads(ws.recv(timeout=60))["error"]
+        assert call(srv, "/api/catalog")[0] == 200
 
 
 def test_server_survives_an_internal_error(server, monkeypatch):

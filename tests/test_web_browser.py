@@ -253,3 +253,33 @@ def test_busy_catalog_shows_a_message(browser, server, mri, shots):
         holder.wait()
     open_page(browser, server)
     wait(browser, lambda d: d.find_elements("css selector", "#runs tr.run-row"), what="recovery")
+
+
+def test_dragging_a_rectangle_runs_a_finer_region_query(browser, server, mri, shots):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    open_page(browser, server, f"#/run/{mri['run_id']}")
+    wait(browser, lambda d: d.find_element("id", "live-status").text == "ready", what="live")
+    canvas = browser.find_element("css selector", "canvas.cursor")
+    before = catalog_rows(mri["catalog"], "SELECT max(id) FROM runs")[0][0]
+    (ActionChains(browser).move_to_element_with_offset(canvas, -120, -100).click_and_hold()
+     .move_by_offset(40, 30).move_by_offset(40, 30).release().perform())
+    wait(browser, lambda d: d.execute_script("return location.hash") != f"#/run/{mri['run_id']}"
+         and d.execute_script("const c = document.querySelector('canvas.heat');"
+                              "return c && c.dataset.painted === '1'"), what="the region run")
+    run_id = int(browser.execute_script("return location.hash").split("/")[-1])
+    assert run_id > before
+    settings = json.loads(catalog_rows(mri["catalog"],
+                                       f"SELECT settings FROM runs WHERE id = {run_id}")[0][0])
+    assert settings["stride"] == [8, 8] and settings["patch"] == [16, 16]
+    y0, x0, y1, x1 = settings["region"]
+    # the dragged box (80 x 60 screen pixels at scale 2, from (-120, -100) off the centre)
+    # (+-1: where Selenium puts the element's centre)
+    assert abs(y0 - 70) <= 1 and abs(x0 - 60) <= 1 and 0 < y1 - y0 <= 31 and 0 < x1 - x0 <= 41
+    rows = catalog_rows(mri["catalog"], f"SELECT y, x, prob FROM heatmaps WHERE run_id = "
+                                        f"{run_id} ORDER BY y, x")
+    assert all(y0 <= y < y1 and x0 <= x < x1 for y, x, _ in rows)
+    naive = kdb.occlude(mri["model"], mri["image"], patch=16, mode="naive", progress=False,
+                        positions=[(y, x) for y, x, _ in rows[:3]])
+    np.testing.assert_allclose([p for *_, p in rows[:3]], naive.probs.ravel(), atol=1e-5)
+    browser.save_screenshot(str(shots / "8-region-run.png"))

@@ -6,6 +6,11 @@ read-only viewer, 413 for an oversized upload, 503 for a busy catalog); anything
 internal error (500, the exception's type and message, traceback on the server's stderr).
 Either way the server keeps serving. Every handler that touches the catalog or a model is a
 plain ``def`` (Starlette runs those on its thread pool), never blocking the event loop.
+
+Other web pages open in the same browser must not drive the viewer: requests must name a
+loopback host (``Host``; defeats DNS rebinding), writes (POST) must carry the ``X-Krypton``
+header (a cross-site page cannot add one without a CORS preflight, which is never granted),
+and the WebSocket refuses an ``Origin`` that is not this server.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -31,7 +38,7 @@ from ..errors import InputError, KryptonError
 from .analyze import RunAnalyzer
 from .jobs import ComputeGate, JobRunner, whole_number
 from .live import LiveProbe
-from .store import ReadOnlyError, UnknownIdError, UploadTooLargeError, ViewerStore
+from .store import ForbiddenError, ReadOnlyError, UnknownIdError, UploadTooLargeError, ViewerStore
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -70,7 +77,7 @@ class Viewer:
 
 def _status(exc: KryptonError) -> int:
     for kind, status in ((CatalogBusyError, 503), (UnknownIdError, 404), (ReadOnlyError, 409),
-                         (UploadTooLargeError, 413)):
+                         (UploadTooLargeError, 413), (ForbiddenError, 403)):
         if isinstance(exc, kind):
             return status
     return 400
@@ -82,6 +89,17 @@ def _error(exc: BaseException) -> JSONResponse:
     traceback.print_exception(exc)
     return JSONResponse({"error": f"internal error ({type(exc).__name__}): {exc}"},
                         status_code=500)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+WRITE_HEADER = "x-krypton"  # required on POST (see the module docstring)
+
+
+def _origin_ok(origin: str | None, host: str | None) -> bool:
+    """A WebSocket's Origin: absent (not a browser), or this server's own address."""
+    if origin is None:
+        return True
+    return host is not None and origin in (f"http://{host}", f"https://{host}")
 
 
 def create_app(store: ViewerStore) -> Starlette:
@@ -145,8 +163,14 @@ def create_app(store: ViewerStore) -> Starlette:
     def job(request: Request):
         return JSONResponse(v.jobs.get(request.path_params["job_id"]).view())
 
+    def check_write(request: Request) -> None:
+        if request.headers.get(WRITE_HEADER) != "1":
+            raise ForbiddenError(f"writes need the header '{WRITE_HEADER}: 1' (the viewer's "
+                                 "page sends it; other web pages cannot)")
+
     async def upload(request: Request):
         try:
+            check_write(request)
             name = request.query_params.get("name") or ""
             store.check_writable("upload images")
             declared = request.headers.get("content-length")
@@ -165,6 +189,7 @@ def create_app(store: ViewerStore) -> Starlette:
 
     async def explain(request: Request):
         try:
+            check_write(request)
             try:
                 body = await request.json()
             except (ValueError, UnicodeDecodeError):
@@ -180,6 +205,9 @@ def create_app(store: ViewerStore) -> Starlette:
             return _error(exc)
 
     async def live(ws: WebSocket):
+        if not _origin_ok(ws.headers.get("origin"), ws.headers.get("host")):
+            await ws.close(code=1008)  # policy violation: another site's page
+            return
         await live_socket(v, ws)
 
     def index(request: Request):
@@ -210,7 +238,8 @@ def create_app(store: ViewerStore) -> Starlette:
         yield
         v.close()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[
+        Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_HOSTS))])
     app.state.viewer = v
     return app
 

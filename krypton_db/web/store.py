@@ -41,6 +41,10 @@ class UploadTooLargeError(InputError):
     """An upload over the viewer's size limit."""
 
 
+class ForbiddenError(InputError):
+    """A write without the viewer page's header (another web page's request)."""
+
+
 class ViewerStore:
     """One catalog file as the viewer uses it (see the module docstring)."""
 
@@ -152,7 +156,8 @@ class ViewerStore:
         name, version = self._one("SELECT name, version FROM models WHERE id = ?",
                                   [int(model_id)], f"no model {model_id} in the catalog")
         with self._lock:
-            m = self.catalog.get_model(name, version)
+            record = self.catalog.model_record(name, version)
+        m = record.load()  # seconds for a large model: not under the catalog lock
         with self._models_lock:
             return self._models.setdefault(int(model_id), m)
 

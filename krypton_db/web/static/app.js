@@ -361,7 +361,7 @@ function showExplain(params) {
     $("#upload-error").textContent = "";
     if (!f) return;
     try {
-      const img = await api(`/api/uploads?name=${encodeURIComponent(f.name)}`, { method: "POST", body: f });
+      const img = await api(`/api/uploads?name=${encodeURIComponent(f.name)}`, { method: "POST", headers: { "x-krypton": "1" }, body: f });
       const sel = $("#f-image");
       if (![...sel.options].some(o => o.value === String(img.id))) sel.insertAdjacentHTML("beforeend", opt(img.id, `${img.name} v${img.version} (${img.width}×${img.height})`, false));
       sel.value = String(img.id);
@@ -388,7 +388,7 @@ function showExplain(params) {
 async function runJob(body, box) {
   showError(null);
   let job;
-  try { job = await api("/api/explain", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) }); }
+  try { job = await api("/api/explain", { method: "POST", headers: { "content-type": "application/json", "x-krypton": "1" }, body: JSON.stringify(body) }); }
   catch (err) { showError(err.message); box.innerHTML = ""; return; }
   box.innerHTML = `<div class="progress" id="progress"><div></div></div><div id="progress-text" class="muted"></div>`;
   const bar = $("#progress > div", box), text = $("#progress-text", box);
