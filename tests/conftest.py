@@ -1,4 +1,6 @@
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +61,19 @@ def tiny_nets(tmp_path_factory):
         out[name] = (kdb.load_model(d / f"{name}.onnx"),
                      np.random.default_rng(3).random((h, w, 3)).astype(np.float32))
     return out
+
+
+@contextmanager
+def held_by_another_process(path):
+    """A DuckDB connection to the file ``path`` held open in another process for the block
+    (what a busy catalog looks like to a reader)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         "print('held', flush=True); time.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -17,6 +17,7 @@ import onnx
 import onnx.numpy_helper
 import pytest
 from PIL import Image
+from conftest import held_by_another_process
 from test_occlusion import NETS
 from websockets.sync.client import connect as ws_connect
 
@@ -309,17 +310,9 @@ def test_server_survives_an_internal_error(server, monkeypatch):
 
 
 def test_busy_catalog_is_a_clear_message(server, setup):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         "print('held', flush=True); time.sleep(60)", str(setup["catalog"])],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(setup["catalog"]):
         status, body = call(server, "/api/catalog")
         assert status == 503 and "locked by another process" in body["error"], body
-    finally:
-        holder.kill()
-        holder.wait()
     assert call(server, "/api/catalog")[0] == 200
 
 

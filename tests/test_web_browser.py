@@ -12,13 +12,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import held_by_another_process
 
 import krypton_db as kdb
 from krypton_db.catalog import Catalog
@@ -238,19 +237,11 @@ def test_invalid_upload_shows_its_error(browser, server, mri, shots):
 
 
 def test_busy_catalog_shows_a_message(browser, server, mri, shots):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         "print('held', flush=True); time.sleep(60)", str(mri["catalog"])],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(mri["catalog"]):
         browser.get(server.url + "/#/")
         msg = wait(browser, lambda d: d.find_element("id", "error").text, what="the busy message")
         assert "locked by another process" in msg
         browser.save_screenshot(str(shots / "7-busy-catalog.png"))
-    finally:
-        holder.kill()
-        holder.wait()
     open_page(browser, server)
     wait(browser, lambda d: d.find_elements("css selector", "#runs tr.run-row"), what="recovery")
 
