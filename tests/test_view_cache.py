@@ -115,3 +115,32 @@ def test_the_language_sets_and_shows_the_cache(tiny_nets, tmp_path):
     assert "reused" not in plan["analyze"]
     with pytest.raises(kdb.KryptonError, match="view_cache"):
         s.sql("SET view_cache = 'lots'")
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet", "inception"])
+def test_the_first_explanation_materializes_from_the_warm_up(tiny_nets, name):
+    """A fresh executor's warm-up runs on the image and hands its values to materialize: one
+    full inference in the first explanation, results identical to a later one that
+    materializes itself, and equal to naive re-inference."""
+    from krypton_db.exec import view_cache
+
+    loaded, img = tiny_nets[name]
+    m = kdb.load_model(loaded.source)  # a new model object: its executor has not warmed up
+    ex = m.executor
+    calls = []
+    run = ex.run
+    ex.run = lambda *a, **k: calls.append(1) or run(*a, **k)
+    first = occ(m, img)
+    assert len(calls) == 1 and first.stats["jit_s"] > 0 and first.stats["views"] == "materialized"
+    assert ex.take_warm_outputs(np.zeros(1), []) is None  # taken once, then gone
+    with view_cache.paused():
+        again = occ(m, img)
+    assert len(calls) == 2 and again.stats["jit_s"] == 0.0
+    np.testing.assert_array_equal(first.probs, again.probs)
+    assert first.base_prob == again.base_prob
+    naive = occ(m, img, mode="naive")
+    np.testing.assert_allclose(first.probs, naive.probs, atol=1e-5)
+    other = kdb.load_model(loaded.source)  # a warm-up on one image never serves another
+    other.executor.warmup(np.zeros(other.graph.input_shape, np.float32))
+    with view_cache.paused():
+        np.testing.assert_array_equal(occ(other, img).probs, first.probs)

@@ -180,6 +180,7 @@ class CpuExecutor:
         self.prep: dict[str, object] = {st.node.name: prepare_weights(st.node)
                                         for st in self.plan.steps}
         self.jit_seconds: float | None = None
+        self._warm: tuple | None = None  # (input, its values) of an input warm-up, taken once
         self._arena = _Arena()
         self._run_lock = threading.Lock()
         self._inc_arena = None  # the incremental executor's batch arena between runs
@@ -223,15 +224,35 @@ class CpuExecutor:
         self._arena.clear()
         return_freed_heap()
 
-    def warmup(self) -> float:
-        """Compile (or load from the numba cache) every kernel this plan uses; returns seconds."""
+    def warmup(self, x: np.ndarray | None = None) -> float:
+        """Compile (or load from the numba cache) every kernel this plan uses; returns seconds.
+        With ``x`` (one NCHW input [C, H, W]) the warm-up inference runs on it and keeps every
+        value it computed for :meth:`take_warm_outputs`: the first explanation of a process
+        then materializes its views from the warm-up instead of a second full inference."""
         t = time.perf_counter()
-        x = np.zeros((1,) + self.graph.input_shape, np.float32)
-        self.run(x)
+        self._warm = None
+        if x is None:
+            self.run(np.zeros((1,) + self.graph.input_shape, np.float32))
+        else:
+            x = np.ascontiguousarray(x, np.float32)[None]
+            names = [self.graph.input.name] + [self.plan.out_name(s) for s in self.plan.steps]
+            outs = self.run(x, outputs=names)
+            # private copies: the outputs live in arena buffers that are cleared next
+            self._warm = (x.copy(), {k: np.array(v) for k, v in outs.items()})
         self._arena.clear()
         return_freed_heap()  # LLVM's compile / cache-load temporaries
         self.jit_seconds = time.perf_counter() - t
         return self.jit_seconds
+
+    def take_warm_outputs(self, x: np.ndarray, names) -> dict | None:
+        """The warm-up's values ``names`` (batch-first, external layout) if it ran on the
+        batch ``x``; each warm-up serves at most one caller, and only the input it ran on."""
+        warm, self._warm = getattr(self, "_warm", None), None
+        if warm is None or warm[0].shape != x.shape or not np.array_equal(warm[0], x):
+            return None
+        if not set(names) <= warm[1].keys():
+            return None
+        return {k: warm[1][k] for k in names}
 
     def run(self, batch: np.ndarray, outputs: list[str] | None = None, profile: bool = False,
             step_secs: dict[str, float] | None = None) -> dict:
