@@ -38,19 +38,23 @@ def _conv_graph(cin, cout, hw, pads, rng, act=None):
     return Graph(nodes, nodes[-1].name)
 
 
-def test_filter_transform_is_G_g_Gt():
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
-    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-    packed = W.transform_filters(w)
-    assert len(packed) == 16
-    # the packed matrices multiply like U[k] [O, C]: recover U[k] by a product with identity
+@pytest.mark.parametrize("o,c", [(5, 3), (13, 300), (9, 513)])  # panels past MR, K past KC
+@pytest.mark.parametrize("f4", [False, True])
+def test_filter_transform_is_G_g_Gt(o, c, f4):
     from krypton_db.exec import gemm_cpu as G
+    from krypton_db.exec import winograd4_cpu as W4
 
-    for k in (0, 5, 15):
-        u = np.empty((5, 3), np.float32)
-        G.tap_gemm(packed[k], 5, np.eye(3, dtype=np.float32), np.zeros(1, np.int64), 0, 3, u)
-        want = np.einsum("i,ocij,j->oc", g[k // 4], w.astype(np.float64), g[k % 4])
+    rng = np.random.default_rng(o * c)
+    w = rng.normal(size=(o, c, 3, 3)).astype(np.float32)
+    g = W4._G if f4 else np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    a = g.shape[0]
+    packed = W4.transform_filters(w) if f4 else W.transform_filters(w)
+    assert len(packed) == a * a
+    # the packed matrices multiply like U[k] [O, C]: recover U[k] by a product with identity
+    for k in (0, a + 1, a * a - 1):
+        u = np.empty((o, c), np.float32)
+        G.tap_gemm(packed[k], o, np.eye(c, dtype=np.float32), np.zeros(1, np.int64), 0, c, u)
+        want = np.einsum("i,ocij,j->oc", g[k // a], w.astype(np.float64), g[k % a])
         np.testing.assert_allclose(u, want, rtol=1e-6, atol=1e-6)
 
 

@@ -28,9 +28,10 @@ from numba.extending import intrinsic
 
 from ..planner import algorithms
 from . import gemm_cpu, kernels_cpu
-from .runtime import balanced_chunks, parallel_chunks, scratch
+from .runtime import balanced_chunks, parallel_chunks, parallel_ranges, scratch
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
+_MR, _KC = gemm_cpu.MR, gemm_cpu.KC  # the packed weights' panel height and K block
 VL = gemm_cpu.VL  # lanes of the vector transforms (16 with AVX-512, else 8)
 
 
@@ -130,16 +131,49 @@ eligible = algorithms.winograd_f2
 def transform_filters(w4: np.ndarray, g: np.ndarray = _G) -> np.ndarray:
     """W [O, C, 3, 3] -> the alpha^2 ``gemm_cpu``-packed matrices U[k] [O, C] (k = alpha * row
     + col of G g G^T; G [alpha, 3]: F(2x2, 3x3)'s by default, alpha = 4), computed in float64
-    one k at a time (a [alpha, alpha, O, C] float64 temporary was 75 MB for a 512 x 512
-    F(4x4) conv), stacked as [alpha^2, panels, C * MR] (``[k]`` is one packed U)."""
+    and written straight into ``gemm_cpu.pack_weights``' layout, stacked as [alpha^2, panels,
+    C * MR] (``[k]`` is one packed U). One pass over W, rows split over the threads: per-k
+    matrix products and packing copies (the previous way) cost ~125 ms per 512 x 512 conv,
+    most of it in page faults of their temporaries, on the first explanation's path."""
     o, c = w4.shape[:2]
-    w = w4.reshape(o * c, 9).astype(np.float64)
     a = g.shape[0]
+    npan = -(-o // gemm_cpu.MR)
+    out = np.zeros((a * a, npan, c * gemm_cpu.MR), np.float32)
+    w = np.ascontiguousarray(w4, np.float32)
+    gg = np.ascontiguousarray(g, np.float64)
+    flat = out.reshape(a * a, -1)
+    parallel_ranges(o, lambda lo, hi: _transform_pack_cpu(w, gg, npan, flat, lo, hi))
+    return out
 
-    def u(k):  # U[k] = sum_ij G[row, i] G[col, j] w[:, :, i, j], a matrix-vector product
-        return (w @ np.outer(g[k // a], g[k % a]).reshape(9)).reshape(o, c)
 
-    return gemm_cpu.pack_stack(u, a * a)
+@njit(**_NJ)
+def _transform_pack_cpu(w, g, npan, out, lo, hi):
+    """Rows lo..hi of every U[k] = G w[i, kk] G^T (module ``transform_filters``), as
+    ``pack_weights`` places them: (i, kk) of a [O, C] matrix at ((kb * KC * npan + p * kc +
+    kk - kb * KC) * MR + r), p = i // MR, r = i % MR, kb = kk // KC, kc = that K block's
+    depth."""
+    c = w.shape[1]
+    a = g.shape[0]
+    t = np.empty((a, 3))
+    for i in range(lo, hi):
+        p = i // _MR
+        r = i - p * _MR
+        for kk in range(c):
+            kb = kk // _KC
+            kc = min(_KC, c - kb * _KC)
+            off = (kb * _KC * npan + p * kc + kk - kb * _KC) * _MR + r
+            for x in range(a):  # t = G w (a x 3)
+                for j in range(3):
+                    acc = 0.0
+                    for q in range(3):
+                        acc += g[x, q] * np.float64(w[i, kk, q, j])
+                    t[x, j] = acc
+            for x in range(a):  # U = t G^T (a x a)
+                for y in range(a):
+                    acc = 0.0
+                    for j in range(3):
+                        acc += t[x, j] * g[y, j]
+                    out[x * a + y, off] = acc
 
 
 @njit(**_NJ)
