@@ -105,7 +105,7 @@ def resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) -> 
 
 
 # keyword arguments of occlude() passed through to the occlusion driver
-RUN_OPTIONS = ("batch_size", "memory_budget", "score", "device", "engine")
+RUN_OPTIONS = ("batch_size", "memory_budget", "score", "device", "engine", "precision")
 
 
 def check_occlude_args(model: Model, given: dict) -> dict:
@@ -152,7 +152,8 @@ def occlude(model, image=None, patch=16, stride=4, color=None, target=None,
     ``InputError`` naming the argument and what it takes. Further keyword arguments:
     ``batch_size``, ``memory_budget`` (bytes or a size such as ``'128MiB'``), ``score``
     (``'prob'`` | ``'logit'``), ``device`` (``'cpu'`` | ``'gpu'``), ``engine`` (``'numba'``
-    | ``'duckdb'``: exact mode as SQL delta queries in DuckDB, the relational reference).
+    | ``'duckdb'``: exact mode as SQL delta queries in DuckDB, the relational reference),
+    ``precision`` (``'fast'`` | ``'exact'``: no Winograd convolutions, see README).
 
     ``catalog``: a :class:`~krypton_db.catalog.Catalog`, a session (from ``connect``) or the
     path of a catalog file, to record the run in (model and image registered on first use);
@@ -371,6 +372,8 @@ def record_run(cat, model: Model, image, hm: HeatMap, image_name: str | None = N
                     color=np.asarray(color, float).tolist(), region=region, score=hm.score)
     if hm.stats.get("listed_positions"):
         settings["positions"] = "listed"
+    if hm.stats.get("precision", "fast") != "fast":
+        settings["precision"] = hm.stats["precision"]
     if hm.mode == "approximate":
         settings.update(tau=hm.stats["tau"], tau_source=hm.stats.get("tau_source"), domain=domain)
     timings = {k: hm.stats[k] for k in ("jit_s", "prepare_s", "run_s", "total_s")}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,24 @@ class Model:
         """The lowered graph: the executor's once it is built, else lowered alone (index math,
         no weights prepared: planning a query does not build the executor)."""
         return self._executor.plan if self._executor is not None else PhysicalPlan.lower(self.graph)
+
+    def with_precision(self, precision: str) -> Model:
+        """This model at ``precision``: ``"fast"`` (itself: Winograd convolutions where they
+        are faster) or ``"exact"`` (a twin whose convolutions all run direct, no Winograd:
+        probabilities closer to ONNX Runtime's, see README "Precision"). The twin shares the
+        weights, is built once per model and has its own executor and view cache."""
+        if precision == "fast":
+            return self
+        if precision != "exact":
+            raise InputError(f"precision must be 'fast' or 'exact', got {precision!r}")
+        twin = self.__dict__.get("_exact_twin")
+        if twin is None:
+            g = self.graph.replace([dc_replace(n, params={**n.params, "winograd": False})
+                                    if n.op is Op.CONV else n for n in self.graph.nodes],
+                                   self.graph.output)
+            twin = dc_replace(self, graph=g, _executor=None)
+            self.__dict__["_exact_twin"] = twin
+        return twin
 
     @property
     def ends_in_softmax(self) -> bool:

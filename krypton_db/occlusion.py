@@ -193,7 +193,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
             memory_budget: int | None = None, score: str = "prob", tau: float = 1.0,
             device: str = "cpu", hooks: OcclusionHooks | None = None,
-            engine: str = "numba") -> HeatMap:
+            engine: str = "numba", precision: str = "fast") -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
     ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
@@ -207,11 +207,14 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     ``engine="duckdb"`` runs exact mode as SQL in DuckDB: the layer views materialized as
     tables, then the plan's delta queries (``plan.delta_sql()``) per batch; the relational
     reference of the IVM rules, far slower than the numba executors.
+    ``precision="exact"``: the model's twin without Winograd convolutions
+    (``Model.with_precision``).
     """
     # the run options through the checks the API and the language use (krypton_db.options):
     # one rule, one message, wherever the call comes from
     run = {k: options.check(k, v) for k, v in (("engine", engine), ("mode", mode),
-                                                 ("device", device), ("score", score))}
+                                                 ("device", device), ("score", score),
+                                                 ("precision", precision))}
     engine, mode, score = run["engine"], run["mode"], run["score"]
     device = "gpu" if run["device"] == "cuda" else run["device"]
     options.check_combination(dict(run, device=device, drilldown=None), {"engine"})
@@ -219,6 +222,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     if tau is None:
         raise InputError("mode 'approximate' needs tau in (0, 1]")
     memory_budget = options.check("memory_budget", memory_budget)
+    model = model.with_precision(run["precision"])
     if score == "logit":
         model = _logit_model(model)
     ph, pw = pair(patch, "patch")
@@ -246,7 +250,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
                          "baseline runs on engine 'numba'")
 
     stats: dict = {"positions": int(flat.shape[0]), "mode": mode, "tau": tau,
-                   "listed_positions": positions is not None}
+                   "listed_positions": positions is not None, "precision": run["precision"]}
     t0 = time.perf_counter()
     ex = _executor(model, device)
     stats["device"] = device

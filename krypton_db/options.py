@@ -256,6 +256,9 @@ OPTIONS: dict[str, Option] = {
                             f"{DEFAULT_MEMORY_BUDGET >> 20}MiB, naive {NAIVE_DEFAULT_BUDGET >> 20}MiB)"),
     "score": Option(_enum("score", ("prob", "logit")), "prob", "both",
                     "heat-map value: softmax probability or raw logit"),
+    "precision": Option(_enum("precision", ("fast", "exact")), "fast", "both",
+                        "fast (Winograd convs where faster) | exact (direct convs only: "
+                        "closer to ONNX Runtime, see README 'Precision')"),
     # research switches and session behaviour
     "disable_rule": Option(_rules, (), "session",
                            "layer types whose delta rule is off (full recompute), e.g. 'conv'"),

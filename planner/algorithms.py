@@ -4,7 +4,8 @@ params, channel counts and output size.
 The executors run what these predicates choose; batching (buffer sizes), the cost model and
 EXPLAIN read the same predicates, so a switch here changes all of them at once. Every
 algorithm has an environment switch for comparisons (bench, research) and a module flag
-tests may patch (``algorithms.WINOGRAD = False``).
+tests may patch (``algorithms.WINOGRAD = False``). A conv whose params hold
+``winograd=False`` (``Model.with_precision("exact")``) never runs a Winograd algorithm.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def winograd_f2(node_params: dict, c: int, groups: int, out_hw) -> bool:
     channels, tile padding <= 1.35x, and Winograd enabled."""
     p = node_params
     ho, wo = out_hw
-    return (WINOGRAD and tuple(p["kernel"]) == (3, 3) and tuple(p["stride"]) == (1, 1)
+    return (WINOGRAD and p.get("winograd", True) and tuple(p["kernel"]) == (3, 3) and tuple(p["stride"]) == (1, 1)
             and tuple(p["dilation"]) == (1, 1) and groups == 1 and c >= WINOGRAD_MIN_CHANNELS
             and ho * wo > 0 and 4 * (-(-ho // 2)) * (-(-wo // 2)) <= WINOGRAD_MAX_TILE_WASTE * ho * wo)
 
@@ -82,7 +83,8 @@ def winograd1d(node_params: dict, c: int, groups: int, out_hw) -> bool:
     dilation 1, one group, >= 16 input channels, tile padding <= 1.35x."""
     p = node_params
     ax = winograd1d_axis(p)
-    if not (WINOGRAD1D and WINOGRAD) or ax is None or groups != 1 or c < WINOGRAD1D_MIN_CHANNELS:
+    if not (WINOGRAD1D and WINOGRAD and p.get("winograd", True)) or ax is None or groups != 1 \
+            or c < WINOGRAD1D_MIN_CHANNELS:
         return False
     if tuple(p["stride"]) != (1, 1) or tuple(p["dilation"]) != (1, 1):
         return False

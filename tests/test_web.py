@@ -154,6 +154,7 @@ def test_explanation_job_records_a_run_equal_to_naive_reinference(server, setup)
     (dict(bogus=1), "unknown explanation option 'bogus'"),
     (dict(mode="approximate"), "no tuned tau"),
     (dict(drilldown={"r": 0.5}), "go with mode 'drilldown'"),
+    (dict(precision="half"), "precision must be one of fast, exact"),
     (dict(mode="drilldown", drilldown={"r": 2}), "drilldown r must lie in (0, 1]"),
 ])
 def test_bad_explanation_requests_name_the_problem(server, setup, form, words):

@@ -124,3 +124,28 @@ def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert zoo.cache_dir() == Path(tmp_path / "home" / ".cache" / "krypton_db")
+
+
+@pytest.mark.slow
+def test_precision_budget(saved):
+    """README "Precision": probabilities within 1e-5 of ONNX Runtime with precision='exact'
+    (no Winograd), within 2e-5 with 'fast', on standard-normal inputs and a real photo."""
+    import krypton_db as kdb
+    from krypton_db.planner import algorithms
+
+    name, path, _ = saved
+    m = kdb.load_model(path)
+    h, w = zoo.input_size(name)
+    x = np.random.default_rng(7).standard_normal((2, 3, h, w)).astype(np.float32)
+    x = np.concatenate([x, m.preprocess(kdb.sample_image("chelsea"))[None]])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (want,) = sess.run(["probs"], {"input": x})
+    exact = m.with_precision("exact")
+    for n in exact.graph.nodes:  # the twin's convs are never Winograd
+        if n.op is kdb.Op.CONV:
+            g = n.params["groups"]
+            c = n.weights["W"].shape[1] * g
+            assert not algorithms.winograd_f2(n.params, c, g, n.shape[1:])
+            assert not algorithms.winograd1d(n.params, c, g, n.shape[1:])
+    assert np.abs(exact.predict(x) - want).max() <= 1e-5
+    assert np.abs(m.predict(x) - want).max() <= 2e-5

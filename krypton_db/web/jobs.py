@@ -25,7 +25,8 @@ from ..occlusion import grid_positions
 from ..planner.cost import load_cost_model, predict
 from .store import UnknownIdError, ViewerStore
 
-FIELDS = ("patch", "stride", "color", "target", "mode", "region", "tau", "drilldown")
+FIELDS = ("patch", "stride", "color", "target", "mode", "region", "tau", "drilldown",
+          "precision")
 MODES = ("exact", "approximate", "drilldown")
 
 
@@ -124,7 +125,8 @@ class JobRunner:
         opts = check_occlude_args(m, dict(
             patch=form.get("patch"), stride=form.get("stride"), color=form.get("color"),
             target=form.get("target"), mode="exact" if mode == "drilldown" else mode,
-            region=form.get("region"), tau=tau, drilldown=drill))
+            region=form.get("region"), tau=tau, drilldown=drill,
+            precision=form.get("precision")))
         tau_v, tau_source = self.store.resolve_tau(m, opts["mode"], opts["tau"])
         opts["tau"] = tau_v
         h, w = m.graph.input_shape[1:]

@@ -26,7 +26,7 @@ class LiveProbe:
     """Probes of one model, image and patch (see the module docstring)."""
 
     def __init__(self, store: ViewerStore, gate: ComputeGate, msg: dict):
-        allowed = {"type", "model_id", "image_id", "patch", "color", "target"}
+        allowed = {"type", "model_id", "image_id", "patch", "color", "target", "precision"}
         unknown = sorted(set(msg) - allowed)
         if unknown:
             raise InputError(f"unknown live option {unknown[0]!r} (allowed: "
@@ -38,7 +38,7 @@ class LiveProbe:
         _, self.pixels = store.image(self.image_id)
         self.opts = check_occlude_args(self.model, dict(
             patch=msg.get("patch"), stride=1, color=msg.get("color"), target=msg.get("target"),
-            positions=[[0, 0]], all_classes=True))
+            positions=[[0, 0]], all_classes=True, precision=msg.get("precision")))
         self.h, self.w = self.model.graph.input_shape[1:]
         self.labels = list(self.model.labels)
 

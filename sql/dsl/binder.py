@@ -72,6 +72,7 @@ class BoundQuery:
     batch_size: int | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     score: str = "prob"
+    precision: str = "fast"
     images: str | None = None  # a dataset query (then image is None)
     out: str | None = None
     backend: str = "local"
@@ -109,6 +110,8 @@ class BoundQuery:
             parts.append(f"positions={len(self.positions)} listed")
         if self.score != "prob":
             parts.append(f"score={self.score}")
+        if self.precision != "fast":
+            parts.append(f"precision={self.precision}")
         if self.images is not None and self.backend != "local":
             parts.append(f"backend={self.backend}" + (f"({self.workers} workers)"
                                                       if self.workers else ""))

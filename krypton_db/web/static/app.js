@@ -156,7 +156,7 @@ async function showRun(id) {
           <dt>target</dt><dd id="run-label">${esc(run.label ?? "…")}</dd>
           <dt>probability</dt><dd id="run-base">…</dd>
           <dt>patch / stride</dt><dd>${pair(s.patch)} / ${pair(s.stride)}</dd>
-          <dt>mode</dt><dd id="run-mode">${esc(run.mode)}${s.tau !== undefined ? ` (tau ${s.tau})` : ""}${s.drilldown ? ` + drill-down r ${s.drilldown.r}, ${s.drilldown.speedup}x` : ""}</dd>
+          <dt>mode</dt><dd id="run-mode">${esc(run.mode)}${s.tau !== undefined ? ` (tau ${s.tau})` : ""}${s.drilldown ? ` + drill-down r ${s.drilldown.r}, ${s.drilldown.speedup}x` : ""}${s.precision ? `, precision ${esc(s.precision)}` : ""}</dd>
           <dt>colour</dt><dd>${esc(JSON.stringify(s.color))}</dd>
           <dt>region</dt><dd>${s.region ? esc(s.region.join(", ")) : "whole image"}</dd>
           <dt>heat map</dt><dd>${run.heatmap_h}×${run.heatmap_w} positions</dd>
@@ -197,8 +197,8 @@ async function showRun(id) {
       pre.textContent = r.query + "\n\n" + r.rows.map(([k, v]) => `-- ${k}\n${v}`).join("\n\n");
     } catch (err) { pre.textContent = err.message; }
   });
-  startLive(stage, $("#live-panel"), { model_id: run.model_id, image_id: run.image_id, patch: s.patch, color: s.color, target: run.target_class ?? null },
-            { stride: s.stride, mode: run.mode, tau: s.tau, drilldown: s.drilldown });
+  startLive(stage, $("#live-panel"), { model_id: run.model_id, image_id: run.image_id, patch: s.patch, color: s.color, target: run.target_class ?? null, precision: s.precision || "fast" },
+            { stride: s.stride, mode: run.mode, tau: s.tau, drilldown: s.drilldown, precision: s.precision });
 }
 
 // ---- live occlusion: the patch follows the cursor ------------------------------------------------
@@ -299,7 +299,7 @@ function startLive(stage, panel, start, region) {
     // the region holds patch top-left corners; the drag box is where the patch may go
     const r = [y0, x0, Math.min(stage.h - ph + 1, Math.max(y1 - ph + 1, y0 + 1)), Math.min(stage.w - pw + 1, Math.max(x1 - pw + 1, x0 + 1))];
     const form = { patch: start.patch, stride, color: start.color, target: start.target, region: r,
-                   mode: region.drilldown ? "drilldown" : region.mode };
+                   mode: region.drilldown ? "drilldown" : region.mode, precision: region.precision || "fast" };
     if (region.mode === "approximate" && region.tau !== undefined) form.tau = region.tau;
     if (region.drilldown) form.drilldown = { r: region.drilldown.r, speedup: region.drilldown.speedup };
     box.innerHTML = `<p>region (${r.join(", ")}) at stride ${pair(stride)}</p>`;
@@ -343,6 +343,7 @@ function showExplain(params) {
       <label>tau (approximate; empty: the tuned tau) <input id="f-tau" type="text" value=""></label>
       <label>drill-down r / speedup <input id="f-r" type="text" value="0.25" size="4"> <input id="f-speedup" type="text" value="3" size="4"></label>
       <label>region y0, x0, y1, x1 (empty: whole image) <input id="f-region" type="text" value=""></label>
+      <label>precision <select id="f-precision">${opt("fast", "fast (Winograd convolutions)", true)}${opt("exact", "exact (direct convolutions, closer to ONNX Runtime)")}</select></label>
       <button type="submit" id="f-run"${c.read_only ? " disabled" : ""}>Explain</button>
     </form>
     <div id="job"></div>`;
@@ -378,7 +379,7 @@ function showExplain(params) {
                    patch: num($("#f-patch").value), stride: num($("#f-stride").value),
                    color: color && color.length === 1 ? color[0] : color,
                    target: $("#f-target").value === "" ? null : +$("#f-target").value,
-                   region: list($("#f-region").value), mode };
+                   region: list($("#f-region").value), mode, precision: $("#f-precision").value };
     if (mode === "approximate" && $("#f-tau").value.trim() !== "") body.tau = num($("#f-tau").value);
     if (mode === "drilldown") body.drilldown = { r: num($("#f-r").value), speedup: num($("#f-speedup").value) };
     await runJob(body, $("#job"));
