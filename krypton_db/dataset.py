@@ -143,12 +143,13 @@ def explain_dataset(model, images, *, patch=16, stride=4, mode: str = "exact", t
     stopped after. An actor that dies has its images retried on the others.
 
     ``on_image(record)`` is called on the driver after each image (the catalog row's fields).
-    Further keyword arguments: ``batch_size``, ``memory_budget``, ``score``, ``device``.
+    Further keyword arguments: ``batch_size``, ``memory_budget``, ``score``, ``device``,
+    ``precision``.
     """
     unknown = sorted(set(run_options) - (set(RUN_OPTIONS) - {"engine"}))
     if unknown:
         raise InputError(f"unknown option {unknown[0]!r}; explain_dataset takes occlude's "
-                         "options and batch_size, memory_budget, score, device")
+                         "options and batch_size, memory_budget, score, device, precision")
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     for name, v in (("resume", resume), ("progress", progress), ("all_classes", all_classes)):
@@ -230,6 +231,8 @@ def dataset_settings(m: Model, opts: dict) -> dict:
     s["color"] = np.asarray(0.0 if s["color"] is None else s["color"], float).tolist()
     if s["mode"] != "approximate":
         s["tau"] = None
+    if opts.get("precision", "fast") != "fast":  # absent at the default: older hashes hold
+        s["precision"] = opts["precision"]
     return dict(model=m.name, model_sha256=model_digest(m), format=RESULT_FORMAT, **s)
 
 

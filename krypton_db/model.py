@@ -135,16 +135,20 @@ class Model:
         are faster) or ``"exact"`` (a twin whose convolutions all run direct, no Winograd:
         probabilities closer to ONNX Runtime's, see README "Precision"). The twin shares the
         weights, is built once per model and has its own executor and view cache."""
-        if precision == "fast":
-            return self
-        if precision != "exact":
+        if precision not in ("fast", "exact"):
             raise InputError(f"precision must be 'fast' or 'exact', got {precision!r}")
+        current = self.__dict__.get("_precision", "fast")
+        if precision == current:
+            return self
+        if current == "exact":  # the twin's way back
+            return self.__dict__["_fast"]
         twin = self.__dict__.get("_exact_twin")
         if twin is None:
             g = self.graph.replace([dc_replace(n, params={**n.params, "winograd": False})
                                     if n.op is Op.CONV else n for n in self.graph.nodes],
                                    self.graph.output)
             twin = dc_replace(self, graph=g, _executor=None)
+            twin.__dict__.update(_precision="exact", _fast=self)
             self.__dict__["_exact_twin"] = twin
         return twin
 

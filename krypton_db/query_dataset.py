@@ -48,7 +48,7 @@ class DatasetStatements:
                 tau=r.tau if bq.mode == "approximate" else None, drilldown=bq.drilldown,
                 out=out, catalog=self.catalog, backend=bq.backend, workers=bq.workers,
                 progress=bool(self.options.get("progress")), batch_size=bq.batch_size,
-                memory_budget=bq.memory_budget, score=bq.score,
+                memory_budget=bq.memory_budget, score=bq.score, precision=bq.precision,
                 device="gpu" if bq.device != "cpu" else "cpu")
         except KryptonError as exc:
             raise bq.error(str(exc), "images") from None

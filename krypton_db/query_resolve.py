@@ -90,7 +90,9 @@ class Resolution:
     def resolve(self, bq: BoundQuery) -> Resolved:
         """Names -> catalog objects, model-dependent checks, the plan passes' inputs."""
 
-        m = self._model(bq.model, bq.text, bq.arg_pos.get("model", bq.start))
+        # the model at the query's precision: its plan is the one EXPLAIN shows and runs
+        m = self._model(bq.model, bq.text, bq.arg_pos.get("model", bq.start)).with_precision(
+            bq.precision)
         refs = None
         if bq.images is not None:
             refs = self._dataset_images(bq)

@@ -44,6 +44,7 @@ def test_exact_precision_runs_no_winograd_and_equals_naive(nets, name):
     m, img = nets[name]
     exact = m.with_precision("exact")
     assert exact is m.with_precision("exact") and m.with_precision("fast") is m
+    assert exact.with_precision("exact") is exact and exact.with_precision("fast") is m
     assert winograd_convs(m) > 0 and winograd_convs(exact) == 0
     hm = kdb.occlude(m, img, patch=4, stride=5, precision="exact", progress=False)
     assert hm.stats["precision"] == "exact"
@@ -84,3 +85,28 @@ def test_the_language_and_the_catalog_take_precision(nets, tmp_path):
         plan = "\n".join(p for _, p in s.explain("SELECT * FROM occlusion('m', 'i', "
                                                  "precision => 'exact')"))
         assert "precision=exact" in plan
+        # the plan EXPLAIN costs is the exact twin's: direct convs cost more than Winograd
+        import json
+
+        def predicted(q):
+            return next(d["predicted_s"] for d in (json.loads(t) for _, t in
+                                                    s.explain(q, format="json"))
+                        if d["plan_type"] == "estimate")
+
+        plan = "SELECT * FROM occlusion('m', 'i', precision => 'exact')"
+        fast_plan = "SELECT * FROM occlusion('m', 'i')"
+        assert predicted(plan) > predicted(fast_plan)
+
+
+def test_datasets_take_precision_and_keep_it_apart(nets, tmp_path):
+    """explain_dataset(precision='exact') computes what occlude does at that precision, and
+    its results go to another settings folder than the default's (resume never mixes them)."""
+    m, img = nets["f2"]
+    fast = kdb.explain_dataset(m, [img], patch=4, stride=5, out=tmp_path / "o", progress=False)
+    exact = kdb.explain_dataset(m, [img], patch=4, stride=5, out=tmp_path / "o",
+                                precision="exact", progress=False)
+    assert (fast.done, exact.done, exact.skipped) == (1, 1, 0)
+    assert len({p.parent for p in (tmp_path / "o").rglob("part-*.parquet")}) == 2
+    want = kdb.occlude(m, img, patch=4, stride=5, precision="exact", progress=False)
+    got = exact.sql("SELECT prob FROM heatmaps ORDER BY y, x").fetchall()
+    np.testing.assert_array_equal(np.array([r[0] for r in got], np.float32), want.probs.ravel())
