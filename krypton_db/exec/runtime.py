@@ -88,6 +88,12 @@ def num_threads() -> int:
     return max(1, numba.get_num_threads())
 
 
+def run_parts(fn, nparts: int) -> None:
+    """fn(i) for i in range(nparts), one part per pool thread (serially on the calling
+    thread when the pool is busy: nested use)."""
+    _POOL.run(fn, nparts)
+
+
 def parallel_chunks(nchunks: int, fn) -> None:
     """fn(i) for i in range(nchunks), spread dynamically over the pool's threads."""
     it = iter(range(nchunks))  # next() on a range iterator is atomic under the GIL

@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 from ..planner import algorithms
 from . import gemm_cpu, kernels_cpu
-from .runtime import balanced_chunks, parallel_chunks, parallel_ranges, scratch
+from .runtime import balanced_chunks, num_threads, parallel_chunks, parallel_ranges, run_parts, scratch
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 _MR, _KC = gemm_cpu.MR, gemm_cpu.KC  # the packed weights' panel height and K block
@@ -185,6 +185,18 @@ def gemms_cpu(filters, o, c, vm, sl, n, bp, tile):
     zero = np.zeros(1, np.int64)
     for k in range(filters.shape[0]):
         gemm_cpu.tap_gemm_cpu(filters[k], o, vm, zero, n, (k + 1) * sl, n, vm, k * sl, n, False, bp, tile)
+
+
+@njit(**_NJ)
+def gemms_range_cpu(filters, o, vm, sl, n, k0, k1, first, bp, tile):
+    """GEMMs k0..k1 of ``gemms_cpu``; with ``first`` non-empty, GEMM k0's M goes there ([O,
+    n]) instead of slot k0: another thread may still be reading that slot (V[k0 - 1])."""
+    zero = np.zeros(1, np.int64)
+    for k in range(k0, k1):
+        if k == k0 and first.size > 0:
+            gemm_cpu.tap_gemm_cpu(filters[k], o, vm, zero, n, (k + 1) * sl, n, first, 0, n, False, bp, tile)
+        else:
+            gemm_cpu.tap_gemm_cpu(filters[k], o, vm, zero, n, (k + 1) * sl, n, vm, k * sl, n, False, bp, tile)
 
 
 @njit(inline="always")
@@ -382,10 +394,32 @@ def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.nd
     run_chunks(-(-ho // 2) * ntx * nb, len(filters), max(c, o), CHUNK_FLOATS, body)
 
 
-def gemms(filters, o: int, c: int, vm, sl: int, n: int) -> None:
-    """``gemms_cpu`` with the calling thread's GEMM scratch."""
+# Column chunks at most this wide split their GEMMs over the threads by product (k): a few
+# queries make one chunk of a few tiles (one brain-MRI VGG16 position: 64 columns in block5),
+# which the column split of ``run_chunks`` leaves to one thread.
+SPLIT_BY_PRODUCT_MAX_COLUMNS = 2 * gemm_cpu.NR
 
-    gemms_cpu(filters, o, c, vm, sl, n, scratch("gemm_bp", gemm_cpu.KC * gemm_cpu.NC), scratch("gemm_tile", gemm_cpu.MR * gemm_cpu.NR))
+
+def gemms(filters, o: int, c: int, vm, sl: int, n: int) -> None:
+    """``gemms_cpu`` with the calling thread's GEMM scratch; a thin chunk's products are
+    spread over the threads (each range's first product is written apart and copied into its
+    slot after the join: the slot still holds the previous range's last input)."""
+    nprod = filters.shape[0]
+    t = min(num_threads(), nprod)
+    if t <= 1 or n > SPLIT_BY_PRODUCT_MAX_COLUMNS:
+        gemms_cpu(filters, o, c, vm, sl, n, scratch("gemm_bp", gemm_cpu.KC * gemm_cpu.NC), scratch("gemm_tile", gemm_cpu.MR * gemm_cpu.NR))
+        return
+    bounds = [nprod * i // t for i in range(t + 1)]
+    firsts = [np.empty(0, np.float32)] + [np.empty(o * n, np.float32) for _ in range(t - 1)]
+
+    def part(i):
+        gemms_range_cpu(filters, o, vm, sl, n, bounds[i], bounds[i + 1], firsts[i],
+                        scratch("gemm_bp", gemm_cpu.KC * gemm_cpu.NC), scratch("gemm_tile", gemm_cpu.MR * gemm_cpu.NR))
+
+    run_parts(part, t)
+    for i in range(1, t):
+        k = bounds[i]
+        vm[k * sl : k * sl + o * n] = firsts[i]
 
 
 def run_chunks(ncols: int, nprod: int, cmax: int, chunk_floats: int, body) -> None:
