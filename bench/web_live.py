@@ -77,7 +77,7 @@ def main() -> None:
                 progress=False)
     rng = np.random.default_rng(2026)
     offsets = [(int(rng.integers(-230, 231)), int(rng.integers(-230, 231))) for _ in range(MOVES)]
-    rounds, first = [], None
+    rounds, first, server = [], None, []
     shown: dict[tuple[int, int], float] = {}
     with ViewerServer(tmp / "runs.duckdb", port=0) as srv:
         drv = browser(str(tmp / "profile"))
@@ -94,6 +94,8 @@ def main() -> None:
                         "const m = window.kryptonLive.last; "
                         "return m && m.seq !== arguments[0] ? m : null", last))
                     shown[(msg["y"], msg["x"])] = msg["prob"]
+                    if r > 0:
+                        server.append(msg["server_ms"])
                     if r == 0 and k == 0:
                         first = drv.execute_script("return window.kryptonLive.latencies")[-1]
                 lat = drv.execute_script("return window.kryptonLive.latencies")[-MOVES:]
@@ -132,6 +134,8 @@ def main() -> None:
           f"{min(allb):.1f} / {max(allb):.1f} |")
     print(f"| API kdb.occlude, 1 position, warm views | {' / '.join(f'{v:.1f}' for v in api_med)}"
           f" | {statistics.median(alla):.1f} / {min(alla):.1f} / {max(alla):.1f} |")
+    print(f"| of which the server (probe received -> answer sent) | | "
+          f"{statistics.median(server):.1f} / {min(server):.1f} / {max(server):.1f} |")
     print(f"| first update after the page opened (server materializes the views) | "
           f"{first:.1f} | |")
 
