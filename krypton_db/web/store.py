@@ -82,11 +82,12 @@ class ViewerStore:
             "SELECT id, name, version, source, input_shape, num_classes, macs, registered_at "
             "FROM models ORDER BY id")]
 
-    def images(self) -> list[dict]:
+    def images(self, image_id: int | None = None) -> list[dict]:
+        """Every image version (or version ``image_id``), oldest first."""
         cols = ("id", "name", "version", "width", "height", "channels", "dtype", "registered_at")
         return [_row(cols, r) for r in self._all(
             "SELECT id, name, version, width, height, channels, dtype, registered_at FROM images "
-            "ORDER BY id")]
+            "WHERE (? IS NULL OR id = ?) ORDER BY id", [image_id, image_id])]
 
     def runs(self, limit: int = 500, run_id: int | None = None) -> list[dict]:
         """The latest ``limit`` runs (or run ``run_id``), newest first."""
@@ -219,10 +220,7 @@ class ViewerStore:
             raise
         finally:
             tmp.unlink(missing_ok=True)
-        return self.images_by_id(image_id)
-
-    def images_by_id(self, image_id: int) -> dict:
-        return next(i for i in self.images() if i["id"] == int(image_id))
+        return self.images(int(image_id))[0]
 
     def record(self, model, image_id: int, hm, color, region, domain: str) -> int:
         """Record a finished run of the viewer (one transaction: model, image, run, heat map)."""
