@@ -83,12 +83,18 @@ def _status(exc: KryptonError) -> int:
     return 400
 
 
-def _error(exc: BaseException) -> JSONResponse:
+def _message(exc: BaseException) -> str:
+    """What the page shows for a failure (the error rule); an internal error's traceback goes
+    to the server's stderr."""
     if isinstance(exc, KryptonError):
-        return JSONResponse({"error": str(exc)}, status_code=_status(exc))
+        return str(exc)
     traceback.print_exception(exc)
-    return JSONResponse({"error": f"internal error ({type(exc).__name__}): {exc}"},
-                        status_code=500)
+    return f"internal error ({type(exc).__name__}): {exc}"
+
+
+def _error(exc: BaseException) -> JSONResponse:
+    status = _status(exc) if isinstance(exc, KryptonError) else 500
+    return JSONResponse({"error": _message(exc)}, status_code=status)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
@@ -275,13 +281,13 @@ async def live_socket(v: Viewer, ws: WebSocket) -> None:
                         await send(probe.info())
                     except Exception as exc:  # noqa: BLE001 - the error rule
                         probe = None
-                        await send(dict(type="error", error=_error(exc).body.decode()))
+                        await send(dict(type="error", error=_message(exc)))
                 elif kind == "probe":
                     newest = msg  # an older unanswered position is dropped here
                     wake.set()
                 else:
-                    await send(dict(type="error", error=json.dumps(
-                        {"error": f"unknown live message type {kind!r} (start | probe)"})))
+                    await send(dict(type="error",
+                                    error=f"unknown live message type {kind!r} (start | probe)"))
         except WebSocketDisconnect:
             pass
         finally:
@@ -299,14 +305,14 @@ async def live_socket(v: Viewer, ws: WebSocket) -> None:
             if msg is None:
                 continue
             if probe is None:
-                await send(dict(type="error", error=json.dumps(
-                    {"error": "send a start message (model_id, image_id, patch) first"})))
+                await send(dict(type="error",
+                                error="send a start message (model_id, image_id, patch) first"))
                 continue
             t0 = time.perf_counter()
             try:
                 out = await run_in_threadpool(probe.probe, msg.get("y"), msg.get("x"))
             except Exception as exc:  # noqa: BLE001 - the error rule
-                out = dict(type="error", error=_error(exc).body.decode())
+                out = dict(type="error", error=_message(exc))
             out["seq"] = msg.get("seq")
             out["server_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
             try:

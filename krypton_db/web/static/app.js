@@ -251,7 +251,7 @@ function startLive(stage, panel, start, region) {
     const status = $("#live-status");
     if (!status) return;
     if (m.type === "ready") { ready = true; status.textContent = "ready"; return; }
-    if (m.type === "error") { let e = m.error; try { e = JSON.parse(e).error; } catch (_) { /* plain text */ } status.textContent = e; status.classList.add("field-error"); return; }
+    if (m.type === "error") { status.textContent = m.error; status.classList.add("field-error"); return; }
     if (m.type === "busy") {  // ask again shortly unless the cursor moved on meanwhile
       status.textContent = m.message; lastPos = null;
       const asked = m.seq;
