@@ -32,12 +32,15 @@ def _model(model) -> Model:
     return model if isinstance(model, Model) else load_model(model)
 
 
-def plan(model, patch=16, tau: float = 1.0):
+def plan(model, patch=16, tau: float = 1.0, regions: str = "position"):
     """The delta plan of an occlusion query (per-layer rule, patch and read-in sizes, MACs full
     vs incremental; with ``tau < 1`` the projective-field caps); ``print(plan(m).explain())``.
-    Index math only: no weights are prepared (the executors do that when they run)."""
+    ``regions``: 'position' (default; ``plan.position_speedup(positions)`` gives the theory
+    over a grid) or 'published'. Index math only: no weights are prepared (the executors do
+    that when they run)."""
     m = _model(model)
-    return plan_occlusion(m.graph, pair(patch, "patch"), m.physical_plan, tau=tau)
+    return plan_occlusion(m.graph, pair(patch, "patch"), m.physical_plan, tau=tau,
+                          regions=options.check("regions", regions))
 
 
 def theoretical_speedup(model, patch=16, tau: float = 1.0) -> float:
@@ -105,7 +108,8 @@ def resolve_tau(m: Model, mode: str, tau, target_ssim, domain: str, catalog) -> 
 
 
 # keyword arguments of occlude() passed through to the occlusion driver
-RUN_OPTIONS = ("batch_size", "memory_budget", "score", "device", "engine", "precision")
+RUN_OPTIONS = ("batch_size", "memory_budget", "score", "device", "engine", "precision",
+               "regions")
 
 
 def check_occlude_args(model: Model, given: dict) -> dict:
@@ -374,6 +378,8 @@ def record_run(cat, model: Model, image, hm: HeatMap, image_name: str | None = N
         settings["positions"] = "listed"
     if hm.stats.get("precision", "fast") != "fast":
         settings["precision"] = hm.stats["precision"]
+    if hm.stats.get("regions", "position") != "position":
+        settings["regions"] = hm.stats["regions"]
     if hm.mode == "approximate":
         settings.update(tau=hm.stats["tau"], tau_source=hm.stats.get("tau_source"), domain=domain)
     timings = {k: hm.stats[k] for k in ("jit_s", "prepare_s", "run_s", "total_s")}

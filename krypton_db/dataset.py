@@ -224,7 +224,8 @@ def _write_settings(fs, folder: str, settings: dict) -> None:
 
 def dataset_settings(m: Model, opts: dict) -> dict:
     """What the results depend on (the settings hash): the model's content, the checked
-    options that change a heat map, the result format. Batch sizes and devices do not."""
+    options that change a heat map, the result format. Batch sizes, devices and the output
+    regions (``regions``: the same values within float rounding) do not."""
     keep = ("patch", "stride", "color", "target", "mode", "region", "all_classes", "tau",
             "drilldown", "score")
     s = {k: opts.get(k) for k in keep}

@@ -174,12 +174,13 @@ class Prepared:
 def prepare(graph, physical, patch, *, mode: str, positions: int, tau: float = 1.0,
             device: str = "cpu", memory_budget: int | None = None,
             batch_size: int | None = None, disabled: frozenset = frozenset(),
-            rewrite=None) -> Prepared:
+            rewrite=None, regions: str = "published") -> Prepared:
     """Plan an occlusion query: the exact delta plan (``disabled`` rules off), the tau caps,
     a research rewrite (e.g. ``naive_from``), then the batch that fits ``memory_budget``.
     ``physical``: the executor's physical plan of ``graph``."""
-    p1 = plan_occlusion(graph, patch, physical, tau=1.0, disabled=disabled)
-    p2 = p1 if tau >= 1.0 else plan_occlusion(graph, patch, physical, tau=tau, disabled=disabled)
+    p1 = plan_occlusion(graph, patch, physical, tau=1.0, disabled=disabled, regions=regions)
+    p2 = p1 if tau >= 1.0 else plan_occlusion(graph, patch, physical, tau=tau, disabled=disabled,
+                                              regions=regions)
     p3 = rewrite(p2) if rewrite is not None and mode != "naive" else p2  # naive: none runs
     if mode == "naive":
         per_q = naive_bytes_per_query(graph)
@@ -193,7 +194,8 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
             memory_budget: int | None = None, score: str = "prob", tau: float = 1.0,
             device: str = "cpu", hooks: OcclusionHooks | None = None,
-            engine: str = "numba", precision: str = "fast") -> HeatMap:
+            engine: str = "numba", precision: str = "fast",
+            regions: str = "position") -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
     ``score="logit"`` maps the raw model output (pre-softmax) of the target instead.
@@ -214,7 +216,8 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     # one rule, one message, wherever the call comes from
     run = {k: options.check(k, v) for k, v in (("engine", engine), ("mode", mode),
                                                  ("device", device), ("score", score),
-                                                 ("precision", precision))}
+                                                 ("precision", precision),
+                                                 ("regions", regions))}
     engine, mode, score = run["engine"], run["mode"], run["score"]
     device = "gpu" if run["device"] == "cuda" else run["device"]
     options.check_combination(dict(run, device=device, drilldown=None), {"engine"})
@@ -250,7 +253,8 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
                          "baseline runs on engine 'numba'")
 
     stats: dict = {"positions": int(flat.shape[0]), "mode": mode, "tau": tau,
-                   "listed_positions": positions is not None, "precision": run["precision"]}
+                   "listed_positions": positions is not None, "precision": run["precision"],
+                   "regions": run["regions"]}  # asked for; tau caps keep published sizes
     t0 = time.perf_counter()
     ex = _executor(model, device)
     stats["device"] = device
@@ -266,7 +270,8 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     prep = prepare(model.graph, ex.plan, (ph, pw), mode=mode, positions=int(flat.shape[0]),
                    tau=tau, device=device, memory_budget=memory_budget, batch_size=batch_size,
                    disabled=hooks.disabled_rules if hooks is not None else frozenset(),
-                   rewrite=hooks.plan_rewrite if hooks is not None else None)
+                   rewrite=hooks.plan_rewrite if hooks is not None else None,
+                   regions=run["regions"])
     if mode in ("exact", "approximate"):
         plan = prep.plan
         if engine == "duckdb":
@@ -318,17 +323,21 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     t2 = time.perf_counter()
     n = flat.shape[0]
     outs = []
+    # the batches' order: per-position regions batch queries of equal exact sizes together
+    order = prep.plan.batch_order(flat) if mode in ("exact", "approximate") else np.arange(n)
+    queue = flat[order]
     try:
         tgt = int(np.argmax(base)) if target is None else model.class_index(target)
         for i in range(0, n, bs):
-            outs.append(run(flat[i : i + bs]))
+            outs.append(run(queue[i : i + bs]))
             check_cancelled()  # Ctrl-C that a library swallowed still stops the run here
             if hooks is not None:
                 hooks.batch_done(min(i + bs, n), n)
     finally:
         if mode in ("exact", "approximate"):
             inc.close()  # its batch arena stays with the model for the next run
-    probs_all = np.concatenate(outs, axis=0)
+    probs_all = np.empty((n,) + outs[0].shape[1:], outs[0].dtype)
+    probs_all[order] = np.concatenate(outs, axis=0)
     t3 = time.perf_counter()
     stats.update(batch_size=bs, bytes_per_query=per_q, prepare_s=t2 - t1, run_s=t3 - t2,
                  total_s=t3 - t0, queries_per_s=flat.shape[0] / max(t3 - t2, 1e-12))

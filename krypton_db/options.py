@@ -259,6 +259,9 @@ OPTIONS: dict[str, Option] = {
     "precision": Option(_enum("precision", ("fast", "exact")), "fast", "both",
                         "fast (Winograd convs where faster) | exact (direct convs only: "
                         "closer to ONNX Runtime, see README 'Precision')"),
+    "regions": Option(_enum("regions", ("position", "published")), "position", "both",
+                      "position (each batch at its queries' exact changed boxes) | published "
+                      "(the position-independent sizes of the paper)"),
     # research switches and session behaviour
     "disable_rule": Option(_rules, (), "session",
                            "layer types whose delta rule is off (full recompute), e.g. 'conv'"),

@@ -141,7 +141,7 @@ class Engine(CatalogStatements, Resolution, ExplainStatements, DatasetStatements
                   positions=np.asarray(bq.positions, np.int64) if bq.positions else None,
                   all_classes=bq.all_classes, memory_budget=bq.memory_budget, score=bq.score,
                   batch_size=bq.batch_size, device="gpu" if bq.device != "cpu" else "cpu",
-                  engine=bq.engine, precision=bq.precision)
+                  engine=bq.engine, precision=bq.precision, regions=bq.regions)
         if bq.mode == "approximate":
             kw["tau"] = r.tau
         return kw

@@ -49,6 +49,7 @@ class DatasetStatements:
                 out=out, catalog=self.catalog, backend=bq.backend, workers=bq.workers,
                 progress=bool(self.options.get("progress")), batch_size=bq.batch_size,
                 memory_budget=bq.memory_budget, score=bq.score, precision=bq.precision,
+                regions=bq.regions,
                 device="gpu" if bq.device != "cpu" else "cpu")
         except KryptonError as exc:
             raise bq.error(str(exc), "images") from None

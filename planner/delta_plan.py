@@ -13,9 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from krypton_db.errors import InputError
 from krypton_db.graph import Graph, Node, Op
 
+from . import regions as position_regions
 from .delta_sql import DeltaSql, compile_delta_sql
 from .ivm import rule_for
 from .physical import PhysicalPlan
@@ -52,6 +55,31 @@ class DeltaPlan:
     steps: list[DeltaStep] = field(default_factory=list)
     tau: float = 1.0
     disabled: frozenset = frozenset()  # layer types whose rule is off in this plan
+    # "position": each batch runs its windowed steps at its queries' exact boxes
+    # (planner.regions); "published": the position-independent sizes of ``steps``
+    regions: str = "published"
+
+    def batch_windows(self, positions):
+        """Per windowed step (output name) the batch's output-box locations [B, 2] and size
+        under per-position regions (``planner.regions.batch_windows``); None when the plan
+        runs the published sizes (``regions="published"`` or tau caps)."""
+        if self.regions != "position" or self.tau < 1.0:
+            return None
+        return position_regions.batch_windows(self, positions)
+
+    def position_speedup(self, positions, batch: int | None = None) -> float:
+        """Theoretical speedup over ``positions`` [N, 2] with per-position regions: full
+        multiply-adds / incremental ones at each query's exact boxes, or (``batch``) at the
+        batches' sizes in ``batch_order``, as a run in batches of ``batch`` executes them."""
+        pos = np.asarray(positions, np.int64).reshape(-1, 2)
+        return self.macs_full * len(pos) / max(position_regions.position_macs(self, pos, batch), 1)
+
+    def batch_order(self, positions):
+        """The order in which to batch ``positions`` (a permutation; identity under the
+        published sizes, where a batch's sizes do not depend on its queries)."""
+        if self.regions != "position" or self.tau < 1.0:
+            return np.arange(len(positions))
+        return position_regions.batch_order(self, positions)
 
     @property
     def macs_full(self) -> int:
@@ -144,16 +172,23 @@ def tau_cap(node: Node, out: Size, in_size: Size, tau: float) -> tuple[Size, Siz
 
 
 def plan_occlusion(graph: Graph, patch: Size, cpu_plan: PhysicalPlan | None = None,
-                   tau: float = 1.0, disabled: frozenset = frozenset()) -> DeltaPlan:
+                   tau: float = 1.0, disabled: frozenset = frozenset(),
+                   regions: str = "published") -> DeltaPlan:
     """Propagate the patch size through the graph with each layer's delta rule; with tau < 1
     every windowed layer's output patch is capped (projective-field thresholding).
     ``disabled``: layer types (``Op`` values such as ``"conv"``) whose rule is off in this
-    plan: those layers recompute in full (a research switch of one plan, never the process)."""
+    plan: those layers recompute in full (a research switch of one plan, never the process).
+    ``regions``: "published" (the sizes above for every query) or "position" (each batch at
+    its queries' exact boxes, ``planner.regions``; exact plans only, tau < 1 keeps the
+    published sizes its caps are defined on)."""
     if not (0.0 < tau <= 1.0):
         raise InputError(f"tau must lie in (0, 1], got {tau}")
+    if regions not in ("published", "position"):
+        raise InputError(f"regions must be 'position' or 'published', got {regions!r}")
     cpu_plan = cpu_plan or PhysicalPlan.lower(graph)
     sizes: dict[str, Size | None] = {graph.input.name: tuple(patch)}
-    plan = DeltaPlan(graph, cpu_plan, tuple(patch), tau=float(tau), disabled=frozenset(disabled))
+    plan = DeltaPlan(graph, cpu_plan, tuple(patch), tau=float(tau), disabled=frozenset(disabled),
+                     regions=regions)
     for st in cpu_plan.steps:
         node = st.node
         rule = rule_for(node.op, disabled)

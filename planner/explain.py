@@ -174,6 +174,8 @@ def step_params(ds, verbose: bool = False, disabled=frozenset()) -> list[tuple[s
 def delta_section(plan, verbose: bool = False, disabled=frozenset(),
                   plan_type: str = "delta_plan") -> Section:
     ph, pw = plan.patch
+    # what runs: tau caps keep the published sizes (DeltaPlan.batch_windows)
+    regions = plan.regions if plan.tau >= 1.0 else "published"
     rows, cols = [], []
     for ds in plan.steps:
         params = step_params(ds, verbose, disabled)
@@ -182,12 +184,15 @@ def delta_section(plan, verbose: bool = False, disabled=frozenset(),
     return Section(
         plan_type,
         [f"DeltaPlan {plan.graph.name}: patch {ph}x{pw}, tau {plan.tau:g}, "
-         f"{len(plan.steps)} steps"],
+         f"{len(plan.steps)} steps, regions {regions}"],
         cols, rows,
         [f"total MACs full {fmt_int(plan.macs_full)}  incremental {fmt_int(plan.macs_inc)}  "
-         f"theoretical speedup {plan.theoretical_speedup:.2f}x"],
+         f"theoretical speedup {plan.theoretical_speedup:.2f}x"]
+        + (["regions position: each batch runs its windowed steps at its queries' exact boxes "
+            "(clipped at borders), no larger than the out patch sizes above"]
+           if regions == "position" else []),
         data=dict(theoretical_speedup=plan.theoretical_speedup, macs_full=plan.macs_full,
-                  macs_incremental=plan.macs_inc, tau=plan.tau))
+                  macs_incremental=plan.macs_inc, tau=plan.tau, regions=regions))
 
 
 def physical_section(plan, mode: str, batch: int, per_query: int, positions: int, device: str,

@@ -16,7 +16,7 @@ from ..planner.physical import PhysicalStep, Route, physical_steps
 from .cpu import act_spec
 from .gpu import (GpuExecutor, as_4d, contiguous, cuda_module, device_empty, launch,
                   to_external_host)
-from .incremental import union_box, window_locations
+from .incremental import union_box, window_locations, window_read_in
 
 
 @dataclass
@@ -95,6 +95,7 @@ class GpuIncrementalExecutor:
             return len(locs) - 1
 
         g = self.graph
+        boxes = self.plan.batch_windows(positions)  # None: the published sizes
         st: dict[str, object] = {g.input.name: _Loc(positions, add(positions), tuple(patch_size))}
         recs = []
         for op in self.ops:
@@ -106,14 +107,18 @@ class GpuIncrementalExecutor:
                                    f"an input arrives in full (plan and executor disagree)")
             if route is Route.PATCH_WINDOW:
                 pin = ins[0]
-                size, crop = self.plan.window_size(ds, pin.size)
                 cut = None
-                if crop is not None:  # projective-field threshold: keep the patch centre
-                    oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
-                    cut = (oy, ox, crop)
-                    nl = pin.loc + np.array([oy, ox])
-                    pin = _Loc(nl, add(nl), tuple(crop))
-                oloc, rloc, rsize = _window_out(node, pin.loc, pin.size, size)
+                if boxes is not None and ds.out_name in boxes:  # per-position regions
+                    oloc, size = boxes[ds.out_name]
+                    rloc, rsize = window_read_in(node, oloc, size)
+                else:
+                    size, crop = self.plan.window_size(ds, pin.size)
+                    if crop is not None:  # projective-field threshold: keep the patch centre
+                        oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
+                        cut = (oy, ox, crop)
+                        nl = pin.loc + np.array([oy, ox])
+                        pin = _Loc(nl, add(nl), tuple(crop))
+                    oloc, rloc, rsize = _window_out(node, pin.loc, pin.size, size)
                 out = _Loc(oloc, add(oloc), tuple(size))
                 recs.append(("window", cut, pin.idx, add(rloc), tuple(rsize), tuple(size), out.idx))
                 st[ds.out_name] = out

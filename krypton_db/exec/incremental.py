@@ -181,6 +181,19 @@ def window_locations(node, loc: np.ndarray, in_size, size_out):
     return oloc, rloc, rsize
 
 
+def window_read_in(node, oloc: np.ndarray, size_out):
+    """(read-in origins [B, 2], read-in size) of a windowed step whose output boxes of
+    ``size_out`` start at ``oloc`` [B, 2]."""
+    p = node.params
+    kh, kw = p["kernel"]
+    sh, sw = p["stride"]
+    dh, dw = p.get("dilation", (1, 1))
+    t, l, _, _ = p["pads"]
+    ho, wo = size_out
+    rloc = np.stack([oloc[:, 0] * sh - t, oloc[:, 1] * sw - l], axis=1).astype(np.int64)
+    return rloc, (dh * (kh - 1) + 1 + (ho - 1) * sh, dw * (kw - 1) + 1 + (wo - 1) * sw)
+
+
 def union_box(node, locs: list[np.ndarray], sizes: list[tuple[int, int]]):
     """Per query, the bounding box of a merge's input patches, as (locations [B, 2], size):
     one size for the batch (the largest union, capped at the map), shifted back inside."""
@@ -215,6 +228,7 @@ class IncrementalExecutor:
         self._stitched: dict[str, np.ndarray] = {}  # per batch: value -> its stitched full tensors
         self._state: dict[str, object] = {}  # the running batch's values (run_batch)
         self._idx = -1  # the running step
+        self._boxes = None  # the running batch's per-position window boxes (plan.batch_windows)
         # the executor's arena from the previous run (planned slab, no page faults), if free
         self._arena = self.ex.checkout_arena() or PlannedArena()
         self._ledger = BufferLedger(self._arena, self.ex.plan)
@@ -279,6 +293,7 @@ class IncrementalExecutor:
             val = np.ascontiguousarray(np.broadcast_to(patch_values[..., None],
                                                        patch_values.shape + (b,)), np.float32)
         state: dict[str, object] = {g.input.name: Patch(positions.astype(np.int64), val)}
+        self._boxes = self.plan.batch_windows(positions)  # None: the published sizes
         ledger = self._ledger
         ledger.reset()
         self._stitched = {}
@@ -323,12 +338,17 @@ class IncrementalExecutor:
 
     def _window(self, ds, step, pin: Patch) -> Patch:
         node = ds.node
-        size, crop = self.plan.window_size(ds, pin.size)
-        if crop is not None:  # projective-field threshold: keep the centre of the patch
-            oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
-            pin = Patch(pin.loc + np.array([oy, ox]),
-                        np.ascontiguousarray(pin.val[:, oy : oy + crop[0], ox : ox + crop[1]]))
-        oloc, rloc, rsize = window_locations(node, pin.loc, pin.size, size)
+        if self._boxes is not None and ds.out_name in self._boxes:
+            # per-position regions: the batch's boxes, placed by the planner
+            oloc, size = self._boxes[ds.out_name]
+            rloc, rsize = window_read_in(node, oloc, size)
+        else:
+            size, crop = self.plan.window_size(ds, pin.size)
+            if crop is not None:  # projective-field threshold: keep the centre of the patch
+                oy, ox = (pin.size[0] - crop[0]) // 2, (pin.size[1] - crop[1]) // 2
+                pin = Patch(pin.loc + np.array([oy, ox]),
+                            np.ascontiguousarray(pin.val[:, oy : oy + crop[0], ox : ox + crop[1]]))
+            oloc, rloc, rsize = window_locations(node, pin.loc, pin.size, size)
         src = node.inputs[0]
         fill = -np.inf if node.op is Op.MAXPOOL else 0.0
         if tuple(rsize) == tuple(pin.size) and np.array_equal(rloc, pin.loc):

@@ -41,6 +41,8 @@ def run_query(info: dict, model_name: str, image_name: str) -> str:
         args.append(f"tau => {_literal(float(s['tau']))}")
     if s.get("precision", "fast") != "fast":
         args.append(f"precision => {_literal(s['precision'])}")
+    if s.get("regions", "position") != "position":
+        args.append(f"regions => {_literal(s['regions'])}")
     if s.get("score", "prob") != "prob":
         args.append(f"score => {_literal(s['score'])}")
     dd = s.get("drilldown")

@@ -73,6 +73,7 @@ class BoundQuery:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     score: str = "prob"
     precision: str = "fast"
+    regions: str = "position"
     images: str | None = None  # a dataset query (then image is None)
     out: str | None = None
     backend: str = "local"
@@ -112,6 +113,8 @@ class BoundQuery:
             parts.append(f"score={self.score}")
         if self.precision != "fast":
             parts.append(f"precision={self.precision}")
+        if self.regions != "position":
+            parts.append(f"regions={self.regions}")
         if self.images is not None and self.backend != "local":
             parts.append(f"backend={self.backend}" + (f"({self.workers} workers)"
                                                       if self.workers else ""))

