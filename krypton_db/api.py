@@ -171,7 +171,8 @@ def occlude(model, image=None, patch=16, stride=4, color=None, target=None,
     ``drilldown``: ``dict(r=0.25, speedup=3.0)`` (or ``True`` for these defaults) runs the
     two-stage adaptive drill-down (:mod:`krypton_db.approx`): a coarse stage over the
     whole grid, then the user's stride only at the fraction ``r`` of positions with the
-    largest estimated drop; composable with ``mode="approximate"``.
+    largest estimated drop (``select='uncertainty'``: the largest spread of the coarse values
+    their estimate interpolates); composable with ``mode="approximate"``.
 
     ``hooks``: an :class:`~krypton_db.hooks.OcclusionHooks` (plan rewrite, per-step profiling,
     materialization time, per-batch progress); with drill-down it serves both stages.
@@ -352,7 +353,7 @@ def run_checked(m: Model, image, opts: dict, hooks=None, drilldown=None,
     run_kw = {k: opts[k] for k in RUN_OPTIONS if opts.get(k) is not None}
     if dd is not None:
         hm = _drilldown(m, image, patch=opts["patch"], stride=opts["stride"], r=dd["r"],
-                        speedup=dd["speedup"], color=color, target=opts["target"], mode=mode,
+                        speedup=dd["speedup"], select=dd["select"], color=color, target=opts["target"], mode=mode,
                         region=region, tau=tau, all_classes=opts["all_classes"], hooks=hooks,
                         **run_kw)
     else:
@@ -387,6 +388,8 @@ def record_run(cat, model: Model, image, hm: HeatMap, image_name: str | None = N
     d = hm.stats.get("drilldown")
     if d is not None:
         settings["drilldown"] = dict(r=d["r"], speedup=d["speedup_target"], stride1=d["stride1"])
+        if d.get("select", "drop") != "drop":
+            settings["drilldown"]["select"] = d["select"]
         timings.update(stage1_s=d["stage1_s"], stage2_s=d["stage2_s"],
                        stage1_positions=d["stage1_positions"],
                        stage2_positions=d["stage2_positions"])
@@ -408,8 +411,9 @@ def _drilldown_settings(drilldown) -> dict | None:
     if drilldown is None or drilldown is False:
         return None
     if drilldown is True:
-        return dict(r=DEFAULT_R, speedup=DEFAULT_SPEEDUP)
-    if not isinstance(drilldown, dict) or set(drilldown) - {"r", "speedup"}:
-        raise InputError(f"drilldown must be True or a dict with keys 'r' and/or 'speedup' "
-                         f"(e.g. dict(r=0.25, speedup=3.0)), got {drilldown!r}")
-    return dict(r=drilldown.get("r", DEFAULT_R), speedup=drilldown.get("speedup", DEFAULT_SPEEDUP))
+        return dict(r=DEFAULT_R, speedup=DEFAULT_SPEEDUP, select="drop")
+    if not isinstance(drilldown, dict) or set(drilldown) - {"r", "speedup", "select"}:
+        raise InputError(f"drilldown must be True or a dict with keys 'r', 'speedup' and/or "
+                         f"'select' (e.g. dict(r=0.25, speedup=3.0)), got {drilldown!r}")
+    return dict(r=drilldown.get("r", DEFAULT_R), speedup=drilldown.get("speedup", DEFAULT_SPEEDUP),
+                select=drilldown.get("select", "drop"))

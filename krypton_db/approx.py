@@ -111,6 +111,37 @@ def top_count(n: int, r: float) -> int:
     return min(n, max(1, round_half_away(check_r(r) * n)))
 
 
+SELECT_RULES = ("drop", "uncertainty")
+
+
+def interpolation_range(coarse_vals: np.ndarray, ys1, xs1, ys2, xs2) -> np.ndarray:
+    """Per fine position, max - min of the (up to four) coarse values its bilinear estimate
+    mixes: how far apart the values it interpolates are, so how uncertain the estimate is
+    there (0 where the coarse map is flat)."""
+    c = np.asarray(coarse_vals, np.float64)
+    y0, y1, wy = _frac_index(np.asarray(ys2, np.float64), np.asarray(ys1, np.float64))
+    x0, x1, wx = _frac_index(np.asarray(xs2, np.float64), np.asarray(xs1, np.float64))
+    # a fine position on a coarse row / column takes that row's value alone (weight 0 for
+    # the next one): a position the coarse stage computed has no uncertainty
+    y1, x1 = np.where(wy > 0, y1, y0), np.where(wx > 0, x1, x0)
+    corners = np.stack([c[y0][:, x0], c[y0][:, x1], c[y1][:, x0], c[y1][:, x1]])
+    return corners.max(axis=0) - corners.min(axis=0)
+
+
+def select_cells(est_drop: np.ndarray, uncertainty, r: float) -> np.ndarray:
+    """Boolean mask of the round(r * n) cells stage 2 computes: the largest interpolation
+    uncertainty first when given (ties: the larger estimated drop), else the largest estimated
+    drop; remaining ties go to the earlier cell in row-major order."""
+    if uncertainty is None:
+        return select_top(est_drop, r)
+    n = est_drop.size
+    k = top_count(n, r)
+    order = np.lexsort((np.arange(n), -est_drop.reshape(-1), -uncertainty.reshape(-1)))
+    mask = np.zeros(n, bool)
+    mask[order[:k]] = True
+    return mask.reshape(est_drop.shape)
+
+
 def select_top(est_drop: np.ndarray, r: float) -> np.ndarray:
     """Boolean mask of the round(r * n) (half away from zero, >= 1) cells with the largest
     estimated drop; ties go to the earlier cell in row-major order."""
@@ -124,8 +155,12 @@ def select_top(est_drop: np.ndarray, r: float) -> np.ndarray:
 
 def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
               speedup: float = DEFAULT_SPEEDUP, color=0.0, target=None, mode: str = "exact",
-              region=None, tau: float = 1.0, hooks=None, **kw) -> HeatMap:
+              region=None, tau: float = 1.0, hooks=None, select: str = "drop",
+              **kw) -> HeatMap:
     """Two-stage occlusion heat map on the stride-``stride`` grid (see the module doc).
+    ``select``: the fine cells stage 2 computes: "drop" (the largest estimated drop, the
+    published rule) or "uncertainty" (the largest spread of the coarse values each cell's
+    estimate interpolates, :func:`interpolation_range`: where the estimate can be most wrong).
     ``hooks`` (:class:`~krypton_db.hooks.OcclusionHooks`) serve both stages: progress counts
     the positions of both (stage 1, then stage 2, of their sum), times add up."""
     if kw.get("positions") is not None:
@@ -137,6 +172,9 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
     if mode not in ("exact", "approximate"):
         raise InputError(f"drill-down runs mode 'exact' or 'approximate', got {mode!r}")
     r = check_r(r)
+    if select not in SELECT_RULES:
+        raise InputError(f"drilldown select must be one of {', '.join(SELECT_RULES)}, got "
+                         f"{select!r}")
     ph, pw = pair(patch, "patch")
     sy, sx = pair(stride, "stride")
     t0 = time.perf_counter()
@@ -157,7 +195,9 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
                       **common)
         coarse_probs = st1.probs.reshape(ys1.size, xs1.size)
         est = interpolate(coarse_probs, ys1, xs1, ys2, xs2)  # probability; drop = base - est
-        mask = select_top(st1.base_prob - est, r)
+        spread = (interpolation_range(coarse_probs, ys1, xs1, ys2, xs2)
+                  if select == "uncertainty" else None)
+        mask = select_cells(st1.base_prob - est, spread, r)
         h2 = hooks.stage(n1, n1 + k) if hooks is not None else None
         st2 = occlude(model, image, positions=fine[mask], target=st1.target, hooks=h2, **common)
     if hooks is not None:
@@ -172,7 +212,8 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
     stats.update(
         positions=n, total_s=total, queries_per_s=(n1 + k) / max(stats["run_s"], 1e-12),
         drilldown=dict(
-            r=r, speedup_target=float(speedup), stride1=[s1y, s1x], stride2=[sy, sx],
+            r=r, speedup_target=float(speedup), select=select, stride1=[s1y, s1x],
+            stride2=[sy, sx],
             stage1_positions=n1, stage2_positions=k, fine_positions=n,
             predicted_speedup=s1y * s1x / (sy * sx + r * s1y * s1x),
             positions_speedup=n / (n1 + k),

@@ -168,10 +168,16 @@ def _positions(v):
 def _drilldown(v):
     if v is None or isinstance(v, bool):
         return v or None
-    if not isinstance(v, dict) or set(v) - {"r", "speedup"}:
-        raise OptionValueError(f"drilldown must be TRUE, FALSE or a dict with keys 'r' and/or "
-                               f"'speedup' ({{r: 0.25, speedup: 3}}), got {v!r}")
+    if not isinstance(v, dict) or set(v) - {"r", "speedup", "select"}:
+        raise OptionValueError(f"drilldown must be TRUE, FALSE or a dict with keys 'r', "
+                               f"'speedup' and/or 'select' ({{r: 0.25, speedup: 3, select: "
+                               f"'uncertainty'}}), got {v!r}")
     out = {}
+    if "select" in v:
+        if v["select"] not in ("drop", "uncertainty"):
+            raise OptionValueError(f"drilldown select must be 'drop' or 'uncertainty', got "
+                                   f"{show(v['select'])}")
+        out["select"] = v["select"]
     if "r" in v:
         out["r"] = _unit("drilldown r", optional=False)(v["r"])
     if "speedup" in v:

@@ -176,7 +176,7 @@ class Resolution:
                        tau=r.tau, device=bq.device, memory_budget=bq.memory_budget,
                        batch_size=bq.batch_size,
                        disabled=frozenset(self.options.get("disable_rule", ())),
-                       rewrite=self._plan_rewrite())
+                       rewrite=self._plan_rewrite(), regions=bq.regions)
         (_, p1), (_, p2), (_, p3) = prep.passes
         out += [("plan_deltas", p1), ("apply_tau", p2), ("force_naive_from", p3)]
         per_q, bs = prep.per_query, prep.batch

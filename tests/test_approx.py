@@ -175,7 +175,7 @@ def test_unreachable_speedup(model, images):
     for bad in (0, -1, float("nan")):
         with pytest.raises(InputError, match="positive number"):
             approx.coarse_stride(4, 0.25, bad, (224, 224))
-    with pytest.raises(InputError, match="keys 'r' and/or 'speedup'"):
+    with pytest.raises(InputError, match="keys 'r', 'speedup' and/or 'select'"):
         kdb.occlude(model, images[0], patch=4, drilldown=dict(R=0.2))
     with pytest.raises(InputError, match="positions"):
         kdb.occlude(model, images[0], patch=4, positions=[(0, 0)], drilldown=True)
@@ -365,3 +365,56 @@ def test_catalog_migrates_version_1(tmp_path):
     with Catalog(path) as cat:
         with pytest.raises(InputError, match=r"tau must lie in \(0, 1\]"):
             cat.save_tuned_tau("m", "default", 1.5, 0.9, [0, 0, 1])
+
+
+# -- stage-2 selection by interpolation uncertainty --------------------------------------------
+
+def test_drilldown_uncertainty_selects_the_widest_coarse_spread(model, images):
+    """select='uncertainty': the stage-2 cells are those whose bilinear estimate mixes the
+    most distant coarse values (spread recomputed here from the coarse run, cell by cell);
+    stage-2 cells hold exact values, the rest the interpolation; the rule is recorded."""
+    img = images[1]
+    ex = kdb.occlude(model, img, patch=4, stride=2)
+    hm = kdb.occlude(model, img, patch=4, stride=2,
+                     drilldown=dict(r=0.2, speedup=2.0, select="uncertainty"))
+    d = hm.stats["drilldown"]
+    assert d["select"] == "uncertainty"
+    mask = d["stage2_mask"]
+    assert np.abs(hm.probs[mask] - ex.probs[mask]).max() <= 1e-6
+    s1y, s1x = d["stride1"]
+    ys2, xs2 = ex.positions[:, 0, 0], ex.positions[0, :, 1]
+    ys1, xs1 = np.arange(0, ys2[-1] + 1, s1y), np.arange(0, xs2[-1] + 1, s1x)
+    c = kdb.occlude(model, img, patch=4, positions=[(y, x) for y in ys1 for x in xs1])
+    coarse = c.probs.reshape(ys1.size, xs1.size)
+    spread = np.zeros(ex.probs.shape)
+    for i, y in enumerate(ys2):
+        i0 = min(np.searchsorted(ys1, y, side="right") - 1, ys1.size - 1)
+        rows = {i0, min(i0 + 1, ys1.size - 1)} if ys1[i0] != y else {i0}
+        for j, x in enumerate(xs2):
+            j0 = min(np.searchsorted(xs1, x, side="right") - 1, xs1.size - 1)
+            cols = {j0, min(j0 + 1, xs1.size - 1)} if xs1[j0] != x else {j0}
+            vals = [coarse[a, b] for a in rows for b in cols]
+            spread[i, j] = max(vals) - min(vals)
+    assert spread[mask].min() >= spread[~mask].max() - 1e-7
+    assert spread[mask].max() > 0  # the map is not flat: the rule had something to rank
+    drop_rule = kdb.occlude(model, img, patch=4, stride=2, drilldown=dict(r=0.2, speedup=2.0))
+    assert drop_rule.stats["drilldown"]["select"] == "drop"
+    assert not np.array_equal(drop_rule.stats["drilldown"]["stage2_mask"], mask)
+
+
+def test_drilldown_select_is_checked_the_same_from_api_and_language(model, images, tmp_path):
+    with pytest.raises(InputError, match="select must be 'drop' or 'uncertainty'"):
+        kdb.occlude(model, images[0], patch=4, stride=2, drilldown=dict(select="widest"))
+    from PIL import Image
+
+    Image.fromarray((images[0] * 255).astype(np.uint8)).save(tmp_path / "img.png")
+    s = kdb.connect(tmp_path / "c.duckdb")
+    s.sql(f"CREATE MODEL small FROM '{model.source}'; CREATE IMAGE img FROM '{tmp_path / 'img.png'}'")
+    with pytest.raises(kdb.KryptonError, match="select must be 'drop' or 'uncertainty'"):
+        s.sql("SELECT * FROM occlusion('small', 'img', patch => 4, stride => 2, "
+              "drilldown => {r: 0.2, select: 'widest'})")
+    rows = s.sql("SELECT count(*) FROM occlusion('small', 'img', patch => 4, stride => 2, "
+                 "drilldown => {r: 0.2, speedup: 2, select: 'uncertainty'})").fetchall()
+    assert rows[0][0] > 0
+    settings = s.sql("SELECT settings FROM runs ORDER BY id DESC LIMIT 1").fetchall()[0][0]
+    assert "uncertainty" in str(settings)

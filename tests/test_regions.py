@@ -145,3 +145,28 @@ def test_zoo_corners_edges_centre_equal_onnx_runtime(name):
 def _softmax(z):
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def test_regions_option_from_the_language_and_the_api(net, tmp_path):
+    """``regions => 'published'`` runs the published sizes (EXPLAIN says which, the run's
+    settings record it); both spellings give the same heat map; a bad value is the same
+    error from the API and the language."""
+    m, img, path = net
+    from PIL import Image
+
+    Image.fromarray((img * 255).astype(np.uint8)).save(tmp_path / "img.png")
+    with kdb.connect(tmp_path / "c.duckdb") as s:
+        s.sql(f"CREATE MODEL net FROM '{path}'; CREATE IMAGE img FROM '{tmp_path / 'img.png'}'")
+        q = "SELECT y, x, prob FROM occlusion('net', 'img', patch => 3, stride => 2{}) ORDER BY y, x"
+        assert "regions position" in str(s.explain(q.format("")))
+        assert "regions published" in str(s.explain(q.format(", regions => 'published'")))
+        a = np.array(s.sql(q.format("")).fetchall())
+        b = np.array(s.sql(q.format(", regions => 'published'")).fetchall())
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
+        settings = s.sql("SELECT settings FROM runs ORDER BY id").fetchall()
+        assert "regions" not in str(settings[0][0]) and "published" in str(settings[1][0])
+        with pytest.raises(kdb.KryptonError, match="regions must be one of") as lang:
+            s.sql(q.format(", regions => 'exact'"))
+    with pytest.raises(kdb.InputError, match="regions must be one of") as api:
+        occlude(m, img, patch=3, stride=2, regions="exact")
+    assert "position" in str(lang.value) and "position" in str(api.value)

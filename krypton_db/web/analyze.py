@@ -47,7 +47,10 @@ def run_query(info: dict, model_name: str, image_name: str) -> str:
         args.append(f"score => {_literal(s['score'])}")
     dd = s.get("drilldown")
     if dd:
-        args.append(f"drilldown => {_literal(dict(r=dd['r'], speedup=dd['speedup']))}")
+        spec = dict(r=dd["r"], speedup=dd["speedup"])
+        if dd.get("select", "drop") != "drop":
+            spec["select"] = dd["select"]
+        args.append(f"drilldown => {_literal(spec)}")
     return "SELECT * FROM occlusion(" + ", ".join(args) + ")"
 
 

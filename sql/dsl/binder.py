@@ -103,8 +103,10 @@ class BoundQuery:
         if self.mode == "approximate" and self.tau is None:
             parts.append(f"domain={show(self.domain)}")
         if self.drilldown is not None:
-            parts.append("drilldown=" + ",".join(f"{k}:{v:g}" for k, v in
-                                                 sorted(self.drilldown.items())) or "default")
+            parts.append("drilldown=" + (",".join(f"{k}:{v:g}" if not isinstance(v, str)
+                                                  else f"{k}:{v}"
+                                                  for k, v in sorted(self.drilldown.items()))
+                                         or "default"))
         if self.region is not None:
             parts.append("region=" + show(self.region))
         if self.positions is not None:
