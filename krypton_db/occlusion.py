@@ -174,7 +174,7 @@ class Prepared:
 def prepare(graph, physical, patch, *, mode: str, positions: int, tau: float = 1.0,
             device: str = "cpu", memory_budget: int | None = None,
             batch_size: int | None = None, disabled: frozenset = frozenset(),
-            rewrite=None, regions: str = "published") -> Prepared:
+            rewrite=None, regions: str = "position") -> Prepared:
     """Plan an occlusion query: the exact delta plan (``disabled`` rules off), the tau caps,
     a research rewrite (e.g. ``naive_from``), then the batch that fits ``memory_budget``.
     ``physical``: the executor's physical plan of ``graph``."""
