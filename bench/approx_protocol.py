@@ -52,7 +52,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from approx import head_ct_slices, mni_slices, variants  # noqa: E402
-from common import check_oracle, machine_line, occluded_batch, ort_session  # noqa: E402
+from common import (check_oracle, machine_line, occluded_batch, ort_session,  # noqa: E402
+                    ort_target_probs)
 
 import krypton_db as kdb  # noqa: E402
 from krypton_db.occlusion import grid_positions  # noqa: E402
@@ -174,17 +175,9 @@ def ort_per_map(m, img, exact) -> tuple[float, float]:
     pick = np.linspace(0, len(pos) - 1, min(ORT_POSITIONS, len(pos))).round().astype(int)
     name = sess.get_inputs()[0].name
     sess.run(None, {name: occluded_batch(m, img, pos[:16], PATCH)})  # warm-up
-    got, secs = [], 0.0
-    for i in range(0, len(pick), 16):
-        b = occluded_batch(m, img, pos[pick[i : i + 16]], PATCH)
-        t = time.perf_counter()
-        y = sess.run(None, {name: b})[0]
-        secs += time.perf_counter() - t
-        if not m.ends_in_softmax:
-            y = np.exp(y - y.max(1, keepdims=True))
-            y /= y.sum(1, keepdims=True)
-        got.append(y[:, exact.target])
-    err = check_oracle("exact vs ORT-naive", exact.probs.reshape(-1)[pick], np.concatenate(got))
+    got, secs = ort_target_probs(m, sess, (occluded_batch(m, img, pos[pick[i : i + 16]], PATCH)
+                                           for i in range(0, len(pick), 16)), exact.target)
+    err = check_oracle("exact vs ORT-naive", exact.probs.reshape(-1)[pick], got)
     return secs * len(pos) / len(pick), err
 
 

@@ -107,3 +107,21 @@ def occluded_batch(m, image, positions, patch: int):
         else:
             b[k, :, y : y + patch, xx : xx + patch] = col[:, None, None]
     return b
+
+
+def ort_target_probs(m, sess, batches, target: int):
+    """ONNX Runtime on each input batch of ``batches``: (the target class's probability per
+    row, softmax applied when the model ends in logits; seconds inside ``sess.run`` only)."""
+    import numpy as np
+
+    name = sess.get_inputs()[0].name
+    out, secs = [], 0.0
+    for b in batches:
+        t = time.perf_counter()
+        y = sess.run(None, {name: b})[0]
+        secs += time.perf_counter() - t
+        if not m.ends_in_softmax:
+            y = np.exp(y - y.max(1, keepdims=True))
+            y /= y.sum(1, keepdims=True)
+        out.append(y[:, target])
+    return np.concatenate(out), secs

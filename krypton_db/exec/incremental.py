@@ -176,9 +176,7 @@ def window_locations(node, loc: np.ndarray, in_size, size_out):
     yo = _axis_loc(loc[:, 0], in_size[0], kh, sh, t, dh, node.shape[1], ho)
     xo = _axis_loc(loc[:, 1], in_size[1], kw, sw, l, dw, node.shape[2], wo)
     oloc = np.stack([yo, xo], axis=1).astype(np.int64)
-    rloc = np.stack([yo * sh - t, xo * sw - l], axis=1).astype(np.int64)
-    rsize = (dh * (kh - 1) + 1 + (ho - 1) * sh, dw * (kw - 1) + 1 + (wo - 1) * sw)
-    return oloc, rloc, rsize
+    return (oloc,) + window_read_in(node, oloc, size_out)
 
 
 def window_read_in(node, oloc: np.ndarray, size_out):
