@@ -117,15 +117,26 @@ SELECT_RULES = ("drop", "uncertainty")
 def interpolation_range(coarse_vals: np.ndarray, ys1, xs1, ys2, xs2) -> np.ndarray:
     """Per fine position, max - min of the (up to four) coarse values its bilinear estimate
     mixes: how far apart the values it interpolates are, so how uncertain the estimate is
-    there (0 where the coarse map is flat)."""
+    there (0 where the coarse map is flat). A fine row / column past the last coarse one
+    takes the edge value; its spread is that of the last two coarse rows / columns (the
+    variation the edge value extrapolates over)."""
     c = np.asarray(coarse_vals, np.float64)
-    y0, y1, wy = _frac_index(np.asarray(ys2, np.float64), np.asarray(ys1, np.float64))
-    x0, x1, wx = _frac_index(np.asarray(xs2, np.float64), np.asarray(xs1, np.float64))
-    # a fine position on a coarse row / column takes that row's value alone (weight 0 for
-    # the next one): a position the coarse stage computed has no uncertainty
-    y1, x1 = np.where(wy > 0, y1, y0), np.where(wx > 0, x1, x0)
+    y0, y1 = _spread_index(np.asarray(ys2, np.float64), np.asarray(ys1, np.float64))
+    x0, x1 = _spread_index(np.asarray(xs2, np.float64), np.asarray(xs1, np.float64))
     corners = np.stack([c[y0][:, x0], c[y0][:, x1], c[y1][:, x0], c[y1][:, x1]])
     return corners.max(axis=0) - corners.min(axis=0)
+
+
+def _spread_index(fine: np.ndarray, coarse: np.ndarray):
+    """(i0, i1) per fine coordinate: the coarse neighbours its estimate mixes (i0 == i1 on a
+    coarse coordinate: a position the coarse stage computed has no uncertainty); past the
+    last coarse coordinate the last two."""
+    i0, i1, w = _frac_index(fine, coarse)
+    i1 = np.where(w > 0, i1, i0)
+    past = fine > coarse[-1]
+    if coarse.size > 1:
+        i0, i1 = np.where(past, coarse.size - 2, i0), np.where(past, coarse.size - 1, i1)
+    return i0, i1
 
 
 def select_cells(est_drop: np.ndarray, uncertainty, r: float) -> np.ndarray:
@@ -173,8 +184,7 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
         raise InputError(f"drill-down runs mode 'exact' or 'approximate', got {mode!r}")
     r = check_r(r)
     if select not in SELECT_RULES:
-        raise InputError(f"drilldown select must be one of {', '.join(SELECT_RULES)}, got "
-                         f"{select!r}")
+        raise InputError(f"drilldown select must be 'drop' or 'uncertainty', got {select!r}")
     ph, pw = pair(patch, "patch")
     sy, sx = pair(stride, "stride")
     t0 = time.perf_counter()

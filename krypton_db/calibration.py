@@ -56,10 +56,13 @@ def nnls(a: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
 
 def profile_run(model, image, patch: int, positions: np.ndarray, batch: int):
     """One profiled exact-occlusion run: (delta plan, {step: seconds}, batch sizes). A run
-    on one position first compiles the kernels outside the measurement."""
-    occlude(model, image, patch=patch, positions=positions[:1])
+    on one position first compiles the kernels outside the measurement. The run uses the
+    published sizes, the features the cost model reads (``planner.cost``): predictions are
+    then upper bounds for runs with per-position regions."""
+    occlude(model, image, patch=patch, positions=positions[:1], regions="published")
     hooks = OcclusionHooks(profile=True)
-    occlude(model, image, patch=patch, positions=positions, batch_size=batch, hooks=hooks)
+    occlude(model, image, patch=patch, positions=positions, batch_size=batch, hooks=hooks,
+            regions="published")
     n = len(positions)
     sizes = [min(batch, n - i) for i in range(0, n, batch)]
     return plan_occlusion(model.graph, (patch, patch), model.executor.plan), hooks.step_secs, sizes

@@ -144,12 +144,13 @@ def explain_dataset(model, images, *, patch=16, stride=4, mode: str = "exact", t
 
     ``on_image(record)`` is called on the driver after each image (the catalog row's fields).
     Further keyword arguments: ``batch_size``, ``memory_budget``, ``score``, ``device``,
-    ``precision``.
+    ``precision``, ``regions``.
     """
     unknown = sorted(set(run_options) - (set(RUN_OPTIONS) - {"engine"}))
     if unknown:
         raise InputError(f"unknown option {unknown[0]!r}; explain_dataset takes occlude's "
-                         "options and batch_size, memory_budget, score, device, precision")
+                         "options and batch_size, memory_budget, score, device, precision, "
+                         "regions")
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     for name, v in (("resume", resume), ("progress", progress), ("all_classes", all_classes)):

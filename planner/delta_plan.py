@@ -70,7 +70,11 @@ class DeltaPlan:
     def position_speedup(self, positions, batch: int | None = None) -> float:
         """Theoretical speedup over ``positions`` [N, 2] with per-position regions: full
         multiply-adds / incremental ones at each query's exact boxes, or (``batch``) at the
-        batches' sizes in ``batch_order``, as a run in batches of ``batch`` executes them."""
+        batches' sizes in ``batch_order``, as a run in batches of ``batch`` executes them.
+        A plan that runs the published sizes (``regions="published"``, tau caps) returns its
+        ``theoretical_speedup``."""
+        if self.regions != "position" or self.tau < 1.0:  # the published sizes run
+            return self.theoretical_speedup
         pos = np.asarray(positions, np.int64).reshape(-1, 2)
         return self.macs_full * len(pos) / max(position_regions.position_macs(self, pos, batch), 1)
 
