@@ -45,13 +45,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from approx import head_ct_slices, mni_slices, variants  # noqa: E402
+from approx import head_ct_slices, mni_slices, timed, variants  # noqa: E402
 from common import (check_oracle, machine_line, occluded_batch, ort_session,  # noqa: E402
                     ort_target_probs)
 
@@ -158,12 +157,6 @@ def run(m, img, s: dict):
         r, t = s["drilldown"]
         kw["drilldown"] = dict(r=r, speedup=t, select=s["select"])
     return kdb.occlude(m, img, **kw)
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
 
 
 def ort_per_map(m, img, exact) -> tuple[float, float]:

@@ -59,11 +59,17 @@ class DeltaPlan:
     # (planner.regions); "published": the position-independent sizes of ``steps``
     regions: str = "published"
 
+    @property
+    def regions_run(self) -> str:
+        """The regions this plan runs: "position" only for an exact plan that asks for them
+        (tau caps are defined on the published sizes)."""
+        return "position" if self.regions == "position" and self.tau >= 1.0 else "published"
+
     def batch_windows(self, positions):
         """Per windowed step (output name) the batch's output-box locations [B, 2] and size
         under per-position regions (``planner.regions.batch_windows``); None when the plan
         runs the published sizes (``regions="published"`` or tau caps)."""
-        if self.regions != "position" or self.tau < 1.0:
+        if self.regions_run != "position":
             return None
         return position_regions.batch_windows(self, positions)
 
@@ -73,7 +79,7 @@ class DeltaPlan:
         batches' sizes in ``batch_order``, as a run in batches of ``batch`` executes them.
         A plan that runs the published sizes (``regions="published"``, tau caps) returns its
         ``theoretical_speedup``."""
-        if self.regions != "position" or self.tau < 1.0:  # the published sizes run
+        if self.regions_run != "position":
             return self.theoretical_speedup
         pos = np.asarray(positions, np.int64).reshape(-1, 2)
         return self.macs_full * len(pos) / max(position_regions.position_macs(self, pos, batch), 1)
@@ -81,7 +87,7 @@ class DeltaPlan:
     def batch_order(self, positions):
         """The order in which to batch ``positions`` (a permutation; identity under the
         published sizes, where a batch's sizes do not depend on its queries)."""
-        if self.regions != "position" or self.tau < 1.0:
+        if self.regions_run != "position":
             return np.arange(len(positions))
         return position_regions.batch_order(self, positions)
 

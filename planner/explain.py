@@ -174,8 +174,7 @@ def step_params(ds, verbose: bool = False, disabled=frozenset()) -> list[tuple[s
 def delta_section(plan, verbose: bool = False, disabled=frozenset(),
                   plan_type: str = "delta_plan") -> Section:
     ph, pw = plan.patch
-    # what runs: tau caps keep the published sizes (DeltaPlan.batch_windows)
-    regions = plan.regions if plan.tau >= 1.0 else "published"
+    regions = plan.regions_run
     rows, cols = [], []
     for ds in plan.steps:
         params = step_params(ds, verbose, disabled)
