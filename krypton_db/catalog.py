@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from .catalog_datasets import DatasetRecords
+from .digests import file_digest
 from .catalog_file import ALIAS, DEFAULT_LOCK_TIMEOUT, CatalogBusyError, CatalogError, CatalogFile
 from .catalog_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, TABLES
 from .errors import InputError, KryptonError
@@ -90,23 +91,10 @@ def to_json(obj) -> str:
     return json.dumps(clean(obj), sort_keys=True, allow_nan=False)
 
 
-_FILE_DIGESTS: dict[tuple, str] = {}
-
-
 def model_digest(model) -> str:
-    """The content address of a model: sha256 of its ONNX file, preprocessing and labels (the
-    file's own hash is cached per (path, size, mtime))."""
-    p = Path(model.source).expanduser().resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _FILE_DIGESTS[key] = h.hexdigest()
+    """The content address of a model: sha256 of its ONNX file, preprocessing and labels."""
     meta = to_json({"preprocessing": model.spec.to_dict(), "labels": list(model.labels)})
-    return hashlib.sha256(f"{_FILE_DIGESTS[key]}:{meta}".encode()).hexdigest()
+    return hashlib.sha256(f"{file_digest(model.source)}:{meta}".encode()).hexdigest()
 
 
 def image_digest(px: np.ndarray) -> str:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images, zoo
+from . import images, precision, zoo
 from .checks import check_preprocess
+from .digests import file_digest
 from .errors import InputError, ModelError
 from .exec.cpu import CpuExecutor
 from .planner.physical import PhysicalPlan
@@ -79,6 +80,9 @@ class Model:
     spec: Preprocess
     labels: list[str]
     _executor: object = field(default=None, repr=False)
+    # how the per-conv algorithms in ``graph`` were chosen (``precision.Choice``; None: not
+    # calibrated, every conv at its fastest algorithm)
+    algorithm_choice: object = field(default=None, repr=False)
 
     # -- inputs ----------------------------------------------------------------------------
     @property
@@ -131,8 +135,8 @@ class Model:
         return self._executor.plan if self._executor is not None else PhysicalPlan.lower(self.graph)
 
     def with_precision(self, precision: str) -> Model:
-        """This model at ``precision``: ``"fast"`` (itself: Winograd convolutions where they
-        are faster) or ``"exact"`` (a twin whose convolutions all run direct, no Winograd:
+        """This model at ``precision``: ``"fast"`` (itself: each conv at the fastest algorithm
+        inside the precision budget, ``krypton_db.precision``) or ``"exact"`` (a twin whose convolutions all run direct, no Winograd:
         probabilities closer to ONNX Runtime's, see README "Precision"). The twin shares the
         weights, is built once per model and has its own executor and view cache."""
         if precision not in ("fast", "exact"):
@@ -256,5 +260,6 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
     if len(labs) != n:
         raise ModelError(f"{len(labs)} labels given for a model with {n} classes")
     del onnx_model
+    graph, choice = precision.apply(graph, file_digest(path), zoo.cache_dir() / "precision")
     return_freed_heap()
-    return Model(name or graph.name, graph, Path(path), layout, spec, labs)
+    return Model(name or graph.name, graph, Path(path), layout, spec, labs, algorithm_choice=choice)

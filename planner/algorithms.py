@@ -5,7 +5,9 @@ The executors run what these predicates choose; batching (buffer sizes), the cos
 EXPLAIN read the same predicates, so a switch here changes all of them at once. Every
 algorithm has an environment switch for comparisons (bench, research) and a module flag
 tests may patch (``algorithms.WINOGRAD = False``). A conv whose params hold
-``winograd=False`` (``Model.with_precision("exact")``) never runs a Winograd algorithm.
+``winograd=False`` (``Model.with_precision("exact")``) never runs a Winograd algorithm; one
+whose params hold ``winograd="f2"`` runs no F(4x4, 3x3) (``krypton_db.precision`` sets these
+per conv to keep a model inside the precision budget; absent means True: any algorithm).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def winograd_f4(node_params: dict, c: int, o: int, groups: int, out_hw) -> bool:
     ho, wo = out_hw
     tiles4 = -(-ho // 4) * -(-wo // 4)
     tiles2 = -(-ho // 2) * -(-wo // 2)
-    return (WINOGRAD4 and winograd_f2(node_params, c, groups, out_hw)
+    return (WINOGRAD4 and node_params.get("winograd", True) is True
+            and winograd_f2(node_params, c, groups, out_hw)
             and min(c, o) >= WINOGRAD4_MIN_CHANNELS and 36 * o * c * 4 <= WINOGRAD4_MAX_FILTER_BYTES
             and WINOGRAD4_OVERHEAD * 36 * tiles4 < 16 * tiles2)
 
@@ -123,3 +126,25 @@ def polyphase_taps(kh, kw, sh, sw, ho, wo, nb):
     offs = np.array([(slot[(i % sh, j % sw)] * hp * wp + (i // sh) * wp + j // sw) * nb
                      for i in range(kh) for j in range(kw)], np.int64)
     return np.array(used, np.int64).reshape(-1, 2), offs, hp, wp
+
+
+# -- the algorithm a conv runs, by name ------------------------------------------------------
+def conv_algorithm(node) -> str:
+    """The CPU algorithm a CONV node runs with its params and shapes: ``"winograd4"``
+    (F(4x4, 3x3)), ``"winograd2"`` (F(2x2, 3x3)), ``"winograd1d"`` (F(4, r)) or ``"direct"``
+    (every other lowering: GEMM, depthwise, phase planes; exact float32 sums)."""
+    g = node.params["groups"]
+    c = node.weights["W"].shape[1] * g
+    o = node.weights["W"].shape[0]
+    hw = node.shape[1:]
+    if winograd_f4(node.params, c, o, g, hw):
+        return "winograd4"
+    if winograd_f2(node.params, c, g, hw):
+        return "winograd2"
+    if winograd1d(node.params, c, g, hw):
+        return "winograd1d"
+    return "direct"
+
+
+# the ``winograd`` param that caps a conv at each algorithm (the fastest it may then run)
+ALGORITHM_CAP = {"winograd4": True, "winograd2": "f2", "winograd1d": True, "direct": False}

@@ -25,7 +25,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from krypton_db.graph import Op
 
+from . import algorithms
 from .cost import FEATURES, predict
 from .physical import executed_macs, full_operator, physical_steps
 
@@ -194,6 +196,19 @@ def delta_section(plan, verbose: bool = False, disabled=frozenset(),
                   macs_incremental=plan.macs_inc, tau=plan.tau, regions=regions))
 
 
+def conv_algorithms_line(graph) -> str:
+    """How many convs run each CPU algorithm at full size (``algorithms.conv_algorithm``; the
+    model's precision choice caps them, README "Precision")."""
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op is Op.CONV:
+            a = algorithms.conv_algorithm(n)
+            counts[a] = counts.get(a, 0) + 1
+    order = ("winograd4", "winograd2", "winograd1d", "direct")
+    return "conv algorithms " + (", ".join(f"{a} {counts[a]}" for a in order if a in counts)
+                                 or "none")
+
+
 def physical_section(plan, mode: str, batch: int, per_query: int, positions: int, device: str,
                      threads: int | None = None, plan_type: str = "physical_plan") -> Section:
     nb = -(-positions // max(batch, 1))
@@ -210,6 +225,8 @@ def physical_section(plan, mode: str, batch: int, per_query: int, positions: int
         steps = physical_steps(plan, "gpu" if device in ("gpu", "cuda") else "cpu")
         rows = [[op.delta.node.name, step_op(op.delta), " -> ".join(op.kernels)] for op in steps]
     foot = []
+    if device == "cpu":
+        foot.append(conv_algorithms_line(plan.graph))
     if mode != "naive":
         executed = sum(executed_macs(op) for op in steps)
         gap = [op.delta.node.name for op in steps

@@ -39,7 +39,8 @@ from .runtime import parallel_ranges
 from .view_cache import ViewCache
 
 
-def _to_internal(x: np.ndarray) -> np.ndarray:
+def to_internal(x: np.ndarray) -> np.ndarray:
+    """The executors' channel-first layout (CNHW) of a 4-D batch-first array."""
     return np.ascontiguousarray(x.transpose(1, 0, 2, 3)) if x.ndim == 4 else x
 
 
@@ -172,13 +173,18 @@ class BufferLedger:
 class CpuExecutor:
     """Runs a graph on batches with numba kernels + BLAS, using all cores numba sees."""
 
-    def __init__(self, graph: Graph, fuse: bool = True):
+    def __init__(self, graph: Graph, fuse: bool = True, prepared: dict | None = None):
+        """``prepared``: another executor's ``prep`` for a graph with the same nodes and
+        weights (only params such as algorithm caps may differ), shared instead of prepared
+        again (a conv's prepared weights serve every algorithm)."""
         pin_mmap_threshold()  # freed batch buffers back to the OS (krypton_db.heap)
         self.graph = graph
         self.plan = PhysicalPlan.lower(graph, fuse)
         # weights prepared once per layout: conv GEMM matrices / FC weights transposed
-        self.prep: dict[str, object] = {st.node.name: prepare_weights(st.node)
-                                        for st in self.plan.steps}
+        prepared = prepared or {}
+        self.prep: dict[str, object] = {
+            st.node.name: prepared[st.node.name] if st.node.name in prepared
+            else prepare_weights(st.node) for st in self.plan.steps}
         self.jit_seconds: float | None = None
         self._warm: tuple | None = None  # (input, its values) of an input warm-up, taken once
         self._arena = _Arena()
@@ -265,7 +271,7 @@ class CpuExecutor:
     def _run(self, batch, outputs, profile, step_secs=None) -> dict:
         want = set(outputs or [self.graph.output])
         g = self.graph
-        vals: dict[str, np.ndarray] = {g.input.name: _to_internal(np.asarray(batch, np.float32))}
+        vals: dict[str, np.ndarray] = {g.input.name: to_internal(np.asarray(batch, np.float32))}
         result = {}
         if g.input.name in want:
             result[g.input.name] = np.asarray(batch, np.float32)
@@ -358,11 +364,11 @@ class CpuExecutor:
         if op is Op.RESHAPE:
             ext = to_external(x)
             y = ext.reshape((ext.shape[0],) + tuple(node.shape))
-            return _to_internal(y)
+            return to_internal(y)
         if op is Op.TRANSPOSE:
             ext = to_external(x)
             y = np.transpose(ext, (0,) + tuple(a + 1 for a in node.params["perm"]))
-            return _to_internal(np.ascontiguousarray(y))
+            return to_internal(np.ascontiguousarray(y))
         if op is Op.GEMM:
             return dense(x, self.prep[node.name], np.asarray(node.weights["B"], np.float32))
         if op is Op.SOFTMAX:
