@@ -55,6 +55,18 @@ def test_conv(cfg, tmp_path):
     check(net.model(net.op("Flatten", [y], axis=1)), (2, 6, 11, 13), tmp_path)
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(k=(3, 3), pads=(1, 1, 1, 1)), dict(k=(5, 5), pads=(2, 2, 2, 2)),
+    dict(k=(3, 3), pads=(2, 1, 2, 3), dil=(2, 2)), dict(k=(1, 7), pads=(0, 3, 0, 3)),
+    dict(k=(7, 7), pads=(3, 3, 3, 3)), dict(k=(5, 3), pads=(0, 1, 4, 1))], ids=str)
+def test_depthwise_stride1_over_several_blocks(cfg, tmp_path):
+    """Stride-1 depthwise convs on planes larger than the kernel's accumulator block
+    (``kernels_cpu.DW_BLOCK``): 3- and 5-wide kernel rows summed in registers, others per tap."""
+    net = Net((2, 4, 47, 61))
+    y = net.conv("input", 4, 4, group=4, **cfg)
+    check(net.model(net.op("Flatten", [y], axis=1)), (2, 4, 47, 61), tmp_path)
+
+
 def test_conv_auto_pad_same(tmp_path):
     net = Net((1, 3, 9, 10))
     w = net.const(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32))

@@ -279,6 +279,55 @@ def bias_act_cpu(y, b, code, a0, a1):
         _bias_act_row(y[o], y[o], b[o], code, a0, a1)
 
 
+DW_BLOCK = 2048  # floats of the depthwise accumulator per block (8 KiB: with the input, in L1)
+
+
+@njit(inline="always")
+def _dw_kernel_row(acc, ao, n, pad, po, dw, w, c, i, kw, first):
+    """acc[ao + g] (= if ``first`` else +=) sum_j w[c, 0, i, j] * pad[po + j*dw + g], g < n:
+    one kernel row of a depthwise conv. 3- and 5-wide rows sum their taps in registers, so
+    each output value is loaded and stored once per kernel row rather than once per tap (the
+    loop was bound by those loads / stores)."""
+    ua = np.uint64(ao)
+    un = np.uint64(n)
+    if kw == 3:
+        w0, w1, w2 = w[c, 0, i, 0], w[c, 0, i, 1], w[c, 0, i, 2]
+        p0 = np.uint64(po + 0 * dw)
+        p1 = np.uint64(po + 1 * dw)
+        p2 = np.uint64(po + 2 * dw)
+        if first:
+            for g in range(un):
+                acc[ua + g] = w0 * pad[p0 + g] + w1 * pad[p1 + g] + w2 * pad[p2 + g]
+        else:
+            for g in range(un):
+                acc[ua + g] += w0 * pad[p0 + g] + w1 * pad[p1 + g] + w2 * pad[p2 + g]
+    elif kw == 5:
+        w0, w1, w2, w3, w4 = w[c, 0, i, 0], w[c, 0, i, 1], w[c, 0, i, 2], w[c, 0, i, 3], w[c, 0, i, 4]
+        p0 = np.uint64(po + 0 * dw)
+        p1 = np.uint64(po + 1 * dw)
+        p2 = np.uint64(po + 2 * dw)
+        p3 = np.uint64(po + 3 * dw)
+        p4 = np.uint64(po + 4 * dw)
+        if first:
+            for g in range(un):
+                acc[ua + g] = (w0 * pad[p0 + g] + w1 * pad[p1 + g] + w2 * pad[p2 + g]
+                               + w3 * pad[p3 + g] + w4 * pad[p4 + g])
+        else:
+            for g in range(un):
+                acc[ua + g] += (w0 * pad[p0 + g] + w1 * pad[p1 + g] + w2 * pad[p2 + g]
+                                + w3 * pad[p3 + g] + w4 * pad[p4 + g])
+    else:
+        for j in range(kw):
+            wij = w[c, 0, i, j]
+            pj = np.uint64(po + j * dw)
+            if first and j == 0:
+                for g in range(un):
+                    acc[ua + g] = wij * pad[pj + g]
+            else:
+                for g in range(un):
+                    acc[ua + g] += wij * pad[pj + g]
+
+
 @njit(nogil=True, cache=True)
 def depthwise_conv_cpu(x, w, b, sh, sw, dh, dw, pt, pl, code, a0, a1, lo, hi, out):
     """Direct depthwise convolution (groups == C == O, multiplier 1) with fused epilogue over
@@ -306,8 +355,6 @@ def depthwise_conv_cpu(x, w, b, sh, sw, dh, dw, pt, pl, code, a0, a1, lo, hi, ou
     acc = np.empty(ho * gw, np.float32)
     xf = x.reshape(-1)
     of = out.reshape(-1)
-    ug = np.uint64(ho * gw)
-    ugw = np.uint64(gw)
     for cn in range(lo, hi):
         c = cn // n_
         if sw == 1:
@@ -321,24 +368,33 @@ def depthwise_conv_cpu(x, w, b, sh, sw, dh, dw, pt, pl, code, a0, a1, lo, hi, ou
                 for y in range(h):
                     _copy_strided_at(pad, ph * plen + (pt + y) * gw + ua, xf,
                                      (cn * h + y) * wd + ua * sw + ph - pl, ub - ua, sw)
-        for q in range(ug):
-            acc[q] = 0.0
-        for i in range(kh):
-            for j in range(kw):
-                wij = w[c, 0, i, j]
-                if sh == 1 and sw == 1:
-                    uo = np.uint64(i * dh * wp + j * dw)
-                    for g in range(ug):
-                        acc[g] += wij * pad[uo + g]
-                else:  # one contiguous loop per output row (input row oy*sh + i*dh)
-                    cj = j * dw
-                    uo = np.uint64((cj % sw) * plen + i * dh * gw + cj // sw)
-                    ush = np.uint64(sh * gw)
-                    for oy in range(np.uint64(ho)):
-                        base = uo + oy * ush
-                        row = oy * ugw
-                        for ox in range(ugw):
-                            acc[row + ox] += wij * pad[base + ox]
+        if sh == 1 and sw == 1:
+            # blocks of the flat grid small enough for L1; per block one pass per kernel row
+            # (``_dw_kernel_row``: its taps summed in registers, acc read / written once)
+            for g0 in range(0, ho * gw, DW_BLOCK):
+                n = min(DW_BLOCK, ho * gw - g0)
+                for i in range(kh):
+                    _dw_kernel_row(acc, g0, n, pad, g0 + i * dh * wp, dw, w, c, i, kw, i == 0)
+        else:  # one contiguous loop per output row (input row oy*sh + i*dh), rows in blocks
+            # (here the per-row loops are short: summing a kernel row's taps in registers,
+            # as above, measured slower: 5.3 vs 4.5 ms for 32 x 16 planes 112 -> 56)
+            ush = np.uint64(sh * gw)
+            ugw = np.uint64(gw)
+            rows = max(1, DW_BLOCK // gw)
+            for oy0 in range(0, ho, rows):
+                oy1 = min(oy0 + rows, ho)
+                for q in range(np.uint64(oy0) * ugw, np.uint64(oy1) * ugw):
+                    acc[q] = 0.0
+                for i in range(kh):
+                    for j in range(kw):
+                        wij = w[c, 0, i, j]
+                        cj = j * dw
+                        uo = np.uint64((cj % sw) * plen + i * dh * gw + cj // sw)
+                        for oy in range(np.uint64(oy0), np.uint64(oy1)):
+                            base = uo + oy * ush
+                            row = oy * ugw
+                            for ox in range(ugw):
+                                acc[row + ox] += wij * pad[base + ox]
         bc = b[c]
         for oy in range(ho):
             bias_act_at(of, (cn * ho + oy) * wo, acc, oy * gw, wo, bc, code, a0, a1)
