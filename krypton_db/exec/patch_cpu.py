@@ -307,7 +307,8 @@ def conv_chwb(buf: np.ndarray, node: Node, cw: ConvWeights, act, size, alloc=Non
         def one(ci):
             p0 = ci * per
             p1 = min(p0 + per, npix)
-            cols = scratch("work", rows * per * nb).reshape(rows, per * nb)[:, : (p1 - p0) * nb]
+            # contiguous for the last, shorter chunk too: one compiled layout of the kernel
+            cols = scratch("work", rows * per * nb)[: rows * (p1 - p0) * nb].reshape(rows, (p1 - p0) * nb)
             for gi in range(g):
                 im2col_chwb_cpu(buf, gi * cg, cg, kh, kw, sh, sw, dh, dw, ho, wo, p0, p1, cols)
                 ys = out2[gi * og : (gi + 1) * og, p0 * nb : p1 * nb]
