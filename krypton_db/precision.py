@@ -8,7 +8,7 @@ Winograd algorithm on, random-weight VGG16 on standard-normal inputs moves by up
 
 The budget is relative to float32 itself. Some models are so sensitive that float32 rounding
 alone moves their probabilities by ~1e-5: random-weight VGG16 on standard-normal inputs moves
-by 3e-6 to 1.2e-5 when the input changes by one ulp, and the exact twin (every conv direct,
+by 4e-6 to 2e-5 when the input changes by one ulp, and the exact twin (every conv direct,
 no Winograd) differs from ONNX Runtime by up to 1.5e-5 (summation order). So a conv may run a
 Winograd algorithm when the model's probabilities, on ``CALIBRATION_SAMPLES`` standard-normal
 inputs (seeded, never the tests'), stay within ``SHARE + RATIO * noise`` of the exact twin's,
@@ -23,12 +23,17 @@ The choice (``choose``):
 2. else each conv's error per rung is measured alone: the rung run on the twin's input to
    that conv, max |difference| from the direct result relative to max |direct|;
 3. the demotions (F(4x4) -> F(2x2) -> direct, F(4, r) -> direct) in order of that error,
-   largest first; a binary search finds the shortest prefix that keeps the model inside what
-   is allowed, checked by running it (the all-direct end is the twin itself, always inside).
+   largest first (``demotion_order``); a binary search (``first_inside``) finds a prefix
+   that keeps the model inside what is allowed while the one-shorter prefix does not, each
+   checked by running it (the all-direct end is the twin itself, always inside). The error
+   need not fall monotonically with the prefix, so this is the shortest one only where it does.
 
-The result is a graph whose conv params carry ``winograd`` caps (``algorithms.ALGORITHM_CAP``),
-cached on disk per (model file, CPU, this module's ``VERSION``): a model is calibrated once
-per machine.
+Every conv gets a cap (``algorithms.ALGORITHM_CAP``), the direct ones too: the incremental
+path picks algorithms by patch size, and a conv that is direct at full size (tile waste) could
+otherwise run Winograd on patches, which the calibration never measured. Cached on disk per
+(model file, CPU, the algorithm switches, this module's settings and ``VERSION``): a model is
+calibrated once per machine. Not calibrated (every conv at its fastest algorithm, as with
+``ENABLED`` off): models whose calibration outputs are not finite.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
@@ -68,7 +74,7 @@ class Choice:
     allowed: float  # SHARE + RATIO * the twin's conditioning on those inputs
     fastest_diff: float  # the same with every conv at its fastest algorithm
     demoted: int  # demotions applied (0: every conv at its fastest)
-    seconds: float  # calibration time (0 when read from the cache)
+    seconds: float  # calibration time when it was made (also when read from the cache)
     cached: bool = False
 
     def to_json(self) -> dict:
@@ -146,28 +152,10 @@ def layer_errors(graph: Graph, start: dict[str, str], x: np.ndarray,
     return errs
 
 
-def choose(graph: Graph) -> Choice:
-    """The per-conv algorithms (see the module docstring)."""
-    t0 = time.perf_counter()
-    start = {k: v for k, v in fastest(graph).items() if v != "direct"}
-    if not start:
-        return Choice({}, 0.0, 0.0, 0.0, 0, 0.0)
-    x = calibration_inputs(graph)
-    exact = capped(graph, {n: "direct" for n in start})
-    prepared: dict = {}  # weights prepared once for every configuration tried
-    want = _probs(exact, x, prepared)
-
-    def diff(algos):
-        return float(np.abs(_probs(capped(graph, algos), x, prepared) - want).max())
-
-    d0 = diff(start)
-    if d0 <= SHARE:  # inside whatever the conditioning adds: skip measuring it
-        return Choice(dict(start), d0, SHARE, d0, 0, time.perf_counter() - t0)
-    allowed = SHARE + RATIO * conditioning(exact, x, want, prepared)
-    if d0 <= allowed:
-        return Choice(dict(start), d0, allowed, d0, 0, time.perf_counter() - t0)
-    errs = layer_errors(graph, start, x, prepared)
-    # a conv's lower rung never comes before its higher one: order by the running max
+def demotion_order(start: dict[str, str], errs: dict[tuple[str, str], float]) -> list[tuple[str, str]]:
+    """[(conv, the algorithm it is demoted to)] largest error first. A conv's rung is keyed
+    by the smallest error of the rungs above it (a running min), so its lower rung never
+    comes before its higher one; ties keep conv order."""
     keyed = []
     for name, alg0 in start.items():
         alg, key = alg0, float("inf")
@@ -176,22 +164,64 @@ def choose(graph: Graph) -> Choice:
             keyed.append((key, name, _DEMOTE[alg]))
             alg = _DEMOTE[alg]
     keyed.sort(key=lambda t: -t[0])
+    return [(name, alg) for _, name, alg in keyed]
+
+
+def first_inside(n: int, inside) -> tuple[int, list[int]]:
+    """(k, the k probed): with ``inside(0)`` False and ``inside(n)`` True (not probed), a k
+    such that ``inside(k)`` and not ``inside(k - 1)``, by binary search."""
+    lo, hi, probed = 0, n, []
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        probed.append(mid)
+        if inside(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi, probed
+
+
+def choose(graph: Graph) -> Choice:
+    """The per-conv algorithms of every conv (see the module docstring)."""
+    t0 = time.perf_counter()
+    free = fastest(graph)
+    start = {k: v for k, v in free.items() if v != "direct"}
+
+    def done(algos, max_diff, allowed, d0, demoted):
+        return Choice({**free, **algos}, max_diff, allowed, d0, demoted, time.perf_counter() - t0)
+
+    if not start:
+        return done({}, 0.0, 0.0, 0.0, 0)
+    x = calibration_inputs(graph)
+    exact = capped(graph, {n: "direct" for n in start})
+    prepared: dict = {}  # weights prepared once for every configuration tried
+    want = _probs(exact, x, prepared)
+    diffs: dict[int, float] = {}
+
+    def diff(algos):
+        return float(np.abs(_probs(capped(graph, algos), x, prepared) - want).max())
+
+    d0 = diff(start)
+    if not (np.isfinite(want).all() and np.isfinite(d0)):  # nothing to measure against
+        return done(start, float("nan"), float("nan"), float("nan"), 0)
+    if d0 <= SHARE:  # inside whatever the conditioning adds: skip measuring it
+        return done(start, d0, SHARE, d0, 0)
+    allowed = SHARE + RATIO * conditioning(exact, x, want, prepared)
+    if d0 <= allowed:
+        return done(start, d0, allowed, d0, 0)
+    order = demotion_order(start, layer_errors(graph, start, x, prepared))
 
     def after(k):
         algos = dict(start)
-        for _, name, alg in keyed[:k]:
-            algos[name] = alg
+        algos.update(order[:k])
         return algos
 
-    lo, hi, best = 0, len(keyed), 0.0  # lo: outside what is allowed; hi: inside (the twin)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        d = diff(after(mid))
-        if d <= allowed:
-            hi, best = mid, d
-        else:
-            lo = mid
-    return Choice(after(hi), best, allowed, d0, hi, time.perf_counter() - t0)
+    def inside(k):
+        diffs[k] = diff(after(k))
+        return diffs[k] <= allowed
+
+    k, _ = first_inside(len(order), inside)
+    return done(after(k), diffs.get(k, 0.0), allowed, d0, k)
 
 
 # -- on-disk cache ---------------------------------------------------------------------------
@@ -201,40 +231,63 @@ def _cpu() -> str:
     return ll.get_host_cpu_name()
 
 
-def cache_key(file_sha256: str) -> str:
-    return hashlib.sha256(f"{file_sha256}:{_cpu()}:{VERSION}:{SHARE}:{RATIO}:{CALIBRATION_SAMPLES}"
-                          .encode()).hexdigest()[:40]
+def cache_key(file_sha256: str, free: dict[str, str]) -> str:
+    """The cache entry of a model file on this CPU, given its convs' fastest algorithms
+    (``fastest``: they follow the Winograd switches) and the direct convs' GEMM switch."""
+    from .exec.conv_cpu import GEMM
+
+    parts = [file_sha256, _cpu(), VERSION, SHARE, RATIO, CALIBRATION_SAMPLES, CALIBRATION_SEED,
+             GEMM, sorted(free.items())]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:40]
 
 
 def choose_cached(graph: Graph, file_sha256: str, folder: Path) -> Choice:
-    """``choose``, read from / written to ``folder`` (one JSON file per model and CPU). A
-    cached choice naming other convs than the graph's (a different import) is recomputed."""
-    path = folder / f"{cache_key(file_sha256)}.json"
-    convs = {n.name for n in graph.nodes if n.op is Op.CONV}
+    """``choose``, read from / written to ``folder`` (one JSON file per entry). A record
+    that does not name every conv of the graph with a known algorithm is recomputed; a
+    model with no Winograd-capable conv writes none."""
+    free = fastest(graph)
+    path = folder / f"{cache_key(file_sha256, free)}.json"
     try:
         rec = json.loads(path.read_text())
-        if set(rec["algorithms"]) <= convs and set(rec["algorithms"]) == set(
-                k for k, v in fastest(graph).items() if v != "direct"):
-            return Choice(rec["algorithms"], rec["max_diff"], rec["allowed"], rec["fastest_diff"],
+        algos = rec["algorithms"]
+        if set(algos) == set(free) and set(algos.values()) <= set(algorithms.ALGORITHM_CAP):
+            return Choice(algos, rec["max_diff"], rec["allowed"], rec["fastest_diff"],
                           rec["demoted"], rec["seconds"], cached=True)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     choice = choose(graph)
+    if all(v == "direct" for v in free.values()):
+        return choice
+    tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(choice.to_json(), indent=1, sort_keys=True))
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")  # one per writer: atomic replace
+        with os.fdopen(fd, "w") as f:
+            json.dump(choice.to_json(), f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError:  # a read-only cache: choose again next load
-        pass
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return choice
 
 
-def apply(graph: Graph, file_sha256: str, folder: Path) -> tuple[Graph, Choice | None]:
-    """The graph with its per-conv caps (unchanged when ``ENABLED`` is off: None)."""
+def apply(graph: Graph, file_sha256: str, folder: Path,
+          algos: dict[str, str] | None = None) -> tuple[Graph, Choice | None]:
+    """The graph with every conv capped at its chosen algorithm (unchanged when ``ENABLED``
+    is off: None). ``algos``: a choice made elsewhere (the driver's, for a Ray actor on
+    another machine), applied as given instead of calibrating."""
     if not ENABLED:
         return graph, None
-    choice = choose_cached(graph, file_sha256, folder)
-    if not choice.algorithms:
-        return graph, choice
+    if algos is not None:
+        choice = Choice(dict(algos), float("nan"), float("nan"), float("nan"), 0, 0.0, cached=True)
+    else:
+        choice = choose_cached(graph, file_sha256, folder)
     return capped(graph, choice.algorithms), choice
+
+
+def uncapped(graph: Graph) -> Graph:
+    """``graph`` without any conv cap: every conv at its fastest algorithm, at full size and
+    on patches (the behaviour with ``ENABLED`` off)."""
+    nodes = [dc_replace(n, params={k: v for k, v in n.params.items() if k != "winograd"})
+             if n.op is Op.CONV else n for n in graph.nodes]
+    return graph.replace(nodes, graph.output)
