@@ -124,6 +124,8 @@ def check_occlude_args(model: Model, given: dict) -> dict:
         if name in options.INPUT_OPTIONS:
             continue
         v = given.get(name)
+        if name == "precision" and v is None:  # the model's own: an exact twin runs exact
+            v = model.precision
         vals[name] = options.OPTIONS[name].default if v is None else options.check(name, v)
     options.check_combination(vals, {k for k, v in given.items() if v is not None})
     c, h, w = model.graph.input_shape
@@ -157,7 +159,8 @@ def occlude(model, image=None, patch=16, stride=4, color=None, target=None,
     ``batch_size``, ``memory_budget`` (bytes or a size such as ``'128MiB'``), ``score``
     (``'prob'`` | ``'logit'``), ``device`` (``'cpu'`` | ``'gpu'``), ``engine`` (``'numba'``
     | ``'duckdb'``: exact mode as SQL delta queries in DuckDB, the relational reference),
-    ``precision`` (``'fast'`` | ``'exact'``: no Winograd convolutions, see README).
+    ``precision`` (``'fast'`` | ``'exact'``: no Winograd convolutions, see README; default:
+    the model's own, so ``m.with_precision('exact')`` runs exact).
 
     ``catalog``: a :class:`~krypton_db.catalog.Catalog`, a session (from ``connect``) or the
     path of a catalog file, to record the run in (model and image registered on first use);

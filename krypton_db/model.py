@@ -134,6 +134,12 @@ class Model:
         no weights prepared: planning a query does not build the executor)."""
         return self._executor.plan if self._executor is not None else PhysicalPlan.lower(self.graph)
 
+    @property
+    def precision(self) -> str:
+        """``"fast"`` (each conv at its chosen algorithm) or ``"exact"`` (the twin
+        ``with_precision("exact")`` returns: no Winograd)."""
+        return self.__dict__.get("_precision", "fast")
+
     def with_precision(self, precision: str) -> Model:
         """This model at ``precision``: ``"fast"`` (itself: each conv at the fastest algorithm
         inside the precision budget, ``krypton_db.precision``) or ``"exact"`` (a twin whose convolutions all run direct, no Winograd:
@@ -141,7 +147,7 @@ class Model:
         weights, is built once per model and has its own executor and view cache."""
         if precision not in ("fast", "exact"):
             raise InputError(f"precision must be 'fast' or 'exact', got {precision!r}")
-        current = self.__dict__.get("_precision", "fast")
+        current = self.precision
         if precision == current:
             return self
         if current == "exact":  # the twin's way back

@@ -194,7 +194,7 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
             region=None, positions=None, all_classes: bool = False, batch_size: int | None = None,
             memory_budget: int | None = None, score: str = "prob", tau: float = 1.0,
             device: str = "cpu", hooks: OcclusionHooks | None = None,
-            engine: str = "numba", precision: str = "fast",
+            engine: str = "numba", precision: str | None = None,
             regions: str = "position") -> HeatMap:
     """Occlusion heat map of ``model``'s target-class probability over ``image``.
 
@@ -210,13 +210,16 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     tables, then the plan's delta queries (``plan.delta_sql()``) per batch; the relational
     reference of the IVM rules, far slower than the numba executors.
     ``precision="exact"``: the model's twin without Winograd convolutions
-    (``Model.with_precision``).
+    (``Model.with_precision``); ``"fast"``: the model with its chosen algorithms (README
+    "Precision"); None (default): the model's own (``model.precision``: an exact twin runs
+    exact).
     """
     # the run options through the checks the API and the language use (krypton_db.options):
     # one rule, one message, wherever the call comes from
     run = {k: options.check(k, v) for k, v in (("engine", engine), ("mode", mode),
                                                  ("device", device), ("score", score),
-                                                 ("precision", precision),
+                                                 ("precision", model.precision
+                                                  if precision is None else precision),
                                                  ("regions", regions))}
     engine, mode, score = run["engine"], run["mode"], run["score"]
     device = "gpu" if run["device"] == "cuda" else run["device"]

@@ -110,3 +110,23 @@ def test_datasets_take_precision_and_keep_it_apart(nets, tmp_path):
     want = kdb.occlude(m, img, patch=4, stride=5, precision="exact", progress=False)
     got = exact.sql("SELECT prob FROM heatmaps ORDER BY y, x").fetchall()
     np.testing.assert_array_equal(np.array([r[0] for r in got], np.float32), want.probs.ravel())
+
+
+def test_an_exact_twin_runs_exact_unless_told_otherwise(nets, tmp_path):
+    """occlude / explain_dataset take the model's own precision by default: an exact twin
+    passed without ``precision=`` runs (and records) exact; an explicit value still wins."""
+    m, img = nets["f4"]
+    exact = m.with_precision("exact")
+    assert (m.precision, exact.precision) == ("fast", "exact")
+    want = kdb.occlude(m, img, patch=4, stride=5, precision="exact", progress=False)
+    got = kdb.occlude(exact, img, patch=4, stride=5, progress=False)
+    assert got.stats["precision"] == "exact"
+    np.testing.assert_array_equal(got.probs, want.probs)
+    fast = kdb.occlude(exact, img, patch=4, stride=5, precision="fast", progress=False)
+    assert fast.stats["precision"] == "fast"
+    np.testing.assert_array_equal(fast.probs, kdb.occlude(m, img, patch=4, stride=5,
+                                                          progress=False).probs)
+    a = kdb.explain_dataset(exact, [img], patch=4, stride=5, out=tmp_path / "o", progress=False)
+    b = kdb.explain_dataset(m, [img], patch=4, stride=5, out=tmp_path / "o", precision="exact",
+                            progress=False)
+    assert a.settings_sha256 == b.settings_sha256 and (a.done, b.skipped) == (1, 1)
