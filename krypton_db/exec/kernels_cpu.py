@@ -454,6 +454,7 @@ def pool_cnhw_cpu(x, kh, kw, sh, sw, pt, pl, pb, pr, is_max, include_pad, lo, hi
     n_, h, w = x.shape[1], x.shape[2], x.shape[3]
     ho, wo = out.shape[2], out.shape[3]
     acc = np.empty(wo, np.float32)
+    vrow = np.empty(w if is_max else 0, np.float32)  # max over a window's rows
     hsum = np.empty((h if (sw == 1 and sh == 1 and not is_max) else 0, wo), np.float32)
     xa = np.empty(kw, np.int64)
     xb = np.empty(kw, np.int64)
@@ -476,17 +477,24 @@ def pool_cnhw_cpu(x, kh, kw, sh, sw, pt, pl, pb, pr, is_max, include_pad, lo, hi
             ya = max(y0, 0)
             yb = min(y0 + kh, h)
             if is_max:
+                # separable: the window rows' maximum over the whole row first (contiguous,
+                # vectorized), then the kw taps over that one row (strided reads: kw per
+                # output instead of kh * kw)
                 acc[:] = -np.inf
-                for iy in range(ya, yb):
-                    xr = x[c, n, iy]
+                if yb > ya:
+                    vrow[:] = x[c, n, ya]
+                    for iy in range(ya + 1, yb):
+                        xr = x[c, n, iy]
+                        for q in range(w):
+                            vrow[q] = max(vrow[q], xr[q])
                     for j in range(kw):
                         off = j - pl
                         if sw == 1:
                             for ox in range(xa[j], xb[j]):
-                                acc[ox] = max(acc[ox], xr[ox + off])
+                                acc[ox] = max(acc[ox], vrow[ox + off])
                         else:
                             for ox in range(xa[j], xb[j]):
-                                acc[ox] = max(acc[ox], xr[ox * sw + off])
+                                acc[ox] = max(acc[ox], vrow[ox * sw + off])
                 orow = out[c, n, oy]
                 for ox in range(wo):
                     orow[ox] = acc[ox]
