@@ -24,6 +24,7 @@ from .checks import check_preprocess
 from .digests import file_digest
 from .errors import InputError, ModelError
 from .exec.cpu import CpuExecutor
+from .planner.algorithms import ALGORITHM_CAP
 from .planner.physical import PhysicalPlan
 from .graph import Graph, Op, Preprocess
 from .heap import return_freed_heap
@@ -142,8 +143,9 @@ class Model:
 
     def with_precision(self, precision: str) -> Model:
         """This model at ``precision``: ``"fast"`` (itself: each conv at the fastest algorithm
-        inside the precision budget, ``krypton_db.precision``) or ``"exact"`` (a twin whose convolutions all run direct, no Winograd:
-        probabilities closer to ONNX Runtime's, see README "Precision"). The twin shares the
+        inside the precision budget, ``krypton_db.precision``) or ``"exact"`` (a twin whose
+        convolutions all run direct, no Winograd: probabilities closer to ONNX Runtime's, see
+        README "Precision"). The twin shares the
         weights, is built once per model and has its own executor and view cache."""
         if precision not in ("fast", "exact"):
             raise InputError(f"precision must be 'fast' or 'exact', got {precision!r}")
@@ -270,9 +272,11 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
     if len(labs) != n:
         raise ModelError(f"{len(labs)} labels given for a model with {n} classes")
     del onnx_model
-    if conv_algorithms is not None and set(conv_algorithms) != {
-            n.name for n in graph.nodes if n.op is Op.CONV}:
-        raise ModelError("conv_algorithms must name every convolution of the model")
+    if conv_algorithms is not None and (
+            set(conv_algorithms) != {n.name for n in graph.nodes if n.op is Op.CONV}
+            or not set(conv_algorithms.values()) <= set(ALGORITHM_CAP)):
+        raise ModelError("conv_algorithms must name every convolution of the model, each with "
+                         f"one of {', '.join(ALGORITHM_CAP)}")
     graph, choice = precision.apply(graph, file_digest(path), zoo.cache_dir() / "precision",
                                     conv_algorithms)
     return_freed_heap()

@@ -239,6 +239,8 @@ def test_a_choice_made_elsewhere_is_applied_as_given(net_path, cache, monkeypatc
     assert set(algos(actor).values()) == {"direct"}
     with pytest.raises(kdb.KryptonError, match="conv_algorithms must name every convolution"):
         kdb.load_model(net_path, conv_algorithms={"nope": "direct"})
+    with pytest.raises(kdb.KryptonError, match="each with one of winograd4, winograd2"):
+        kdb.load_model(net_path, conv_algorithms={k: "fft" for k in given})
     assert driver.with_precision("exact").algorithm_choice is None
 
 
