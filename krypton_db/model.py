@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images, precision, zoo
+from . import images, zoo
+from . import precision as conv_choice  # (``precision`` is also with_precision's argument)
 from .checks import check_preprocess
 from .digests import file_digest
 from .errors import InputError, ModelError
 from .exec.cpu import CpuExecutor
-from .planner.algorithms import ALGORITHM_CAP
 from .planner.physical import PhysicalPlan
 from .graph import Graph, Op, Preprocess
 from .heap import return_freed_heap
@@ -156,9 +156,8 @@ class Model:
             return self.__dict__["_fast"]
         twin = self.__dict__.get("_exact_twin")
         if twin is None:
-            g = self.graph.replace([dc_replace(n, params={**n.params, "winograd": False})
-                                    if n.op is Op.CONV else n for n in self.graph.nodes],
-                                   self.graph.output)
+            g = conv_choice.capped(self.graph, {n.name: "direct" for n in self.graph.nodes
+                                              if n.op is Op.CONV})
             twin = dc_replace(self, graph=g, _executor=None, algorithm_choice=None)
             twin.__dict__.update(_precision="exact", _fast=self)
             self.__dict__["_exact_twin"] = twin
@@ -272,12 +271,7 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
     if len(labs) != n:
         raise ModelError(f"{len(labs)} labels given for a model with {n} classes")
     del onnx_model
-    if conv_algorithms is not None and (
-            set(conv_algorithms) != {n.name for n in graph.nodes if n.op is Op.CONV}
-            or not set(conv_algorithms.values()) <= set(ALGORITHM_CAP)):
-        raise ModelError("conv_algorithms must name every convolution of the model, each with "
-                         f"one of {', '.join(ALGORITHM_CAP)}")
-    graph, choice = precision.apply(graph, file_digest(path), zoo.cache_dir() / "precision",
+    graph, choice = conv_choice.apply(graph, file_digest(path), zoo.cache_dir() / "precision",
                                     conv_algorithms)
     return_freed_heap()
     return Model(name or graph.name, graph, Path(path), layout, spec, labs, algorithm_choice=choice)

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ModelError
 from .graph import Graph, Op
 from .planner import algorithms
 
@@ -241,6 +242,12 @@ def cache_key(file_sha256: str, free: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:40]
 
 
+def names_every_conv(graph: Graph, algos) -> bool:
+    """Whether ``algos`` maps exactly the graph's convs, each to a known algorithm."""
+    return (isinstance(algos, dict) and set(algos) == {n.name for n in graph.nodes if n.op is Op.CONV}
+            and set(algos.values()) <= set(algorithms.ALGORITHM_CAP))
+
+
 def choose_cached(graph: Graph, file_sha256: str, folder: Path) -> Choice:
     """``choose``, read from / written to ``folder`` (one JSON file per entry). A record
     that does not name every conv of the graph with a known algorithm is recomputed; a
@@ -250,7 +257,7 @@ def choose_cached(graph: Graph, file_sha256: str, folder: Path) -> Choice:
     try:
         rec = json.loads(path.read_text())
         algos = rec["algorithms"]
-        if set(algos) == set(free) and set(algos.values()) <= set(algorithms.ALGORITHM_CAP):
+        if names_every_conv(graph, algos):
             return Choice(algos, rec["max_diff"], rec["allowed"], rec["fastest_diff"],
                           rec["demoted"], rec["seconds"], cached=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -279,6 +286,9 @@ def apply(graph: Graph, file_sha256: str, folder: Path,
     if not ENABLED:
         return graph, None
     if algos is not None:
+        if not names_every_conv(graph, algos):
+            raise ModelError("conv_algorithms must name every convolution of the model, each "
+                             f"with one of {', '.join(algorithms.ALGORITHM_CAP)}")
         choice = Choice(dict(algos), float("nan"), float("nan"), float("nan"), 0, 0.0, cached=True)
     else:
         choice = choose_cached(graph, file_sha256, folder)
