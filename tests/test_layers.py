@@ -55,16 +55,22 @@ def test_conv(cfg, tmp_path):
     check(net.model(net.op("Flatten", [y], axis=1)), (2, 6, 11, 13), tmp_path)
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (3, 3, 150, 131)], ids=["small-planes", "large-planes"])
 @pytest.mark.parametrize("cfg", [
     dict(k=(3, 3), pads=(1, 1, 1, 1)), dict(k=(5, 5), pads=(2, 2, 2, 2)),
+    dict(k=(3, 3), stride=(2, 2), pads=(1, 1, 1, 1)), dict(k=(5, 5), stride=(2, 2), pads=(2, 2, 2, 2)),
+    dict(k=(3, 3), stride=(2, 2), pads=(0, 0, 1, 1)), dict(k=(5, 5), stride=(2, 2), pads=(1, 2, 2, 1)),
     dict(k=(3, 3), pads=(2, 1, 2, 3), dil=(2, 2)), dict(k=(1, 7), pads=(0, 3, 0, 3)),
-    dict(k=(7, 7), pads=(3, 3, 3, 3)), dict(k=(5, 3), pads=(0, 1, 4, 1))], ids=str)
-def test_depthwise_stride1_over_several_blocks(cfg, tmp_path):
-    """Stride-1 depthwise convs on planes larger than the kernel's accumulator block
-    (``kernels_cpu.DW_BLOCK``): 3- and 5-wide kernel rows summed in registers, others per tap."""
-    net = Net((2, 4, 47, 61))
-    y = net.conv("input", 4, 4, group=4, **cfg)
-    check(net.model(net.op("Flatten", [y], axis=1)), (2, 4, 47, 61), tmp_path)
+    dict(k=(7, 7), pads=(3, 3, 3, 3)), dict(k=(5, 3), pads=(0, 1, 4, 1)),
+    dict(k=(3, 3), stride=(1, 2), pads=(1, 1, 1, 1))], ids=str)
+def test_depthwise_blocks(cfg, shape, tmp_path):
+    """Depthwise convs against ORT on many small planes (several images side by side in one
+    stage block; the executor's two threads split a channel's images) and on planes larger
+    than a block (``depthwise_cpu.DW_STAGE``: one image per block): the register-blocked 3x3
+    and 5x5 windows at stride 1 and 2, and the per-kernel-row path for the others."""
+    net = Net(shape)  # 3 channels x an odd batch: the threads' ranges split a channel
+    y = net.conv("input", 3, 3, group=3, **cfg)
+    check(net.model(net.op("Flatten", [y], axis=1)), shape, tmp_path)
 
 
 def test_conv_auto_pad_same(tmp_path):

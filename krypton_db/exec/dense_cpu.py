@@ -14,7 +14,7 @@ import numpy as np
 from ..graph import ACTIVATION_CODES, OPS, Node, Op
 from ..planner import algorithms
 from . import blas_cpu
-from . import kernels_cpu, patch_cpu, transpose_cpu, winograd1d_cpu, winograd4_cpu, winograd_cpu
+from . import depthwise_cpu, kernels_cpu, patch_cpu, transpose_cpu, winograd1d_cpu, winograd4_cpu, winograd_cpu
 from .conv_cpu import POLYPHASE_MIN_C, ConvWeights, by_phase_planes, cols_chunk, conv1x1, conv_gemm
 from .runtime import num_threads, parallel_chunks, parallel_ranges, scratch, scratch_as
 
@@ -70,7 +70,7 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
         out = np.empty((o, n, ho, wo), np.float32)
     code, a0, a1 = act
     if g == c == o and cw.w4.shape[1] == 1 and g > 1:
-        parallel_ranges(c * n, lambda lo, hi: kernels_cpu.depthwise_conv_cpu(
+        parallel_ranges(c * n, lambda lo, hi: depthwise_cpu.depthwise_conv_cpu(
             x, cw.w4, cw.bias, sh, sw, dh, dw, t, l, code, a0, a1, lo, hi, out), 4)
         return out
     cg = c // g

@@ -143,7 +143,7 @@ def _zero_at(d, off, n):
 
 
 @njit(inline="always")
-def _copy_at(d, doff, s, soff, n):
+def copy_at(d, doff, s, soff, n):
     ud = np.uint64(doff)
     us = np.uint64(soff)
     for q in range(np.uint64(n)):
@@ -151,7 +151,7 @@ def _copy_at(d, doff, s, soff, n):
 
 
 @njit(inline="always")
-def _copy_strided_at(d, doff, s, soff, n, step):
+def copy_strided_at(d, doff, s, soff, n, step):
     ud = np.uint64(doff)
     us = np.uint64(soff)
     ust = np.uint64(step)
@@ -192,9 +192,9 @@ def im2col_chunk_cpu(x, c0, cg, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, j0, j1, 
             _zero_at(cf, d0, a - ox0)
             src = ((cbase + n) * h + iy) * w
             if sw == 1:
-                _copy_at(cf, d0 + a - ox0, xf, src + a + off, b - a)
+                copy_at(cf, d0 + a - ox0, xf, src + a + off, b - a)
             elif b > a:
-                _copy_strided_at(cf, d0 + a - ox0, xf, src + a * sw + off, b - a, sw)
+                copy_strided_at(cf, d0 + a - ox0, xf, src + a * sw + off, b - a, sw)
             _zero_at(cf, d0 + b - ox0, ox1 - b)
 
 
@@ -243,7 +243,7 @@ def padgrid_chunk_cpu(x, c0, cg, pt, pl, hs, wp, p0, p1, buf):
             a = min(max(xx0, pl), xx1)
             b = max(min(xx1, pl + w), a)
             _zero_at(bf, d0, a - xx0)
-            _copy_at(bf, d0 + a - xx0, xf, ((cbase + n) * h + y) * w + a - pl, b - a)
+            copy_at(bf, d0 + a - xx0, xf, ((cbase + n) * h + y) * w + a - pl, b - a)
             _zero_at(bf, d0 + b - xx0, xx1 - b)
 
 
@@ -279,127 +279,6 @@ def bias_act_cpu(y, b, code, a0, a1):
         _bias_act_row(y[o], y[o], b[o], code, a0, a1)
 
 
-DW_BLOCK = 2048  # floats of the depthwise accumulator per block (8 KiB: with the input, in L1)
-
-
-@njit(inline="always")
-def _dw_kernel_row(acc, ao, n, pad, po, dw, w, c, i, kw, first):
-    """acc[ao + g] (= if ``first`` else +=) sum_j w[c, 0, i, j] * pad[po + j*dw + g], g < n:
-    one kernel row of a depthwise conv. 3- and 5-wide rows sum their taps in registers, so
-    each output value is loaded and stored once per kernel row rather than once per tap (the
-    loop was bound by those loads / stores)."""
-    ua = np.uint64(ao)
-    un = np.uint64(n)
-    if kw == 3:
-        w0, w1, w2 = w[c, 0, i, 0], w[c, 0, i, 1], w[c, 0, i, 2]
-        p0 = np.uint64(po + 0 * dw)
-        p1 = np.uint64(po + 1 * dw)
-        p2 = np.uint64(po + 2 * dw)
-        if first:
-            for g in range(un):
-                acc[ua + g] = w0 * pad[p0 + g] + w1 * pad[p1 + g] + w2 * pad[p2 + g]
-        else:
-            for g in range(un):
-                acc[ua + g] += w0 * pad[p0 + g] + w1 * pad[p1 + g] + w2 * pad[p2 + g]
-    elif kw == 5:
-        w0, w1, w2, w3, w4 = w[c, 0, i, 0], w[c, 0, i, 1], w[c, 0, i, 2], w[c, 0, i, 3], w[c, 0, i, 4]
-        p0 = np.uint64(po + 0 * dw)
-        p1 = np.uint64(po + 1 * dw)
-        p2 = np.uint64(po + 2 * dw)
-        p3 = np.uint64(po + 3 * dw)
-        p4 = np.uint64(po + 4 * dw)
-        if first:
-            for g in range(un):
-                acc[ua + g] = (w0 * pad[p0 + g] + w1 * pad[p1 + g] + w2 * pad[p2 + g]
-                               + w3 * pad[p3 + g] + w4 * pad[p4 + g])
-        else:
-            for g in range(un):
-                acc[ua + g] += (w0 * pad[p0 + g] + w1 * pad[p1 + g] + w2 * pad[p2 + g]
-                                + w3 * pad[p3 + g] + w4 * pad[p4 + g])
-    else:
-        for j in range(kw):
-            wij = w[c, 0, i, j]
-            pj = np.uint64(po + j * dw)
-            if first and j == 0:
-                for g in range(un):
-                    acc[ua + g] = wij * pad[pj + g]
-            else:
-                for g in range(un):
-                    acc[ua + g] += wij * pad[pj + g]
-
-
-@njit(nogil=True, cache=True)
-def depthwise_conv_cpu(x, w, b, sh, sw, dh, dw, pt, pl, code, a0, a1, lo, hi, out):
-    """Direct depthwise convolution (groups == C == O, multiplier 1) with fused epilogue over
-    the (c, n) planes lo..hi-1 (x, out C-contiguous).
-
-    Hand-written rather than BLAS: each output needs only kh*kw MACs of one plane, so a GEMM
-    would be [1, kh*kw] @ [kh*kw, Ho*Wo] per channel (an im2col copy per 9 FLOPs). Planes are
-    small (7..112 wide), so per-row loops would be all loop overhead; instead each plane is
-    copied once into a zero-padded buffer of row width ``wp`` (a multiple of the column
-    stride); with stride 1 every tap is then ONE long loop over the flat output grid [Ho, wp]:
-    ``acc[g] += w[i, j] * pad[g + i*dh*wp + j*dw]`` (shifted-window trick inside a plane; grid
-    columns >= Wo are dropped by the epilogue); strided convs loop per output row over
-    [Ho, wp/sw]."""
-    n_, h, wd = x.shape[1], x.shape[2], x.shape[3]
-    ho, wo = out.shape[2], out.shape[3]
-    kh, kw = w.shape[2], w.shape[3]
-    wp = max(pl + wd, (wo - 1) * sw + (kw - 1) * dw + 1)
-    wp = (wp + sw - 1) // sw * sw
-    gw = wp // sw
-    hp = max(pt + h, (ho - 1) * sh + (kh - 1) * dh + 1) + 2
-    # column-phase split padded plane: pad[ph, y, u] = padded[y, u*sw + ph] (stride 1: one
-    # phase), so every tap reads a contiguous run whatever the column stride
-    plen = hp * gw + kw * dw + gw
-    pad = np.zeros(sw * plen, np.float32)
-    acc = np.empty(ho * gw, np.float32)
-    xf = x.reshape(-1)
-    of = out.reshape(-1)
-    for cn in range(lo, hi):
-        c = cn // n_
-        if sw == 1:
-            for y in range(h):
-                _copy_at(pad, (pt + y) * wp + pl, xf, (cn * h + y) * wd, wd)
-        else:
-            for ph in range(sw):
-                # u*sw + ph - pl in [0, wd)
-                ua = max(0, (pl - ph + sw - 1) // sw)
-                ub = max(ua, (wd + pl - ph + sw - 1) // sw)
-                for y in range(h):
-                    _copy_strided_at(pad, ph * plen + (pt + y) * gw + ua, xf,
-                                     (cn * h + y) * wd + ua * sw + ph - pl, ub - ua, sw)
-        if sh == 1 and sw == 1:
-            # blocks of the flat grid small enough for L1; per block one pass per kernel row
-            # (``_dw_kernel_row``: its taps summed in registers, acc read / written once)
-            for g0 in range(0, ho * gw, DW_BLOCK):
-                n = min(DW_BLOCK, ho * gw - g0)
-                for i in range(kh):
-                    _dw_kernel_row(acc, g0, n, pad, g0 + i * dh * wp, dw, w, c, i, kw, i == 0)
-        else:  # one contiguous loop per output row (input row oy*sh + i*dh), rows in blocks
-            # (here the per-row loops are short: summing a kernel row's taps in registers,
-            # as above, measured slower: 5.3 vs 4.5 ms for 32 x 16 planes 112 -> 56)
-            ush = np.uint64(sh * gw)
-            ugw = np.uint64(gw)
-            rows = max(1, DW_BLOCK // gw)
-            for oy0 in range(0, ho, rows):
-                oy1 = min(oy0 + rows, ho)
-                for q in range(np.uint64(oy0) * ugw, np.uint64(oy1) * ugw):
-                    acc[q] = 0.0
-                for i in range(kh):
-                    for j in range(kw):
-                        wij = w[c, 0, i, j]
-                        cj = j * dw
-                        uo = np.uint64((cj % sw) * plen + i * dh * gw + cj // sw)
-                        for oy in range(np.uint64(oy0), np.uint64(oy1)):
-                            base = uo + oy * ush
-                            row = oy * ugw
-                            for ox in range(ugw):
-                                acc[row + ox] += wij * pad[base + ox]
-        bc = b[c]
-        for oy in range(ho):
-            bias_act_at(of, (cn * ho + oy) * wo, acc, oy * gw, wo, bc, code, a0, a1)
-
-
 @njit(nogil=True, cache=True)
 def avgpool_s1_cnhw_cpu(x, kh, kw, pt, pl, inv, lo, hi, out):
     """Stride-1 average pooling over the (c, n) planes lo..hi-1 of x[C, N, H, W]: out = (window
@@ -407,7 +286,7 @@ def avgpool_s1_cnhw_cpu(x, kh, kw, pt, pl, inv, lo, hi, out):
 
     Inception's branch pools (3x3, stride 1, on 17x17 and 8x8 maps) have rows too short for
     per-row loops (``pool_cnhw_cpu`` spent its time in loop overhead); as in
-    ``depthwise_conv_cpu`` each plane is copied into a zero-padded buffer of row width wp, and
+    the depthwise conv (``depthwise_cpu``) each plane is copied into a zero-padded buffer of row width wp, and
     the separable sums are single long loops over that flat grid: horizontal window sums, then
     vertical sums of kh rows (grid columns >= Wo are dropped)."""
     n_, h, wd = x.shape[1], x.shape[2], x.shape[3]
@@ -424,7 +303,7 @@ def avgpool_s1_cnhw_cpu(x, kh, kw, pt, pl, inv, lo, hi, out):
     uwp = np.uint64(wp)
     for cn in range(lo, hi):
         for y in range(h):  # the padding cells stay 0 from the allocation
-            _copy_at(pad, (pt + y) * wp + pl, xf, (cn * h + y) * wd, wd)
+            copy_at(pad, (pt + y) * wp + pl, xf, (cn * h + y) * wd, wd)
         for g in range(uh):
             hs[g] = pad[g]
         for j in range(1, kw):
