@@ -85,6 +85,29 @@ def test_fused_bias_activation(code, m, ncols, accumulate):
     np.testing.assert_array_equal(out[:, 3 + ncols :], base[:, 3 + ncols :])
 
 
+@pytest.mark.parametrize("code", range(8))
+def test_in_register_epilogue_equals_the_separate_pass(code):
+    """Full micro-tiles apply bias + activation in the micro-kernel's registers (exp-based
+    codes and edge tiles in a pass over the tile): bit for bit what the plain GEMM followed by
+    ``kernels_cpu``'s row pass gives, so the fused and unfused routes of a model agree
+    exactly."""
+    from krypton_db.exec import kernels_cpu
+
+    rng = np.random.default_rng(code)
+    a0, a1 = {2: (-0.3, 0.4), 3: (0.1, 0.0), 5: (0.2, 0.5), 7: (0.7, 0.0)}.get(code, (0.0, 0.0))
+    act = (code, np.float32(a0), np.float32(a1))
+    for m, k, ncols, accumulate in [(2 * G.MR, 27, 5 * G.NR, False), (2 * G.MR + 3, 40, 3 * G.NR + 7, True)]:
+        wp = G.pack_weights(rng.standard_normal((m, k)).astype(np.float32))
+        src = rng.standard_normal((k, ncols)).astype(np.float32)
+        bias = rng.standard_normal(m).astype(np.float32)
+        start = rng.standard_normal((m, ncols)).astype(np.float32)
+        fused, ref = start.copy(), start.copy()
+        G.tap_gemm(wp, m, src, np.zeros(1, np.int64), 0, ncols, fused, accumulate, bias=bias, act=act)
+        G.tap_gemm(wp, m, src, np.zeros(1, np.int64), 0, ncols, ref, accumulate)
+        kernels_cpu.bias_act_rows_cpu(ref, bias, *act)
+        np.testing.assert_array_equal(fused, ref)
+
+
 def test_reads_past_the_source_are_refused():
     w = np.ones((8, 4), np.float32)
     src = np.ones((4, 50), np.float32)
@@ -129,6 +152,11 @@ def test_avx2_tile_shape_in_a_subprocess(tmp_path):
         "G.tap_gemm(G.pack_weights(w), 13, src, offs, 5, 201, out)\n"
         "rows = np.stack([src[c, 5 + o : 5 + o + 201] for c in range(7) for o in offs])\n"
         "err = np.abs(out - w.astype(np.float64) @ rows).max()\n"
+        "assert err < 1e-4, err\n"
+        "b = rng.standard_normal(13).astype(np.float32)\n"  # epilogue in the 6 x 16 registers
+        "G.tap_gemm(G.pack_weights(w), 13, src, offs, 5, 201, out, bias=b, act=(6, np.float32(0), np.float32(0)))\n"
+        "v = w.astype(np.float64) @ rows + b[:, None]\n"
+        "err = np.abs(out - v * np.clip(v / 6 + 0.5, 0, 1)).max()\n"
         "assert err < 1e-4, err\n"
         "print('ok', err)\n"
     )

@@ -29,6 +29,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..graph import ACT_CLIP, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY, ACT_NONE, ACT_RELU
 from .kernels_cpu import bias_act_at
 from .runtime import scratch
 
@@ -65,14 +66,28 @@ NC = (768 // NR) * NR  # columns per packed B block (KC x NC floats = 768 KiB, i
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
 
+_NO_EPILOGUE = -1  # the micro-kernel's code for "store the sums as they are"
+
+
+@njit(inline="always")
+def _in_register(code):
+    """Activations the micro-kernel applies in registers (``kernels_cpu`` codes); the others
+    (exp-based) run as a pass over the finished tile."""
+    return (code == ACT_NONE or code == ACT_RELU or code == ACT_CLIP or code == ACT_LEAKY
+            or code == ACT_HSIGMOID or code == ACT_HSWISH)
+
+
 @intrinsic
-def _ukernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
+def _ukernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate, bias, bofs, code, a0, a1):
     """c[coff + i*ldc + j] (+)= sum_{k < kc} a[aoff + k*MR + i] * b[boff + k*NR + j] for i < MR,
-    j < NR (accumulate != 0: add to c; else overwrite it)."""
-    sig = types.void(kc, a, aoff, b, boff, c, coff, ldc, accumulate)
+    j < NR (accumulate != 0: add to c; else overwrite it); then, unless code is
+    ``_NO_EPILOGUE``, c = act(c + bias[bofs + i]) applied in registers before the one store
+    (code one of ``_IN_REGISTER_ACTS``, the same float32 operations in the same order as
+    ``kernels_cpu.bias_act_at``, so the result is bit-identical to the separate pass)."""
+    sig = types.void(kc, a, aoff, b, boff, c, coff, ldc, accumulate, bias, bofs, code, a0, a1)
 
     def codegen(context, builder, sig, args):
-        kc, a, aoff, b, boff, c, coff, ldc, accumulate = args
+        kc, a, aoff, b, boff, c, coff, ldc, accumulate, bias, bofs, code, a0, a1 = args
         vt = ir.VectorType(ir.FloatType(), VL)
         i64 = kc.type
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
@@ -80,12 +95,17 @@ def _ukernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
         ap = builder.gep(context.make_array(sig.args[1])(context, builder, a).data, [aoff])
         bp = builder.gep(context.make_array(sig.args[3])(context, builder, b).data, [boff])
         cp = builder.gep(context.make_array(sig.args[5])(context, builder, c).data, [coff])
+        biasp = context.make_array(sig.args[9])(context, builder, bias).data
         zero = ir.Constant(vt, [0.0] * VL)
         # allocas in the entry block: mem2reg turns them into the 24 register accumulators
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(NV)] for _ in range(MR)]
         splat = ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL)
         undef = ir.Constant(vt, ir.Undefined)
         lane0 = ir.Constant(ir.IntType(32), 0)
+
+        def bcast(s):
+            return builder.shuffle_vector(builder.insert_element(undef, s, lane0), undef, splat)
+
         with cgutils.for_range(builder, kc) as loop:
             k = loop.index
             bk = builder.gep(bp, [builder.mul(k, ir.Constant(i64, NR))])
@@ -93,21 +113,59 @@ def _ukernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
             bv = [builder.load(builder.bitcast(builder.gep(bk, [ir.Constant(i64, VL * v)]), vt.as_pointer()),
                                align=4) for v in range(NV)]
             for i in range(MR):
-                s = builder.load(builder.gep(ak, [ir.Constant(i64, i)]))
-                sv = builder.shuffle_vector(builder.insert_element(undef, s, lane0), undef, splat)
+                sv = bcast(builder.load(builder.gep(ak, [ir.Constant(i64, i)])))
                 for v in range(NV):
                     builder.store(builder.call(fma, [sv, bv[v], builder.load(accs[i][v])]), accs[i][v])
-        add = builder.icmp_signed("!=", accumulate, ir.Constant(accumulate.type, 0))
+        ptrs = [[builder.bitcast(builder.gep(builder.gep(cp, [builder.mul(ldc, ir.Constant(ldc.type, i))]),
+                                             [ir.Constant(ldc.type, VL * v)]), vt.as_pointer())
+                 for v in range(NV)] for i in range(MR)]
+        with builder.if_then(builder.icmp_signed("!=", accumulate, ir.Constant(accumulate.type, 0))):
+            for i in range(MR):
+                for v in range(NV):
+                    builder.store(builder.fadd(builder.load(ptrs[i][v], align=4), builder.load(accs[i][v])), accs[i][v])
+
+        def each(fn):  # accs[i][v] = fn(accs[i][v])
+            for i in range(MR):
+                for v in range(NV):
+                    builder.store(fn(builder.load(accs[i][v])), accs[i][v])
+
+        def when(value):
+            return builder.if_then(builder.icmp_signed("==", code, ir.Constant(code.type, value)))
+
+        f32 = ir.FloatType()
+        vzero, vone = zero, ir.Constant(vt, [1.0] * VL)
+        with builder.if_then(builder.icmp_signed(">=", code, ir.Constant(code.type, 0))):
+            for i in range(MR):
+                bi = bcast(builder.load(builder.gep(biasp, [builder.add(bofs, ir.Constant(bofs.type, i))])))
+                for v in range(NV):
+                    builder.store(builder.fadd(builder.load(accs[i][v]), bi), accs[i][v])
+
+            # each as bias_act_at's loop: select(cond, x, y) for its ``x if cond else y``
+            def vmax(x, y):  # numba's max(x, y) on floats: x if x >= y (NaN: y) -- select form
+                return builder.select(builder.fcmp_ordered(">=", x, y), x, y)
+
+            def vmin(x, y):
+                return builder.select(builder.fcmp_ordered("<=", x, y), x, y)
+
+            with when(ACT_RELU):
+                each(lambda x: builder.select(builder.fcmp_ordered(">", x, vzero), x, vzero))
+            with when(ACT_CLIP):
+                lo, hi = bcast(builder.fptrunc(a0, f32) if a0.type != f32 else a0), \
+                    bcast(builder.fptrunc(a1, f32) if a1.type != f32 else a1)
+                each(lambda x: vmin(vmax(x, lo), hi))
+            with when(ACT_LEAKY):
+                slope = bcast(builder.fptrunc(a0, f32) if a0.type != f32 else a0)
+                each(lambda x: builder.select(builder.fcmp_ordered(">=", x, vzero), x, builder.fmul(x, slope)))
+            with when(ACT_HSIGMOID):
+                al, be = bcast(builder.fptrunc(a0, f32) if a0.type != f32 else a0), \
+                    bcast(builder.fptrunc(a1, f32) if a1.type != f32 else a1)
+                each(lambda x: vmin(vmax(builder.fadd(builder.fmul(al, x), be), vzero), vone))
+            with when(ACT_HSWISH):
+                sixth, half = ir.Constant(vt, [np.float32(1.0 / 6.0).item()] * VL), ir.Constant(vt, [0.5] * VL)
+                each(lambda x: builder.fmul(x, vmin(vmax(builder.fadd(builder.fmul(x, sixth), half), vzero), vone)))
         for i in range(MR):
-            row = builder.gep(cp, [builder.mul(ldc, ir.Constant(ldc.type, i))])
             for v in range(NV):
-                ptr = builder.bitcast(builder.gep(row, [ir.Constant(ldc.type, VL * v)]), vt.as_pointer())
-                acc = builder.load(accs[i][v])
-                with builder.if_else(add) as (then, otherwise):
-                    with then:
-                        builder.store(builder.fadd(builder.load(ptr, align=4), acc), ptr, align=4)
-                    with otherwise:
-                        builder.store(acc, ptr, align=4)
+                builder.store(builder.load(accs[i][v]), ptrs[i][v], align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -205,17 +263,22 @@ def tap_gemm_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumulate,
 def tap_gemm_act_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumulate, bp, tile,
                      bias, code, a0, a1, epi):
     """``tap_gemm_cpu``, and with ``epi`` the epilogue out = act(out + bias[i]) (``kernels_cpu``
-    codes) fused in: applied to each micro-tile right after its last K block, while the tile
-    is in L1, instead of a separate pass over the whole output (which had to come back from
-    L2 / memory: ~6% of Inception3's whole-map 1x1 convs)."""
+    codes) fused in: on full micro-tiles in the micro-kernel's registers before its one store
+    (``_in_register`` activations), else applied to each tile right after its last K block,
+    while the tile is in L1 -- not a separate pass over the whole output (which had to come
+    back from L2 / memory: ~6% of Inception3's whole-map 1x1 convs)."""
     npan = wp.shape[0]
     kt = wp.shape[1] // MR
     wf = wp.reshape(-1)
+    # B is always packed: reading a 1x1 conv's rows where they lie (ldb apart, one map each)
+    # measured 10-25% slower at K = 16..64 -- the rows alias in the L1 sets
     for c0 in range(0, ncols, NC):
         nc = min(NC, ncols - c0)
         for k0 in range(0, kt, KC):
             kc = min(KC, kt - k0)
             acc = 1 if (accumulate or k0 > 0) else 0
+            last = epi and k0 + kc == kt  # the epilogue goes with this K block
+            in_reg = last and _in_register(code)
             _pack_block(src, offs, ldb, src0 + c0, k0, kc, nc, bp)
             for p in range(npan):
                 mv = min(MR, m - p * MR)
@@ -224,10 +287,12 @@ def tap_gemm_act_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumul
                     j0 = s * NR
                     nv = min(NR, nc - j0)
                     boff = s * kc * NR
-                    if nv == NR and mv == MR:
-                        _ukernel(kc, wf, aoff, bp, boff, out, out0 + p * MR * ldo + c0 + j0, ldo, acc)
+                    full = nv == NR and mv == MR
+                    if full:
+                        _ukernel(kc, wf, aoff, bp, boff, out, out0 + p * MR * ldo + c0 + j0, ldo, acc,
+                                 bias, p * MR, code if in_reg else _NO_EPILOGUE, a0, a1)
                     else:
-                        _ukernel(kc, wf, aoff, bp, boff, tile, 0, NR, 0)
+                        _ukernel(kc, wf, aoff, bp, boff, tile, 0, NR, 0, bias, 0, _NO_EPILOGUE, a0, a1)
                         for i in range(mv):
                             o = out0 + (p * MR + i) * ldo + c0 + j0
                             if acc:
@@ -236,7 +301,7 @@ def tap_gemm_act_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumul
                             else:
                                 for j in range(nv):
                                     out[o + j] = tile[i * NR + j]
-                    if epi and k0 + kc == kt:
+                    if last and not (full and in_reg):
                         for i in range(mv):
                             o = out0 + (p * MR + i) * ldo + c0 + j0
                             bias_act_at(out, o, out, o, nv, bias[p * MR + i], code, a0, a1)
