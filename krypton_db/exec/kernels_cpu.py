@@ -35,6 +35,7 @@ from numba import njit, prange
 # activation codes shared by the fused epilogue and the standalone pointwise kernel (graph.OPS)
 from ..graph import (ACT_CLIP, ACT_ELU, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY,  # noqa: E402
                      ACT_NONE, ACT_RELU, ACT_SIGMOID)
+from .simd_cpu import copy_stride2_at
 
 
 # -- activations ----------------------------------------------------------------------------------
@@ -152,6 +153,10 @@ def copy_at(d, doff, s, soff, n):
 
 @njit(inline="always")
 def copy_strided_at(d, doff, s, soff, n, step):
+    """d[doff + q] = s[soff + q*step] for q < n (stride 2 as vector shuffles: ``simd_cpu``)."""
+    if step == 2:
+        copy_stride2_at(d, doff, s, soff, n)
+        return
     ud = np.uint64(doff)
     us = np.uint64(soff)
     ust = np.uint64(step)
