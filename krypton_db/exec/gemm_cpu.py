@@ -29,9 +29,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..graph import ACT_CLIP, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY, ACT_NONE, ACT_RELU
 from .kernels_cpu import bias_act_at
 from .runtime import scratch
+from .simd_cpu import activate_in_place, in_register
 
 
 
@@ -69,21 +69,12 @@ _NJ = dict(cache=True, nogil=True, fastmath=False)
 _NO_EPILOGUE = -1  # the micro-kernel's code for "store the sums as they are"
 
 
-@njit(inline="always")
-def _in_register(code):
-    """Activations the micro-kernel applies in registers (``kernels_cpu`` codes); the others
-    (exp-based) run as a pass over the finished tile."""
-    return (code == ACT_NONE or code == ACT_RELU or code == ACT_CLIP or code == ACT_LEAKY
-            or code == ACT_HSIGMOID or code == ACT_HSWISH)
-
-
 @intrinsic
 def _ukernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate, bias, bofs, code, a0, a1):
     """c[coff + i*ldc + j] (+)= sum_{k < kc} a[aoff + k*MR + i] * b[boff + k*NR + j] for i < MR,
     j < NR (accumulate != 0: add to c; else overwrite it); then, unless code is
     ``_NO_EPILOGUE``, c = act(c + bias[bofs + i]) applied in registers before the one store
-    (code one of ``_IN_REGISTER_ACTS``, the same float32 operations in the same order as
-    ``kernels_cpu.bias_act_at``, so the result is bit-identical to the separate pass)."""
+    (code one of ``simd_cpu.in_register``'s; ``simd_cpu.activate_in_place``)."""
     sig = types.void(kc, a, aoff, b, boff, c, coff, ldc, accumulate, bias, bofs, code, a0, a1)
 
     def codegen(context, builder, sig, args):
@@ -124,45 +115,12 @@ def _ukernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate, bias, bo
                 for v in range(NV):
                     builder.store(builder.fadd(builder.load(ptrs[i][v], align=4), builder.load(accs[i][v])), accs[i][v])
 
-        def each(fn):  # accs[i][v] = fn(accs[i][v])
-            for i in range(MR):
-                for v in range(NV):
-                    builder.store(fn(builder.load(accs[i][v])), accs[i][v])
-
-        def when(value):
-            return builder.if_then(builder.icmp_signed("==", code, ir.Constant(code.type, value)))
-
-        f32 = ir.FloatType()
-        vzero, vone = zero, ir.Constant(vt, [1.0] * VL)
         with builder.if_then(builder.icmp_signed(">=", code, ir.Constant(code.type, 0))):
             for i in range(MR):
                 bi = bcast(builder.load(builder.gep(biasp, [builder.add(bofs, ir.Constant(bofs.type, i))])))
                 for v in range(NV):
                     builder.store(builder.fadd(builder.load(accs[i][v]), bi), accs[i][v])
-
-            # each as bias_act_at's loop: select(cond, x, y) for its ``x if cond else y``
-            def vmax(x, y):  # numba's max(x, y) on floats: x if x >= y (NaN: y) -- select form
-                return builder.select(builder.fcmp_ordered(">=", x, y), x, y)
-
-            def vmin(x, y):
-                return builder.select(builder.fcmp_ordered("<=", x, y), x, y)
-
-            with when(ACT_RELU):
-                each(lambda x: builder.select(builder.fcmp_ordered(">", x, vzero), x, vzero))
-            with when(ACT_CLIP):
-                lo, hi = bcast(builder.fptrunc(a0, f32) if a0.type != f32 else a0), \
-                    bcast(builder.fptrunc(a1, f32) if a1.type != f32 else a1)
-                each(lambda x: vmin(vmax(x, lo), hi))
-            with when(ACT_LEAKY):
-                slope = bcast(builder.fptrunc(a0, f32) if a0.type != f32 else a0)
-                each(lambda x: builder.select(builder.fcmp_ordered(">=", x, vzero), x, builder.fmul(x, slope)))
-            with when(ACT_HSIGMOID):
-                al, be = bcast(builder.fptrunc(a0, f32) if a0.type != f32 else a0), \
-                    bcast(builder.fptrunc(a1, f32) if a1.type != f32 else a1)
-                each(lambda x: vmin(vmax(builder.fadd(builder.fmul(al, x), be), vzero), vone))
-            with when(ACT_HSWISH):
-                sixth, half = ir.Constant(vt, [np.float32(1.0 / 6.0).item()] * VL), ir.Constant(vt, [0.5] * VL)
-                each(lambda x: builder.fmul(x, vmin(vmax(builder.fadd(builder.fmul(x, sixth), half), vzero), vone)))
+            activate_in_place(builder, [a for row in accs for a in row], code, a0, a1)
         for i in range(MR):
             for v in range(NV):
                 builder.store(builder.load(accs[i][v]), ptrs[i][v], align=4)
@@ -264,7 +222,7 @@ def tap_gemm_act_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumul
                      bias, code, a0, a1, epi):
     """``tap_gemm_cpu``, and with ``epi`` the epilogue out = act(out + bias[i]) (``kernels_cpu``
     codes) fused in: on full micro-tiles in the micro-kernel's registers before its one store
-    (``_in_register`` activations), else applied to each tile right after its last K block,
+    (``simd_cpu.in_register`` activations), else applied to each tile right after its last K block,
     while the tile is in L1 -- not a separate pass over the whole output (which had to come
     back from L2 / memory: ~6% of Inception3's whole-map 1x1 convs)."""
     npan = wp.shape[0]
@@ -278,7 +236,7 @@ def tap_gemm_act_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumul
             kc = min(KC, kt - k0)
             acc = 1 if (accumulate or k0 > 0) else 0
             last = epi and k0 + kc == kt  # the epilogue goes with this K block
-            in_reg = last and _in_register(code)
+            in_reg = last and in_register(code)
             _pack_block(src, offs, ldb, src0 + c0, k0, kc, nc, bp)
             for p in range(npan):
                 mv = min(MR, m - p * MR)

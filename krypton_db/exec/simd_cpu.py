@@ -1,5 +1,9 @@
-"""Row primitives emitted as LLVM IR vector code, for the loops numba's auto-vectorizer leaves
-scalar.
+"""Vector code emitted as LLVM IR, for what numba's auto-vectorizer leaves scalar.
+
+``activate_in_place``: bias-added float vectors through a fused activation inside an
+intrinsic (the GEMM micro-kernel's and the incremental depthwise conv's epilogues), with the
+float32 operations of ``kernels_cpu.bias_act_at`` in the same order, so a value is
+bit-identical to that pass.
 
 ``copy_stride2``: d[q] = s[2q] (a column-phase split, as in strided convs' im2col rows, the
 depthwise stage and phase planes). numba's loop over ``s[2q]`` stays a scalar gather (measured
@@ -15,7 +19,61 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..graph import ACT_CLIP, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY, ACT_NONE, ACT_RELU
+
 _LANES = 16
+
+
+@njit(inline="always")
+def in_register(code):
+    """Activations ``activate_in_place`` emits (``kernels_cpu`` codes); the exp-based others
+    are left to a pass over the stored values."""
+    return (code == ACT_NONE or code == ACT_RELU or code == ACT_CLIP or code == ACT_LEAKY
+            or code == ACT_HSIGMOID or code == ACT_HSWISH)
+
+
+def activate_in_place(builder, slots, code, a0, a1):
+    """Emit: each alloca in ``slots`` (float vectors) = act(its value) for the runtime
+    activation ``code`` (one of ``in_register``'s; others leave the values as they are), a0
+    and a1 its float parameters. ``x if cond else y`` of ``bias_act_at`` as ``select``."""
+    vt = slots[0].type.pointee
+    f32 = ir.FloatType()
+    undef = ir.Constant(vt, ir.Undefined)
+    vzero, vone = ir.Constant(vt, [0.0] * vt.count), ir.Constant(vt, [1.0] * vt.count)
+
+    def bcast(s):
+        s = builder.fptrunc(s, f32) if s.type != f32 else s
+        return builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef,
+                                      ir.Constant(ir.VectorType(ir.IntType(32), vt.count), [0] * vt.count))
+
+    def each(fn):
+        for a in slots:
+            builder.store(fn(builder.load(a)), a)
+
+    def when(value):
+        return builder.if_then(builder.icmp_signed("==", code, ir.Constant(code.type, value)))
+
+    def vmax(x, y):  # numba's max(x, y) on floats, in select form
+        return builder.select(builder.fcmp_ordered(">=", x, y), x, y)
+
+    def vmin(x, y):
+        return builder.select(builder.fcmp_ordered("<=", x, y), x, y)
+
+    with when(ACT_RELU):
+        each(lambda x: builder.select(builder.fcmp_ordered(">", x, vzero), x, vzero))
+    with when(ACT_CLIP):
+        lo, hi = bcast(a0), bcast(a1)
+        each(lambda x: vmin(vmax(x, lo), hi))
+    with when(ACT_LEAKY):
+        slope = bcast(a0)
+        each(lambda x: builder.select(builder.fcmp_ordered(">=", x, vzero), x, builder.fmul(x, slope)))
+    with when(ACT_HSIGMOID):
+        al, be = bcast(a0), bcast(a1)
+        each(lambda x: vmin(vmax(builder.fadd(builder.fmul(al, x), be), vzero), vone))
+    with when(ACT_HSWISH):
+        sixth = ir.Constant(vt, [float(np.float32(1.0 / 6.0))] * vt.count)
+        half = ir.Constant(vt, [0.5] * vt.count)
+        each(lambda x: builder.fmul(x, vmin(vmax(builder.fadd(builder.fmul(x, sixth), half), vzero), vone)))
 
 
 @intrinsic
