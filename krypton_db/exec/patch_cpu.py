@@ -105,11 +105,7 @@ def _window_dot16(typingctx, src, base, taps, ntaps, wts, woff, dst, doff, nl, b
 
     def codegen(context, builder, sig, args):
         src, base, taps, ntaps, wts, woff, dst, doff, nl, bias, code, a0, a1 = args
-        vt = ir.VectorType(ir.FloatType(), 16)
-        ld, st = transpose_cpu.masked_ops(builder)
-        four = ir.Constant(ir.IntType(32), 4)
-        zero = ir.Constant(vt, [0.0] * 16)
-        lanes = transpose_cpu.lanes_below(builder, nl)
+        vt, ld, st, four, zero, lanes = simd_cpu.masked16(builder, nl)
         sp = context.make_array(sig.args[0])(context, builder, src).data
         tp = context.make_array(sig.args[2])(context, builder, taps).data
         wp = context.make_array(sig.args[4])(context, builder, wts).data
@@ -184,11 +180,7 @@ def _window_reduce16(typingctx, src, base, taps, ntaps, dst, doff, nl, is_max, s
 
     def codegen(context, builder, sig, args):
         src, base, taps, ntaps, dst, doff, nl, is_max, sy, yoff, sx, xoff = args
-        vt = ir.VectorType(ir.FloatType(), 16)
-        ld, st = transpose_cpu.masked_ops(builder)
-        four = ir.Constant(ir.IntType(32), 4)
-        zero = ir.Constant(vt, [0.0] * 16)
-        lanes = transpose_cpu.lanes_below(builder, nl)
+        vt, ld, st, four, zero, lanes = simd_cpu.masked16(builder, nl)
         sp = context.make_array(sig.args[0])(context, builder, src).data
         tp = context.make_array(sig.args[2])(context, builder, taps).data
         dp = context.make_array(sig.args[4])(context, builder, dst).data

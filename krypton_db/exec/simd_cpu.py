@@ -9,7 +9,10 @@ bit-identical to that pass.
 depthwise stage and phase planes). numba's loop over ``s[2q]`` stays a scalar gather (measured
 0.74 Gfloat/s, 5x slower than a contiguous copy); here two 16-float loads and one even-lane
 shuffle give 16 outputs (``vpermt2ps`` with AVX-512; LLVM splits the 16-lane vectors into
-two 8-lane halves on AVX2)."""
+two 8-lane halves on AVX2).
+
+``masked16`` / ``masked_ops`` / ``lanes_below``: the pieces of masked 16-float loads and stores
+(the patch route's window kernels, the CHWB transposes)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,38 @@ from ..graph import ACT_CLIP, ACT_HSIGMOID, ACT_HSWISH, ACT_LEAKY, ACT_NONE, ACT
 
 _LANES = 16
 
+
+def lanes_below(builder, k):
+    """<16 x i1>: lane l < k (k an integer value)."""
+    vk = ir.VectorType(k.type, _LANES)
+    splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vk, ir.Undefined), k,
+                                                          ir.Constant(ir.IntType(32), 0)),
+                                   ir.Constant(vk, ir.Undefined),
+                                   ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+    return builder.icmp_signed("<", ir.Constant(vk, list(range(_LANES))), splat)
+
+
+def masked_ops(builder):
+    """(load, store): llvm.masked.load / store of 16 floats (lanes off the mask are neither
+    read nor written)."""
+    vt = ir.VectorType(ir.FloatType(), _LANES)
+    mt = ir.VectorType(ir.IntType(1), _LANES)
+    i32 = ir.IntType(32)
+    ld = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt.as_pointer(), i32, mt, vt]),
+                                        "llvm.masked.load.v16f32.p0v16f32")
+    st = cgutils.get_or_insert_function(builder.module,
+                                        ir.FunctionType(ir.VoidType(), [vt, vt.as_pointer(), i32, mt]),
+                                        "llvm.masked.store.v16f32.p0v16f32")
+    return ld, st
+
+
+
+def masked16(builder, n):
+    """The pieces of a masked 16-float access, lanes l < n (an integer value): (vector type,
+    masked load, masked store, the alignment argument 4, a zero vector, the lane mask)."""
+    ld, st = masked_ops(builder)
+    vt = ir.VectorType(ir.FloatType(), _LANES)
+    return vt, ld, st, ir.Constant(ir.IntType(32), 4), ir.Constant(vt, [0.0] * _LANES), lanes_below(builder, n)
 
 @njit(inline="always")
 def in_register(code):

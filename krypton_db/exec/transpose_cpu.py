@@ -17,6 +17,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .simd_cpu import lanes_below, masked_ops
+
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
 T = 16  # tile side: 16 floats per vector on AVX-512 (LLVM splits them into halves on AVX2)
@@ -76,28 +78,6 @@ def _transpose16(typingctx, src, soff, sld, dst, doff, dld):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-def lanes_below(builder, k):
-    """<16 x i1>: lane l < k (k an integer value)."""
-    vk = ir.VectorType(k.type, T)
-    splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vk, ir.Undefined), k,
-                                                          ir.Constant(ir.IntType(32), 0)),
-                                   ir.Constant(vk, ir.Undefined),
-                                   ir.Constant(ir.VectorType(ir.IntType(32), T), [0] * T))
-    return builder.icmp_signed("<", ir.Constant(vk, list(range(T))), splat)
-
-
-def masked_ops(builder):
-    vt = ir.VectorType(ir.FloatType(), T)
-    mt = ir.VectorType(ir.IntType(1), T)
-    i32 = ir.IntType(32)
-    ld = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt.as_pointer(), i32, mt, vt]),
-                                        "llvm.masked.load.v16f32.p0v16f32")
-    st = cgutils.get_or_insert_function(builder.module,
-                                        ir.FunctionType(ir.VoidType(), [vt, vt.as_pointer(), i32, mt]),
-                                        "llvm.masked.store.v16f32.p0v16f32")
-    return ld, st
 
 
 @intrinsic
