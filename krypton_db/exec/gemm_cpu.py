@@ -222,9 +222,9 @@ def tap_gemm_act_cpu(wp, m, src, offs, ldb, src0, ncols, out, out0, ldo, accumul
                      bias, code, a0, a1, epi):
     """``tap_gemm_cpu``, and with ``epi`` the epilogue out = act(out + bias[i]) (``kernels_cpu``
     codes) fused in: on full micro-tiles in the micro-kernel's registers before its one store
-    (``simd_cpu.in_register`` activations), else applied to each tile right after its last K block,
-    while the tile is in L1 -- not a separate pass over the whole output (which had to come
-    back from L2 / memory: ~6% of Inception3's whole-map 1x1 convs)."""
+    (``simd_cpu.in_register`` activations), else applied to each tile right after its last K
+    block, while the tile is in L1 -- not a separate pass over the whole output (which had to
+    come back from L2 / memory: ~6% of Inception3's whole-map 1x1 convs)."""
     npan = wp.shape[0]
     kt = wp.shape[1] // MR
     wf = wp.reshape(-1)

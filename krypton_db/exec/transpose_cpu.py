@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .simd_cpu import lanes_below, masked_ops
