@@ -1,7 +1,8 @@
 """The CHWB pooling kernels of the patch route (``patch_cpu.maxpool_chwb`` / ``avgpool_chwb``:
 16 queries per vector register, masked tails) against plain numpy loops, at batch sizes below,
 at and across the 16-lane blocks, strides 1 and 2, and read-in windows that hang over the
-map's border (where the average's divisor counts only the cells the full layer counts)."""
+map's border (where the average's divisor counts only the cells the full layer counts); and the
+dense executor's max pool against the float64 reference."""
 
 import numpy as np
 import pytest
@@ -69,30 +70,28 @@ def test_avgpool_chwb_border_divisors(nb, include_pad, s):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [16, 27])
-@pytest.mark.parametrize("k,s,hw,ceil", [(3, 2, (17, 17), False), (2, 2, (9, 12), False),
-                                         (3, 3, (13, 10), False), (2, 2, (9, 13), True)])
-def test_dense_strided_maxpool_through_chwb(n, k, s, hw, ceil, monkeypatch):
-    """The dense executor's strided max pool on a small map runs through the CHWB layout
-    (two transposes and these kernels), except in ceil mode; it agrees with the float64 reference executor and with
-    the per-plane kernel it replaces."""
+@pytest.mark.parametrize("k,s,pads,ceil", [(3, 2, (0, 0, 0, 0), False), (3, 2, (1, 1, 1, 1), False),
+                                          (2, 2, (0, 0, 0, 0), False), (2, 2, (0, 0, 0, 0), True),
+                                          (3, 1, (1, 1, 1, 1), False), (3, 3, (1, 0, 0, 1), False),
+                                          (5, 2, (2, 1, 2, 1), True), (4, 1, (0, 2, 1, 0), False),
+                                          (1, 2, (0, 0, 0, 0), False)])
+@pytest.mark.parametrize("hw", [(5, 7), (17, 17), (24, 33), (9, 40)])
+def test_dense_maxpool_matches_reference(k, s, pads, ceil, hw):
+    """The dense executor's max pool (``kernels_cpu.maxpool_cnhw_cpu``: fused 2- / 3-row and
+    2- / 3-tap loops, stride 2 over even / odd cells, -inf padding; general loops otherwise)
+    equals the float64 reference executor bit for bit, at widths below, at and past the vector
+    width, with asymmetric padding and ceil mode's windows that hang past the map."""
     from krypton_db.exec import cpu as C
     from krypton_db.exec import reference
     from krypton_db.graph import Graph
 
-    c = 6
-    ho, wo = (-(-(hw[0] - k) // s) + 1, -(-(hw[1] - k) // s) + 1) if ceil else \
-        ((hw[0] - k) // s + 1, (hw[1] - k) // s + 1)
+    c, n = 3, 5
+    t, l, b, r = pads
+    size = [(d + p0 + p1 - k + ((s - 1) if ceil else 0)) // s + 1 for d, p0, p1 in zip(hw, (t, l), (b, r))]
     g = Graph([Node("x", Op.INPUT, (), {}, {}, (c,) + hw),
-               Node("p", Op.MAXPOOL, ("x",), dict(kernel=(k, k), stride=(s, s), pads=(0, 0, 0, 0),
-                                                 ceil_mode=ceil), {}, (c, ho, wo))], "p")
-    x = np.random.default_rng(n + k).standard_normal((n, c) + hw).astype(np.float32)
-    calls = []
-    real = dense_cpu._maxpool_via_chwb
-    monkeypatch.setattr(dense_cpu, "_maxpool_via_chwb", lambda *a: (calls.append(1), real(*a))[1])
-    got = C.CpuExecutor(g).predict(x)
-    # ceil mode's last windows hang past the map: those stay on the per-plane kernel
-    assert bool(calls) != ceil, "the CHWB route was not taken" if not ceil else "taken in ceil mode"
-    np.testing.assert_array_equal(got, reference.run(g, x)["p"].astype(np.float32))
-    monkeypatch.setattr(dense_cpu, "CHWB_POOL_MAX_WO", 0)
-    np.testing.assert_array_equal(C.CpuExecutor(g).predict(x), got)
+               Node("p", Op.MAXPOOL, ("x",), dict(kernel=(k, k), stride=(s, s), pads=pads, ceil_mode=ceil),
+                    {}, (c, *size))], "p")
+    x = np.random.default_rng(k * 100 + s * 10 + hw[1]).standard_normal((n, c) + hw).astype(np.float32)
+    want = reference.run(g, x)["p"].astype(np.float32)
+    assert np.isfinite(want).all()
+    np.testing.assert_array_equal(C.CpuExecutor(g).predict(x), want)

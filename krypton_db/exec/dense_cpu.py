@@ -270,27 +270,9 @@ def pool_cnhw(x: np.ndarray, node: Node, pads=None, out_hw=None, out: np.ndarray
         inv = avgpool_inverse_counts(x.shape[2:], (kh, kw), (t, l, b, r), (ho, wo), inc)
         parallel_ranges(c * n, lambda lo, hi: kernels_cpu.avgpool_s1_cnhw_cpu(x, kh, kw, t, l, inv, lo, hi, out), 4)
         return out
-    if (is_max and (sh > 1 or sw > 1) and t == l == b == r == 0 and wo < CHWB_POOL_MAX_WO and n >= 16
-            and (ho - 1) * sh + kh <= x.shape[2] and (wo - 1) * sw + kw <= x.shape[3]):  # (not ceil mode's)
-        _maxpool_via_chwb(x, node, out)
-        return out
     parallel_ranges(c * n, lambda lo, hi: kernels_cpu.pool_cnhw_cpu(x, kh, kw, sh, sw, t, l, b, r, is_max, inc,
                                                            lo, hi, out), 4)
     return out
-
-
-# A strided max pool on a small map (Inception3's Mixed_7a.max_pool: 17x17 -> 8x8) runs per
-# [H, W] plane as a few 8-wide strided rows: 10 ms per batch of 48 at 768 channels. Through
-# the batch-innermost layout it is two transposes and 16-query vector maxima: ~3x faster.
-CHWB_POOL_MAX_WO = 16
-
-
-def _maxpool_via_chwb(x, node, out):
-    c, n, h, w = x.shape
-    buf = scratch_as("dense_in", (c, h, w, n))
-    parallel_ranges(c, lambda lo, hi: transpose_cpu.cnhw_to_chwb_cpu(x, 0, h, 0, 0, buf, lo, hi))
-    y = patch_cpu.maxpool_chwb(buf, node, out.shape[2:], alloc=lambda shape: scratch_as("dense_out", shape))
-    parallel_ranges(c, lambda lo, hi: transpose_cpu.chwb_to_cnhw_cpu(y, out, 0, lo, hi))
 
 
 def pointwise_any(x: np.ndarray, node: Node, out: np.ndarray | None = None) -> np.ndarray:
