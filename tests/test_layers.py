@@ -42,6 +42,8 @@ CONVS = [
     dict(k=(3, 3), stride=(2, 2), pads=(1, 1, 1, 1), group=6, cout=6),  # depthwise
     dict(k=(1, 1), stride=(1, 1), pads=(0, 0, 0, 0)),
     dict(k=(1, 1), stride=(2, 2), pads=(0, 0, 0, 0)),
+    dict(k=(1, 1), stride=(2, 3), pads=(0, 0, 0, 0), group=2),  # subsampled input, one GEMM per group
+    dict(k=(1, 1), stride=(2, 2), pads=(1, 0, 0, 1)),  # padded: the phase-plane route
     dict(k=(4, 4), stride=(4, 4), pads=(0, 0, 0, 0)),
 ]
 

@@ -81,6 +81,12 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
         if kh == kw == 1 and sh == sw == 1 and t == l == b == r == 0:
             conv1x1(x.reshape(c, ncols), cw, g, act, out2)
             return out
+        if kh == kw == 1 and t == l == b == r == 0 and dh == dw == 1:
+            # strided 1x1 (ResNet's downsample): the subsampled input is a plain GEMM's B
+            sub = scratch_as("dense_in", (c, n, ho, wo))
+            parallel_ranges(c * n, lambda lo, hi: kernels_cpu.subsample_cnhw_cpu(x, sh, sw, lo, hi, sub), 16)
+            conv1x1(sub.reshape(c, ncols), cw, g, act, out2)
+            return out
         if winograd_cpu.eligible(p, c, g, (ho, wo)):
             _conv_winograd(x, p, cw, act, (t, l), ho, wo, out)
             return out

@@ -61,7 +61,7 @@ def _shape_for_host() -> tuple[int, int, int]:
 VL, MR, NV = _shape_for_host()  # floats per vector, rows per micro-tile, vectors per row
 NR = VL * NV  # output columns per micro-tile
 KC = 256  # K block: one packed B strip (KC x NR floats, 48 KiB at NR = 48)
-NC = (int(__import__('os').environ.get('KRYPTON_GEMM_NC', 768)) // NR) * NR  # columns per packed B block (KC x NC floats = 768 KiB, in L2)
+NC = (768 // NR) * NR  # columns per packed B block (KC x NC floats = 768 KiB, in L2)
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 

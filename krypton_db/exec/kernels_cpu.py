@@ -204,6 +204,19 @@ def im2col_chunk_cpu(x, c0, cg, kh, kw, sh, sw, dh, dw, pt, pl, ho, wo, j0, j1, 
 
 
 @njit(nogil=True, cache=True)
+def subsample_cnhw_cpu(x, sh, sw, lo, hi, out):
+    """out[c, n, y, xx] = x[c, n, y * sh, xx * sw] over the (c, n) planes lo..hi-1 (flat
+    c * N + n): the input of a 1x1 strided conv without padding, which is then a plain GEMM."""
+    h, w = x.shape[2], x.shape[3]
+    ho, wo = out.shape[2], out.shape[3]
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    for cn in range(lo, hi):
+        for y in range(ho):
+            copy_strided_at(of, (cn * ho + y) * wo, xf, (cn * h + y * sh) * w, wo, sw)
+
+
+@njit(nogil=True, cache=True)
 def polyphase_cnhw_cpu(x, pt, pl, sh, sw, phases, out, lo, hi):
     """out[c, k, y, xx, n] = x[c, n, y*sh + p - pt, xx*sw + q - pl] for phase k = (p, q) =
     phases[k], zero outside x (channels lo..hi): the CHWB phase planes of a strided conv."""
