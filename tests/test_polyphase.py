@@ -1,7 +1,7 @@
 """Strided convolutions as tap GEMMs over the input's phase planes (patch_cpu.polyphase_taps)
-against the float64 numpy reference: dense (CNHW) and patch (CHWB) routes, kernels larger and
-smaller than the stride, asymmetric strides and padding, and the im2col lowering they replace
-(KRYPTON_POLYPHASE=0)."""
+against the float64 numpy reference: the dense routes (the shifted-window phase grid and the
+CHWB planes) and the patch (CHWB) route, kernels larger and smaller than the stride,
+asymmetric strides and padding, and the im2col lowering they replace (KRYPTON_POLYPHASE=0)."""
 
 import numpy as np
 import pytest
@@ -35,21 +35,57 @@ def _graph(cin, cout, hw, k, s, pads, rng):
     return Graph([x_node, conv, relu], "r")
 
 
+@pytest.mark.parametrize("route", ["grid", "planes"])
 @pytest.mark.parametrize("cin,cout,hw,k,s,pads", CASES)
-def test_dense_route(cin, cout, hw, k, s, pads, monkeypatch):
+def test_dense_route(cin, cout, hw, k, s, pads, route, monkeypatch):
+    """Both dense phase-plane routes -- the shifted-window phase grid (``_conv_phase_grid``,
+    forced here past its waste bound) and the CHWB planes (``_conv_polyphase``) -- against the
+    float64 reference and the im2col lowering."""
     rng = np.random.default_rng(cin * 100 + k[0])
     g = _graph(cin, cout, hw, k, s, pads, rng)
     x = rng.normal(size=(5, cin) + hw).astype(np.float32)
     calls = []
-    real = dense_cpu._conv_polyphase
-    monkeypatch.setattr(dense_cpu, "_conv_polyphase", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    name = "_conv_phase_grid" if route == "grid" else "_conv_polyphase"
+    real = getattr(dense_cpu, name)
+    monkeypatch.setattr(dense_cpu, name, lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    monkeypatch.setattr(conv_cpu, "PHASE_GRID", route == "grid")
+    monkeypatch.setattr(conv_cpu, "PHASE_GRID_MAX_WASTE", float("inf"))
+    monkeypatch.setattr(conv_cpu, "PHASE_GRID_MIN_O", 1)
     got = C.CpuExecutor(g).predict(x)
     # an unpadded 1x1 conv reads one phase: its subsampled input is a plain GEMM instead
     one_phase = k == (1, 1) and pads == (0, 0, 0, 0)
-    assert bool(calls) != one_phase, "route: phase planes expected" if not one_phase else "route: subsample expected"
+    assert bool(calls) != one_phase, f"route: {name} expected" if not one_phase else "route: subsample expected"
     assert rel_err(got, reference.run(g, x)["r"]) <= 1e-5
     monkeypatch.setattr(algorithms, "POLYPHASE", False)  # the im2col lowering agrees
     assert rel_err(C.CpuExecutor(g).predict(x), got) <= 1e-5
+
+
+@pytest.mark.parametrize("cin,groups", [(3, 1), (1, 1), (8, 2)])
+@pytest.mark.parametrize("k,s,pads", [((7, 7), (2, 2), (3, 3, 3, 3)), ((3, 3), (2, 2), (0, 0, 0, 0)),
+                                      ((3, 3), (2, 2), (1, 1, 1, 1))])
+def test_phase_grid_few_channels_and_groups(cin, groups, k, s, pads, monkeypatch):
+    """RGB / grey stems (ResNet's 7x7/2, Inception's and PP-LCNet's 3x3/2) and grouped convs on
+    the phase grid, several column chunks per image (the chunks' planes hang over image
+    borders and past the last image), against the float64 reference."""
+    rng = np.random.default_rng(cin + k[0])
+    hw = (37, 41)
+    cout = 6 * groups
+    w = (rng.normal(size=(cout, cin // groups) + k) / np.sqrt(cin * k[0] * k[1])).astype(np.float32)
+    t, l, bt, r = pads
+    out_hw = ((hw[0] + t + bt - k[0]) // s[0] + 1, (hw[1] + l + r - k[1]) // s[1] + 1)
+    g = Graph([Node("x", Op.INPUT, (), {}, {}, (cin,) + hw),
+               Node("c", Op.CONV, ("x",), dict(kernel=k, stride=s, pads=pads, dilation=(1, 1), groups=groups),
+                    {"W": w, "B": rng.normal(size=cout).astype(np.float32)}, (cout,) + out_hw)], "c")
+    x = rng.normal(size=(3, cin) + hw).astype(np.float32)
+    calls = []
+    real = dense_cpu._conv_phase_grid
+    monkeypatch.setattr(dense_cpu, "_conv_phase_grid", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    monkeypatch.setattr(conv_cpu, "PHASE_GRID_MAX_WASTE", float("inf"))
+    monkeypatch.setattr(conv_cpu, "PHASE_GRID_MIN_O", 1)
+    monkeypatch.setattr(dense_cpu, "SHIFT_BUDGET", 4096)  # small chunks
+    got = C.CpuExecutor(g).predict(x)
+    assert calls
+    assert rel_err(got, reference.run(g, x)["c"]) <= 1e-5
 
 
 # the dense executor builds phase planes for these (an unpadded 1x1 conv is subsampled instead)

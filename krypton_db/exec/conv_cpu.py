@@ -85,6 +85,23 @@ POLYPHASE_MIN_C = 16
 
 
 by_phase_planes = algorithms.by_phase_planes  # strided convs over phase planes
+# Strided convs over phase planes laid out as the shifted-window grid (``dense_cpu._conv_phase_grid``)
+# while the grid's dropped positions stay within PHASE_GRID_MAX_WASTE and the output has at
+# least PHASE_GRID_MIN_O channels; else CHWB phase planes / im2col. Measured per layer on
+# the 2-core AVX2 host, grid / present: ResNet18 conv1 (7x7/2 RGB, waste 0.05) 1.16x,
+# layer2.0.conv1 (0.07) 1.07x, Inception3's RGB stem (0.01) 1.09x, Mixed_6a.branch3x3 (0.12)
+# 1.04x; waste 0.15-0.31 (14x14 .. 7x7 outputs) 0.76-0.95x; PP-LCNet's 16-channel RGB stem
+# 0.90x (the epilogue's compaction pass is per output value, the im2col it saves per input).
+PHASE_GRID = os.environ.get("KRYPTON_PHASE_GRID", "1") != "0"
+PHASE_GRID_MAX_WASTE = 0.12
+PHASE_GRID_MIN_O = 32
+
+
+def phase_grid_waste(kh, kw, sh, sw, ho, wo) -> float:
+    """Share of extra phase-grid positions a strided conv computes and drops: the grid is
+    [hp, wp] = [ho + (kh-1)//sh, wo + (kw-1)//sw] per image for an ho x wo output."""
+    _, hp, wp = algorithms.phase_planes(kh, kw, sh, sw, ho, wo)
+    return hp * wp / (ho * wo) - 1.0
 
 # "own": convolutions run on gemm_cpu's tap GEMM; "openblas": on OpenBLAS sgemm, one call per
 # tap (the previous lowering, kept for comparison: KRYPTON_GEMM=openblas python bench/full.py)

@@ -15,7 +15,8 @@ from ..graph import ACTIVATION_CODES, OPS, Node, Op
 from ..planner import algorithms
 from . import blas_cpu
 from . import depthwise_cpu, kernels_cpu, patch_cpu, transpose_cpu, winograd1d_cpu, winograd4_cpu, winograd_cpu
-from .conv_cpu import POLYPHASE_MIN_C, ConvWeights, by_phase_planes, cols_chunk, conv1x1, conv_gemm
+from . import conv_cpu
+from .conv_cpu import POLYPHASE_MIN_C, ConvWeights, by_phase_planes, cols_chunk, conv1x1, conv_gemm, phase_grid_waste
 from .runtime import num_threads, parallel_chunks, parallel_ranges, scratch, scratch_as
 
 # Per-thread working-set targets (float32 values) for the conv column chunks. Measured on the
@@ -50,11 +51,15 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
     """Convolution of a CNHW batch; ``pads`` overrides the node's padding (incremental plans
     run on read-in contexts with padding 0).
 
-    Lowerings (all with the bias + activation fused into the per-chunk epilogue):
-    depthwise -> direct kernel; 1x1 stride 1 -> GEMM on the input itself; stride-1 convs on
-    maps large enough that the padded grid adds little -> shifted-window implicit GEMM (kh*kw
-    GEMMs with K = C over column offsets of a zero-padded copy of the chunk, no im2col);
-    everything else -> chunked im2col + GEMM."""
+    Lowerings (all with the bias + activation fused into the per-chunk epilogue), in the
+    order tried: depthwise -> direct kernel (``depthwise_cpu``); 1x1 stride 1 -> GEMM on the
+    input itself, unpadded strided 1x1 -> GEMM on the subsampled input; 3x3 stride 1 ->
+    Winograd; 1 x r / r x 1 -> 1-D Winograd; strided -> tap GEMM over phase planes, laid out
+    as the shifted-window grid while it wastes little (``_conv_phase_grid``), else in CHWB
+    (``_conv_polyphase``, 16+ channels); stride-1 on small maps -> CHWB patch kernels; on
+    maps large enough that the padded grid adds little -> shifted-window tap GEMM (column
+    offsets of a zero-padded copy of the chunk, no im2col); everything else -> chunked im2col
+    + GEMM."""
     p = node.params
     x = np.ascontiguousarray(x, np.float32)
     c, n, h, w = x.shape
@@ -92,6 +97,11 @@ def conv_cnhw(x: np.ndarray, node: Node, cw: ConvWeights, act=(0, np.float32(0),
             return out
         if winograd1d_cpu.eligible(p, c, g, (ho, wo)):
             _conv_winograd1d(x, p, cw, act, (t, l), ho, wo, out)
+            return out
+        if (algorithms.POLYPHASE and conv_cpu.PHASE_GRID and (sh > 1 or sw > 1) and dh == dw == 1
+                and og >= conv_cpu.PHASE_GRID_MIN_O
+                and phase_grid_waste(kh, kw, sh, sw, ho, wo) <= conv_cpu.PHASE_GRID_MAX_WASTE):
+            _conv_phase_grid(x, cw, g, cg, og, kh, kw, sh, sw, t, l, ho, wo, act, out)
             return out
         if by_phase_planes(p) and c >= POLYPHASE_MIN_C:
             _conv_polyphase(x, cw, act, (t, l), kh, kw, sh, sw, ho, wo, out)
@@ -215,6 +225,41 @@ def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
         y = scratch_as("dense_out", (o, oy1 - oy0, wo, n))
         patch_cpu.conv_rows(planes.reshape(c, -1), cw, offs, oy1 - oy0, wo, wp, n, act, y.reshape(o, -1))
         parallel_ranges(o, lambda lo, hi: transpose_cpu.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
+
+
+def _conv_phase_grid(x, cw, g, cg, og, kh, kw, sh, sw, t, l, ho, wo, act, out):
+    """Strided conv (dilation 1) as ``_conv_shifted`` over the input's phase planes: tap (i, j)
+    reads plane (i % sh, j % sw) of the phase grid [N, hp, wp] (``algorithms.phase_planes``) at
+    grid offset (i // sh) * wp + j // sw, so with the planes of a column chunk built side by
+    side per channel (``kernels_cpu.phasegrid_chunk_cpu``) the conv is one tap GEMM (row
+    c * T + t reads channel c's row at slot(t) * ld + offset(t)); grid positions past
+    [0, Ho) x [0, Wo) are computed and dropped by the epilogue (``conv_cpu.PHASE_GRID_MAX_WASTE``)."""
+    code, a0, a1 = act
+    n = x.shape[1]
+    used, hp, wp = algorithms.phase_planes(kh, kw, sh, sw, ho, wo)
+    slot = {ph: k for k, ph in enumerate(used)}
+    nph = len(used)
+    grid = n * hp * wp
+    maxoff = ((kh - 1) // sh) * wp + (kw - 1) // sw
+    qc = cols_chunk(grid, cg * nph + og, SHIFT_BUDGET)
+    ld = qc + maxoff
+    offs = np.array([slot[(i % sh, j % sw)] * ld + (i // sh) * wp + j // sw for i in range(kh) for j in range(kw)],
+                    np.int64)
+    phases = np.array(used, np.int64).reshape(-1, 2)
+    bias = cw.bias
+
+    def one(ci):
+        q0 = ci * qc
+        q1 = min(q0 + qc, grid)
+        m = q1 - q0
+        buf = scratch("work", cg * nph * ld).reshape(cg * nph, ld)
+        s = scratch("acc", og * qc).reshape(og, qc)[:, :m]
+        for gi in range(g):
+            kernels_cpu.phasegrid_chunk_cpu(x, gi * cg, cg, t, l, sh, sw, phases, hp, wp, q0, q1 + maxoff, buf)
+            conv_gemm(cw, gi, buf.reshape(cg, nph * ld), offs, 0, m, s)
+            kernels_cpu.shift_epilogue_cpu(s, gi * og, q0, q1, hp, wp, ho, wo, bias, code, a0, a1, out)
+
+    parallel_chunks(-(-grid // qc), one)
 
 
 def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out):

@@ -266,6 +266,44 @@ def padgrid_chunk_cpu(x, c0, cg, pt, pl, hs, wp, p0, p1, buf):
 
 
 @njit(nogil=True, cache=True)
+def phasegrid_chunk_cpu(x, c0, cg, pt, pl, sh, sw, phases, hp, wp, p0, p1, buf):
+    """buf[c * K + k, p - p0] = x[c0+c, n, yy*sh + ph - pt, xx*sw + q - pl] for phase k = (ph, q)
+    = phases[k] (K of them) and flat positions p = (n, yy, xx) in [p0, p1) of the phase grid
+    [N, hp, wp]; zero outside x and past the last image: the phase planes of a strided conv
+    in the shifted-window layout (``padgrid_chunk_cpu``'s, one plane per phase), each row a
+    strided copy (stride 2: vector shuffles). buf a C-contiguous [>= cg * K, >= p1 - p0]."""
+    n_, h, w = x.shape[1], x.shape[2], x.shape[3]
+    nph = phases.shape[0]
+    xf = x.reshape(-1)
+    bf = buf.reshape(-1)
+    ldb = buf.shape[1]
+    seg = _segments(p0, p1, hp, wp, wp)
+    for c in range(cg):
+        cbase = (c0 + c) * n_
+        for kp in range(nph):
+            ph = phases[kp, 0]
+            q = phases[kp, 1]
+            # grid columns xx whose input column xx*sw + q - pl lies in [0, w)
+            lo_x = max(0, (pl - q + sw - 1) // sw)
+            hi_x = max(0, (w + pl - q + sw - 1) // sw)
+            rbase = (c * nph + kp) * ldb
+            for k in range(seg.shape[0]):
+                n, yy, xx0, base, cnt = seg[k, 0], seg[k, 1], seg[k, 2], seg[k, 3], seg[k, 4]
+                d0 = rbase + base
+                y = yy * sh + ph - pt
+                if n >= n_ or y < 0 or y >= h:
+                    _zero_at(bf, d0, cnt)
+                    continue
+                xx1 = xx0 + cnt
+                a = min(max(xx0, lo_x), xx1)
+                b = max(min(xx1, hi_x), a)
+                _zero_at(bf, d0, a - xx0)
+                if b > a:
+                    copy_strided_at(bf, d0 + a - xx0, xf, ((cbase + n) * h + y) * w + a * sw + q - pl, b - a, sw)
+                _zero_at(bf, d0 + b - xx0, xx1 - b)
+
+
+@njit(nogil=True, cache=True)
 def shift_epilogue_cpu(s, o0, q0, q1, hs, wp, ho, wo, b, code, a0, a1, out):
     """out[o0+o, n, y, x] = act(s[o, q - q0] + b[o0+o]) for the padded-grid positions
     q = (n, y, x) in [q0, q1) that are real outputs (y < ho, x < wo). s: a row-major [og, >=m]
@@ -349,7 +387,7 @@ def maxpool_cnhw_cpu(x, kh, kw, sh, sw, pt, pl, lo, hi, out):
     (vector shuffles), so tap j reads ``(even, odd)[j % 2][ox + j // 2]`` instead of the
     stride-2 gather ``row[2 * ox + j]`` (which numba compiles to scalar loads: Inception3's
     147x147 3x3/2 pool ran at 1/6 of ORT's speed that way)."""
-    n_, h, w = x.shape[1], x.shape[2], x.shape[3]
+    h, w = x.shape[2], x.shape[3]
     ho, wo = out.shape[2], out.shape[3]
     wpad = max(pl + w, (wo - 1) * sw + kw)
     vpad = np.full(wpad, -np.inf, np.float32)  # cells outside [pl, pl + w) stay -inf
