@@ -7,7 +7,6 @@ dense executor's max pool against the float64 reference."""
 import numpy as np
 import pytest
 
-from krypton_db.exec import dense_cpu
 from krypton_db.exec import patch_cpu as P
 from krypton_db.graph import Node, Op
 
