@@ -29,8 +29,14 @@ from .transpose_cpu import T as VL
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
-# V / M scratch per column chunk (floats): as winograd_cpu's
-CHUNK_FLOATS = 1 << 21
+# V / M scratch per column chunk and thread (floats; 2 MiB; winograd_cpu's F(2x2) takes 8):
+# F(4x4) runs the 64..~240-channel convs, whose filters are small enough to be re-read per
+# narrower chunk, and 37 slots of V / M over 8 MiB chunks made its transforms memory-bound.
+# On the 2-core AVX2 host (512 KiB L2 per core), two sweeps of 3 interleaved rounds, 8 -> 2
+# MiB: ResNet18 64 channels at 56x56 31.3-34.5 -> 24.3-30.6 ms, 128 at 28x28 17.9-23.4 ->
+# 13.9-17.0, VGG16 128 at 112x112 289-323 -> 227-249 (the F(2x2) layers showed no
+# consistent change and keep 8 MiB). Not measured on AVX-512.
+CHUNK_FLOATS = 1 << 19
 
 _M, _R = 4, 3
 # interpolation points (plus infinity): 2 and -1/2 instead of the usual +-2 halve the float32
