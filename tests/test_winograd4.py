@@ -89,11 +89,14 @@ def test_chwb_patch_route(cin, cout, hw, n, monkeypatch):
                                           ((0, 2, 1, 0), (9, 9), 1 << 14)])
 def test_dense_route_with_fused_activation(op, params, pads, hw, band, monkeypatch):
     """Whole-map convs through CHWB bands (multiples of 4 rows); small bands force several
-    bands and a partial last one."""
+    bands and a partial last one, and then also column chunks of one micro-tile strip (the
+    dense route's own ``DENSE_CHUNK_FLOATS``)."""
     rng = np.random.default_rng(7)
     g = _conv_graph(64, 64, hw, pads, rng, act=None if op is None else (op, params))
     x = rng.normal(size=(6, 64) + hw).astype(np.float32)
     monkeypatch.setattr(dense_cpu, "WINO_BAND_FLOATS", band)
+    if band < 1 << 20:
+        monkeypatch.setattr(W4, "DENSE_CHUNK_FLOATS", 1 << 12)
     calls = _spy(monkeypatch, W4)
     got = C.CpuExecutor(g).predict(x)
     assert calls, "the F(4x4, 3x3) route was not taken"

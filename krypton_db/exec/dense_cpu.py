@@ -171,7 +171,10 @@ def _conv_winograd(x, p, cw, act, tl, ho, wo, out):
         pt = ylo - (oy0 - t)
         parallel_ranges(c, lambda lo, hi: transpose_cpu.cnhw_to_chwb_cpu(x, ylo, yhi, pt, l, buf, lo, hi))
         y = scratch_as("dense_out", (o, oy1 - oy0, wo, n))
-        kern.conv(buf, filters, cw.bias, act, y)
+        if kern is winograd4_cpu:
+            kern.conv(buf, filters, cw.bias, act, y, chunk_floats=winograd4_cpu.DENSE_CHUNK_FLOATS)
+        else:
+            kern.conv(buf, filters, cw.bias, act, y)
         parallel_ranges(o, lambda lo, hi: transpose_cpu.chwb_to_cnhw_cpu(y, out, oy0, lo, hi))
 
 

@@ -29,14 +29,16 @@ from .transpose_cpu import T as VL
 
 _NJ = dict(cache=True, nogil=True, fastmath=False)
 
-# V / M scratch per column chunk and thread (floats; 2 MiB; winograd_cpu's F(2x2) takes 8):
-# F(4x4) runs the 64..~240-channel convs, whose filters are small enough to be re-read per
-# narrower chunk, and 37 slots of V / M over 8 MiB chunks made its transforms memory-bound.
-# On the 2-core AVX2 host (512 KiB L2 per core), two sweeps of 3 interleaved rounds, 8 -> 2
-# MiB: ResNet18 64 channels at 56x56 31.3-34.5 -> 24.3-30.6 ms, 128 at 28x28 17.9-23.4 ->
-# 13.9-17.0, VGG16 128 at 112x112 289-323 -> 227-249 (the F(2x2) layers showed no
-# consistent change and keep 8 MiB). Not measured on AVX-512.
-CHUNK_FLOATS = 1 << 19
+# V / M scratch per column chunk (floats): as winograd_cpu's
+CHUNK_FLOATS = 1 << 21
+# ... and for the dense (full-inference) route's bands, 2 MiB: there 37 slots of V / M over
+# 8 MiB chunks made F(4x4)'s transforms memory-bound. On the 2-core AVX2 host (512 KiB L2 per
+# core), two sweeps of 3 interleaved rounds, 8 -> 2 MiB: ResNet18 64 channels at 56x56
+# 31.3-34.5 -> 24.3-30.6 ms, 128 at 28x28 17.9-23.4 -> 13.9-17.0, VGG16 128 at 112x112 289-323
+# -> 227-249 (F(2x2) showed no consistent change). The patch route keeps 8 MiB: its batched
+# small regions reuse the filters across wide chunks (ResNet18 exact occlusion 6.6-7.8 s at 8
+# MiB, 7.3-7.9 s at 2). Not measured on AVX-512.
+DENSE_CHUNK_FLOATS = 1 << 19
 
 _M, _R = 4, 3
 # interpolation points (plus infinity): 2 and -1/2 instead of the usual +-2 halve the float32
@@ -133,10 +135,11 @@ def output_transform_cpu(mf, m0, mplane, ntx, j0, j1, bias, code, a0, a1, out, t
             t += 1
 
 
-def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.ndarray) -> None:
+def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.ndarray,
+         chunk_floats: int | None = None) -> None:
     """3x3 stride-1 convolution (padding 0) of buf [C, hR, wR, B] into out [O, ho, wo, B]
     (ho <= hR - 2, wo <= wR - 2) with bias + activation; ``filters`` from
-    ``transform_filters``."""
+    ``transform_filters``; V / M scratch per chunk ``chunk_floats`` (default ``CHUNK_FLOATS``)."""
 
     c, nb = buf.shape[0], buf.shape[3]
     o, ho, wo, _ = out.shape
@@ -149,4 +152,4 @@ def conv(buf: np.ndarray, filters: np.ndarray, bias: np.ndarray, act, out: np.nd
         winograd_cpu.gemms(filters, o, c, vm, sl, j1 - j0)
         output_transform_cpu(vm, 0, sl, ntx, j0, j1, bias, code, a0, a1, out, tmp)
 
-    winograd_cpu.run_chunks(-(-ho // _M) * ntx * nb, len(filters), max(c, o), CHUNK_FLOATS, body)
+    winograd_cpu.run_chunks(-(-ho // _M) * ntx * nb, len(filters), max(c, o), chunk_floats or CHUNK_FLOATS, body)
