@@ -1,7 +1,8 @@
 """Strided convolutions as tap GEMMs over the input's phase planes (patch_cpu.polyphase_taps)
 against the float64 numpy reference: the dense routes (the shifted-window phase grid and the
 CHWB planes) and the patch (CHWB) route, kernels larger and smaller than the stride,
-asymmetric strides and padding, and the im2col lowering they replace (KRYPTON_POLYPHASE=0)."""
+asymmetric strides and padding, and the im2col lowering they replace (KRYPTON_POLYPHASE=0); and
+the stride-1 shifted-window route whose grid frame the phase grid shares."""
 
 import numpy as np
 import pytest
@@ -146,3 +147,29 @@ def test_phase_taps():
     assert offs[8] == 0 * 64 + 1 * 8 + 1
     phases, offs, hp, wp = algorithms.polyphase_taps(1, 1, 2, 2, 7, 7, 4)
     assert phases.tolist() == [[0, 0]] and offs.tolist() == [0]
+
+
+@pytest.mark.parametrize("k,pads,dil,groups", [((5, 5), (2, 2, 2, 2), (1, 1), 1), ((3, 3), (1, 0, 2, 1), (1, 1), 2),
+                                               ((3, 3), (2, 2, 2, 2), (2, 2), 1)])
+def test_shifted_window_route(k, pads, dil, groups, monkeypatch):
+    """Stride-1 convs on the shifted-window grid (``_conv_shifted``, the frame it shares with
+    the phase grid), small chunks so chunks straddle rows and images, against the float64
+    reference."""
+    rng = np.random.default_rng(k[0] + groups)
+    cin, cout, hw = 32 * groups, 8 * groups, (19, 23)
+    w = (rng.normal(size=(cout, cin // groups) + k) / np.sqrt(cin * k[0] * k[1])).astype(np.float32)
+    t, l, bt, r = pads
+    out_hw = (hw[0] + t + bt - dil[0] * (k[0] - 1), hw[1] + l + r - dil[1] * (k[1] - 1))
+    g = Graph([Node("x", Op.INPUT, (), {}, {}, (cin,) + hw),
+               Node("c", Op.CONV, ("x",), dict(kernel=k, stride=(1, 1), pads=pads, dilation=dil, groups=groups),
+                    {"W": w, "B": rng.normal(size=cout).astype(np.float32)}, (cout,) + out_hw)], "c")
+    x = rng.normal(size=(3, cin) + hw).astype(np.float32)
+    calls = []
+    real = dense_cpu._conv_shifted
+    monkeypatch.setattr(dense_cpu, "_conv_shifted", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    monkeypatch.setattr(dense_cpu, "SHIFT_BUDGET", 8192)
+    monkeypatch.setattr(algorithms, "WINOGRAD", False)
+    monkeypatch.setattr(dense_cpu, "CHWB_MIN_WASTE", float("inf"))
+    got = C.CpuExecutor(g).predict(x)
+    assert calls, "the shifted-window route was not taken"
+    assert rel_err(got, reference.run(g, x)["c"]) <= 1e-5

@@ -233,36 +233,22 @@ def _conv_polyphase(x, cw, act, tl, kh, kw, sh, sw, ho, wo, out):
 def _conv_phase_grid(x, cw, g, cg, og, kh, kw, sh, sw, t, l, ho, wo, act, out):
     """Strided conv (dilation 1) as ``_conv_shifted`` over the input's phase planes: tap (i, j)
     reads plane (i % sh, j % sw) of the phase grid [N, hp, wp] (``algorithms.phase_planes``) at
-    grid offset (i // sh) * wp + j // sw, so with the planes of a column chunk built side by
-    side per channel (``kernels_cpu.phasegrid_chunk_cpu``) the conv is one tap GEMM (row
-    c * T + t reads channel c's row at slot(t) * ld + offset(t)); grid positions past
-    [0, Ho) x [0, Wo) are computed and dropped by the epilogue (``conv_cpu.PHASE_GRID_MAX_WASTE``)."""
-    code, a0, a1 = act
-    n = x.shape[1]
+    grid offset (i // sh) * wp + j // sw; with a chunk's planes side by side per channel
+    (``kernels_cpu.phasegrid_chunk_cpu``, one row of ld values per plane) tap t of channel c
+    is read at slot(t) * ld + offset(t) of the channel's row. Grid positions past [0, Ho) x
+    [0, Wo) are computed and dropped (``conv_cpu.PHASE_GRID_MAX_WASTE``)."""
     used, hp, wp = algorithms.phase_planes(kh, kw, sh, sw, ho, wo)
     slot = {ph: k for k, ph in enumerate(used)}
-    nph = len(used)
-    grid = n * hp * wp
-    maxoff = ((kh - 1) // sh) * wp + (kw - 1) // sw
-    qc = cols_chunk(grid, cg * nph + og, SHIFT_BUDGET)
-    ld = qc + maxoff
-    offs = np.array([slot[(i % sh, j % sw)] * ld + (i // sh) * wp + j // sw for i in range(kh) for j in range(kw)],
-                    np.int64)
     phases = np.array(used, np.int64).reshape(-1, 2)
-    bias = cw.bias
 
-    def one(ci):
-        q0 = ci * qc
-        q1 = min(q0 + qc, grid)
-        m = q1 - q0
-        buf = scratch("work", cg * nph * ld).reshape(cg * nph, ld)
-        s = scratch("acc", og * qc).reshape(og, qc)[:, :m]
-        for gi in range(g):
-            kernels_cpu.phasegrid_chunk_cpu(x, gi * cg, cg, t, l, sh, sw, phases, hp, wp, q0, q1 + maxoff, buf)
-            conv_gemm(cw, gi, buf.reshape(cg, nph * ld), offs, 0, m, s)
-            kernels_cpu.shift_epilogue_cpu(s, gi * og, q0, q1, hp, wp, ho, wo, bias, code, a0, a1, out)
+    def offsets(ld):
+        return [slot[(i % sh, j % sw)] * ld + (i // sh) * wp + j // sw for i in range(kh) for j in range(kw)]
 
-    parallel_chunks(-(-grid // qc), one)
+    def fill(gi, q0, q1, buf):
+        kernels_cpu.phasegrid_chunk_cpu(x, gi * cg, cg, t, l, sh, sw, phases, hp, wp, q0, q1, buf)
+
+    _grid_tap_gemm(cw, g, cg, og, len(used), x.shape[1], hp, wp, ((kh - 1) // sh) * wp + (kw - 1) // sw,
+                   offsets, fill, ho, wo, act, out)
 
 
 def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out):
@@ -274,24 +260,37 @@ def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, o
     contributes W[:, :, i, j] @ grid[:, q0 + off : q1 + off] -- one plain GEMM on a column
     window, no 9x im2col copy. Grid positions outside [0, Ho) x [0, Wo) are computed and
     dropped by the epilogue (the ``SHIFT_MAX_WASTE`` bound)."""
+
+    def fill(gi, q0, q1, buf):
+        kernels_cpu.padgrid_chunk_cpu(x, gi * cg, cg, t, l, hs, wp, q0, q1, buf)
+
+    _grid_tap_gemm(cw, g, cg, og, 1, x.shape[1], hs, wp, (kh - 1) * dh * wp + (kw - 1) * dw,
+                   lambda ld: [i * dh * wp + j * dw for i in range(kh) for j in range(kw)], fill, ho, wo, act, out)
+
+
+def _grid_tap_gemm(cw, g, cg, og, nplanes, n, hs, wp, maxoff, offsets, fill, ho, wo, act, out):
+    """The frame of the grid convs (``_conv_shifted``, ``_conv_phase_grid``): the grid's
+    N * hs * wp positions in column chunks over the threads; per chunk and group,
+    ``fill(gi, q0, q1, buf)`` lays the chunk's input out as ``nplanes`` rows of ld = chunk +
+    maxoff values per channel (positions q0 .. q1 of each plane), one tap GEMM with the tap
+    offsets ``offsets(ld)`` into each channel's rows, and the epilogue keeps positions inside
+    [0, Ho) x [0, Wo) of each image (bias + activation)."""
     code, a0, a1 = act
-    n = x.shape[1]
     grid = n * hs * wp
-    maxoff = (kh - 1) * dh * wp + (kw - 1) * dw
-    qc = cols_chunk(grid, cg + og, SHIFT_BUDGET)
+    qc = cols_chunk(grid, cg * nplanes + og, SHIFT_BUDGET)
     ld = qc + maxoff
-    offs = np.array([i * dh * wp + j * dw for i in range(kh) for j in range(kw)], np.int64)
+    offs = np.array(offsets(ld), np.int64)
     bias = cw.bias
 
     def one(ci):
         q0 = ci * qc
         q1 = min(q0 + qc, grid)
         m = q1 - q0
-        buf = scratch("work", cg * ld).reshape(cg, ld)
+        buf = scratch("work", cg * nplanes * ld).reshape(cg * nplanes, ld)
         s = scratch("acc", og * qc).reshape(og, qc)[:, :m]
         for gi in range(g):
-            kernels_cpu.padgrid_chunk_cpu(x, gi * cg, cg, t, l, hs, wp, q0, q1 + maxoff, buf)
-            conv_gemm(cw, gi, buf, offs, 0, m, s)
+            fill(gi, q0, q1 + maxoff, buf)
+            conv_gemm(cw, gi, buf.reshape(cg, nplanes * ld), offs, 0, m, s)
             kernels_cpu.shift_epilogue_cpu(s, gi * og, q0, q1, hs, wp, ho, wo, bias, code, a0, a1, out)
 
     parallel_chunks(-(-grid // qc), one)
