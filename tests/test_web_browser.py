@@ -211,7 +211,10 @@ def test_live_probability_follows_the_cursor(browser, server, mri, shots):
     assert len(set(zip(ys, xs))) > 15  # the patch really moved
     api = kdb.occlude(mri["model"], mri["image"], patch=16, positions=list(zip(ys, xs)),
                       progress=False)
-    np.testing.assert_allclose([s[2] for s in shown], api.probs.ravel(), atol=1e-6)
+    # both are exact IVM, batched differently (the live path one position at a time): float32
+    # sums in another order, 1.2e-6 apart at one position in one CI run; the project's exact
+    # bound against naive re-inference is 1e-5
+    np.testing.assert_allclose([s[2] for s in shown], api.probs.ravel(), atol=1e-5)
     naive = kdb.occlude(mri["model"], mri["image"], patch=16, positions=list(zip(ys, xs))[:4],
                         mode="naive", progress=False)
     np.testing.assert_allclose([s[2] for s in shown[:4]], naive.probs.ravel(), atol=1e-5)

@@ -251,6 +251,9 @@ def _conv_phase_grid(x, cw, g, cg, og, kh, kw, sh, sw, t, l, ho, wo, act, out):
                    offsets, fill, ho, wo, act, out)
 
 
+_ONE_PHASE = np.zeros((1, 2), np.int64)  # a stride-1 grid: the phase grid's one phase (0, 0)
+
+
 def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, out):
     """Stride-1 conv as kh*kw accumulated GEMMs over shifted column windows.
 
@@ -262,7 +265,7 @@ def _conv_shifted(x, cw, g, cg, og, kh, kw, dh, dw, t, l, hs, wp, ho, wo, act, o
     dropped by the epilogue (the ``SHIFT_MAX_WASTE`` bound)."""
 
     def fill(gi, q0, q1, buf):
-        kernels_cpu.padgrid_chunk_cpu(x, gi * cg, cg, t, l, hs, wp, q0, q1, buf)
+        kernels_cpu.phasegrid_chunk_cpu(x, gi * cg, cg, t, l, 1, 1, _ONE_PHASE, hs, wp, q0, q1, buf)
 
     _grid_tap_gemm(cw, g, cg, og, 1, x.shape[1], hs, wp, (kh - 1) * dh * wp + (kw - 1) * dw,
                    lambda ld: [i * dh * wp + j * dw for i in range(kh) for j in range(kw)], fill, ho, wo, act, out)

@@ -154,6 +154,9 @@ def copy_at(d, doff, s, soff, n):
 @njit(inline="always")
 def copy_strided_at(d, doff, s, soff, n, step):
     """d[doff + q] = s[soff + q*step] for q < n (stride 2 as vector shuffles: ``simd_cpu``)."""
+    if step == 1:
+        copy_at(d, doff, s, soff, n)
+        return
     if step == 2:
         copy_stride2_at(d, doff, s, soff, n)
         return
@@ -239,39 +242,14 @@ def polyphase_cnhw_cpu(x, pt, pl, sh, sw, phases, out, lo, hi):
 
 
 @njit(nogil=True, cache=True)
-def padgrid_chunk_cpu(x, c0, cg, pt, pl, hs, wp, p0, p1, buf):
-    """buf[c, p - p0] = x[c0+c, n, yy-pt, xx-pl] for flat positions p in [p0, p1) of the padded
-    grid [N, hs, wp] (p = (n, yy, xx)); zero in the padding and past the last image.
-    x C-contiguous, buf a C-contiguous [>= cg, >= p1-p0]."""
-    n_, h, w = x.shape[1], x.shape[2], x.shape[3]
-    xf = x.reshape(-1)
-    bf = buf.reshape(-1)
-    ldb = buf.shape[1]
-    seg = _segments(p0, p1, hs, wp, wp)
-    for c in range(cg):
-        cbase = (c0 + c) * n_
-        for k in range(seg.shape[0]):
-            n, yy, xx0, base, cnt = seg[k, 0], seg[k, 1], seg[k, 2], seg[k, 3], seg[k, 4]
-            d0 = c * ldb + base
-            y = yy - pt
-            if n >= n_ or y < 0 or y >= h:
-                _zero_at(bf, d0, cnt)
-                continue
-            xx1 = xx0 + cnt
-            a = min(max(xx0, pl), xx1)
-            b = max(min(xx1, pl + w), a)
-            _zero_at(bf, d0, a - xx0)
-            copy_at(bf, d0 + a - xx0, xf, ((cbase + n) * h + y) * w + a - pl, b - a)
-            _zero_at(bf, d0 + b - xx0, xx1 - b)
-
-
-@njit(nogil=True, cache=True)
 def phasegrid_chunk_cpu(x, c0, cg, pt, pl, sh, sw, phases, hp, wp, p0, p1, buf):
     """buf[c * K + k, p - p0] = x[c0+c, n, yy*sh + ph - pt, xx*sw + q - pl] for phase k = (ph, q)
     = phases[k] (K of them) and flat positions p = (n, yy, xx) in [p0, p1) of the phase grid
     [N, hp, wp]; zero outside x and past the last image: the phase planes of a strided conv
-    in the shifted-window layout (``padgrid_chunk_cpu``'s, one plane per phase), each row a
-    strided copy (stride 2: vector shuffles). buf a C-contiguous [>= cg * K, >= p1 - p0]."""
+    in the shifted-window layout, each row a strided copy (stride 2: vector shuffles). With
+    stride 1 and the one phase (0, 0) it is the stride-1 shifted-window conv's zero-padded
+    grid [N, hs, wp] (rows / images sharing their padding). x C-contiguous, buf a
+    C-contiguous [>= cg * K, >= p1 - p0]."""
     n_, h, w = x.shape[1], x.shape[2], x.shape[3]
     nph = phases.shape[0]
     xf = x.reshape(-1)
