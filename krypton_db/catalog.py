@@ -41,7 +41,6 @@ import numpy as np
 import pyarrow as pa
 
 from .catalog_datasets import DatasetRecords
-from .digests import file_digest
 from .catalog_file import ALIAS, DEFAULT_LOCK_TIMEOUT, CatalogBusyError, CatalogError, CatalogFile
 from .catalog_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, TABLES
 from .errors import InputError, KryptonError
@@ -92,9 +91,10 @@ def to_json(obj) -> str:
 
 
 def model_digest(model) -> str:
-    """The content address of a model: sha256 of its ONNX file, preprocessing and labels."""
+    """The content address of a model: sha256 of its files (the ONNX file and its external
+    data), preprocessing and labels."""
     meta = to_json({"preprocessing": model.spec.to_dict(), "labels": list(model.labels)})
-    return hashlib.sha256(f"{file_digest(model.source)}:{meta}".encode()).hexdigest()
+    return hashlib.sha256(f"{model.content_digest}:{meta}".encode()).hexdigest()
 
 
 def image_digest(px: np.ndarray) -> str:

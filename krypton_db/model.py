@@ -22,7 +22,7 @@ import numpy as np
 from . import images, zoo
 from . import precision as conv_choice  # (``precision`` is also with_precision's argument)
 from .checks import check_preprocess
-from .digests import file_digest
+from .digests import files_digest
 from .errors import InputError, ModelError
 from .exec.cpu import CpuExecutor
 from .planner.physical import PhysicalPlan
@@ -84,6 +84,17 @@ class Model:
     # how the per-conv algorithms in ``graph`` were chosen (``precision.Choice``; None: not
     # calibrated, every conv at its fastest algorithm)
     algorithm_choice: object = field(default=None, repr=False)
+    # the files whose bytes define the model: ``source`` and its ONNX external-data files (()
+    # means ``source`` alone), and their digest as they were read (``digests.files_digest``):
+    # the catalog's and the precision cache's content address of what this object holds, not
+    # of whatever the files hold later
+    data_files: tuple = field(default=(), repr=False)
+    loaded_digest: str | None = field(default=None, repr=False)
+
+    @property
+    def content_digest(self) -> str:
+        """sha256 over the model's files as loaded (now, for a model built without one)."""
+        return self.loaded_digest or files_digest(self.data_files or (self.source,))
 
     # -- inputs ----------------------------------------------------------------------------
     @property
@@ -252,7 +263,7 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
         name = name or src[4:]
     elif not is_torch_module(source):
         path = Path(src).expanduser()
-    graph, layout, onnx_model = import_onnx(path, name=name or Path(path).stem)
+    graph, layout, onnx_model, data_files = import_onnx(path, name=name or Path(path).stem)
     meta = _metadata(onnx_model)
     c, h, w = graph.input_shape
     pre = {"size": [h, w], "layout": layout, "channels": c, "scale": 1.0 / 255.0,
@@ -271,7 +282,9 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
     if len(labs) != n:
         raise ModelError(f"{len(labs)} labels given for a model with {n} classes")
     del onnx_model
-    graph, choice = conv_choice.apply(graph, file_digest(path), zoo.cache_dir() / "precision",
+    digest = files_digest(data_files)
+    graph, choice = conv_choice.apply(graph, digest, zoo.cache_dir() / "precision",
                                     conv_algorithms)
     return_freed_heap()
-    return Model(name or graph.name, graph, Path(path), layout, spec, labs, algorithm_choice=choice)
+    return Model(name or graph.name, graph, Path(path), layout, spec, labs, algorithm_choice=choice,
+                 data_files=data_files, loaded_digest=digest)

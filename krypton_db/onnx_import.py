@@ -32,19 +32,63 @@ from .graph_passes import simplify
 _BATCH = 9973
 
 
-def _read(source) -> "onnx.ModelProto":  # noqa: F821
+def _read(source) -> tuple["onnx.ModelProto", tuple[Path, ...]]:  # noqa: F821
+    """The parsed model with its external data loaded, and the files that hold it: the ONNX
+    file, then each external-data file once, in first-use order (their bytes define the model
+    as much as the ONNX file's do: ``digests.files_digest`` hashes all of them)."""
     import onnx
 
     path = Path(source)
     if not path.is_file():
         raise ModelError(f"ONNX file not found: {path}")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise ModelError(f"cannot parse ONNX file {path} (truncated or not an ONNX model): {exc}")
     if not model.graph.node:
         raise ModelError(f"ONNX file {path} has an empty graph (truncated or not a model)")
-    return model
+    data_files = _external_data_files(model.graph, path.parent)
+    for f in data_files:
+        if not f.is_file():
+            raise ModelError(f"ONNX file {path} keeps weights in {f}, which does not exist (external "
+                             "data files must stay beside the model, at the location it names)")
+    if data_files:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # a short file, an offset past its end, a location outside the folder
+            raise ModelError(f"cannot read the external data of ONNX file {path}: {exc}") from None
+    return model, (path, *data_files)
+
+
+def _external_data_files(graph, base: Path) -> tuple[Path, ...]:
+    """The external-data files the tensors of ``graph`` (initializers, constant attributes,
+    subgraphs) name, once each, in first-use order. Written here over the public proto fields:
+    onnx's own walker (``external_data_helper._get_all_tensors``) is private."""
+    from onnx import AttributeProto, TensorProto
+    from onnx.external_data_helper import ExternalDataInfo
+
+    found: dict[Path, None] = {}
+
+    def tensor(t):
+        if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL:
+            found.setdefault(base / ExternalDataInfo(t).location, None)
+
+    def walk(g):
+        for t in g.initializer:
+            tensor(t)
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == AttributeProto.TENSOR:
+                    tensor(a.t)
+                for t in a.tensors:
+                    tensor(t)
+                if a.type == AttributeProto.GRAPH:
+                    walk(a.g)
+                for sub in a.graphs:
+                    walk(sub)
+
+    walk(graph)
+    return tuple(found)
 
 
 def _attrs(node) -> dict:
@@ -593,12 +637,13 @@ def _uniq(names: set[str], base: str) -> str:
     return name
 
 
-def import_onnx(source, name: str | None = None) -> tuple[Graph, str, "onnx.ModelProto"]:  # noqa: F821
-    """Load an ONNX classifier; returns (graph, input layout 'NCHW'|'NHWC', the ONNX model)."""
-    model = _read(source)
+def import_onnx(source, name: str | None = None) -> tuple[Graph, str, "onnx.ModelProto", tuple[Path, ...]]:  # noqa: F821
+    """Load an ONNX classifier; returns (graph, input layout 'NCHW'|'NHWC', the ONNX model,
+    the files that define it: the ONNX file and its external-data files)."""
+    model, data_files = _read(source)
     imp = _Importer(model, name or Path(source).stem)
     g = imp.run()
     g, layout = simplify(g)
     if len(g.input.shape) != 3:
         raise ModelError(f"input per-sample shape {g.input.shape} is not an image")
-    return g, layout, model
+    return g, layout, model, data_files

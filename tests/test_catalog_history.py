@@ -279,3 +279,61 @@ def test_read_only_shell_refuses_writes(files, tmp_path):
     assert r.returncode == 1 and "(1 row)" in r.stdout and "read-only" in r.stderr, r.stderr
     with kdb.connect(path, read_only=True) as s:  # the query was not recorded
         assert rows(s, "SELECT count(*) FROM runs") == [(0,)]
+
+
+def _save_external(model: onnx.ModelProto, folder: Path, data: str = "weights.bin") -> Path:
+    """The model as an ONNX file whose every initializer lives in ``data`` beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, folder / "net.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=data, size_threshold=0)
+    assert (folder / data).stat().st_size > (folder / "net.onnx").stat().st_size
+    return folder / "net.onnx"
+
+
+def test_external_data_is_part_of_the_models_identity(files, tmp_path):
+    """An ONNX file with external data: the weights file is read (same probabilities as ONNX
+    Runtime, which loads it itself) and is part of the content address, so new weights under
+    the same .onnx file make a new model version and the old version refuses to load with
+    them; a missing weights file is a KryptonError naming it, from the API and the language.
+    A single-file model's address stays the sha256 of its bytes."""
+    import hashlib
+
+    import onnxruntime as ort
+
+    from krypton_db.catalog import model_digest
+
+    path = _save_external(tiny_net(1), tmp_path / "ext")
+    m = kdb.load_model(path)
+    x = np.random.default_rng(5).random((2, 3, 16, 16), dtype=np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(m.predict(x), want, atol=1e-6)
+    assert m.data_files == (path, tmp_path / "ext" / "weights.bin")
+
+    with kdb.connect(tmp_path / "c.duckdb") as s:
+        s.sql(f"CREATE MODEL m FROM '{path}'")
+        # the same .onnx bytes, other weights in the external file (rewritten at once: the
+        # digest cache must not serve the old file's digest for a file just written)
+        data = tmp_path / "ext" / "weights.bin"
+        w = np.frombuffer(data.read_bytes(), np.float32).copy()  # every tensor is float32
+        data.write_bytes((w * np.float32(1.5)).tobytes())
+        m2 = kdb.load_model(path)
+        want2 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        np.testing.assert_allclose(m2.predict(x), want2, atol=1e-6)
+        assert np.abs(want2 - want).max() > 1e-3
+        assert model_digest(m2) != model_digest(m)
+        with pytest.raises(kdb.KryptonError, match="changed since it was registered"):
+            s.catalog.get_model("m", version=1)
+        s.sql(f"CREATE OR REPLACE MODEL m FROM '{path}'")
+        assert rows(s, "SELECT name, version FROM models ORDER BY id") == [("m", 1), ("m", 2)]
+
+        (tmp_path / "ext" / "weights.bin").unlink()
+        with pytest.raises(kdb.KryptonError, match="weights.bin.*does not exist"):
+            kdb.load_model(path)
+        with pytest.raises(kdb.KryptonError, match="weights.bin.*does not exist"):
+            s.sql(f"CREATE OR REPLACE MODEL m FROM '{path}'")
+        assert rows(s, "SELECT count(*) FROM models") == [(2,)]  # nothing half-written
+
+    single = files / "a.onnx"
+    a = kdb.load_model(single)
+    assert a.data_files == (single,)
+    assert a.content_digest == hashlib.sha256(single.read_bytes()).hexdigest()

@@ -323,7 +323,7 @@ def avgpool_s1_cnhw_cpu(x, kh, kw, pt, pl, inv, lo, hi, out):
     the depthwise conv (``depthwise_cpu``) each plane is copied into a zero-padded buffer of row width wp, and
     the separable sums are single long loops over that flat grid: horizontal window sums, then
     vertical sums of kh rows (grid columns >= Wo are dropped)."""
-    n_, h, wd = x.shape[1], x.shape[2], x.shape[3]
+    h, wd = x.shape[2], x.shape[3]
     ho, wo = out.shape[2], out.shape[3]
     wp = max(pl + wd, wo + kw - 1)
     hp = max(pt + h, ho + kh - 1)

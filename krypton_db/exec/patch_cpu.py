@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 
 from ..graph import Node, Op
 from ..planner.algorithms import by_phase_planes, polyphase_taps
-from . import blas_cpu, gather_cpu, kernels_cpu, simd_cpu, transpose_cpu, winograd1d_cpu, winograd_cpu
+from . import blas_cpu, gather_cpu, kernels_cpu, simd_cpu, winograd1d_cpu, winograd_cpu
 from .conv_cpu import ConvWeights, conv1x1, conv_gemm
 from .runtime import num_threads, parallel_chunks, parallel_ranges, scratch
 
@@ -79,7 +79,7 @@ def im2col_chwb_cpu(buf, c0, cg, kh, kw, sh, sw, dh, dw, ho, wo, p0, p1, cols):
 def polyphase_chwb_cpu(buf, sh, sw, phases, out, lo, hi):
     """out[c, k, y, x, b] = buf[c, y*sh + p, x*sw + q, b] for phase k = (p, q) = phases[k]
     (0 past the buffer), channels lo..hi."""
-    hr, wr, nb = buf.shape[1], buf.shape[2], buf.shape[3]
+    hr, wr = buf.shape[1], buf.shape[2]
     hp, wp = out.shape[2], out.shape[3]
     for c in range(lo, hi):
         for k in range(phases.shape[0]):
