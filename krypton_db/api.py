@@ -384,6 +384,8 @@ def record_run(cat, model: Model, image, hm: HeatMap, image_name: str | None = N
         settings["precision"] = hm.stats["precision"]
     if hm.stats.get("regions", "position") != "position":
         settings["regions"] = hm.stats["regions"]
+    if "conv_algorithms" in hm.stats:  # the Winograd convs (all others direct)
+        settings["conv_algorithms"] = hm.stats["conv_algorithms"]
     if hm.mode == "approximate":
         settings.update(tau=hm.stats["tau"], tau_source=hm.stats.get("tau_source"), domain=domain)
     timings = {k: hm.stats[k] for k in ("jit_s", "prepare_s", "run_s", "total_s")}

@@ -29,12 +29,14 @@ import numpy as np
 from . import heatmap as heatmap_io
 from . import options  # the heat map's files, images and plots
 from .errors import InputError
+from .graph import Op
 from .exec.duckdb_ivm import DuckDbIncrementalExecutor
 from .exec.incremental import IncrementalExecutor
 from .hooks import OcclusionHooks
 from .images import ModelInput, color_to_input
 from .interrupt import check_cancelled
 from .model import Model, softmax
+from .planner import algorithms
 from .planner.batching import batch_for, naive_bytes_per_query, peak_bytes_per_query
 from .planner.delta_plan import DeltaPlan, plan_occlusion
 
@@ -261,6 +263,8 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     t0 = time.perf_counter()
     ex = _executor(model, device)
     stats["device"] = device
+    if device == "cpu" and engine != "duckdb":
+        stats["conv_algorithms"] = conv_algorithm_lists(model.graph)
     if getattr(ex, "jit_seconds", None) is not None:
         stats["jit_s"] = 0.0
     elif device == "cpu" and engine != "duckdb" and mode in ("exact", "approximate"):
@@ -353,6 +357,21 @@ def occlude(model: Model, image, patch=16, stride=4, color=0.0, target=None, mod
     )
     hm._ctx = (model, image, color)
     return hm
+
+
+def conv_algorithm_lists(graph) -> dict[str, list[str]]:
+    """The convs of ``graph`` that run a Winograd algorithm on the CPU at full size, by
+    algorithm (``planner.algorithms.conv_algorithm``: the precision choice's caps applied);
+    every other conv runs direct, as does a Winograd conv's patch when it is smaller than the
+    algorithm's tile pays for. Runs record it: two runs with the same model, image and settings
+    agree to float32 rounding only when these agree too."""
+    out: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        if n.op is Op.CONV:
+            a = algorithms.conv_algorithm(n)
+            if a != "direct":
+                out.setdefault(a, []).append(n.name)
+    return out
 
 
 def _executor(model: Model, device: str):

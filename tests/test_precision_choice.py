@@ -312,3 +312,23 @@ def test_explain_names_the_algorithms_each_precision_runs(net_path, cache, tmp_p
             "SELECT * FROM occlusion('m', 'i', patch => 4, precision => 'exact')"))
     assert "conv algorithms winograd4 1, winograd2 1, direct 1" in fast
     assert "conv algorithms direct 3" in exact
+
+
+def test_runs_record_the_winograd_convs_they_ran(net_path, cache, tmp_path):
+    """A run's settings name the convs that ran a Winograd algorithm (the precision choice's
+    per-conv algorithms, every other conv direct); precision 'exact' runs none, and a choice
+    that demoted a conv shows in the record."""
+    m = kdb.load_model(net_path)
+    conv = [n.name for n in m.graph.nodes if n.op is kdb.Op.CONV]
+    assert m.algorithm_choice.algorithms == dict(zip(conv, ["direct", "winograd2", "winograd4"]))
+    img = np.random.default_rng(2).random((20, 20, 3)).astype(np.float32)
+    with kdb.connect(tmp_path / "c.duckdb") as s:
+        kdb.occlude(m, img, patch=4, stride=4, catalog=s)
+        kdb.occlude(m, img, patch=4, stride=4, catalog=s, precision="exact")
+        demoted = kdb.load_model(net_path, conv_algorithms=dict(zip(conv, ["direct", "direct", "winograd2"])))
+        kdb.occlude(demoted, img, patch=4, stride=4, catalog=s)
+        kdb.occlude(m, img, patch=4, positions=[(0, 0)], mode="naive", catalog=s)
+        got = [s.catalog.run_info(r)["settings"].get("conv_algorithms")
+               for (r,) in s.sql("SELECT id FROM runs ORDER BY id").fetchall()]
+    assert got == [{"winograd2": [conv[1]], "winograd4": [conv[2]]}, {},
+                   {"winograd2": [conv[2]]}, {"winograd2": [conv[1]], "winograd4": [conv[2]]}]
