@@ -48,7 +48,11 @@ def _read(source) -> tuple["onnx.ModelProto", tuple[Path, ...]]:  # noqa: F821
     if not model.graph.node:
         raise ModelError(f"ONNX file {path} has an empty graph (truncated or not a model)")
     data_files = _external_data_files(model.graph, path.parent)
+    folder = path.parent.resolve()
     for f in data_files:
+        if not f.resolve().is_relative_to(folder):  # onnx's rule too; checked before any read
+            raise ModelError(f"ONNX file {path} names external data {f} outside its folder "
+                             "(external data must lie in the model's folder, at a relative location)")
         if not f.is_file():
             raise ModelError(f"ONNX file {path} keeps weights in {f}, which does not exist (external "
                              "data files must stay beside the model, at the location it names)")

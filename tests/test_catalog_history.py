@@ -337,3 +337,19 @@ def test_external_data_is_part_of_the_models_identity(files, tmp_path):
     a = kdb.load_model(single)
     assert a.data_files == (single,)
     assert a.content_digest == hashlib.sha256(single.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("location", ["../w.bin", "/tmp/w.bin", "sub/../../w.bin"])
+def test_external_data_outside_the_models_folder_is_refused(tmp_path, location):
+    """External data must lie in the model's folder (onnx's own rule): a location that leaves
+    it is a KryptonError, not a read of some other file."""
+    path = _save_external(tiny_net(1), tmp_path / "sub", data="w.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(model, tmp_path / "sub" / "moved.onnx")
+    (tmp_path / "w.bin").write_bytes((tmp_path / "sub" / "w.bin").read_bytes())  # it exists
+    with pytest.raises(kdb.KryptonError, match="outside its folder"):
+        kdb.load_model(tmp_path / "sub" / "moved.onnx")
