@@ -28,7 +28,7 @@ from .exec.cpu import CpuExecutor
 from .planner.physical import PhysicalPlan
 from .graph import Graph, Op, Preprocess
 from .heap import return_freed_heap
-from .onnx_import import import_onnx
+from .onnx_import import import_onnx_files
 from .torch_import import export_module, is_torch_module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -263,7 +263,7 @@ def load_model(source, preprocess: dict | None = None, labels: list[str] | None 
         name = name or src[4:]
     elif not is_torch_module(source):
         path = Path(src).expanduser()
-    graph, layout, onnx_model, data_files = import_onnx(path, name=name or Path(path).stem)
+    graph, layout, onnx_model, data_files = import_onnx_files(path, name=name or Path(path).stem)
     meta = _metadata(onnx_model)
     c, h, w = graph.input_shape
     pre = {"size": [h, w], "layout": layout, "channels": c, "scale": 1.0 / 255.0,

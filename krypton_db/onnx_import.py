@@ -641,9 +641,14 @@ def _uniq(names: set[str], base: str) -> str:
     return name
 
 
-def import_onnx(source, name: str | None = None) -> tuple[Graph, str, "onnx.ModelProto", tuple[Path, ...]]:  # noqa: F821
-    """Load an ONNX classifier; returns (graph, input layout 'NCHW'|'NHWC', the ONNX model,
-    the files that define it: the ONNX file and its external-data files)."""
+def import_onnx(source, name: str | None = None) -> tuple[Graph, str, "onnx.ModelProto"]:  # noqa: F821
+    """Load an ONNX classifier; returns (graph, input layout 'NCHW'|'NHWC', the ONNX model)."""
+    return import_onnx_files(source, name)[:3]
+
+
+def import_onnx_files(source, name: str | None = None) -> tuple[Graph, str, "onnx.ModelProto", tuple[Path, ...]]:  # noqa: F821
+    """``import_onnx``, and the files that define the model: the ONNX file, then its
+    external-data files (what its content address covers)."""
     model, data_files = _read(source)
     imp = _Importer(model, name or Path(source).stem)
     g = imp.run()

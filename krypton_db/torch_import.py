@@ -16,8 +16,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import onnx
-
 from .errors import InputError, ModelError
 
 
@@ -91,6 +89,8 @@ def export_module(module, input_shape, cache: Path) -> Path:
                                       input_names=["input"], output_names=["output"])
             # one self-contained file (an exporter may put weights in a side file)
             part = path.with_suffix(".part")
+            import onnx  # here, not at import: ~1 s of start-up (ml_dtypes)
+
             onnx.save(onnx.load(str(out)), str(part))
             part.replace(path)  # atomic: never a half file under the cached name
     except Exception as exc:  # noqa: BLE001 - the user's module: name what failed

@@ -41,10 +41,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    import onnx
+
+# onnx loads inside the builders, not at import: it costs ~1 s of every process's start-up
+# (its ml_dtypes extension), and most processes (the CLI's catalog statements, a cached zoo
+# file) never build a model
 
 __all__ = ["ZOO", "input_size", "build", "cache_dir", "zoo_path"]
 
@@ -88,6 +94,8 @@ class _Net:
 
     # -- parameters --------------------------------------------------------
     def param(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, np.float32), name))
         return name
 
@@ -104,6 +112,8 @@ class _Net:
 
     # -- layers ------------------------------------------------------------
     def node(self, op: str, name: str, inputs, out: str | None = None, **attrs) -> str:
+        from onnx import helper
+
         out = out or name
         self.nodes.append(helper.make_node(op, list(inputs), [out], name=name, **attrs))
         return out
@@ -283,6 +293,8 @@ _BUILDERS = {"vgg16": _vgg16, "resnet18": _resnet18, "inception3": _inception3}
 
 def build(name: str, seed: int = 0) -> onnx.ModelProto:
     """Build model `name` with weights drawn from numpy's Generator(seed)."""
+    from onnx import TensorProto, helper
+
     _check(name)
     h, w = input_size(name)
     net = _Net(seed)
@@ -326,6 +338,8 @@ def zoo_path(name: str, seed: int = 0) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        import onnx
+
         onnx.save(model, tmp)  # raw_data initializers, no external data (< 2 GB)
         os.replace(tmp, path)
     except BaseException:
