@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from .dataset import explain_dataset
 from .errors import KryptonError
@@ -61,6 +59,9 @@ class DatasetStatements:
         shas = list(res.images)
         if not shas:
             return schema.empty_table()
+        import pyarrow.compute as pc  # here: pyarrow.dataset loads pandas (~0.4 s of start-up)
+        import pyarrow.dataset as pads
+
         t = res.dataset().to_table(filter=pads.field("image_sha256").isin(shas))
         idx = pc.index_in(t["image_sha256"], value_set=pa.array(shas))
         image = pa.array([res.images[s] for s in shas], pa.string()).take(idx)
