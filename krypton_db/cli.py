@@ -14,6 +14,8 @@
                       ``--catalog PATH`` for both (default: ``catalog.default_path()``),
                       ``--read-only`` to open the catalog for reading only
 
+``krypton --version`` the installed version (loads nothing of the engine).
+
 Errors: one line on stderr, ``krypton: error: ...`` (exit 2 for bad input, 1 for a failed
 statement in ``krypton sql``, 70 for an internal error), no traceback unless ``--debug``.
 Ctrl-C: ``krypton sql`` stops with one line and exit 130; the shell cancels the running
@@ -178,6 +180,7 @@ def _sql_or_shell(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="krypton", description=__doc__.split("\n\n")[0])
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    ap.add_argument("--version", action="version", version=f"krypton_db {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="explain a real trained VGG16's prediction on a real brain MRI")
     d.add_argument("--out", default="krypton_demo_heatmap.png", help="overlay PNG path")
@@ -239,6 +242,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"krypton: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug "
               "for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own string when run from a tree
+    that is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("krypton_db")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def _one_line(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -258,3 +259,22 @@ def test_dataset_command(env, tmp_path):
     assert again.returncode == 1 and "0 done, 1 failed, 2 skipped" in again.stdout
     bad = krypton(["dataset", str(d / "small.onnx"), str(tmp_path / "none" / "*.png")], e)
     assert bad.returncode == 2 and "no files match" in bad.stderr
+
+
+def test_version_is_the_projects_and_loads_no_engine(env):
+    """``krypton --version``: the version pyproject.toml declares (the package's
+    ``__version__`` too), printed without loading numba, duckdb or onnx."""
+    import tomllib
+
+    _, e = env
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    probe = ("import runpy, sys; sys.argv = ['krypton', '--version']\n"
+             "try:\n    runpy.run_module('krypton_db', run_name='__main__')\n"
+             "except SystemExit as exc:\n    code = exc.code\n"
+             "heavy = sorted(m for m in ('numba', 'duckdb', 'onnx') if m in sys.modules)\n"
+             "print('exit', code, 'loaded', heavy)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=e, timeout=60)
+    assert r.stdout.splitlines() == [f"krypton_db {declared}", "exit 0 loaded []"], r.stderr
+    import krypton_db
+
+    assert krypton_db.__version__ == declared
