@@ -252,9 +252,9 @@ def _version() -> str:
     try:
         return metadata.version("krypton_db")
     except metadata.PackageNotFoundError:
-        from . import __version__
+        import krypton_db
 
-        return __version__
+        return krypton_db.__version__
 
 
 def _one_line(exc: BaseException) -> str:
