@@ -24,7 +24,10 @@ The rule (fixed before the test images are looked at):
 1. tau is tuned on the fitting images (`kdb.tune`, target SSIM 0.9, stride 16).
 2. Candidates at the paper's setting (patch 16, stride 4, black patch): approximate (tuned
    tau, no drill-down); drill-down (r, target) in (0.25, 3), (0.15, 4), (0.1, 5), (0.05, 8),
-   stage-2 selection 'drop' or 'uncertainty', each with tau 1 and the tuned tau.
+   stage-2 selection 'drop' or 'uncertainty', each with tau 1 and the tuned tau; adaptive
+   refinement (drill-down select 'refine', added in the ninth session, designed on the
+   fitting images only) at speedup targets 3, 4, 5 and 8 (the position budgets of the four
+   drill-downs), each with tau 1 and the tuned tau.
 3. Each candidate runs once on every fitting image; SSIM against that image's exact map.
 4. Selected: the candidate with the smallest mean time over the fitting images whose minimum
    SSIM over the fitting images is >= 0.92 (a 0.02 margin over the 0.9 target); exact mode if
@@ -61,6 +64,7 @@ PATCH, STRIDE, TUNE_STRIDE = 16, 4, 16
 MARGIN_SSIM = 0.92
 DRILLDOWNS = [(0.25, 3.0), (0.15, 4.0), (0.1, 5.0), (0.05, 8.0)]
 SELECTS = ("drop", "uncertainty")
+REFINE_TARGETS = (3.0, 4.0, 5.0, 8.0)
 DEFAULT = dict(tau="tuned", drilldown=(0.25, 3.0), select="drop")
 ORT_SOURCE: dict = {}  # model name -> the ONNX file ORT-naive runs when not the model's own
 ORT_POSITIONS = 480
@@ -137,6 +141,8 @@ def candidates(tau: float) -> list[dict]:
     for r, t in DRILLDOWNS:
         for sel in SELECTS:
             out += [dict(tau=tt, drilldown=(r, t), select=sel) for tt in taus]
+    for t in REFINE_TARGETS:
+        out += [dict(tau=tt, drilldown=(None, t), select="refine") for tt in taus]
     return out
 
 
@@ -144,6 +150,8 @@ def name_of(s: dict) -> str:
     if s["drilldown"] is None:
         return f"approximate tau {s['tau']:g}"
     r, t = s["drilldown"]
+    if r is None:
+        return f"refine target {t:g}, tau {s['tau']:g}"
     return f"drill-down r {r:g} target {t:g} {s['select']}, tau {s['tau']:g}"
 
 
@@ -155,7 +163,8 @@ def run(m, img, s: dict):
         kw.update(mode="approximate", tau=s["tau"])
     if s["drilldown"] is not None:
         r, t = s["drilldown"]
-        kw["drilldown"] = dict(r=r, speedup=t, select=s["select"])
+        kw["drilldown"] = dict(speedup=t, select=s["select"]) if r is None else \
+            dict(r=r, speedup=t, select=s["select"])
     return kdb.occlude(m, img, **kw)
 
 

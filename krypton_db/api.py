@@ -175,7 +175,10 @@ def occlude(model, image=None, patch=16, stride=4, color=None, target=None,
     two-stage adaptive drill-down (:mod:`krypton_db.approx`): a coarse stage over the
     whole grid, then the user's stride only at the fraction ``r`` of positions with the
     largest estimated drop (``select='uncertainty'``: the largest spread of the coarse values
-    their estimate interpolates); composable with ``mode="approximate"``.
+    their estimate interpolates); ``dict(speedup=3.0, select='refine')`` runs adaptive
+    refinement instead (:mod:`krypton_db.adaptive_grid`: a grid one patch apart, then rounds
+    that split where computed values disagree most; n / speedup positions, no ``r``);
+    composable with ``mode="approximate"``.
 
     ``hooks``: an :class:`~krypton_db.hooks.OcclusionHooks` (plan rewrite, per-step profiling,
     materialization time, per-batch progress); with drill-down it serves both stages.
@@ -393,6 +396,8 @@ def record_run(cat, model: Model, image, hm: HeatMap, image_name: str | None = N
     d = hm.stats.get("drilldown")
     if d is not None:
         settings["drilldown"] = dict(r=d["r"], speedup=d["speedup_target"], stride1=d["stride1"])
+        if d["r"] is None:  # select='refine' has no r
+            del settings["drilldown"]["r"]
         if d.get("select", "drop") != "drop":
             settings["drilldown"]["select"] = d["select"]
         timings.update(stage1_s=d["stage1_s"], stage2_s=d["stage2_s"],
@@ -420,5 +425,6 @@ def _drilldown_settings(drilldown) -> dict | None:
     if not isinstance(drilldown, dict) or set(drilldown) - {"r", "speedup", "select"}:
         raise InputError(f"drilldown must be True or a dict with keys 'r', 'speedup' and/or "
                          f"'select' (e.g. dict(r=0.25, speedup=3.0)), got {drilldown!r}")
-    return dict(r=drilldown.get("r", DEFAULT_R), speedup=drilldown.get("speedup", DEFAULT_SPEEDUP),
+    # r stays None when not given: the default applies to 'drop' / 'uncertainty', 'refine' takes none
+    return dict(r=drilldown.get("r"), speedup=drilldown.get("speedup", DEFAULT_SPEEDUP),
                 select=drilldown.get("select", "drop"))

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from .adaptive_grid import ROUNDS, AdaptiveGrid, round_quota
 from .errors import InputError
 from .occlusion import HeatMap, pair, grid_positions, occlude
 from .quality import default_win_size, ssim
@@ -111,7 +112,7 @@ def top_count(n: int, r: float) -> int:
     return min(n, max(1, round_half_away(check_r(r) * n)))
 
 
-SELECT_RULES = ("drop", "uncertainty")
+SELECT_RULES = ("drop", "uncertainty", "refine")
 
 
 def interpolation_range(coarse_vals: np.ndarray, ys1, xs1, ys2, xs2) -> np.ndarray:
@@ -164,14 +165,17 @@ def select_top(est_drop: np.ndarray, r: float) -> np.ndarray:
     return mask.reshape(est_drop.shape)
 
 
-def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
+def drilldown(model, image, patch=16, stride=4, r: float | None = None,
               speedup: float = DEFAULT_SPEEDUP, color=0.0, target=None, mode: str = "exact",
               region=None, tau: float = 1.0, hooks=None, select: str = "drop",
               **kw) -> HeatMap:
     """Two-stage occlusion heat map on the stride-``stride`` grid (see the module doc).
     ``select``: the fine cells stage 2 computes: "drop" (the largest estimated drop, the
     published rule) or "uncertainty" (the largest spread of the coarse values each cell's
-    estimate interpolates, :func:`interpolation_range`: where the estimate can be most wrong).
+    estimate interpolates, :func:`interpolation_range`: where the estimate can be most wrong);
+    "refine" runs adaptive refinement instead (:mod:`.adaptive_grid`: a base grid one patch
+    apart, then rounds that split the cells whose corners disagree most, the map rebuilt from
+    every computed position): its budget is n / ``speedup`` positions, and it takes no ``r``.
     ``hooks`` (:class:`~krypton_db.hooks.OcclusionHooks`) serve both stages: progress counts
     the positions of both (stage 1, then stage 2, of their sum), times add up."""
     if kw.get("positions") is not None:
@@ -182,9 +186,13 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
     kw.pop("positions", None)
     if mode not in ("exact", "approximate"):
         raise InputError(f"drill-down runs mode 'exact' or 'approximate', got {mode!r}")
-    r = check_r(r)
     if select not in SELECT_RULES:
-        raise InputError(f"drilldown select must be 'drop' or 'uncertainty', got {select!r}")
+        raise InputError(f"drilldown select must be 'drop', 'uncertainty' or 'refine', "
+                         f"got {select!r}")
+    if select == "refine":
+        return _refine(model, image, patch, stride, r, speedup, color, target, mode, region,
+                       tau, hooks, kw)
+    r = check_r(DEFAULT_R if r is None else r)
     ph, pw = pair(patch, "patch")
     sy, sx = pair(stride, "stride")
     t0 = time.perf_counter()
@@ -231,6 +239,87 @@ def drilldown(model, image, patch=16, stride=4, r: float = DEFAULT_R,
     hm = HeatMap(probs=probs.reshape(shape), positions=fine, target=st1.target, label=st1.label,
                  base_prob=st1.base_prob, patch=(ph, pw), stride=(sy, sx), mode=mode,
                  stats=stats, input_hw=(h, w), score=st1.score)
+    hm._ctx = (model, image, color)
+    return hm
+
+
+def refine_step(patch, stride) -> tuple[int, int]:
+    """The refinement base grid's step in fine positions per axis: round(patch / stride), at
+    least 1 (base positions one patch apart: every pixel lies under some base patch)."""
+    (ph, pw), (sy, sx) = pair(patch, "patch"), pair(stride, "stride")
+    return max(1, round_half_away(ph / sy)), max(1, round_half_away(pw / sx))
+
+
+def _refine(model, image, patch, stride, r, speedup, color, target, mode, region, tau, hooks,
+            kw) -> HeatMap:
+    """Drill-down ``select='refine'``: adaptive refinement (:mod:`.adaptive_grid`) in one
+    shared-views scope: the base grid, then up to ``adaptive_grid.ROUNDS`` rounds, n / speedup
+    positions in all."""
+    if r is not None:
+        raise InputError("drill-down select='refine' takes no r: its budget is n / speedup "
+                         "positions (give only speedup)")
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float, np.integer, np.floating)) \
+            or not (math.isfinite(float(speedup)) and float(speedup) >= 1.0):
+        raise InputError(f"drill-down speedup target must be a number >= 1 with select='refine' "
+                         f"(it computes n / speedup of the n positions), got {speedup!r}")
+    ph, pw = pair(patch, "patch")
+    sy, sx = pair(stride, "stride")
+    t0 = time.perf_counter()
+    h, w = model.spec.size
+    fine, shape = grid_positions(h, w, (ph, pw), (sy, sx), region)
+    n = int(shape[0] * shape[1])
+    step = refine_step((ph, pw), (sy, sx))
+    grid = AdaptiveGrid(shape, step)
+    budget = min(n, round_half_away(n / float(speedup)))
+    n0 = len(grid.base)
+    if n0 > budget:
+        raise InputError(
+            f"drill-down speedup target {float(speedup):g} is unreachable with select='refine': "
+            f"its base grid (every {step[0]} x {step[1]} positions, one patch apart) already "
+            f"has {n0} of the {n} positions, so the target must be at most {n / n0:.4g}")
+    common = dict(patch=(ph, pw), color=color, mode=mode, tau=tau, **kw)
+    stage_s, counts, first = [], [], None
+    with contextlib.ExitStack() as scope:
+        if kw.get("device", "cpu") == "cpu":  # every round reuses the first one's views
+            scope.enter_context(model.executor.shared_views())
+        idx = grid.base
+        for rnd in range(ROUNDS + 1):
+            if not len(idx):
+                break
+            hk = hooks.stage(sum(counts), budget) if hooks is not None else None
+            st = occlude(model, image, positions=fine[idx[:, 0], idx[:, 1]],
+                         target=target if first is None else first.target, hooks=hk, **common)
+            if hooks is not None:
+                hooks.materialize_s += hk.materialize_s
+            first = first or st
+            grid.record(idx, st.probs.reshape(-1))
+            stage_s.append(st.stats)
+            counts.append(len(idx))
+            left = budget - sum(counts)
+            if rnd == ROUNDS or left <= 0:
+                break
+            idx = grid.next_round(round_quota(left, ROUNDS - rnd))
+    probs = grid.reconstruct().astype(np.float32)
+    total = time.perf_counter() - t0
+    stats = dict(st.stats, listed_positions=False)
+    for key in ("jit_s", "prepare_s", "run_s"):
+        stats[key] = sum(s[key] for s in stage_s)
+    computed = int(sum(counts))
+    stage2 = grid.known.copy()
+    stage2[grid.base[:, 0], grid.base[:, 1]] = False
+    stats.update(
+        positions=n, total_s=total, queries_per_s=computed / max(stats["run_s"], 1e-12),
+        drilldown=dict(
+            r=None, speedup_target=float(speedup), select="refine",
+            stride1=[step[0] * sy, step[1] * sx], stride2=[sy, sx],
+            stage1_positions=counts[0], stage2_positions=computed - counts[0],
+            round_positions=counts[1:], fine_positions=n,
+            predicted_speedup=n / budget, positions_speedup=n / computed,
+            stage1_s=stage_s[0]["total_s"], stage2_s=sum(s["total_s"] for s in stage_s[1:]),
+            stage2_mask=stage2))
+    hm = HeatMap(probs=probs.reshape(shape), positions=fine, target=first.target,
+                 label=first.label, base_prob=first.base_prob, patch=(ph, pw), stride=(sy, sx),
+                 mode=mode, stats=stats, input_hw=(h, w), score=first.score)
     hm._ctx = (model, image, color)
     return hm
 

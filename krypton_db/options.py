@@ -174,9 +174,9 @@ def _drilldown(v):
                                f"'uncertainty'}}), got {v!r}")
     out = {}
     if "select" in v:
-        if v["select"] not in ("drop", "uncertainty"):
-            raise OptionValueError(f"drilldown select must be 'drop' or 'uncertainty', got "
-                                   f"{show(v['select'])}")
+        if v["select"] not in ("drop", "uncertainty", "refine"):
+            raise OptionValueError(f"drilldown select must be 'drop', 'uncertainty' or 'refine', "
+                                   f"got {show(v['select'])}")
         out["select"] = v["select"]
     if "r" in v:
         out["r"] = _unit("drilldown r", optional=False)(v["r"])

@@ -408,14 +408,14 @@ def test_drilldown_uncertainty_selects_the_widest_coarse_spread(model, images):
 
 
 def test_drilldown_select_is_checked_the_same_from_api_and_language(model, images, tmp_path):
-    with pytest.raises(InputError, match="select must be 'drop' or 'uncertainty'"):
+    with pytest.raises(InputError, match="select must be 'drop', 'uncertainty' or 'refine'"):
         kdb.occlude(model, images[0], patch=4, stride=2, drilldown=dict(select="widest"))
     from PIL import Image
 
     Image.fromarray((images[0] * 255).astype(np.uint8)).save(tmp_path / "img.png")
     s = kdb.connect(tmp_path / "c.duckdb")
     s.sql(f"CREATE MODEL small FROM '{model.source}'; CREATE IMAGE img FROM '{tmp_path / 'img.png'}'")
-    with pytest.raises(kdb.KryptonError, match="select must be 'drop' or 'uncertainty'"):
+    with pytest.raises(kdb.KryptonError, match="select must be 'drop', 'uncertainty' or 'refine'"):
         s.sql("SELECT * FROM occlusion('small', 'img', patch => 4, stride => 2, "
               "drilldown => {r: 0.2, select: 'widest'})")
     rows = s.sql("SELECT count(*) FROM occlusion('small', 'img', patch => 4, stride => 2, "
