@@ -254,6 +254,36 @@ def test_explain_analyze_of_a_recorded_run(server, setup):
     assert status == 400 and "listed positions" in body["error"]
 
 
+def test_refine_drilldown_job_and_its_analysis(server, setup):
+    """A drill-down request with select 'refine' (no r) runs the adaptive refinement: the run
+    records the rule and no r, its computed positions equal naive re-inference, and its
+    EXPLAIN ANALYZE query carries the same drill-down settings."""
+    run = call(server, f"/api/runs/{setup['run_id']}")[1]
+    status, job = call(server, "/api/explain", dict(
+        model_id=run["model_id"], image_id=run["image_id"], patch=4, stride=2, mode="drilldown",
+        drilldown={"speedup": 2, "select": "refine"}))
+    assert status == 200, job
+    job = wait_job(server, job)
+    assert job["state"] == "done", job
+    new = call(server, f"/api/runs/{job['run_id']}")[1]
+    dd = new["settings"]["drilldown"]
+    assert dd["select"] == "refine" and dd["speedup"] == 2 and "r" not in dd
+    hm = kdb.occlude(setup["model"], setup["image"], patch=4, stride=2,
+                     drilldown=dict(speedup=2, select="refine"), progress=False)
+    ys, xs = new["grid"]["ys"], new["grid"]["xs"]
+    got = np.asarray(new["grid"]["values"]).reshape(len(ys), len(xs))
+    np.testing.assert_allclose(got, hm.probs, atol=1e-6)  # the same run through the API
+    computed = np.argwhere(hm.stats["drilldown"]["stage2_mask"])[:5]
+    pos = [(ys[i], xs[j]) for i, j in computed]
+    naive = kdb.occlude(setup["model"], setup["image"], patch=4, positions=pos, mode="naive",
+                        progress=False)
+    np.testing.assert_allclose(got[tuple(computed.T)], naive.probs.ravel(), atol=1e-5)
+    status, body = call(server, f"/api/runs/{job['run_id']}/explain-analyze")
+    assert status == 200, body
+    assert "drilldown => {speedup: 2.0, select: 'refine'}" in body["query"]
+    assert "EXPLAIN ANALYZE" in "\n".join(plan for _, plan in body["rows"])
+
+
 def test_other_web_pages_cannot_drive_the_viewer(server, setup):
     """Writes need the page's header; a foreign Host (DNS rebinding) and a foreign Origin on
     the WebSocket are refused."""

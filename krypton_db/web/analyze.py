@@ -47,7 +47,7 @@ def run_query(info: dict, model_name: str, image_name: str) -> str:
         args.append(f"score => {_literal(s['score'])}")
     dd = s.get("drilldown")
     if dd:
-        spec = dict(r=dd["r"], speedup=dd["speedup"])
+        spec = {k: dd[k] for k in ("r", "speedup") if k in dd}  # 'refine' runs have no r
         if dd.get("select", "drop") != "drop":
             spec["select"] = dd["select"]
         args.append(f"drilldown => {_literal(spec)}")

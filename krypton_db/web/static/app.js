@@ -156,7 +156,7 @@ async function showRun(id) {
           <dt>target</dt><dd id="run-label">${esc(run.label ?? "…")}</dd>
           <dt>probability</dt><dd id="run-base">…</dd>
           <dt>patch / stride</dt><dd>${pair(s.patch)} / ${pair(s.stride)}</dd>
-          <dt>mode</dt><dd id="run-mode">${esc(run.mode)}${s.tau !== undefined ? ` (tau ${s.tau})` : ""}${s.drilldown ? ` + drill-down r ${s.drilldown.r}, ${s.drilldown.speedup}x` : ""}${s.precision ? `, precision ${esc(s.precision)}` : ""}</dd>
+          <dt>mode</dt><dd id="run-mode">${esc(run.mode)}${s.tau !== undefined ? ` (tau ${s.tau})` : ""}${s.drilldown ? ` + drill-down ${drillText(s.drilldown)}` : ""}${s.precision ? `, precision ${esc(s.precision)}` : ""}</dd>
           <dt>colour</dt><dd>${esc(JSON.stringify(s.color))}</dd>
           <dt>region</dt><dd>${s.region ? esc(s.region.join(", ")) : "whole image"}</dd>
           <dt>heat map</dt><dd>${run.heatmap_h}×${run.heatmap_w} positions</dd>
@@ -301,10 +301,24 @@ function startLive(stage, panel, start, region) {
     const form = { patch: start.patch, stride, color: start.color, target: start.target, region: r,
                    mode: region.drilldown ? "drilldown" : region.mode, precision: region.precision || "fast" };
     if (region.mode === "approximate" && region.tau !== undefined) form.tau = region.tau;
-    if (region.drilldown) form.drilldown = { r: region.drilldown.r, speedup: region.drilldown.speedup };
+    if (region.drilldown) form.drilldown = drillSpec(region.drilldown);
     box.innerHTML = `<p>region (${r.join(", ")}) at stride ${pair(stride)}</p>`;
     await runJob({ model_id: start.model_id, image_id: start.image_id, ...form }, box);
   }
+}
+
+// a run's drill-down settings as an explanation request sends them: 'refine' takes no r,
+// 'drop' (the default rule) is left out
+function drillSpec(d) {
+  const out = { speedup: d.speedup };
+  if (d.select !== "refine") out.r = d.r;
+  if (d.select && d.select !== "drop") out.select = d.select;
+  return out;
+}
+
+function drillText(d) {
+  if (d.select === "refine") return `refine, ${d.speedup}x`;
+  return `r ${d.r}, ${d.speedup}x${d.select === "uncertainty" ? ", uncertainty" : ""}`;
 }
 
 async function showLive(modelId, imageId) {
@@ -342,6 +356,7 @@ function showExplain(params) {
       <label>mode <select id="f-mode">${opt("exact", "exact (IVM)", true)}${opt("approximate", "approximate (projective-field threshold tau)")}${opt("drilldown", "adaptive drill-down")}</select></label>
       <label>tau (approximate; empty: the tuned tau) <input id="f-tau" type="text" value=""></label>
       <label>drill-down r / speedup <input id="f-r" type="text" value="0.25" size="4"> <input id="f-speedup" type="text" value="3" size="4"></label>
+      <label>drill-down rule <select id="f-select">${opt("drop", "two stages, stage 2 at the largest estimated drop", true)}${opt("uncertainty", "two stages, stage 2 where the estimate is least certain")}${opt("refine", "adaptive refinement (no r)")}</select></label>
       <label>region y0, x0, y1, x1 (empty: whole image) <input id="f-region" type="text" value=""></label>
       <label>precision <select id="f-precision">${opt("fast", "fast (Winograd convolutions)", true)}${opt("exact", "exact (direct convolutions, closer to ONNX Runtime)")}</select></label>
       <button type="submit" id="f-run"${c.read_only ? " disabled" : ""}>Explain</button>
@@ -381,7 +396,7 @@ function showExplain(params) {
                    target: $("#f-target").value === "" ? null : +$("#f-target").value,
                    region: list($("#f-region").value), mode, precision: $("#f-precision").value };
     if (mode === "approximate" && $("#f-tau").value.trim() !== "") body.tau = num($("#f-tau").value);
-    if (mode === "drilldown") body.drilldown = { r: num($("#f-r").value), speedup: num($("#f-speedup").value) };
+    if (mode === "drilldown") body.drilldown = drillSpec({ r: num($("#f-r").value), speedup: num($("#f-speedup").value), select: $("#f-select").value });
     await runJob(body, $("#job"));
   });
 }
