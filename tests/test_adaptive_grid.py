@@ -9,9 +9,9 @@ import math
 import numpy as np
 import onnx
 import pytest
-from onnx_builders import Net
 
 import krypton_db as kdb
+from test_approx import small_net
 from krypton_db.adaptive_grid import ROUNDS, AdaptiveGrid, base_coords
 from krypton_db.errors import InputError
 
@@ -94,19 +94,10 @@ def test_the_map_is_continuous_across_cells():
 
 # -- the driver on a model ---------------------------------------------------------------------
 
-def small_net():
-    net = Net((1, 3, 32, 40), seed=5, name="small")
-    y = net.op("Relu", [net.conv("input", 3, 6)])
-    y = net.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
-    y = net.op("Relu", [net.conv(y, 6, 8, stride=(2, 2))])
-    f = net.op("Flatten", [y], axis=1)
-    return net.model(net.op("Softmax", [net.gemm(f, 8 * 8 * 10, 5)], axis=1))
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     p = tmp_path_factory.mktemp("refine") / "small.onnx"
-    onnx.save(small_net(), p)
+    onnx.save(small_net(), p)  # the approximation tests' net
     return kdb.load_model(p)
 
 
@@ -189,23 +180,11 @@ def test_refine_computes_the_rules_positions_exactly(model, image, stride, speed
     assert kdb.ssim(ex, hm) > 0.5
 
 
-def test_refine_settings_and_errors_from_api_and_language(model, image, tmp_path):
+def test_refine_settings_are_checked(model, image):
+    """(The language gives the same errors: test_approx's select test.)"""
     with pytest.raises(InputError, match="takes no r"):
         kdb.occlude(model, image, patch=4, stride=1, drilldown=dict(r=0.2, select="refine"))
     with pytest.raises(InputError, match=r"unreachable with select='refine'.*at most"):
         kdb.occlude(model, image, patch=4, stride=1, drilldown=dict(speedup=40, select="refine"))
     with pytest.raises(InputError, match="number >= 1"):
         kdb.occlude(model, image, patch=4, stride=1, drilldown=dict(speedup=0.5, select="refine"))
-    from PIL import Image
-
-    Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "img.png")
-    s = kdb.connect(tmp_path / "c.duckdb")
-    s.sql(f"CREATE MODEL small FROM '{model.source}'; CREATE IMAGE img FROM '{tmp_path / 'img.png'}'")
-    with pytest.raises(kdb.KryptonError, match="takes no r"):
-        s.sql("SELECT * FROM occlusion('small', 'img', patch => 4, stride => 1, "
-              "drilldown => {r: 0.2, select: 'refine'})")
-    rows = s.sql("SELECT count(*) FROM occlusion('small', 'img', patch => 4, stride => 1, "
-                 "drilldown => {speedup: 2.5, select: 'refine'})").fetchall()
-    assert rows[0][0] == 29 * 37
-    settings = s.sql("SELECT settings FROM runs ORDER BY id DESC LIMIT 1").fetchall()[0][0]
-    assert '"select": "refine"' in str(settings) and '"r"' not in str(settings)

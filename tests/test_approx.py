@@ -423,3 +423,12 @@ def test_drilldown_select_is_checked_the_same_from_api_and_language(model, image
     assert rows[0][0] > 0
     settings = s.sql("SELECT settings FROM runs ORDER BY id DESC LIMIT 1").fetchall()[0][0]
     assert "uncertainty" in str(settings)
+    # select='refine' takes no r, from the language as from the API (test_adaptive_grid)
+    with pytest.raises(kdb.KryptonError, match="takes no r"):
+        s.sql("SELECT * FROM occlusion('small', 'img', patch => 4, stride => 2, "
+              "drilldown => {r: 0.2, select: 'refine'})")
+    rows = s.sql("SELECT count(*) FROM occlusion('small', 'img', patch => 4, stride => 2, "
+                 "drilldown => {speedup: 2, select: 'refine'})").fetchall()
+    assert rows[0][0] == 15 * 19
+    settings = s.sql("SELECT settings FROM runs ORDER BY id DESC LIMIT 1").fetchall()[0][0]
+    assert '"select": "refine"' in str(settings) and '"r"' not in str(settings)
