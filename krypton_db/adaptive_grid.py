@@ -17,8 +17,9 @@ The rule (fixed; bench/RESULTS.md "approx" shows how it was chosen on fitting im
   order. Cells are taken in that order while their new positions (the midpoints of the sides
   that split and the centre, each counted once) fit the round's quota; a taken cell splits
   at those midpoints into 2 or 4 children.
-- Quota: ceil(left / rounds left) of the positions the budget has left, so the budget is
-  spent over ``rounds`` rounds (fewer if nothing can split any more).
+- Quota: ceil(left / rounds left) of the positions the budget has left (at least 5, one
+  split's worth, and at most what is left), so the budget is spent over ``ROUNDS`` rounds
+  (fewer if nothing can split any more, or if the next cell's positions do not fit).
 - Reconstruction: each leaf cell is filled by a Coons patch (transfinite interpolation) of
   its four sides, each side the piecewise-linear interpolation of the computed positions on
   it (a side shared with a refined neighbour holds that neighbour's midpoints). Neighbouring
@@ -92,8 +93,8 @@ class AdaptiveGrid:
         return np.where(can, spread * area, -1.0)
 
     def next_round(self, quota: int) -> np.ndarray:
-        """Fine indices ([k, 2], row-major, k <= quota; at least one cell's if any can split)
-        of the next round's new positions; empty when no cell can split."""
+        """Fine indices ([k, 2], row-major, k <= quota) of the next round's new positions;
+        empty when no cell can split or the first cell's positions exceed the quota."""
         pri = self.priorities()
         order = np.lexsort((np.arange(pri.size), -pri))  # priority desc, then cell order
         new: dict[tuple[int, int], None] = {}
@@ -102,7 +103,7 @@ class AdaptiveGrid:
             if pri[i] < 0:
                 break
             pts = [p for p in _midpoints(self.cells[i]) if not self.known[p] and p not in new]
-            if take and len(new) + len(pts) > quota:
+            if len(new) + len(pts) > quota:  # strictly in order: the budget is never exceeded
                 break
             take.append(int(i))
             new.update(dict.fromkeys(pts))
@@ -160,4 +161,6 @@ def _children(cell) -> list[tuple[int, int, int, int]]:
 
 
 def round_quota(left: int, rounds_left: int) -> int:
-    return max(1, math.ceil(left / max(rounds_left, 1)))
+    """A round's positions: ceil(left / rounds left), but at least one split's worth (5) while
+    the budget has that many left, so a small budget still refines."""
+    return min(left, max(5, math.ceil(left / max(rounds_left, 1))))

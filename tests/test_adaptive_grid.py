@@ -25,7 +25,7 @@ def run_rule(f: np.ndarray, step: int, budget: int):
         left = budget - done
         if left <= 0:
             break
-        idx = g.next_round(math.ceil(left / (ROUNDS - rnd)))
+        idx = g.next_round(min(left, max(5, math.ceil(left / (ROUNDS - rnd)))))
         if not len(idx):
             break
         g.record(idx, f[idx[:, 0], idx[:, 1]])
@@ -75,6 +75,15 @@ def test_refinement_follows_the_disagreeing_corners_and_beats_the_base_grid():
     assert np.abs(g.reconstruct() - f).mean() < 0.5 * np.abs(base_only.reconstruct() - f).mean()
 
 
+@pytest.mark.parametrize("extra", [0, 1, 3, 4, 5, 11])
+def test_the_budget_is_never_exceeded(extra):
+    """A cell's split adds up to 5 positions; a round takes none that would pass its quota."""
+    f = np.random.default_rng(extra).random((29, 29))
+    n0 = len(AdaptiveGrid(f.shape, 4).base)
+    g, done = run_rule(f, 4, n0 + extra)
+    assert done == g.known.sum() and n0 + max(0, extra - 4) <= done <= n0 + extra
+
+
 def test_the_map_is_continuous_across_cells():
     """Two leaf cells sharing a side give that side the same values (the shared side's
     computed positions, linearly interpolated): the rebuilt map has no seams."""
@@ -120,7 +129,7 @@ def reference_positions(f: np.ndarray, step: int, budget: int) -> np.ndarray:
         left = budget - len(known)
         if left <= 0:
             break
-        quota = math.ceil(left / (ROUNDS - rnd))
+        quota = min(left, max(5, math.ceil(left / (ROUNDS - rnd))))
         scored = []
         for i, (y0, y1, x0, x1) in enumerate(cells):
             if y1 - y0 < 2 and x1 - x0 < 2:
@@ -134,7 +143,7 @@ def reference_positions(f: np.ndarray, step: int, budget: int) -> np.ndarray:
             ys = [y0, (y0 + y1) // 2, y1] if y1 - y0 >= 2 else [y0, y1]
             xs = [x0, (x0 + x1) // 2, x1] if x1 - x0 >= 2 else [x0, x1]
             pts = {(y, x) for y in ys for x in xs} - known - new
-            if take and len(new) + len(pts) > quota:
+            if len(new) + len(pts) > quota:
                 break
             take.append(i)
             new |= pts
