@@ -24,6 +24,10 @@ Adaptive drill-down (two stages; composable with projective-field thresholding, 
   S1^2 / (S2^2 + r S1^2) (per axis: S1y S1x / (S2y S2x + r S1y S1x)), and the mask of cells
   computed in stage 2.
 
+Adaptive refinement (``select='refine'``, :mod:`.adaptive_grid`) replaces the two stages by
+a base grid and refinement rounds that share one scope of materialized views; its map is
+rebuilt from every computed position.
+
 tau auto-tuning: see :func:`tune_tau`.
 """
 
@@ -291,7 +295,8 @@ def _refine(model, image, patch, stride, r, speedup, color, target, mode, region
                          target=target if first is None else first.target, hooks=hk, **common)
             if hooks is not None:
                 hooks.materialize_s += hk.materialize_s
-            first = first or st
+            if first is None:
+                first = st
             grid.record(idx, st.probs.reshape(-1))
             stage_s.append(st.stats)
             counts.append(len(idx))
