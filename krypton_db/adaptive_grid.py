@@ -57,16 +57,11 @@ class AdaptiveGrid:
         self.values = np.zeros(shape, np.float64)
         self.known = np.zeros(shape, bool)
         cy, cx = base_coords(ny, sy), base_coords(nx, sx)
-        # leaf cells (y0, y1, x0, x1): inclusive fine-index corners
-        self.cells = [(cy[a], cy[a + 1], cx[b], cx[b + 1])
-                      for a in range(len(cy) - 1) for b in range(len(cx) - 1)]
-        if ny == 1 or nx == 1:  # a single row / column: 1-D cells
-            ys, xs = (cy, cx)
-            self.cells = ([(0, 0, xs[b], xs[b + 1]) for b in range(len(xs) - 1)] if ny == 1 else
-                          [(ys[a], ys[a + 1], 0, 0) for a in range(len(ys) - 1)])
+        # leaf cells (y0, y1, x0, x1): inclusive fine-index corners; an axis of one position
+        # gives flat cells (y0 == y1), which split along the other axis only
+        self.cells = [(y0, y1, x0, x1) for y0, y1 in _spans(cy) for x0, x1 in _spans(cx)]
         self.base = np.array([(y, x) for y in cy for x in cx], np.int64)
-        self._pending: np.ndarray | None = None
-        self._pending_split: list[int] = []
+        self._pending_split: list[int] = []  # cells the last next_round took; record splits them
 
     def record(self, idx: np.ndarray, vals: np.ndarray) -> None:
         """Values computed at fine indices ``idx`` ([k, 2]); splits the cells the round took."""
@@ -140,6 +135,11 @@ class AdaptiveGrid:
                     + t * (1 - u) * v[y1, x0] + t * u * v[y1, x1])
         return ((1 - t) * top[None, :] + t * bottom[None, :]
                 + (1 - u) * left[:, None] + u * right[:, None] - bilinear)
+
+
+def _spans(coords: list[int]) -> list[tuple[int, int]]:
+    """Consecutive (start, end) pairs of an axis's coordinates; (c, c) for a single one."""
+    return list(zip(coords[:-1], coords[1:])) or [(coords[0], coords[0])]
 
 
 def _split(a: int, b: int) -> list[int]:

@@ -41,7 +41,7 @@ def test_base_coords_cover_both_ends():
 
 
 @pytest.mark.parametrize("shape,step", [((57, 57), 4), ((29, 37), 4), ((10, 23), 3), ((1, 17), 4),
-                                        ((12, 1), 2)])
+                                        ((12, 1), 2), ((1, 1), 4)])
 def test_bilinear_maps_are_rebuilt_exactly(shape, step):
     """A Coons patch with piecewise-linear sides reproduces any bilinear function, whatever
     the refinement did (hanging midpoints on shared sides included)."""
