@@ -13,10 +13,11 @@ The rule (fixed; bench/RESULTS.md "approx" shows how it was chosen on fitting im
 - A refinement round ranks the leaf cells that can still split (a side spanning >= 2 fine
   steps) by priority = (max - min of the cell's four corner values) x (cell area in fine
   cells): how far apart the values are that a bilinear estimate would mix, over how many
-  positions it would be used. Ties: the cell whose top-left corner comes first in row-major
-  order. Cells are taken in that order while their new positions (the midpoints of the sides
-  that split and the centre, each counted once) fit the round's quota; a taken cell splits
-  at those midpoints into 2 or 4 children.
+  positions it would be used. Ties: the earlier cell in the cell list (base cells in
+  row-major order, children in their parent's place). Cells are taken in that order while
+  their new positions (the midpoints of the sides that split and the centre, each counted
+  once) fit the round's quota; the first that does not fit ends the round. A taken cell
+  splits at those midpoints into 2 or 4 children.
 - Quota: ceil(left / rounds left) of the positions the budget has left (at least 5, one
   split's worth, and at most what is left), so the budget is spent over ``ROUNDS`` rounds
   (fewer if nothing can split any more, or if the next cell's positions do not fit).
@@ -103,8 +104,7 @@ class AdaptiveGrid:
             take.append(int(i))
             new.update(dict.fromkeys(pts))
         self._pending_split = take
-        idx = np.array(sorted(new), np.int64).reshape(-1, 2)
-        return idx
+        return np.array(sorted(new), np.int64).reshape(-1, 2)
 
     def reconstruct(self) -> np.ndarray:
         """The (ny, nx) map: a Coons patch per leaf cell, computed positions as computed."""
