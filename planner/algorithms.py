@@ -148,3 +148,47 @@ def conv_algorithm(node) -> str:
 
 # the ``winograd`` param that caps a conv at each algorithm (the fastest it may then run)
 ALGORITHM_CAP = {"winograd4": True, "winograd2": "f2", "winograd1d": True, "direct": False}
+
+
+# -- channels-last (NHWC) steps of the dense CPU executor (exec/nhwc_cpu.py) -----------------
+# KRYPTON_CHANNELS_LAST=0: every step runs in CNHW
+CHANNELS_LAST = os.environ.get("KRYPTON_CHANNELS_LAST", "1") != "0"
+CHANNELS_LAST_MULTIPLE = 16  # channel counts of its convs: whole vectors on AVX-512 and AVX2
+# (kernel, stride) of the depthwise windows with a register-blocked channels-last kernel
+CHANNELS_LAST_DEPTHWISE = frozenset({(3, 1), (3, 2), (5, 1), (5, 2)})
+
+
+def channels_last_depthwise(node) -> bool:
+    """A depthwise conv (multiplier 1) with a channels-last kernel: square 3x3 / 5x5 window,
+    equal strides 1 or 2, no dilation, channels a multiple of 16."""
+    p = node.params
+    w = node.weights["W"]
+    c = w.shape[0]
+    kh, kw = p["kernel"]
+    sh, sw = p["stride"]
+    return (p["groups"] == c and w.shape[1] == 1 and c % CHANNELS_LAST_MULTIPLE == 0 and kh == kw
+            and sh == sw and (kw, sw) in CHANNELS_LAST_DEPTHWISE and tuple(p["dilation"]) == (1, 1))
+
+
+def channels_last_pointwise(node) -> bool:
+    """A 1x1 stride-1 unpadded one-group conv whose output channels are a multiple of 16
+    (the channels-last GEMM over pixels)."""
+    p = node.params
+    return (p["groups"] == 1 and tuple(p["kernel"]) == (1, 1) and tuple(p["stride"]) == (1, 1)
+            and tuple(p["pads"]) == (0, 0, 0, 0) and node.weights["W"].shape[0] % CHANNELS_LAST_MULTIPLE == 0)
+
+
+# a one-group conv inside a channels-last group runs the 1x1 GEMM's micro-kernel straight on
+# the map (one K segment of kw * C floats per kernel row), with no K blocking: at most this
+# many multiply-adds per output (kh * kw * C), which suits RGB stems (27 = 3x3x3), not wide convs
+CHANNELS_LAST_DIRECT_MAX_K = 256
+
+
+def channels_last_direct(node) -> bool:
+    """A one-group conv other than 1x1 stride 1 with short rows of taps (the RGB stem of a
+    depthwise-separable net), output channels a multiple of 16, no dilation."""
+    p = node.params
+    w = node.weights["W"]
+    return (p["groups"] == 1 and tuple(p["dilation"]) == (1, 1) and w.shape[0] % CHANNELS_LAST_MULTIPLE == 0
+            and w.shape[1] * w.shape[2] * w.shape[3] <= CHANNELS_LAST_DIRECT_MAX_K
+            and not channels_last_pointwise(node))

@@ -36,6 +36,8 @@ class PhysicalPlan:
     steps: list[PhysicalStep] = field(default_factory=list)
     # value -> (the concat it is written into, its first channel there): ``concat_slots``
     slots: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # names of the steps the dense CPU executor runs channels-last: ``channels_last_steps``
+    channels_last: frozenset = frozenset()
 
     @classmethod
     def lower(cls, graph: Graph, fuse: bool = True) -> "PhysicalPlan":
@@ -61,6 +63,7 @@ class PhysicalPlan:
             steps.append(PhysicalStep(node, fused))
         plan = cls(graph, steps)
         plan.slots = concat_slots(plan)
+        plan.channels_last = channels_last_steps(plan)
         return plan
 
     def out_name(self, step: PhysicalStep) -> str:
@@ -98,6 +101,59 @@ def concat_slots(plan: PhysicalPlan) -> dict[str, tuple[str, int]]:
                 slots[name] = (plan.out_name(s), c0)
             c0 += g[name].shape[0]
     return slots
+
+
+def channels_last_steps(plan: PhysicalPlan) -> frozenset:
+    """The steps the dense CPU executor runs in the channels-last layout (``exec/nhwc_cpu``).
+
+    A step can run channels-last if it is a conv with a channels-last kernel (a depthwise conv,
+    a 1x1 conv, a one-group conv with few taps such as an RGB stem:
+    ``algorithms.channels_last_depthwise`` / ``_pointwise`` / ``_im2col``), an elementwise
+    op on feature maps (activation, affine, add, mul, broadcasts included) or a global
+    average pooling that keeps its dims, and its output is not written into a concat's slice
+    (those are CNHW channel ranges). Such steps connected through the values between them
+    form groups; a group runs channels-last when it holds a depthwise conv: the depthwise-
+    separable bodies (MobileNet-style nets such as PP-LCNet and EfficientNet-Lite0) switch
+    layout once at each end, and networks without depthwise convs (VGG, ResNet, Inception)
+    keep CNHW everywhere. Every value keeps the layout of the step that wrote it; a reader
+    in the other layout gets a transposed copy (the executor makes it once per value)."""
+    if not algorithms.CHANNELS_LAST:
+        return frozenset()
+    g = plan.graph
+    producer = {plan.out_name(s): s.node.name for s in plan.steps}
+
+    def maps(names) -> bool:
+        return all(len(g[i].shape) == 3 for i in names)
+
+    def capable(s: PhysicalStep) -> bool:
+        node = s.node
+        if plan.out_name(s) in plan.slots or len(node.shape) != 3:
+            return False
+        if node.op is Op.CONV:
+            return (algorithms.channels_last_depthwise(node) or algorithms.channels_last_pointwise(node)
+                    or algorithms.channels_last_direct(node))
+        if node.op in FUSABLE_ACTIVATIONS or node.op in (Op.AFFINE, Op.ADD, Op.MUL):
+            return maps(node.inputs)
+        return node.op is Op.GLOBAL_AVGPOOL and node.params.get("keepdims", True)
+
+    ok = {s.node.name for s in plan.steps if capable(s)}
+    parent = {n: n for n in ok}
+
+    def root(n):
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for s in plan.steps:
+        if s.node.name in ok:
+            for i in s.node.inputs:
+                src = producer.get(i)
+                if src in ok:
+                    parent[root(src)] = root(s.node.name)
+    with_depthwise = {root(s.node.name) for s in plan.steps
+                      if s.node.name in ok and s.node.op is Op.CONV and algorithms.channels_last_depthwise(s.node)}
+    return frozenset(n for n in ok if root(n) in with_depthwise)
 
 
 # -- physical operators of the delta steps -----------------------------------------------

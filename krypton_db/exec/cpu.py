@@ -9,8 +9,11 @@ the rest shifted-window or im2col), depthwise convolutions on a direct numba ker
 read only by one channel concat is written into its slice of the concat's buffer
 (the plan's ``slots``, ``planner.physical.concat_slots``).
 
-Feature maps are CNHW (see ``kernels_cpu``); vectors are [N, K]. ``run`` takes and returns
-the model's own NCHW/[N, K] batches.
+Feature maps are CNHW (see ``kernels_cpu``), except in the steps the plan runs channels-last
+(``PhysicalPlan.channels_last``: depthwise-separable bodies, NHWC ``nhwc_cpu`` kernels); a
+value keeps the layout its step wrote it in and a reader in the other layout gets a transposed
+copy, made once per value. Vectors are [N, K]. ``run`` takes and returns the model's own
+NCHW/[N, K] batches.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import numpy as np
 
 from ..graph import ACTIVATIONS, Graph, Op
 from ..heap import pin_mmap_threshold, return_freed_heap
+from ..planner import algorithms
 from ..planner.physical import PhysicalPlan, PhysicalStep
 from . import blas_cpu
-from . import kernels_cpu
+from . import kernels_cpu, nhwc_cpu
 from .dense_cpu import (
     act_spec,
     conv_cnhw,
@@ -44,8 +48,13 @@ def to_internal(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(1, 0, 2, 3)) if x.ndim == 4 else x
 
 
-def to_external(x: np.ndarray) -> np.ndarray:
-    """Batch-first copy (always a new array: internal buffers are reused between runs)."""
+def to_external(x: np.ndarray, channels_last: bool = False) -> np.ndarray:
+    """Batch-first copy (always a new array: internal buffers are reused between runs) of a
+    CNHW value, or of an NHWC one (``channels_last``)."""
+    if x.ndim == 4 and channels_last:
+        out = np.empty((x.shape[0], x.shape[3]) + x.shape[1:3], x.dtype)
+        out[...] = x.transpose(0, 3, 1, 2)
+        return out
     if x.ndim == 4:
         out = np.empty((x.shape[1], x.shape[0]) + x.shape[2:], x.dtype)
         out[...] = x.transpose(1, 0, 2, 3)
@@ -69,6 +78,16 @@ def concat_into(ins: list[np.ndarray], out: np.ndarray) -> np.ndarray:
 def _in_slot(v: np.ndarray, dst: np.ndarray) -> bool:
     """Whether ``v`` already is the slice ``dst`` (same first element and strides)."""
     return v.__array_interface__["data"][0] == dst.__array_interface__["data"][0] and v.strides == dst.strides
+
+
+def _prepare_nhwc(node):
+    """A channels-last conv's weights, in the form of its ``nhwc_cpu`` kernel."""
+    w, bias = node.weights["W"], np.ascontiguousarray(node.weights["B"], np.float32)
+    if algorithms.channels_last_pointwise(node):
+        return nhwc_cpu.PointwiseWeights(w, bias)
+    if algorithms.channels_last_depthwise(node):
+        return nhwc_cpu.DepthwiseWeights.of(w, bias)
+    return nhwc_cpu.DirectConvWeights(w, bias)
 
 
 class _Arena:
@@ -185,6 +204,14 @@ class CpuExecutor:
         self.prep: dict[str, object] = {
             st.node.name: prepared[st.node.name] if st.node.name in prepared
             else prepare_weights(st.node) for st in self.plan.steps}
+        # the channels-last convs' weights (``nhwc_cpu``), beside the CNHW ones the
+        # incremental executor's patch steps read
+        self.prep_nhwc: dict[str, object] = {
+            st.node.name: _prepare_nhwc(st.node) for st in self.plan.steps
+            if st.node.name in self.plan.channels_last and st.node.op is Op.CONV}
+        readers = [st.node.name for st in self.plan.steps if self.graph.input.name in st.node.inputs]
+        # the batch goes straight to channels-last when every step reading it runs so
+        self._input_channels_last = bool(readers) and all(r in self.plan.channels_last for r in readers)
         self.jit_seconds: float | None = None
         self._warm: tuple | None = None  # (input, its values) of an input warm-up, taken once
         self._arena = _Arena()
@@ -277,12 +304,26 @@ class CpuExecutor:
             result[g.input.name] = batch
         last_use = self.last_use()
         ledger = BufferLedger(self._arena, self.plan)
-        vals: dict[str, np.ndarray] = {g.input.name: self._internal_input(batch, ledger)}
+        nhwc: set[str] = set()  # values held channels-last
+        if self._input_channels_last and batch.ndim == 4:
+            n, c, h, w = batch.shape
+            vals = {g.input.name: nhwc_cpu.nchw_to_nhwc(batch, ledger.alloc((n, h, w, c)))}
+            nhwc.add(g.input.name)
+        else:
+            vals = {g.input.name: self._internal_input(batch, ledger)}
         ledger.adopt(g.input.name, vals[g.input.name])
+        converted: dict[str, np.ndarray] = {}  # value -> its copy in the other layout
         for idx, step in enumerate(self.plan.steps):
             t0 = time.perf_counter() if profile or step_secs is not None else 0.0
             name = self.plan.out_name(step)
-            y = self.exec_step(step, [vals[i] for i in step.node.inputs], alloc=ledger.out_alloc(name))
+            last = step.node.name in self.plan.channels_last
+            ins = [self._in_layout(i, vals[i], i in nhwc, last, converted, ledger) for i in step.node.inputs]
+            if last:
+                y = self.exec_step_nhwc(step, ins, alloc=ledger.out_alloc(name))
+                if y.ndim == 4:
+                    nhwc.add(name)
+            else:
+                y = self.exec_step(step, ins, alloc=ledger.out_alloc(name))
             if profile:
                 step.secs += time.perf_counter() - t0
             if step_secs is not None:
@@ -293,14 +334,34 @@ class CpuExecutor:
             if step.fused is not None and step.node.name in want:
                 raise ValueError(f"{step.node.name} is fused away; lower with fuse=False to read it")
             if name in want:
-                result[name] = to_external(y)
+                result[name] = to_external(y, name in nhwc)
             for i in step.node.inputs:
                 if last_use.get(i) == idx and i not in want:
                     vals.pop(i, None)
+                    converted.pop(i, None)
                     ledger.release(i, vals.values())
         for name in list(ledger.owned):
             ledger.release(name, result.values())
         return result
+
+    @staticmethod
+    def _in_layout(name, v, is_nhwc, want_nhwc, converted, ledger) -> np.ndarray:
+        """Value ``name`` (``v``, channels-last if ``is_nhwc``) in the layout a step reads:
+        itself, or its transposed copy (made at the first such reader, kept until the value's
+        release; the copy's buffer belongs to the value)."""
+        if v.ndim != 4 or is_nhwc == want_nhwc:
+            return v
+        t = converted.get(name)
+        if t is None:
+            if want_nhwc:
+                c, n, h, w = v.shape
+                t = nhwc_cpu.cnhw_to_nhwc(v, ledger.alloc((n, h, w, c)))
+            else:
+                n, h, w, c = v.shape
+                t = nhwc_cpu.nhwc_to_cnhw(v, ledger.alloc((c, n, h, w)))
+            ledger.own(name, t)
+            converted[name] = t
+        return t
 
     @staticmethod
     def _internal_input(batch: np.ndarray, ledger: BufferLedger) -> np.ndarray:
@@ -389,6 +450,34 @@ class CpuExecutor:
             e = np.exp(x - x.max(axis=-1, keepdims=True))
             return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
         raise NotImplementedError(f"CPU executor has no lowering for {op}")
+
+    def exec_step_nhwc(self, step: PhysicalStep, ins: list[np.ndarray], alloc) -> np.ndarray:
+        """One channels-last step (``PhysicalPlan.channels_last``) on channels-last inputs
+        [N, H, W, C]; its ops are the ones ``planner.physical.channels_last_steps`` admits."""
+        node = step.node
+        op = node.op
+        x = ins[0]
+        act = act_spec(step.fused)
+        if op is Op.CONV:
+            out = alloc((x.shape[0],) + tuple(node.shape[1:]) + (node.shape[0],))
+            prep = self.prep_nhwc[node.name]
+            if isinstance(prep, nhwc_cpu.DirectConvWeights):
+                return nhwc_cpu.conv_direct_nhwc(x, prep, node.params, act, out)
+            if isinstance(prep, nhwc_cpu.PointwiseWeights):
+                return nhwc_cpu.pointwise_nhwc(x, prep, act, out)
+            return nhwc_cpu.depthwise_nhwc(x, prep, node.params["stride"], node.params["pads"], act, out)
+        if op is Op.GLOBAL_AVGPOOL:
+            return np.ascontiguousarray(x.mean(axis=(1, 2), dtype=np.float32, keepdims=True))
+        if op is Op.AFFINE:
+            out = alloc(x.shape)
+            np.multiply(x, np.asarray(node.weights["scale"], np.float32), out=out)
+            np.add(out, np.asarray(node.weights["shift"], np.float32), out=out)
+            return out
+        if op in ACTIVATIONS:
+            return pointwise_any(x, node, out=alloc(x.shape))
+        # ADD / MUL: elementwise (channel broadcasts line up in either layout), so the CNHW
+        # operator serves
+        return self.exec_step(step, ins, alloc=alloc)
 
     def layer_report(self) -> list[tuple[str, str, float, float]]:
         """(node, op, seconds, GFLOP/s) per step from the last profiled runs (2 FLOPs/MAC),
