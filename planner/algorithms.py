@@ -153,7 +153,7 @@ ALGORITHM_CAP = {"winograd4": True, "winograd2": "f2", "winograd1d": True, "dire
 # -- channels-last (NHWC) steps of the dense CPU executor (exec/nhwc_cpu.py) -----------------
 # KRYPTON_CHANNELS_LAST=0: every step runs in CNHW
 CHANNELS_LAST = os.environ.get("KRYPTON_CHANNELS_LAST", "1") != "0"
-CHANNELS_LAST_MULTIPLE = 16  # channel counts of its convs: whole vectors on AVX-512 and AVX2
+CHANNELS_LAST_MULTIPLE = 16  # depthwise channel counts: whole vectors on AVX-512 and AVX2
 # (kernel, stride) of the depthwise windows with a register-blocked channels-last kernel
 CHANNELS_LAST_DEPTHWISE = frozenset({(3, 1), (3, 2), (5, 1), (5, 2)})
 
@@ -171,11 +171,11 @@ def channels_last_depthwise(node) -> bool:
 
 
 def channels_last_pointwise(node) -> bool:
-    """A 1x1 stride-1 unpadded one-group conv whose output channels are a multiple of 16
-    (the channels-last GEMM over pixels)."""
+    """A 1x1 stride-1 unpadded one-group conv (the channels-last GEMM over pixels; any channel
+    counts)."""
     p = node.params
     return (p["groups"] == 1 and tuple(p["kernel"]) == (1, 1) and tuple(p["stride"]) == (1, 1)
-            and tuple(p["pads"]) == (0, 0, 0, 0) and node.weights["W"].shape[0] % CHANNELS_LAST_MULTIPLE == 0)
+            and tuple(p["pads"]) == (0, 0, 0, 0))
 
 
 # a one-group conv inside a channels-last group runs the 1x1 GEMM's micro-kernel straight on
@@ -186,9 +186,9 @@ CHANNELS_LAST_DIRECT_MAX_K = 256
 
 def channels_last_direct(node) -> bool:
     """A one-group conv other than 1x1 stride 1 with short rows of taps (the RGB stem of a
-    depthwise-separable net), output channels a multiple of 16, no dilation."""
+    depthwise-separable net), no dilation."""
     p = node.params
     w = node.weights["W"]
-    return (p["groups"] == 1 and tuple(p["dilation"]) == (1, 1) and w.shape[0] % CHANNELS_LAST_MULTIPLE == 0
+    return (p["groups"] == 1 and tuple(p["dilation"]) == (1, 1)
             and w.shape[1] * w.shape[2] * w.shape[3] <= CHANNELS_LAST_DIRECT_MAX_K
             and not channels_last_pointwise(node))

@@ -143,24 +143,35 @@ class PointwiseWeights:
     """A 1x1 conv's weights for ``pointwise_nhwc``: W^T [C, O] cut into column blocks of up to
     ``NV_MAX * VL`` output channels, each block stored k-major ([C, block width], contiguous),
     the blocks one after another in ``packed``; ``blocks`` rows are (first channel, vectors,
-    offset in ``packed``)."""
+    offset in ``packed``, output channels stored). A last block narrower than a vector
+    multiple (O = 24, 40: EfficientNet) is zero-padded to whole vectors; its tiles are stored
+    through a staging tile, the padding columns dropped (they would overwrite the next pixel's
+    channels). ``bias`` is padded alike."""
 
     def __init__(self, w: np.ndarray, bias: np.ndarray):
         o, c = w.shape[0], w.shape[1]
-        if o % VL:
-            raise ValueError(f"pointwise_nhwc: {o} output channels, a multiple of {VL} is required")
-        wt = np.asarray(w, np.float32).reshape(o, c).T  # [C, O]
+        opad = -(-o // VL) * VL
+        wt = np.zeros((c, opad), np.float32)
+        wt[:, :o] = np.asarray(w, np.float32).reshape(o, c).T  # [C, O]
         parts, rows, off, o0 = [], [], 0, 0
-        while o0 < o:
-            nv = min(NV_MAX, (o - o0) // VL)
+        while o0 < opad:
+            nv = min(NV_MAX, (opad - o0) // VL)
             parts.append(np.ascontiguousarray(wt[:, o0 : o0 + nv * VL]).reshape(-1))
-            rows.append((o0, nv, off))
+            rows.append((o0, nv, off, min(nv * VL, o - o0)))
             off += c * nv * VL
             o0 += nv * VL
         self.packed = np.concatenate(parts)
         self.blocks = np.array(rows, np.int64)
-        self.bias = np.ascontiguousarray(bias, np.float32)
+        self.bias = np.zeros(opad, np.float32)
+        self.bias[:o] = np.asarray(bias, np.float32)
         self.c, self.o = c, o
+
+
+@njit(inline="always")
+def _unstage(out, base, o, otmp, nr, width, rows):
+    """out[base + i*o : ... + width] = otmp[i*nr : ... + width] for i < rows."""
+    for i in range(rows):
+        out[base + i * o : base + i * o + width] = otmp[i * nr : i * nr + width]
 
 
 _PIXELS_PER_CHUNK = 96  # pixel rows of x kept in L1 / L2 while every column block runs over them
@@ -175,20 +186,23 @@ def pointwise_nhwc_cpu(x, c, packed, blocks, bias, code, a0, a1, lo, hi, out, o,
     for p0 in range(lo, hi, _PIXELS_PER_CHUNK):
         p1 = min(hi, p0 + _PIXELS_PER_CHUNK)
         for b in range(blocks.shape[0]):
-            o0, nv, woff = blocks[b, 0], blocks[b, 1], blocks[b, 2]
+            o0, nv, woff, width = blocks[b, 0], blocks[b, 1], blocks[b, 2], blocks[b, 3]
             mr = _rows_of(nv)
             nr = nv * VL
             p = p0
             while p + mr <= p1:
-                _tile(nv, 1, c, 0, x, p * c, c, packed, woff, out, p * o + o0, o, bias, o0, code, a0, a1)
+                if width == nr:
+                    _tile(nv, 1, c, 0, x, p * c, c, packed, woff, out, p * o + o0, o, bias, o0, code, a0, a1)
+                else:
+                    _tile(nv, 1, c, 0, x, p * c, c, packed, woff, otmp, 0, nr, bias, o0, code, a0, a1)
+                    _unstage(out, p * o + o0, o, otmp, nr, width, mr)
                 p += mr
             if p < p1:
                 rem = p1 - p
                 xtmp[: mr * c] = 0.0
                 xtmp[: rem * c] = x[p * c : p1 * c]
                 _tile(nv, 1, c, 0, xtmp, 0, c, packed, woff, otmp, 0, nr, bias, o0, code, a0, a1)
-                for i in range(rem):
-                    out[(p + i) * o + o0 : (p + i) * o + o0 + nr] = otmp[i * nr : i * nr + nr]
+                _unstage(out, p * o + o0, o, otmp, nr, width, rem)
         if post:
             for q in range(p0 * o, p1 * o):
                 out[q] = act(out[q], code, a0, a1)
@@ -403,13 +417,20 @@ def conv_direct_nhwc_cpu(x, hh, ww, c, kh, kw, sh, sw, pt, pl, ho, wo, packed, b
         xrow = ((n * hh + ih0 + i0) * ww) * c
         orow = r * wo * o
         for b in range(blocks.shape[0]):
-            o0, nv, woff = blocks[b, 0], blocks[b, 1], blocks[b, 2]
+            o0, nv, woff, width = blocks[b, 0], blocks[b, 1], blocks[b, 2], blocks[b, 3]
             mr = _rows_of(nv)
             nr = nv * VL
             ow = owa
             while ow + mr <= owb:
-                _tile(nv, i1 - i0, seglen, ww * c, x, xrow + (ow * sw - pl) * c, sw * c, packed,
-                      woff + i0 * seglen * nr, out, orow + ow * o + o0, o, bias, o0, code, a0, a1)
+                xo = xrow + (ow * sw - pl) * c
+                wo_ = woff + i0 * seglen * nr
+                if width == nr:
+                    _tile(nv, i1 - i0, seglen, ww * c, x, xo, sw * c, packed, wo_, out, orow + ow * o + o0, o,
+                          bias, o0, code, a0, a1)
+                else:
+                    _tile(nv, i1 - i0, seglen, ww * c, x, xo, sw * c, packed, wo_, otmp, 0, nr, bias, o0,
+                          code, a0, a1)
+                    _unstage(out, orow + ow * o + o0, o, otmp, nr, width, mr)
                 ow += mr
             # the rest, staged: columns [0, owa), [ow, wo)
             nrest = owa + (wo - ow)
@@ -430,7 +451,7 @@ def conv_direct_nhwc_cpu(x, hh, ww, c, kh, kw, sh, sw, pt, pl, ho, wo, packed, b
                 for t in range(g0, g1):
                     col = t if t < owa else ow + (t - owa)
                     d = orow + col * o + o0
-                    out[d : d + nr] = otmp[(t - g0) * nr : (t - g0) * nr + nr]
+                    out[d : d + width] = otmp[(t - g0) * nr : (t - g0) * nr + width]
         if post:
             for q in range(orow, orow + wo * o):
                 out[q] = act(out[q], code, a0, a1)
