@@ -192,3 +192,13 @@ def channels_last_direct(node) -> bool:
     return (p["groups"] == 1 and tuple(p["dilation"]) == (1, 1)
             and w.shape[1] * w.shape[2] * w.shape[3] <= CHANNELS_LAST_DIRECT_MAX_K
             and not channels_last_pointwise(node))
+
+
+# A 1x1 conv runs fused with the depthwise conv reading it (``physical.pointwise_depthwise_
+# pairs``) when its output map is at least this many bytes per image. Measured per pair (AVX-512,
+# batch 16, fused / unfused ms): EfficientNet-Lite0's expand convs at 4.8 MB per image 12.0 /
+# 15.1-15.7, 1.8 MB 7.1-7.4 / 9.4-9.8 and 5.7 / 7.4-7.7; at 0.75 MB mixed (4.1 / 3.9-5.0,
+# 2.9-3.0 / 3.6-4.0); at 0.4 MB and below slower (the ring's short rows re-read the weights per
+# image row and leave partial tiles): 2.7-4.0 / 2.2-2.8, PP-LCNet's 14x14 pairs 2.2-3.5 /
+# 1.8-3.0.
+POINTWISE_DEPTHWISE_MIN_BYTES = 1 << 20

@@ -38,6 +38,9 @@ class PhysicalPlan:
     slots: dict[str, tuple[str, int]] = field(default_factory=dict)
     # names of the steps the dense CPU executor runs channels-last: ``channels_last_steps``
     channels_last: frozenset = frozenset()
+    # channels-last 1x1 conv step -> the depthwise conv step it runs with, fused:
+    # ``pointwise_depthwise_pairs``
+    pointwise_depthwise: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def lower(cls, graph: Graph, fuse: bool = True) -> "PhysicalPlan":
@@ -64,6 +67,7 @@ class PhysicalPlan:
         plan = cls(graph, steps)
         plan.slots = concat_slots(plan)
         plan.channels_last = channels_last_steps(plan)
+        plan.pointwise_depthwise = pointwise_depthwise_pairs(plan) if fuse else {}
         return plan
 
     def out_name(self, step: PhysicalStep) -> str:
@@ -154,6 +158,35 @@ def channels_last_steps(plan: PhysicalPlan) -> frozenset:
     with_depthwise = {root(s.node.name) for s in plan.steps
                       if s.node.name in ok and s.node.op is Op.CONV and algorithms.channels_last_depthwise(s.node)}
     return frozenset(n for n in ok if root(n) in with_depthwise)
+
+
+def pointwise_depthwise_pairs(plan: PhysicalPlan) -> dict[str, str]:
+    """1x1 convs the dense CPU executor runs fused with the depthwise conv reading them (the
+    expand + depthwise of an inverted-residual block, a separable block's 1x1 and the next
+    block's depthwise): {1x1 step: depthwise step} where both run channels-last, the 1x1's
+    output (its activation fused) is read by the depthwise conv only, is not the graph output,
+    and is a large map (``algorithms.POINTWISE_DEPTHWISE_MIN_BYTES`` per image: on small
+    maps the fused form is slower). The 1x1 output rows then live in an L2-sized ring instead of memory
+    (``nhwc_cpu.pointwise_depthwise_nhwc``): at batch 16 it is the largest map of the block
+    (EfficientNet-Lite0's first expand conv writes 77 MB), written and read back once each.
+    A run that asks for the 1x1's output (``CpuExecutor.run(outputs=...)``: IVM's
+    materialized views) runs the pair unfused."""
+    g = plan.graph
+    cons = g.consumers()
+    step_of = {s.node.name: s for s in plan.steps}
+    pairs: dict[str, str] = {}
+    for s in plan.steps:
+        node = s.node
+        name = plan.out_name(s)
+        if (node.name not in plan.channels_last or node.op is not Op.CONV
+                or not algorithms.channels_last_pointwise(node) or name == g.output or len(cons[name]) != 1):
+            continue
+        dw = step_of.get(cons[name][0])
+        big = 4 * node.shape[0] * node.shape[1] * node.shape[2] >= algorithms.POINTWISE_DEPTHWISE_MIN_BYTES
+        if (big and dw is not None and dw.node.name in plan.channels_last and dw.node.op is Op.CONV
+                and algorithms.channels_last_depthwise(dw.node) and dw.node.inputs == (name,)):
+            pairs[node.name] = dw.node.name
+    return pairs
 
 
 # -- physical operators of the delta steps -----------------------------------------------

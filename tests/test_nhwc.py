@@ -117,6 +117,28 @@ def test_direct_conv_matches_torch(n, h, w, c, o, k, s, pads):
     np.testing.assert_allclose(out, _torch_conv(x, wt, b, s, pads, 1, ACT_HSWISH), rtol=1e-5, atol=5e-5)
 
 
+@pytest.mark.parametrize("k,s,pads,h,w", [(3, 1, (1, 1, 1, 1), 13, 11), (3, 2, (1, 1, 1, 1), 12, 9),
+                                           (5, 2, (2, 2, 2, 2), 9, 14), (3, 2, (0, 0, 1, 1), 10, 10),
+                                           (5, 1, (2, 2, 2, 2), 3, 4)])
+def test_pointwise_depthwise_fused_equals_the_two_convs(k, s, pads, h, w):
+    """The fused pair (1x1 rows in a ring, each computed once per thread) gives the two convs'
+    values bit for bit, across image borders, thread boundaries and maps shorter than the
+    window."""
+    rng = np.random.default_rng(k * 10 + h)
+    n, c, e = 3, 24, 48
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    pw = nh.PointwiseWeights((rng.standard_normal((e, c, 1, 1)) / 5).astype(np.float32),
+                             rng.standard_normal(e).astype(np.float32))
+    dw = nh.DepthwiseWeights.of(rng.standard_normal((e, 1, k, k)).astype(np.float32),
+                                rng.standard_normal(e).astype(np.float32))
+    mid = nh.pointwise_nhwc(x, pw, _act(ACT_HSWISH), np.empty((n, h, w, e), np.float32))
+    ho, wo = _out_hw(h, w, k, s, pads)
+    want = nh.depthwise_nhwc(mid, dw, (s, s), pads, _act(ACT_SIGMOID), np.empty((n, ho, wo, e), np.float32))
+    got = nh.pointwise_depthwise_nhwc(x, pw, _act(ACT_HSWISH), dw, (s, s), pads, _act(ACT_SIGMOID),
+                                      np.full((n, ho, wo, e), np.nan, np.float32))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_layout_transposes_round_trip():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((19, 3, 5, 7)).astype(np.float32)  # CNHW
@@ -142,6 +164,7 @@ def test_kernels_on_avx2(tmp_path):
         "    t.test_depthwise_matches_torch(k, s, p, 14, 14)\n"
         "    t.test_depthwise_matches_torch(k, s, p, 7, 9)\n"
         "t.test_direct_conv_matches_torch(2, 33, 31, 3, 16, 3, 2, (1, 1, 1, 1))\n"
+        "t.test_pointwise_depthwise_fused_equals_the_two_convs(5, 2, (2, 2, 2, 2), 9, 14)\n"
         "asm = ''.join(nh.depthwise_nhwc_cpu.inspect_asm().values())\n"
         "asm += ''.join(nh.pointwise_nhwc_cpu.inspect_asm().values())\n"
         "assert 'zmm' not in asm and 'ymm' in asm, 'not an AVX2 build'\n"
@@ -218,22 +241,28 @@ def test_plan_runs_the_separable_body_channels_last(tmp_path, monkeypatch):
 
 def test_executor_channels_last_matches_ort_and_cnhw(tmp_path, monkeypatch):
     """The whole net against ONNX Runtime, and every intermediate value (returned batch-first
-    whatever its internal layout) against the all-CNHW executor."""
+    whatever its internal layout) against the all-CNHW executor; the fused 1x1 + depthwise
+    pair gives the unfused values bit for bit."""
     from onnx_builders import ort_run
 
     from krypton_db.exec.cpu import CpuExecutor
+    from krypton_db.graph import Op
     from krypton_db.planner import algorithms
 
     model = _separable_net()
     g = _import(model, tmp_path)
     x = np.random.default_rng(0).standard_normal((3, 3, 37, 35)).astype(np.float32)
+    # every 1x1 + depthwise pair fused, whatever its size (this net's maps are small)
+    monkeypatch.setattr(algorithms, "POINTWISE_DEPTHWISE_MIN_BYTES", 0)
     ex = CpuExecutor(g)
     assert len(ex.plan.channels_last) > 10
+    assert [(g[a].op, g[b].params["groups"]) for a, b in ex.plan.pointwise_depthwise.items()] == [(Op.CONV, 32)]
     got = ex.predict(x)
     want = ort_run(model, x)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     names = [ex.plan.out_name(s) for s in ex.plan.steps]
-    mine = ex.run(x, outputs=names)
+    mine = ex.run(x, outputs=names)  # asks for the 1x1's output: the pair runs unfused
+    np.testing.assert_array_equal(mine[g.output], got)
     monkeypatch.setattr(algorithms, "CHANNELS_LAST", False)
     cnhw = CpuExecutor(g)
     assert cnhw.plan.channels_last == frozenset()

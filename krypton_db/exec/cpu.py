@@ -209,6 +209,7 @@ class CpuExecutor:
         self.prep_nhwc: dict[str, object] = {
             st.node.name: _prepare_nhwc(st.node) for st in self.plan.steps
             if st.node.name in self.plan.channels_last and st.node.op is Op.CONV}
+        self._step_by_name = {st.node.name: st for st in self.plan.steps}
         readers = [st.node.name for st in self.plan.steps if self.graph.input.name in st.node.inputs]
         # the batch goes straight to channels-last when every step reading it runs so
         self._input_channels_last = bool(readers) and all(r in self.plan.channels_last for r in readers)
@@ -313,24 +314,40 @@ class CpuExecutor:
             vals = {g.input.name: self._internal_input(batch, ledger)}
         ledger.adopt(g.input.name, vals[g.input.name])
         converted: dict[str, np.ndarray] = {}  # value -> its copy in the other layout
+        early: dict[str, np.ndarray] = {}  # fused depthwise step -> its output, made with its 1x1
         for idx, step in enumerate(self.plan.steps):
             t0 = time.perf_counter() if profile or step_secs is not None else 0.0
             name = self.plan.out_name(step)
             last = step.node.name in self.plan.channels_last
-            ins = [self._in_layout(i, vals[i], i in nhwc, last, converted, ledger) for i in step.node.inputs]
-            if last:
-                y = self.exec_step_nhwc(step, ins, alloc=ledger.out_alloc(name))
-                if y.ndim == 4:
-                    nhwc.add(name)
+            dw = self.plan.pointwise_depthwise.get(step.node.name)
+            if step.node.name in early:
+                y = vals[name] = early.pop(step.node.name)  # adopted when its 1x1 conv ran
+            elif dw is not None and name not in want:
+                # the 1x1 conv and the depthwise conv reading it run as one (``pointwise_
+                # depthwise``): the 1x1's output never exists
+                x = self._in_layout(step.node.inputs[0], vals[step.node.inputs[0]], step.node.inputs[0] in nhwc,
+                                    True, converted, ledger)
+                dw_step = self._step_by_name[dw]
+                dw_name = self.plan.out_name(dw_step)
+                y = self.exec_pointwise_depthwise(step, dw_step, x, ledger.out_alloc(dw_name))
+                nhwc.add(dw_name)
+                ledger.adopt(dw_name, y)
+                early[dw] = y
             else:
-                y = self.exec_step(step, ins, alloc=ledger.out_alloc(name))
+                ins = [self._in_layout(i, vals[i], i in nhwc, last, converted, ledger) for i in step.node.inputs]
+                if last:
+                    y = self.exec_step_nhwc(step, ins, alloc=ledger.out_alloc(name))
+                    if y.ndim == 4:
+                        nhwc.add(name)
+                else:
+                    y = self.exec_step(step, ins, alloc=ledger.out_alloc(name))
+                vals[name] = y
+                ledger.adopt(name, y)
             if profile:
                 step.secs += time.perf_counter() - t0
             if step_secs is not None:
                 n = step.node.name
                 step_secs[n] = step_secs.get(n, 0.0) + time.perf_counter() - t0
-            vals[name] = y
-            ledger.adopt(name, y)
             if step.fused is not None and step.node.name in want:
                 raise ValueError(f"{step.node.name} is fused away; lower with fuse=False to read it")
             if name in want:
@@ -450,6 +467,16 @@ class CpuExecutor:
             e = np.exp(x - x.max(axis=-1, keepdims=True))
             return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
         raise NotImplementedError(f"CPU executor has no lowering for {op}")
+
+    def exec_pointwise_depthwise(self, pw_step: PhysicalStep, dw_step: PhysicalStep, x: np.ndarray,
+                                 alloc) -> np.ndarray:
+        """A fused 1x1 + depthwise pair (``PhysicalPlan.pointwise_depthwise``) on the 1x1's
+        channels-last input; returns the depthwise conv's output."""
+        dw = dw_step.node
+        out = alloc((x.shape[0],) + tuple(dw.shape[1:]) + (dw.shape[0],))
+        return nhwc_cpu.pointwise_depthwise_nhwc(
+            x, self.prep_nhwc[pw_step.node.name], act_spec(pw_step.fused), self.prep_nhwc[dw.name],
+            dw.params["stride"], dw.params["pads"], act_spec(dw_step.fused), out)
 
     def exec_step_nhwc(self, step: PhysicalStep, ins: list[np.ndarray], alloc) -> np.ndarray:
         """One channels-last step (``PhysicalPlan.channels_last``) on channels-last inputs

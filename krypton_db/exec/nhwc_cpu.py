@@ -372,6 +372,83 @@ def depthwise_nhwc(x: np.ndarray, dw: DepthwiseWeights, stride, pads, act_spec, 
     return out
 
 
+# -- a 1x1 conv and the depthwise conv reading it, fused ----------------------------------------
+
+
+@njit(**_NJ)
+def pointwise_depthwise_nhwc_cpu(x, c, packed, blocks, pbias, pcode, pa0, pa1, w, dbias, hh, ww, e,
+                                 kh, kw, sh, sw, pt, pl, ho, wo, dcode, da0, da1, lo, hi, out,
+                                 ring, tags, xtmp, otmp):
+    """A 1x1 conv (x flat [N*H*W*c] -> e channels, ``PointwiseWeights`` arrays, activation
+    pcode) and the depthwise conv reading it (taps w flat [kh, kw, e], activation dcode):
+    output rows r in [lo, hi) of the depthwise conv's N * Ho rows of out. The 1x1 conv's
+    output rows live only in ``ring`` (2 * kh rows of W * e floats, L2-sized): row ih of
+    image n is computed once, when the first output row needing it comes, into slot ih % kh
+    and copied to slot ih % kh + kh, so any kh consecutive rows lie contiguous from slot
+    (first row) % kh on, as the depthwise micro-kernel reads them. ``tags[slot]`` holds
+    n * H + ih of the row in it (-1: none)."""
+    row = ww * e
+    tags[:] = -1
+    dpost = not in_register(dcode)
+    for r in range(lo, hi):
+        n = r // ho
+        oh = r - n * ho
+        ih0 = oh * sh - pt
+        a = max(0, ih0)
+        b = min(hh, ih0 + kh)
+        for ih in range(a, b):
+            slot = ih % kh
+            key = n * hh + ih
+            if tags[slot] != key:
+                p0 = key * ww
+                pointwise_nhwc_cpu(x[p0 * c : (p0 + ww) * c], c, packed, blocks, pbias, pcode, pa0, pa1, 0, ww,
+                                   ring[slot * row : (slot + 1) * row], e, xtmp, otmp)
+                ring[(slot + kh) * row : (slot + kh + 1) * row] = ring[slot * row : (slot + 1) * row]
+                tags[slot] = key
+        start = (a % kh) * row
+        i0 = a - ih0
+        orow = r * wo * e
+        for ow0 in range(0, wo, DW_R):
+            iw0 = ow0 * sw - pl
+            for cv in range(0, e, VL):
+                _dw_block(kw, sw, ring, start + iw0 * e + cv, row, b - a, w, i0 * kw * e + cv, kw * e, e,
+                          out, orow + ow0 * e + cv, -iw0, ww - iw0, min(DW_R, wo - ow0), dbias, cv, dcode, da0, da1)
+        if dpost:
+            for q in range(orow, orow + wo * e):
+                out[q] = act(out[q], dcode, da0, da1)
+
+
+def pointwise_depthwise_nhwc(x: np.ndarray, pw: PointwiseWeights, pw_act, dw: "DepthwiseWeights", stride, pads,
+                             dw_act, out: np.ndarray) -> np.ndarray:
+    """depthwise(1x1(x)) of a channels-last map x [N, H, W, C] into out [N, Ho, Wo, E]
+    (``PhysicalPlan.pointwise_depthwise``): the 1x1 conv's output never exists whole; each
+    thread keeps the rows its depthwise rows read in an L2-sized ring. The sums are the
+    unfused convs' bit for bit (the same micro-kernels on the same values)."""
+    n, h, w, c = x.shape
+    e = pw.o
+    w_hwc, dbias = dw
+    kh, kw = w_hwc.shape[0], w_hwc.shape[1]
+    ho, wo = out.shape[1], out.shape[2]
+    if c != pw.c or w_hwc.shape[2] != e or out.shape != (n, ho, wo, e) or e % VL:
+        raise ValueError(f"pointwise_depthwise_nhwc: input {x.shape}, 1x1 [{e}, {pw.c}], depthwise "
+                         f"{w_hwc.shape}, output {out.shape} do not match")
+    pcode, pa0, pa1 = pw_act
+    dcode, da0, da1 = dw_act
+    xf, wf, of = x.reshape(-1), w_hwc.reshape(-1), out.reshape(-1)
+
+    def part(lo, hi):
+        ring = np.empty(2 * kh * w * e, np.float32)
+        tags = np.empty(kh, np.int64)
+        xtmp = np.empty(STAGE_ROWS * c, np.float32)
+        otmp = np.empty(STAGE_ROWS * NV_MAX * VL, np.float32)
+        pointwise_depthwise_nhwc_cpu(xf, c, pw.packed, pw.blocks, pw.bias, pcode, pa0, pa1, wf, dbias, h, w, e,
+                                     kh, kw, stride[0], stride[1], pads[0], pads[1], ho, wo, dcode, da0, da1,
+                                     lo, hi, of, ring, tags, xtmp, otmp)
+
+    parallel_ranges(n * ho, part, 2)
+    return out
+
+
 class DepthwiseWeights(NamedTuple):
     taps: np.ndarray  # [kh, kw, C]: one contiguous channel vector per tap
     bias: np.ndarray
