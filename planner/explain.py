@@ -29,7 +29,7 @@ from krypton_db.graph import Op
 
 from . import algorithms
 from .cost import FEATURES, predict
-from .physical import executed_macs, full_operator, physical_steps
+from .physical import PhysicalPlan, executed_macs, full_operator, physical_steps
 
 # -- formatting ------------------------------------------------------------------------------
 
@@ -209,6 +209,20 @@ def conv_algorithms_line(graph) -> str:
                                  or "none")
 
 
+def channels_last_line(graph, mode: str) -> str | None:
+    """The dense CPU executor's channels-last steps (``physical.channels_last_steps``) for the
+    full inferences a plan runs (every batch in naive mode, the materialized views otherwise;
+    the latter asks for every value, so no 1x1 + depthwise pair runs fused there); None when
+    the whole network runs CNHW."""
+    dense = PhysicalPlan.lower(graph)
+    if not dense.channels_last:
+        return None
+    pairs = len(dense.pointwise_depthwise) if mode == "naive" else 0
+    where = "full inference" if mode == "naive" else "MaterializeViews"
+    return (f"{where}: {len(dense.channels_last)} of {len(dense.steps)} steps channels-last (NHWC)"
+            + (f", fused 1x1 + depthwise pairs {pairs}" if pairs else ""))
+
+
 def physical_section(plan, mode: str, batch: int, per_query: int, positions: int, device: str,
                      threads: int | None = None, plan_type: str = "physical_plan") -> Section:
     nb = -(-positions // max(batch, 1))
@@ -227,6 +241,9 @@ def physical_section(plan, mode: str, batch: int, per_query: int, positions: int
     foot = []
     if device == "cpu":
         foot.append(conv_algorithms_line(plan.graph))
+        layout = channels_last_line(plan.graph, mode)
+        if layout is not None:
+            foot.append(layout)
     if mode != "naive":
         executed = sum(executed_macs(op) for op in steps)
         gap = [op.delta.node.name for op in steps
