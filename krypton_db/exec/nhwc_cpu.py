@@ -59,11 +59,13 @@ def _make_pointwise_ukernel(mr: int, nv: int):
     nr = nv * VL
 
     @intrinsic
-    def ukernel(typingctx, nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, bias, boff, code, a0, a1):
-        sig = types.void(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, bias, boff, code, a0, a1)
+    def ukernel(typingctx, nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, nlast, bias, boff,
+                code, a0, a1):
+        sig = types.void(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, nlast, bias, boff,
+                         code, a0, a1)
 
         def codegen(context, builder, sig, args):
-            nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, bias, boff, code, a0, a1 = args
+            nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, nlast, bias, boff, code, a0, a1 = args
             vt = ir.VectorType(ir.FloatType(), VL)
             i64 = ir.IntType(64)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
@@ -71,7 +73,7 @@ def _make_pointwise_ukernel(mr: int, nv: int):
             xp = builder.gep(context.make_array(sig.args[3])(context, builder, x).data, [xoff])
             wpp = builder.gep(context.make_array(sig.args[6])(context, builder, wp).data, [woff])
             op = builder.gep(context.make_array(sig.args[8])(context, builder, out).data, [ooff])
-            bp = builder.gep(context.make_array(sig.args[11])(context, builder, bias).data, [boff])
+            bp = builder.gep(context.make_array(sig.args[12])(context, builder, bias).data, [boff])
             zero = ir.Constant(vt, [0.0] * VL)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(mr)]
             splat = ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL)
@@ -101,10 +103,22 @@ def _make_pointwise_ukernel(mr: int, nv: int):
                 for v in range(nv):
                     builder.store(builder.fadd(builder.load(accs[i][v]), bv[v]), accs[i][v])
             activate_in_place(builder, [a for row in accs for a in row], code, a0, a1)
+            # the last vector stores its first nlast lanes only (a block ending inside a vector:
+            # O = 24, 40); the lanes past them belong to the next pixel
+            mt = ir.VectorType(ir.IntType(1), VL)
+            mstore = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [vt, vt.as_pointer(), ir.IntType(32), mt]),
+                f"llvm.masked.store.v{VL}f32.p0v{VL}f32")
+            iv = ir.VectorType(i64, VL)
+            nsplat = builder.shuffle_vector(builder.insert_element(ir.Constant(iv, ir.Undefined), nlast, lane0),
+                                            ir.Constant(iv, ir.Undefined), splat)
+            mask = builder.icmp_signed("<", ir.Constant(iv, list(range(VL))), nsplat)
             for i in range(mr):
                 orow = builder.gep(op, [builder.mul(ldo, ir.Constant(i64, i))])
-                for v in range(nv):
+                for v in range(nv - 1):
                     builder.store(builder.load(accs[i][v]), vec(orow, ir.Constant(i64, VL * v)), align=4)
+                builder.call(mstore, [builder.load(accs[i][nv - 1]), vec(orow, ir.Constant(i64, VL * (nv - 1))),
+                                      ir.Constant(ir.IntType(32), 4), mask])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -117,15 +131,15 @@ _MR1, _MR2, _MR3, _MR4 = (_mr(nv) for nv in (1, 2, 3, 4))
 
 
 @njit(inline="always")
-def _tile(nv, nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, bias, boff, code, a0, a1):
+def _tile(nv, nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, nlast, bias, boff, code, a0, a1):
     if nv == 4:
-        _UK4(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, bias, boff, code, a0, a1)
+        _UK4(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, nlast, bias, boff, code, a0, a1)
     elif nv == 3:
-        _UK3(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, bias, boff, code, a0, a1)
+        _UK3(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, nlast, bias, boff, code, a0, a1)
     elif nv == 2:
-        _UK2(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, bias, boff, code, a0, a1)
+        _UK2(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, nlast, bias, boff, code, a0, a1)
     else:
-        _UK1(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, bias, boff, code, a0, a1)
+        _UK1(nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, nlast, bias, boff, code, a0, a1)
 
 
 @njit(inline="always")
@@ -143,10 +157,9 @@ class PointwiseWeights:
     """A 1x1 conv's weights for ``pointwise_nhwc``: W^T [C, O] cut into column blocks of up to
     ``NV_MAX * VL`` output channels, each block stored k-major ([C, block width], contiguous),
     the blocks one after another in ``packed``; ``blocks`` rows are (first channel, vectors,
-    offset in ``packed``, output channels stored). A last block narrower than a vector
-    multiple (O = 24, 40: EfficientNet) is zero-padded to whole vectors; its tiles are stored
-    through a staging tile, the padding columns dropped (they would overwrite the next pixel's
-    channels). ``bias`` is padded alike."""
+    offset in ``packed``, output channels stored). A last block ending inside a vector (O =
+    24, 40: EfficientNet) is zero-padded to whole vectors; its last vector is stored masked
+    (the lanes past O would overwrite the next pixel's channels). ``bias`` is padded alike."""
 
     def __init__(self, w: np.ndarray, bias: np.ndarray):
         o, c = w.shape[0], w.shape[1]
@@ -190,18 +203,15 @@ def pointwise_nhwc_cpu(x, c, packed, blocks, bias, code, a0, a1, lo, hi, out, o,
             mr = _rows_of(nv)
             nr = nv * VL
             p = p0
+            nlast = width - (nv - 1) * VL
             while p + mr <= p1:
-                if width == nr:
-                    _tile(nv, 1, c, 0, x, p * c, c, packed, woff, out, p * o + o0, o, bias, o0, code, a0, a1)
-                else:
-                    _tile(nv, 1, c, 0, x, p * c, c, packed, woff, otmp, 0, nr, bias, o0, code, a0, a1)
-                    _unstage(out, p * o + o0, o, otmp, nr, width, mr)
+                _tile(nv, 1, c, 0, x, p * c, c, packed, woff, out, p * o + o0, o, nlast, bias, o0, code, a0, a1)
                 p += mr
             if p < p1:
                 rem = p1 - p
                 xtmp[: mr * c] = 0.0
                 xtmp[: rem * c] = x[p * c : p1 * c]
-                _tile(nv, 1, c, 0, xtmp, 0, c, packed, woff, otmp, 0, nr, bias, o0, code, a0, a1)
+                _tile(nv, 1, c, 0, xtmp, 0, c, packed, woff, otmp, 0, nr, VL, bias, o0, code, a0, a1)
                 _unstage(out, p * o + o0, o, otmp, nr, width, rem)
         if post:
             for q in range(p0 * o, p1 * o):
@@ -499,15 +509,9 @@ def conv_direct_nhwc_cpu(x, hh, ww, c, kh, kw, sh, sw, pt, pl, ho, wo, packed, b
             nr = nv * VL
             ow = owa
             while ow + mr <= owb:
-                xo = xrow + (ow * sw - pl) * c
-                wo_ = woff + i0 * seglen * nr
-                if width == nr:
-                    _tile(nv, i1 - i0, seglen, ww * c, x, xo, sw * c, packed, wo_, out, orow + ow * o + o0, o,
-                          bias, o0, code, a0, a1)
-                else:
-                    _tile(nv, i1 - i0, seglen, ww * c, x, xo, sw * c, packed, wo_, otmp, 0, nr, bias, o0,
-                          code, a0, a1)
-                    _unstage(out, orow + ow * o + o0, o, otmp, nr, width, mr)
+                _tile(nv, i1 - i0, seglen, ww * c, x, xrow + (ow * sw - pl) * c, sw * c, packed,
+                      woff + i0 * seglen * nr, out, orow + ow * o + o0, o, width - (nv - 1) * VL, bias, o0,
+                      code, a0, a1)
                 ow += mr
             # the rest, staged: columns [0, owa), [ow, wo)
             nrest = owa + (wo - ow)
@@ -524,7 +528,7 @@ def conv_direct_nhwc_cpu(x, hh, ww, c, kh, kw, sh, sw, pt, pl, ho, wo, packed, b
                                 src = ((n * hh + ih0 + i) * ww + iw) * c
                                 dst = (t - g0) * kfull + (i * kw + j) * c
                                 xtmp[dst : dst + c] = x[src : src + c]
-                _tile(nv, 1, kfull, 0, xtmp, 0, kfull, packed, woff, otmp, 0, nr, bias, o0, code, a0, a1)
+                _tile(nv, 1, kfull, 0, xtmp, 0, kfull, packed, woff, otmp, 0, nr, VL, bias, o0, code, a0, a1)
                 for t in range(g0, g1):
                     col = t if t < owa else ow + (t - owa)
                     d = orow + col * o + o0
