@@ -1,5 +1,7 @@
 """Channels-last (NHWC) kernels for the depthwise-separable parts of a network: the 1x1
-convolution as a GEMM over pixels, the depthwise convolution, and the layout transposes.
+convolution as a GEMM over pixels, the depthwise convolution, a one-group conv with few taps
+(RGB stems) on the 1x1's micro-kernel, a 1x1 conv fused with the depthwise conv reading it,
+and the layout transposes.
 
 Why a second layout: in CNHW a 1x1 conv with K = 16..256 input channels is a GEMM whose B
 (the feature map) must be packed on every call, and packing plus the stores cost about as
@@ -193,8 +195,8 @@ _PIXELS_PER_CHUNK = 96  # pixel rows of x kept in L1 / L2 while every column blo
 @njit(**_NJ)
 def pointwise_nhwc_cpu(x, c, packed, blocks, bias, code, a0, a1, lo, hi, out, o, xtmp, otmp):
     """out[p, :] = act(x[p, :] @ W^T + bias) for pixels p in [lo, hi); x, out flat [P * c],
-    [P * o]. ``xtmp`` (STAGE_ROWS * c floats) and ``otmp`` (STAGE_ROWS * NV_MAX * VL) stage a last group of
-    fewer than MR pixels (rows past the range are zero)."""
+    [P * o]. ``xtmp`` (STAGE_ROWS * c floats) and ``otmp`` (STAGE_ROWS * NV_MAX * VL) stage a
+    last group of fewer than MR pixels (rows past the range are zero)."""
     post = not in_register(code)
     for p0 in range(lo, hi, _PIXELS_PER_CHUNK):
         p1 = min(hi, p0 + _PIXELS_PER_CHUNK)
