@@ -16,6 +16,20 @@ def _zoo_cache(tmp_path_factory):
     yield
 
 
+def run_on_avx2(code: str, cache_dir) -> None:
+    """Run ``code`` (which prints 'ok' last) in a subprocess whose numba targets an AVX2-only
+    CPU (haswell: 8-float vectors, 16 registers; the GEMM tile shapes follow
+    ``KRYPTON_GEMM_VL=8``) with a numba cache of its own (the cache key does not hold the
+    override), the tests directory importable."""
+    import os
+
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(cache_dir), KRYPTON_GEMM_VL="8",
+               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+sse4.2,+popcnt,+bmi,+bmi2,+f16c",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 def rel_err(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)

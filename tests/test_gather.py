@@ -108,9 +108,7 @@ def test_stitch_matches_numpy(c, h, w, ps, nq):
 def test_transposes_on_an_avx2_target_in_a_subprocess(tmp_path):
     """The 16-lane shuffles and masked moves compiled for an AVX2-only CPU (LLVM splits them
     into 8-lane halves): the gather still matches the oracle, and no AVX-512 register is used."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_on_avx2
 
     code = (
         "import numpy as np\n"
@@ -121,8 +119,4 @@ def test_transposes_on_an_avx2_target_in_a_subprocess(tmp_path):
         "asm = ''.join(TR.transpose_cpu.inspect_asm().values())\n"
         "assert 'zmm' not in asm and 'ymm' in asm, 'not an AVX2 build'\n"
         "print('ok')\n")
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path), KRYPTON_GEMM_VL="8",
-               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+sse4.2,+popcnt,+bmi,+bmi2,+f16c",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    run_on_avx2(code, tmp_path)

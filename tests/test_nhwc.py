@@ -5,14 +5,11 @@ off and ONNX Runtime (whole models)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_on_avx2
 
 from krypton_db.exec import nhwc_cpu as nh
 from krypton_db.graph import ACT_CLIP, ACT_HSWISH, ACT_NONE, ACT_RELU, ACT_SIGMOID
@@ -169,11 +166,7 @@ def test_kernels_on_avx2(tmp_path):
         "asm += ''.join(nh.pointwise_nhwc_cpu.inspect_asm().values())\n"
         "assert 'zmm' not in asm and 'ymm' in asm, 'not an AVX2 build'\n"
         "print('ok')\n")
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path), KRYPTON_GEMM_VL="8",
-               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+sse4.2,+popcnt,+bmi,+bmi2,+f16c",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    run_on_avx2(code, tmp_path)
 
 
 # -- the plan's channels-last steps and the executor running them ------------------------------

@@ -49,6 +49,39 @@ def _mr(nv: int) -> int:
     return _ROWS[nv]
 
 
+class _Emit:
+    """What both micro-kernels' code generation uses: the VL-float vector type, llvm.fma on
+    it, an array argument's element pointer, a vector pointer at an offset, a broadcast."""
+
+    def __init__(self, context, builder, sig, args):
+        self.context, self.builder, self.sig, self.args = context, builder, sig, args
+        self.vt = ir.VectorType(ir.FloatType(), VL)
+        self.i64 = ir.IntType(64)
+        self.fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.vt, [self.vt] * 3),
+                                                  f"llvm.fma.v{VL}f32")
+        self.lane0 = ir.Constant(ir.IntType(32), 0)
+        self.splat = ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL)
+
+    def ptr(self, k: int, off):
+        """&args[k][off] (args[k] an array)."""
+        arr = self.context.make_array(self.sig.args[k])(self.context, self.builder, self.args[k])
+        return self.builder.gep(arr.data, [off])
+
+    def vec(self, ptr, off):
+        return self.builder.bitcast(self.builder.gep(ptr, [off]), self.vt.as_pointer())
+
+    def const(self, v: int):
+        return ir.Constant(self.i64, v)
+
+    def bcast(self, v):
+        undef = ir.Constant(self.vt, ir.Undefined)
+        return self.builder.shuffle_vector(self.builder.insert_element(undef, v, self.lane0), undef, self.splat)
+
+    def zeros(self, n: int) -> list:
+        """n vector accumulators (allocas: mem2reg keeps them in registers)."""
+        return [cgutils.alloca_once_value(self.builder, ir.Constant(self.vt, [0.0] * VL)) for _ in range(n)]
+
+
 def _make_pointwise_ukernel(mr: int, nv: int):
     """The micro-kernel for an ``mr`` x ``nv * VL`` tile:
     out[ooff + i*ldo + j] = act(bias[boff + j] + sum_{s < nseg, k < seglen}
@@ -68,25 +101,10 @@ def _make_pointwise_ukernel(mr: int, nv: int):
 
         def codegen(context, builder, sig, args):
             nseg, seglen, ldseg, x, xoff, ldx, wp, woff, out, ooff, ldo, nlast, bias, boff, code, a0, a1 = args
-            vt = ir.VectorType(ir.FloatType(), VL)
-            i64 = ir.IntType(64)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
-                                                 f"llvm.fma.v{VL}f32")
-            xp = builder.gep(context.make_array(sig.args[3])(context, builder, x).data, [xoff])
-            wpp = builder.gep(context.make_array(sig.args[6])(context, builder, wp).data, [woff])
-            op = builder.gep(context.make_array(sig.args[8])(context, builder, out).data, [ooff])
-            bp = builder.gep(context.make_array(sig.args[12])(context, builder, bias).data, [boff])
-            zero = ir.Constant(vt, [0.0] * VL)
-            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in range(mr)]
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL)
-            undef = ir.Constant(vt, ir.Undefined)
-            lane0 = ir.Constant(ir.IntType(32), 0)
-
-            def bcast(v):
-                return builder.shuffle_vector(builder.insert_element(undef, v, lane0), undef, splat)
-
-            def vec(ptr, off):
-                return builder.bitcast(builder.gep(ptr, [off]), vt.as_pointer())
+            e = _Emit(context, builder, sig, args)
+            vt, i64, fma, vec, bcast, lane0, splat = e.vt, e.i64, e.fma, e.vec, e.bcast, e.lane0, e.splat
+            xp, wpp, op, bp = e.ptr(3, xoff), e.ptr(6, woff), e.ptr(8, ooff), e.ptr(12, boff)
+            accs = [e.zeros(nv) for _ in range(mr)]
 
             with cgutils.for_range(builder, nseg) as seg:
                 xs = builder.gep(xp, [builder.mul(seg.index, ldseg)])
@@ -262,22 +280,10 @@ def _make_depthwise_ukernel(kw: int, sw: int):
         def codegen(context, builder, sig, args):
             (x, xoff, ldrow, nrows, w, woff, ldwrow, ldpix, out, ooff, ulo, uhi, nout,
              bias, boff, code, a0, a1) = args
-            vt = ir.VectorType(ir.FloatType(), VL)
-            i64 = ir.IntType(64)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]),
-                                                 f"llvm.fma.v{VL}f32")
-            xp = builder.gep(context.make_array(sig.args[0])(context, builder, x).data, [xoff])
-            wp = builder.gep(context.make_array(sig.args[4])(context, builder, w).data, [woff])
-            op = builder.gep(context.make_array(sig.args[8])(context, builder, out).data, [ooff])
-            bp = builder.gep(context.make_array(sig.args[13])(context, builder, bias).data, [boff])
-            zero = ir.Constant(vt, [0.0] * VL)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(DW_R)]
-
-            def vec(ptr, off):
-                return builder.bitcast(builder.gep(ptr, [off]), vt.as_pointer())
-
-            def const(v):
-                return ir.Constant(i64, v)
+            e = _Emit(context, builder, sig, args)
+            fma, vec, const = e.fma, e.vec, e.const
+            xp, wp, op, bp = e.ptr(0, xoff), e.ptr(4, woff), e.ptr(8, ooff), e.ptr(13, boff)
+            accs = e.zeros(DW_R)
 
             with cgutils.for_range(builder, nrows) as loop:
                 i = loop.index
@@ -569,6 +575,8 @@ def conv_direct_nhwc(x: np.ndarray, pw: DirectConvWeights, params: dict, act_spe
 
 @njit(**_NJ)
 def _cnhw_to_nhwc_rows(x, out, lo, hi):
+    """out[n, y, :, c] = x[c, n, y, :] for image rows r = n * H + y in [lo, hi) (x may be a
+    transposed view of an NCHW batch)."""
     c_, n_, hh, ww = x.shape
     for r in range(lo, hi):
         n = r // hh
@@ -576,19 +584,6 @@ def _cnhw_to_nhwc_rows(x, out, lo, hi):
         o = out[n, y]
         for c in range(c_):
             src = x[c, n, y]
-            for q in range(ww):
-                o[q, c] = src[q]
-
-
-@njit(**_NJ)
-def _nchw_to_nhwc_rows(x, out, lo, hi):
-    n_, c_, hh, ww = x.shape
-    for r in range(lo, hi):
-        n = r // hh
-        y = r - n * hh
-        o = out[n, y]
-        for c in range(c_):
-            src = x[n, c, y]
             for q in range(ww):
                 o[q, c] = src[q]
 
@@ -614,8 +609,7 @@ def cnhw_to_nhwc(x: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def nchw_to_nhwc(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """A model's NCHW batch [N, C, H, W] -> [N, H, W, C]."""
-    parallel_ranges(x.shape[0] * x.shape[2], lambda lo, hi: _nchw_to_nhwc_rows(x, out, lo, hi), 4)
-    return out
+    return cnhw_to_nhwc(x.transpose(1, 0, 2, 3), out)
 
 
 def nhwc_to_cnhw(x: np.ndarray, out: np.ndarray) -> np.ndarray:
