@@ -112,7 +112,7 @@ def channels_last_steps(plan: PhysicalPlan) -> frozenset:
 
     A step can run channels-last if it is a conv with a channels-last kernel (a depthwise conv,
     a 1x1 conv, a one-group conv with few taps such as an RGB stem:
-    ``algorithms.channels_last_depthwise`` / ``_pointwise`` / ``_im2col``), an elementwise
+    ``algorithms.channels_last_depthwise`` / ``_pointwise`` / ``_direct``), an elementwise
     op on feature maps (activation, affine, add, mul, broadcasts included) or a global
     average pooling that keeps its dims, and its output is not written into a concat's slice
     (those are CNHW channel ranges). Such steps connected through the values between them
@@ -166,8 +166,8 @@ def pointwise_depthwise_pairs(plan: PhysicalPlan) -> dict[str, str]:
     block's depthwise): {1x1 step: depthwise step} where both run channels-last, the 1x1's
     output (its activation fused) is read by the depthwise conv only, is not the graph output,
     and is a large map (``algorithms.POINTWISE_DEPTHWISE_MIN_BYTES`` per image: on small
-    maps the fused form is slower). The 1x1 output rows then live in an L2-sized ring instead of memory
-    (``nhwc_cpu.pointwise_depthwise_nhwc``): at batch 16 it is the largest map of the block
+    maps the fused form is slower). The 1x1 output rows then live in an L2-sized ring instead
+    of memory (``nhwc_cpu.pointwise_depthwise_nhwc``): at batch 16 it is the largest map of the block
     (EfficientNet-Lite0's first expand conv writes 77 MB), written and read back once each.
     A run that asks for the 1x1's output (``CpuExecutor.run(outputs=...)``: IVM's
     materialized views) runs the pair unfused."""
