@@ -112,12 +112,18 @@ def bench_model(src: str, batch_n: int, repeat: int, layers: bool, rounds: int =
             runs.append({})
             ex.run(xn, step_secs=runs[-1])
         secs = {s.node.name: statistics.median(r.get(s.node.name, 0.0) for r in runs) for s in ex.plan.steps}
-        row["layers"] = [
-            dict(node=s.node.name, op=s.node.op.name, secs=secs[s.node.name],
-                 gflops=2.0 * s.node.macs * batch_n / max(secs[s.node.name], 1e-12) / 1e9,
-                 gemm_ceiling=gemm_ceiling(s.node, batch_n) if s.node.macs else None)
-            for s in ex.plan.steps
-        ]
+        # a fused 1x1 + depthwise pair runs (and is timed) as its 1x1 step: one row for both
+        pairs = ex.plan.pointwise_depthwise
+        row["layers"] = []
+        for s in ex.plan.steps:
+            if s.node.name in pairs.values():
+                continue
+            dw = pairs.get(s.node.name)
+            macs = s.node.macs + (ex.graph[dw].macs if dw else 0)
+            row["layers"].append(dict(
+                node=s.node.name + (f"+{dw}" if dw else ""), op=s.node.op.name + ("+DW" if dw else ""),
+                secs=secs[s.node.name], gflops=2.0 * macs * batch_n / max(secs[s.node.name], 1e-12) / 1e9,
+                gemm_ceiling=gemm_ceiling(s.node, batch_n) if s.node.macs and not dw else None))
     return row
 
 
