@@ -273,3 +273,43 @@ def test_executor_channels_last_matches_ort_and_cnhw(tmp_path, monkeypatch):
         np.testing.assert_allclose(mine[n], theirs[n], rtol=1e-5, atol=1e-5, err_msg=n)
     # a second run reuses the arena's buffers: the same values
     np.testing.assert_array_equal(ex.predict(x), got)
+
+
+def test_ivm_full_steps_run_channels_last_and_equal_naive(tmp_path, monkeypatch):
+    """Exact occlusion (IVM) on the separable net: the steps whose patch has grown to the whole
+    map (FULL routes: the late layers) run channels-last as the dense plan does, switching
+    layout once, and the map equals naive re-inference to 1e-5 -- also with every step CNHW."""
+    import onnx
+
+    import krypton_db as kdb
+    from krypton_db.exec import incremental
+    from krypton_db.planner import algorithms
+
+    p = tmp_path / "sep.onnx"
+    onnx.save(_separable_net((1, 3, 37, 35)), p)
+    img = np.random.default_rng(7).random((37, 35, 3)).astype(np.float32)
+    ran = []
+    real = incremental.IncrementalExecutor._step
+
+    def spy(self, op, ins, b):
+        y = real(self, op, ins, b)
+        ran.append((op.delta.node.name, op.route.value, op.delta.out_name in self._nhwc))
+        return y
+
+    monkeypatch.setattr(incremental.IncrementalExecutor, "_step", spy)
+    maps = {}
+    for last in (True, False):
+        monkeypatch.setattr(algorithms, "CHANNELS_LAST", last)
+        m = kdb.load_model(p)
+        ran.clear()
+        a = kdb.occlude(m, img, patch=5, stride=3, mode="naive", all_classes=True)
+        b = kdb.occlude(m, img, patch=5, stride=3, mode="exact", all_classes=True, batch_size=7)
+        assert np.abs(a.all_probs - b.all_probs).max() <= 1e-5
+        assert a.probs.std() > 1e-5
+        full_nhwc = {n for n, route, nhwc in ran if route == "full" and nhwc}
+        # channels-last FULL steps exactly where the dense plan runs the step channels-last
+        want = {n for n, route, _ in ran if route == "full" and n in m.executor.plan.channels_last
+                and len(m.graph[n].shape) == 3}
+        assert full_nhwc == want and (bool(want) == last)
+        maps[last] = b.all_probs
+    np.testing.assert_allclose(maps[True], maps[False], atol=1e-5)

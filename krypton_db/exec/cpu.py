@@ -80,6 +80,25 @@ def _in_slot(v: np.ndarray, dst: np.ndarray) -> bool:
     return v.__array_interface__["data"][0] == dst.__array_interface__["data"][0] and v.strides == dst.strides
 
 
+def in_layout(name, v, is_nhwc, want_nhwc, converted, ledger) -> np.ndarray:
+    """Value ``name`` (``v``, channels-last if ``is_nhwc``) in the layout a step reads:
+    itself, or its transposed copy (made at the first such reader and kept in ``converted``
+    until the value's release; the copy's buffer belongs to the value in ``ledger``)."""
+    if v.ndim != 4 or is_nhwc == want_nhwc:
+        return v
+    t = converted.get(name)
+    if t is None:
+        if want_nhwc:
+            c, n, h, w = v.shape
+            t = nhwc_cpu.cnhw_to_nhwc(v, ledger.alloc((n, h, w, c)))
+        else:
+            n, h, w, c = v.shape
+            t = nhwc_cpu.nhwc_to_cnhw(v, ledger.alloc((c, n, h, w)))
+        ledger.own(name, t)
+        converted[name] = t
+    return t
+
+
 def _prepare_nhwc(node):
     """A channels-last conv's weights, in the form of its ``nhwc_cpu`` kernel."""
     w, bias = node.weights["W"], np.ascontiguousarray(node.weights["B"], np.float32)
@@ -325,7 +344,7 @@ class CpuExecutor:
             elif dw is not None and name not in want:
                 # the 1x1 conv and the depthwise conv reading it run as one (``pointwise_
                 # depthwise``): the 1x1's output never exists
-                x = self._in_layout(step.node.inputs[0], vals[step.node.inputs[0]], step.node.inputs[0] in nhwc,
+                x = in_layout(step.node.inputs[0], vals[step.node.inputs[0]], step.node.inputs[0] in nhwc,
                                     True, converted, ledger)
                 dw_step = self._step_by_name[dw]
                 dw_name = self.plan.out_name(dw_step)
@@ -334,7 +353,7 @@ class CpuExecutor:
                 ledger.adopt(dw_name, y)
                 early[dw] = y
             else:
-                ins = [self._in_layout(i, vals[i], i in nhwc, last, converted, ledger) for i in step.node.inputs]
+                ins = [in_layout(i, vals[i], i in nhwc, last, converted, ledger) for i in step.node.inputs]
                 if last:
                     y = self.exec_step_nhwc(step, ins, alloc=ledger.out_alloc(name))
                     if y.ndim == 4:
@@ -360,25 +379,6 @@ class CpuExecutor:
         for name in list(ledger.owned):
             ledger.release(name, result.values())
         return result
-
-    @staticmethod
-    def _in_layout(name, v, is_nhwc, want_nhwc, converted, ledger) -> np.ndarray:
-        """Value ``name`` (``v``, channels-last if ``is_nhwc``) in the layout a step reads:
-        itself, or its transposed copy (made at the first such reader, kept until the value's
-        release; the copy's buffer belongs to the value)."""
-        if v.ndim != 4 or is_nhwc == want_nhwc:
-            return v
-        t = converted.get(name)
-        if t is None:
-            if want_nhwc:
-                c, n, h, w = v.shape
-                t = nhwc_cpu.cnhw_to_nhwc(v, ledger.alloc((n, h, w, c)))
-            else:
-                n, h, w, c = v.shape
-                t = nhwc_cpu.nhwc_to_cnhw(v, ledger.alloc((c, n, h, w)))
-            ledger.own(name, t)
-            converted[name] = t
-        return t
 
     @staticmethod
     def _internal_input(batch: np.ndarray, ledger: BufferLedger) -> np.ndarray:

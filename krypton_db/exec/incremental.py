@@ -29,7 +29,7 @@ from ..heap import return_freed_heap
 from ..planner.batching import peak_bytes_per_query
 from ..planner.physical import Route, physical_steps
 from . import patch_cpu
-from .cpu import BufferLedger, CpuExecutor, act_spec, to_external
+from .cpu import BufferLedger, CpuExecutor, act_spec, in_layout, to_external
 from .runtime import step_scratch
 from .view_cache import input_key
 
@@ -224,6 +224,10 @@ class IncrementalExecutor:
         # fresh np.empty of tens of MB is mmapped and page-faulted (kernel-zeroed) on first
         # touch, which cost the gathers, epilogues and concats of a batch as much as 30%.
         self._stitched: dict[str, np.ndarray] = {}  # per batch: value -> its stitched full tensors
+        # per batch: full values held channels-last (FULL steps the dense plan runs channels-
+        # last, ``PhysicalPlan.channels_last``) and values' copies in the other layout
+        self._nhwc: set[str] = set()
+        self._converted: dict[str, np.ndarray] = {}
         self._state: dict[str, object] = {}  # the running batch's values (run_batch)
         self._idx = -1  # the running step
         self._boxes = None  # the running batch's per-position window boxes (plan.batch_windows)
@@ -295,6 +299,7 @@ class IncrementalExecutor:
         ledger = self._ledger
         ledger.reset()
         self._stitched = {}
+        self._nhwc, self._converted = set(), {}
         self._arena.begin(b)
         last = len(self.plan.steps) - 1
         self._state = state
@@ -312,8 +317,9 @@ class IncrementalExecutor:
                 name = ds.node.name
                 self.step_secs[name] = self.step_secs.get(name, 0.0) + time.perf_counter() - t0
         self._arena.end()
-        out = state[self.plan.steps[-1].out_name]
-        return to_external(out) if isinstance(out, np.ndarray) else out
+        name = self.plan.steps[-1].out_name
+        out = state[name]
+        return to_external(out, name in self._nhwc) if isinstance(out, np.ndarray) else out
 
     def _step(self, op, ins, b):
         ds, route = op.delta, op.route
@@ -329,10 +335,21 @@ class IncrementalExecutor:
         if route is Route.PATCH_MERGE:
             return self._merge(ds, step, ins, b)
         # FULL (also a window whose output patch is the whole map, most of them on the CPU:
-        # the queries carry full tensors, stitched once, on the dense CNHW executor)
+        # the queries carry full tensors, stitched once, on the dense executor; in the layout
+        # the dense plan runs the step in: the late layers of a depthwise-separable net, where
+        # every step is FULL, run channels-last, switching layout once)
         full = [self._full(i, s, b) for i, s in zip(node.inputs, ins)]
+        last = node.name in self.ex.plan.channels_last
+        full = [in_layout(i, v, i in self._nhwc, last, self._converted, self._ledger)
+                for i, v in zip(node.inputs, full)]
+        alloc = self._ledger.out_alloc(ds.out_name)
         with step_scratch(self._alloc):  # transposes' scratch from the batch arena, returned at adopt
-            return self.ex.exec_step(step, full, alloc=self._ledger.out_alloc(ds.out_name))
+            if not last:
+                return self.ex.exec_step(step, full, alloc=alloc)
+            y = self.ex.exec_step_nhwc(step, full, alloc=alloc)
+        if y.ndim == 4:
+            self._nhwc.add(ds.out_name)
+        return y
 
     def _window(self, ds, step, pin: Patch) -> Patch:
         node = ds.node
@@ -374,6 +391,7 @@ class IncrementalExecutor:
         if self.last_use.get(name) == self._idx and name in state:
             del state[name]
             self._stitched.pop(name, None)
+            self._converted.pop(name, None)
             self._ledger.release(name, (v.val if isinstance(v, Patch) else v for v in state.values()))
 
     def _merge(self, ds, step, ins: list[Patch], b: int) -> Patch:
