@@ -211,14 +211,14 @@ def conv_algorithms_line(graph) -> str:
 
 def channels_last_line(graph, mode: str) -> str | None:
     """The dense CPU executor's channels-last steps (``physical.channels_last_steps``) for the
-    full inferences a plan runs (every batch in naive mode, the materialized views otherwise;
-    the latter asks for every value, so no 1x1 + depthwise pair runs fused there); None when
-    the whole network runs CNHW."""
+    full inferences a plan runs (every batch in naive mode; otherwise the materialized views,
+    which ask for every value, so no 1x1 + depthwise pair runs fused there, and the Full<Op>
+    steps, which run in the dense plan's layout); None when the whole network runs CNHW."""
     dense = PhysicalPlan.lower(graph)
     if not dense.channels_last:
         return None
     pairs = len(dense.pointwise_depthwise) if mode == "naive" else 0
-    where = "full inference" if mode == "naive" else "MaterializeViews"
+    where = "full inference" if mode == "naive" else "MaterializeViews and Full steps"
     return (f"{where}: {len(dense.channels_last)} of {len(dense.steps)} steps channels-last (NHWC)"
             + (f", fused 1x1 + depthwise pairs {pairs}" if pairs else ""))
 

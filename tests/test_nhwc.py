@@ -228,11 +228,12 @@ def test_plan_runs_the_separable_body_channels_last(tmp_path, monkeypatch):
     net = Net((2, 3, 16, 16))
     y = net.op("Relu", [net.conv(net.op("Relu", [net.conv("input", 3, 16)]), 16, 32, k=(1, 1), pads=(0, 0, 0, 0))])
     assert PhysicalPlan.lower(_import(net.model(net.op("Flatten", [y], axis=1)), tmp_path)).channels_last == frozenset()
-    # EXPLAIN's footer names them (the exact mode's view materialization runs no pair fused)
+    # EXPLAIN's footer names them (exact mode's view materialization runs no pair fused)
     from krypton_db.planner.explain import channels_last_line
 
     n_last = len(PhysicalPlan.lower(g).channels_last)
-    assert channels_last_line(g, "exact") == f"MaterializeViews: {n_last} of {len(plan.steps)} steps channels-last (NHWC)"
+    assert channels_last_line(g, "exact") == (f"MaterializeViews and Full steps: {n_last} of {len(plan.steps)} "
+                                              "steps channels-last (NHWC)")
     monkeypatch.setattr(algorithms, "POINTWISE_DEPTHWISE_MIN_BYTES", 0)
     assert channels_last_line(g, "naive").endswith("channels-last (NHWC), fused 1x1 + depthwise pairs 1")
     monkeypatch.setattr(algorithms, "CHANNELS_LAST", False)
