@@ -239,9 +239,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, the traceback with --debug
         if args.debug:
             raise
+        if _caused_by_interrupt(exc):
+            print("krypton: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(f"krypton: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug "
               "for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a Ctrl-C is what raised ``exc``: Python wraps some exceptions in another, e.g.
+    one raised while a class body's ``__set_name__`` hooks run becomes a RuntimeError (seen
+    when Ctrl-C lands inside numba's imports), with the KeyboardInterrupt as its cause."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _version() -> str:

@@ -229,6 +229,27 @@ def test_ctrl_c_in_krypton_sql_exits_130_with_one_line(env, cpu_s):
     assert r.returncode == 0 and r.stdout.splitlines()[2].strip() == "0"
 
 
+def test_ctrl_c_wrapped_by_python_still_exits_130(monkeypatch, capsys):
+    """A Ctrl-C that Python re-raises wrapped (a KeyboardInterrupt inside a class body's
+    ``__set_name__`` becomes RuntimeError 'Error calling __set_name__' in 3.11, seen when it
+    lands in numba's imports) ends like any Ctrl-C: one line, exit 130; other errors stay
+    internal errors (70)."""
+    from krypton_db import cli
+
+    def interrupted(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ki:
+            raise RuntimeError("Error calling __set_name__ on 'cached_property' instance") from ki
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main(["sql", "-c", "SHOW MODELS"]) == 130
+    assert capsys.readouterr().err.strip() == "krypton: interrupted"
+    monkeypatch.setattr(cli, "_run", lambda args: 1 / 0)
+    assert cli.main(["sql", "-c", "SHOW MODELS"]) == 70
+    assert "internal error: ZeroDivisionError" in capsys.readouterr().err
+
+
 def test_dataset_command(env, tmp_path):
     """``krypton dataset``: a folder into Parquet parts and the catalog, exit 1 when an image
     failed (named on stdout); a rerun skips what is done (the broken image fails again)."""
