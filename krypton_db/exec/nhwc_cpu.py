@@ -45,10 +45,6 @@ _ROWS = {1: 8, 2: 6, 3: 6, 4: 6} if VL == 16 else {1: 8, 2: 6, 3: 4, 4: 3}
 STAGE_ROWS = max(_ROWS.values())  # rows of the staging buffers of a last, partial tile
 
 
-def _mr(nv: int) -> int:
-    return _ROWS[nv]
-
-
 class _Emit:
     """What both micro-kernels' code generation uses: the VL-float vector type, llvm.fma on
     it, an array argument's element pointer, a vector pointer at an offset, a broadcast."""
@@ -146,8 +142,8 @@ def _make_pointwise_ukernel(mr: int, nv: int):
     return ukernel
 
 
-_UK1, _UK2, _UK3, _UK4 = (_make_pointwise_ukernel(_mr(nv), nv) for nv in (1, 2, 3, 4))
-_MR1, _MR2, _MR3, _MR4 = (_mr(nv) for nv in (1, 2, 3, 4))
+_UK1, _UK2, _UK3, _UK4 = (_make_pointwise_ukernel(_ROWS[nv], nv) for nv in (1, 2, 3, 4))
+_MR1, _MR2, _MR3, _MR4 = (_ROWS[nv] for nv in (1, 2, 3, 4))
 
 
 @njit(inline="always")
